@@ -1,0 +1,110 @@
+"""Model configuration: one dataclass with Hugging Face Llama field names, and named presets.
+
+The defaults are SmolLM2-135M exactly, so `ModelConfig()` is the real model and a preset is
+only a set of overrides (`ModelConfig.from_name("tiny", num_hidden_layers=1)`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 49152  # the SmolLM2 tokenizer's vocabulary
+    hidden_size: int = 576  # width of the residual stream
+    intermediate_size: int = 1536  # width of the SwiGLU MLP
+    num_hidden_layers: int = 30  # decoder layers
+    num_attention_heads: int = 9  # query heads
+    num_key_value_heads: int = 3  # key/value heads; 3 query heads share each (GQA)
+    head_dim: int = 64  # hidden_size // num_attention_heads for every model of this family
+    max_position_embeddings: int = 8192  # longest context SmolLM2 was trained for
+    rope_theta: float = 100000.0  # RoPE base; SmolLM2 raised it from 10k for the 8k context
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True  # lm_head shares the embedding matrix
+    initializer_range: float = 0.0417  # std of the normal init, 1/sqrt(576) as SmolLM2 used
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"ModelConfig: hidden_size {self.hidden_size} is not divisible by "
+                f"num_attention_heads {self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"ModelConfig: num_attention_heads {self.num_attention_heads} is not divisible by "
+                f"num_key_value_heads {self.num_key_value_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"ModelConfig: head_dim {self.head_dim} must be even for RoPE")
+        if self.rope_theta <= 0 or self.rms_norm_eps <= 0 or self.initializer_range <= 0:
+            raise ValueError("ModelConfig: rope_theta, rms_norm_eps and initializer_range must be > 0")
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
+        """A named preset, optionally with some fields overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def diff(self, other: "ModelConfig") -> list[str]:
+        """Human-readable `field: ours != theirs` for every field that differs."""
+        out = []
+        for f in dataclasses.fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            same = math.isclose(a, b, rel_tol=1e-6) if isinstance(a, float) else a == b
+            if not same:
+                out.append(f"{f.name}: {a} != {b}")
+        return out
+
+    @property
+    def num_params(self) -> int:
+        """Number of parameters of `SmolLM(self)` (a tied head is counted once)."""
+        h, kv = self.hidden_size, self.num_key_value_heads * self.head_dim
+        q = self.num_attention_heads * self.head_dim
+        attention = h * q + 2 * h * kv + q * h
+        mlp = 3 * h * self.intermediate_size
+        layer = attention + mlp + 2 * h  # + two RMSNorm weights
+        embed = self.vocab_size * h
+        head = 0 if self.tie_word_embeddings else embed
+        return embed + self.num_hidden_layers * layer + h + head
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward) at sequence length `seq_len`.
+
+        6 FLOPs per matmul weight (2 forward, 4 backward) for every projection and the lm head,
+        plus attention's QK^T and AV: 6 * 2 * n_layers * (n_heads * head_dim) * seq_len, counted
+        without the causal halving as PaLM's appendix B does. Embedding lookups and norms are
+        free. For 135m at T=2048 this is about 1.23 GFLOP. MFU = tokens/s * this / peak FLOP/s.
+        """
+        h, q = self.hidden_size, self.num_attention_heads * self.head_dim
+        kv = self.num_key_value_heads * self.head_dim
+        matmul_per_layer = h * q + 2 * h * kv + q * h + 3 * h * self.intermediate_size
+        matmul = self.num_hidden_layers * matmul_per_layer + self.vocab_size * h  # + lm head
+        attention = 12 * self.num_hidden_layers * q * seq_len
+        return 6 * matmul + attention
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # SmolLM2-135M: the defaults above; 134,515,008 parameters.
+    "135m": {},
+    # A 3.2M-parameter debug flavor with the real vocabulary, so the real tokenizer works with it.
+    # Same structure (GQA 4:2, tied head, SwiGLU); trains on CPU in seconds.
+    "tiny": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 max_position_embeddings=1024, initializer_range=0.125),
+}

@@ -1,0 +1,252 @@
+"""SmolLM: a Llama-style decoder, read top to bottom, smallest piece first.
+
+RMSNorm -> rotary embedding -> Attention (GQA through SDPA) -> MLP (SwiGLU) -> DecoderLayer
+-> SmolLM. Module names are Hugging Face Llama's, so converting weights is a key rename.
+Shapes: B batch, T new tokens, S cached + new tokens, C hidden_size, V vocab_size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smollm.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 and cast back, exactly as Hugging Face does."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos and sin tables for RoPE in the rotate_half form: frequencies repeated, not interleaved."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # (T, head_dim / 2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, head_dim)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin  # cos, sin (T, head_dim) broadcast over (B, heads)
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, for incremental decoding.
+
+    `SmolLM.forward(ids, cache)` writes the new tokens' keys and values at `cache.length` and
+    advances it; attention then reads everything written so far. No concatenation per step.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_length: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_length,
+                 config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_length = max_length
+        self.length = 0  # tokens written so far (the same for every layer once a forward ends)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"KVCache holds {self.max_length} tokens; {end} were asked for")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, n_kv_heads, S, head_dim)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        C, q_dim, kv_dim = config.hidden_size, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(C, q_dim, bias=False)
+        self.k_proj = nn.Linear(C, kv_dim, bias=False)
+        self.v_proj = nn.Linear(C, kv_dim, bias=False)
+        self.o_proj = nn.Linear(q_dim, C, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+        mask, is_causal = None, True
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(self.layer_idx, k, v)  # (B, n_kv, S, hd), S = past + T
+            if past > 0:  # new queries see every cached key and the new keys up to themselves
+                is_causal = False
+                if T > 1:
+                    S = past + T
+                    mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        # SDPA lets each group of n_heads / n_kv_heads query heads share a key/value head itself.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, n_heads * hd)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None) -> torch.Tensor:
+        residual = x
+        x = self.input_layernorm(x)
+        x = self.self_attn(x, cos, sin, cache)
+        x = residual + x
+
+        residual = x
+        x = self.post_attention_layernorm(x)
+        x = self.mlp(x)
+        return residual + x
+
+
+class SmolLM(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialize for pretraining from scratch.
+
+        Every linear and the embedding draw from N(0, initializer_range), 1/sqrt(hidden_size) for
+        SmolLM2, which keeps the residual stream at unit scale at the start; norms start at one.
+        Kept apart from __init__ (as torchtitan does) so that a model that is about to receive
+        converted weights can skip it, and a meta-device model can be initialized after moving.
+        """
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        # The inverse frequencies are not a parameter; recompute them in case of a meta init.
+        self.rotary.inv_freq.copy_(RotaryEmbedding(self.config.head_dim, self.config.rope_theta).inv_freq)
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """embed -> layers -> norm: the final hidden states, (B, T, C), before the lm head."""
+        start = cache.length if cache is not None else 0
+        positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+        x = self.embed_tokens(input_ids)  # (B, T, C)
+        cos, sin = self.rotary(positions, x.dtype if not torch.is_autocast_enabled(x.device.type)
+                               else torch.get_autocast_dtype(x.device.type))
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache)
+        if cache is not None:
+            cache.length += input_ids.shape[1]
+        return self.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> next-token logits (B, T, V). Training uses `hidden_states` and
+        `chunked_cross_entropy` instead, so that full logits are never held in memory."""
+        return self.lm_head(self.hidden_states(input_ids, cache))
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross entropy of `hidden @ weight.T` against `targets`, one chunk of rows at a time.
+
+    The forward pass computes each chunk's logits in float32, its loss, and at once the gradients
+    with respect to `hidden` and `weight`; it then drops the chunk's logits. Peak extra memory is
+    one chunk of logits instead of all of them (16 x 2048 x 49152 float32 logits are 6.4 GB), and
+    no matmul is repeated. The backward pass only scales the stored gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                chunk_size: int) -> torch.Tensor:
+        n = hidden.shape[0]
+        compute_dtype = torch.get_autocast_dtype(hidden.device.type) \
+            if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
+        w = weight.to(compute_dtype)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        for start in range(0, n, chunk_size):
+            h = hidden[start:start + chunk_size].to(compute_dtype)
+            t = targets[start:start + chunk_size]
+            logits = (h @ w.t()).float()  # (chunk, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            loss += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            # d(sum of losses)/d(logits) = softmax - onehot, computed in place over the logits
+            grad = logits.sub_(lse[:, None]).exp_()
+            grad[torch.arange(grad.shape[0], device=grad.device), t] -= 1.0
+            grad = grad.to(compute_dtype)
+            grad_hidden[start:start + chunk_size] = (grad @ w).to(hidden.dtype)
+            grad_weight += (grad.t() @ h).float()
+        ctx.save_for_backward(grad_hidden / n, grad_weight.div_(n).to(weight.dtype))
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_output, grad_weight * grad_output, None, None
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          chunk_size: int = 4096) -> torch.Tensor:
+    """Mean next-token cross entropy of the lm head over hidden (..., C) and targets (...),
+    equal to `F.cross_entropy(hidden @ weight.T, targets)` without materializing all logits."""
+    return _ChunkedCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight,
+                                      targets.reshape(-1), chunk_size)
+
