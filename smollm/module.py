@@ -1,0 +1,345 @@
+"""LitSmolLM: the LightningModule that trains SmolLM.
+
+Loss (chunked cross entropy, one `_step` for train and validation), AdamW and its learning-rate
+schedule, gradient clipping with a non-finite guard, metrics and throughput. Its typed, documented
+__init__ arguments are the `--model.*` options of `python -m smollm.fit`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+
+from smollm.config import ModelConfig
+from smollm.model import SmolLM, chunked_cross_entropy
+
+# Dense bf16 peak FLOP/s of common training GPUs (datasheet, without sparsity), for MFU.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
+                   "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient norm is NaN or infinite; the optimizer step was not taken."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, not ours, or of another model configuration."""
+
+
+def lr_lambda(step: int, warmup_steps: int, decay_steps: int, min_lr_ratio: float,
+              schedule: str) -> float:
+    """Learning-rate multiplier at optimizer step `step` (0-based).
+
+    Linear warmup over `warmup_steps`, then
+      cosine: cosine decay from 1 to `min_lr_ratio` at step `decay_steps`;
+      wsd:    stable at 1 until the last 20% of `decay_steps`, then linear decay to `min_lr_ratio`
+              (warmup-stable-decay, as SmolLM2 was trained).
+    After `decay_steps` the multiplier stays at `min_lr_ratio`. The rule depends only on the step,
+    never on `trainer.max_steps`, so extending a run never makes the learning rate jump.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if step >= decay_steps:
+        return min_lr_ratio
+    if schedule == "cosine":
+        progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    decay_start = max(warmup_steps, int(0.8 * decay_steps))
+    if step < decay_start:
+        return 1.0
+    return 1.0 - (1 - min_lr_ratio) * (step - decay_start) / max(1, decay_steps - decay_start)
+
+
+class Perplexity(MeanMetric):
+    """exp of the token-weighted mean loss; aggregates across batches and DDP ranks."""
+
+    def compute(self) -> torch.Tensor:
+        return super().compute().exp()
+
+
+class LitSmolLM(L.LightningModule):
+    def __init__(
+        self,
+        preset: str = "135m",
+        config_overrides: dict[str, Any] | None = None,
+        init_from: str | None = None,
+        learning_rate: float = 3e-3,
+        min_lr_ratio: float = 0.1,
+        warmup_steps: int = 500,
+        decay_steps: int = 5000,
+        schedule: Literal["cosine", "wsd"] = "cosine",
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.95),
+        grad_clip: float = 1.0,
+        fused_adamw: bool | None = None,
+        compile: bool = False,
+        loss_chunk_size: int = 8192,
+        check_finite: bool = True,
+        peak_flops: float | None = None,
+        sample_prompt: str = "The quick brown fox",
+        sample_tokens: int = 24,
+    ) -> None:
+        """
+        Args:
+            preset: Model preset: "135m" (SmolLM2-135M) or "tiny" (3.2M parameters, for CPU).
+            config_overrides: ModelConfig fields to change, e.g. {num_hidden_layers: 4}.
+            init_from: A Hugging Face Llama directory to start from (e.g. the converted real
+                SmolLM2) instead of a random init; its configuration must match the model's.
+            learning_rate: Peak learning rate of AdamW.
+            min_lr_ratio: Final learning rate as a fraction of the peak.
+            warmup_steps: Linear warmup length in optimizer steps.
+            decay_steps: Step at which the decay reaches min_lr_ratio; independent of
+                trainer.max_steps, so extending a run never changes the schedule.
+            schedule: "cosine", or "wsd" (warmup, stable, then linear decay over the last 20%).
+            weight_decay: AdamW weight decay, applied to matrices only (not to norm weights).
+            betas: AdamW betas.
+            grad_clip: Clip the global gradient norm to this value (0 disables clipping).
+            fused_adamw: Use the fused AdamW kernel; None means on CUDA only.
+            compile: torch.compile the model (checkpoints still load into a plain model).
+            loss_chunk_size: Rows of logits computed at a time by the chunked cross entropy.
+            check_finite: Stop with an error before the optimizer step if the loss or gradient
+                norm is NaN or infinite (costs one scalar read per step).
+            peak_flops: Peak FLOP/s of one device for MFU; None looks the GPU up in a table.
+            sample_prompt: Prompt whose greedy continuation is logged at each validation.
+            sample_tokens: Tokens to generate for that sample.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.config = ModelConfig.from_name(preset, **(config_overrides or {}))
+        if init_from:
+            from smollm.hf import load_hf
+
+            self.model = load_hf(init_from)
+            differ = self.config.diff(self.model.config)
+            if differ:
+                raise CheckpointError(
+                    f"--model.init_from {init_from} does not match preset {preset!r}: "
+                    + "; ".join(differ) + " (choose the matching --model.preset or overrides)")
+        else:
+            self.model = SmolLM(self.config)
+        self.val_loss = MeanMetric()
+        self.val_perplexity = Perplexity()
+        self._window_start: tuple[float, int] | None = None  # (time, step) of the throughput window
+
+    # ---- model ----
+
+    def configure_model(self) -> None:
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            # nn.Module.compile compiles in place: state-dict keys get no `_orig_mod.` prefix.
+            self.model.compile()
+            self._compiled = True
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids)
+
+    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        ids = batch["input_ids"]
+        inputs, targets = ids[:, :-1], ids[:, 1:]  # (B, T) each
+        hidden = self.model.hidden_states(inputs)  # (B, T, C)
+        loss = chunked_cross_entropy(hidden, self.model.lm_head.weight, targets,
+                                     self.hparams.loss_chunk_size)
+        if stage == "train":
+            self._train_loss = loss.detach()
+            self.log("train/loss", loss, prog_bar=True)
+            self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
+        else:
+            self.val_loss.update(loss, weight=targets.numel())
+            self.val_perplexity.update(loss, weight=targets.numel())
+        return loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/loss", self.val_loss, prog_bar=True)
+        self.log("val/perplexity", self.val_perplexity)
+        self._log_sample()
+
+    # ---- optimization ----
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        # Matrices decay (every projection, and the tied embedding/lm head as nanoGPT and
+        # SmolLM2 do); vectors (RMSNorm weights) don't.
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": self.hparams.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        fused = self.hparams.fused_adamw
+        if fused is None:
+            fused = self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate,
+                                      betas=tuple(self.hparams.betas), fused=fused)
+        h = self.hparams
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_lambda(step, h.warmup_steps, h.decay_steps, h.min_lr_ratio, h.schedule))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Clipping is done here with torch directly rather than through the Trainer's
+        # gradient_clip_val: Lightning's mixed-precision plugin refuses to clip with a fused
+        # optimizer (it assumes the fused step unscales gradients itself), which bf16 never needs.
+        max_norm = self.hparams.grad_clip if self.hparams.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.log("train/grad_norm", norm)
+        if self.hparams.check_finite:
+            loss = getattr(self, "_train_loss", None)
+            bad = ~torch.isfinite(norm)
+            if loss is not None:
+                bad = bad | ~torch.isfinite(loss.to(norm.device))
+            if bad.item():  # the one host-device synchronization per step
+                step = self.trainer.global_step + 1
+                raise NonFiniteError(
+                    f"step {step}: the loss is {_fmt(loss)} and the gradient norm is {_fmt(norm)}; "
+                    "stopped before the optimizer step. Lower --model.learning_rate or resume "
+                    "from an earlier checkpoint")
+
+    # ---- throughput, MFU and samples ----
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Tokens/s over the window since the last log, from host timestamps only: no device sync.
+        # Steady-state host time per step equals device time per step, because the host cannot
+        # run more than a bounded queue ahead of the device.
+        every = self.trainer.log_every_n_steps
+        step = self.trainer.global_step
+        if self._window_start is None:
+            self._window_start = (time.perf_counter(), step)
+            return
+        t0, s0 = self._window_start
+        if step - s0 >= every:
+            now = time.perf_counter()
+            tokens = (step - s0) * self.trainer.accumulate_grad_batches * batch["input_ids"][:, 1:].numel()
+            tokens_per_sec = tokens * self.trainer.world_size / (now - t0)
+            self.log("train/tokens_per_sec", tokens_per_sec, prog_bar=True, rank_zero_only=True)
+            seq_len = batch["input_ids"].shape[1] - 1
+            peak = self.hparams.peak_flops or _peak_flops(self.device)
+            if peak:
+                mfu = tokens_per_sec * self.config.flops_per_token(seq_len) / (peak * self.trainer.world_size)
+                self.log("train/mfu", mfu, rank_zero_only=True)
+            self._window_start = (now, step)
+
+    def on_train_start(self) -> None:
+        self._window_start = None
+
+    @torch.no_grad()
+    def _log_sample(self) -> None:
+        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None) if self.trainer.datamodule else None
+        experiment = getattr(self.logger, "experiment", None)
+        if tokenizer is None or self.trainer.sanity_checking or not hasattr(experiment, "add_text"):
+            return
+        from smollm.generate import generate
+
+        ids = torch.tensor([tokenizer.encode(self.hparams.sample_prompt)], device=self.device)
+        out = generate(self.model, ids, max_new_tokens=self.hparams.sample_tokens)
+        self.model.train()
+        if self.global_rank == 0:
+            experiment.add_text("val/sample", tokenizer.decode(out[0].tolist()), self.global_step)
+
+    # ---- checkpoints ----
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        logger = self.logger if self._trainer is not None else None
+        checkpoint["smollm"] = {
+            "model_config": self.config.to_dict(),
+            "tokenizer": getattr(dm, "hparams", {}).get("tokenizer") if dm is not None else None,
+            "logger_version": getattr(logger, "version", None),
+        }
+        # Lightning saves no RNG state; keep it so a resumed run draws the same random numbers.
+        checkpoint["smollm"]["rng"] = _rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if "._orig_mod." in k]:  # a checkpoint of torch.compile(model)
+            state[key.replace("._orig_mod.", ".")] = state.pop(key)
+        self._rng_to_restore = checkpoint.get("smollm", {}).get("rng")
+
+    def on_fit_start(self) -> None:
+        # Restore RNG last, after everything that set up the run drew from it.
+        rng = getattr(self, "_rng_to_restore", None)
+        if rng is not None:
+            _set_rng_state(rng, self.device)
+            self._rng_to_restore = None
+
+
+def load_checkpoint_model(path: str) -> tuple[SmolLM, str | None]:
+    """A training checkpoint -> (float32 SmolLM in eval mode, the tokenizer it was trained with)."""
+    checkpoint = read_checkpoint(path)
+    config = ModelConfig(**checkpoint["smollm"]["model_config"])
+    model = SmolLM(config)
+    state = {}
+    for key, value in checkpoint["state_dict"].items():
+        if key.startswith("model."):
+            state[key[len("model."):].replace("_orig_mod.", "")] = value.float()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {path} does not fit the model: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
+    return model.eval(), checkpoint["smollm"].get("tokenizer")
+
+
+def read_checkpoint(path: str) -> dict[str, Any]:
+    """torch.load a training checkpoint, turning every way it can be broken into one clear error."""
+    import os
+
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint {path} is empty; resume from an earlier checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # zip errors, unpickling errors, truncation: all the same to the user
+        raise CheckpointError(f"checkpoint {path} is truncated or not a PyTorch checkpoint "
+                              f"({type(e).__name__}); resume from an earlier checkpoint") from None
+    if not isinstance(checkpoint, dict) or "smollm" not in checkpoint or "state_dict" not in checkpoint:
+        raise CheckpointError(f"checkpoint {path} was not written by smollm.fit (no model config in it)")
+    return checkpoint
+
+
+def _fmt(x: torch.Tensor | None) -> str:
+    return "unknown" if x is None else f"{x.item():.4g}"
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def _rng_state() -> dict[str, Any]:
+    """Every generator's state as tensors and plain numbers: loadable with weights_only=True."""
+    import random
+
+    import numpy as np
+
+    version, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached": float(cached)}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    import random
+
+    import numpy as np
+
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,165 @@
+"""Helpers for the training tests: a small local corpus and tokenizer, fit runs in-process or in a
+fresh subprocess, and callbacks that record what was trained or inject faults.
+
+The callbacks are passed on the command line as `--trainer.callbacks+=fitutil.Recorder`, exactly
+as a user would pass their own, so the tests drive the real CLI.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from smollm.fit import AtomicCheckpointIO
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing "
+         "matches near old rivers and bright mountains under cold winter skies full of stars").split()
+
+
+def write_corpus(folder: Path, n_files: int = 4, words_per_file: int = 1500, seed: int = 0) -> Path:
+    """A few documents of pseudo-random English words: real text for a tokenizer, made here."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n_files):
+        lines = []
+        for _ in range(words_per_file // 12):
+            lines.append(" ".join(rng.choice(WORDS) for _ in range(12)) + ".")
+        (folder / f"doc{i}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+def build_tokenizer(folder: Path, corpus: Path) -> Path:
+    """A byte-level BPE tokenizer of a few hundred tokens, trained on the corpus, saved as a
+    Hugging Face tokenizer directory (what AutoTokenizer loads)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train([str(p) for p in sorted(corpus.glob("*.txt"))], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    fast.save_pretrained(folder)
+    return folder
+
+
+def fit_args(root: Path, corpus: Path, tokenizer: Path, max_steps: int, every: int = 1000,
+             extra: list[str] | None = None) -> list[str]:
+    """Command-line arguments of a tiny CPU run: ~300-token vocabulary, 16-token windows."""
+    return [
+        "--config", str(ROOT / "configs" / "tiny.yaml"),
+        "--trainer.default_root_dir", str(root),
+        "--trainer.max_steps", str(max_steps),
+        "--trainer.val_check_interval", "1000",
+        "--trainer.limit_val_batches", "2",
+        "--trainer.log_every_n_steps", "2",
+        "--trainer.enable_progress_bar", "false",
+        "--model.config_overrides", '{"vocab_size": 320}',
+        "--model.warmup_steps", "3",
+        "--model.decay_steps", "20",
+        "--model.learning_rate", "0.01",
+        "--model.sample_tokens", "4",
+        "--data.files", json.dumps([str(corpus)]),
+        "--data.tokenizer", str(tokenizer),
+        "--data.cache_dir", str(root / "cache"),
+        "--data.seq_len", "16",
+        "--data.batch_size", "4",
+        "--data.val_fraction", "0.1",
+        "--checkpoint.every_n_train_steps", str(every),
+        *(extra or []),
+    ]
+
+
+def run_fit(args: list[str], timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m smollm.fit ARGS` in a fresh process, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "smollm.fit", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=subprocess_env(env))
+
+
+def subprocess_env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TESTS), env.get("PYTHONPATH", "")])
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.update(extra or {})
+    return env
+
+
+def read_records(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Recorder(L.Callback):
+    """Appends one JSON line per optimizer step: step, loss, learning rate, window ids, rank."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        record = {
+            "step": trainer.global_step,
+            "rank": trainer.global_rank,
+            "loss": float(outputs["loss"].item()) if isinstance(outputs, dict) else float(outputs.item()),
+            "lr": trainer.optimizers[0].param_groups[0]["lr"],
+            "windows": batch["index"].tolist(),
+        }
+        path = self.path if trainer.world_size == 1 else f"{self.path}.rank{trainer.global_rank}"
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+
+class PoisonWeights(L.Callback):
+    """Sets one weight to NaN before step `at_step` trains: the loss of that step is NaN."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step + 1 == self.at_step:
+            with torch.no_grad():
+                pl_module.model.norm.weight[0] = float("nan")
+
+
+class SlowStep(L.Callback):
+    """Sleeps after each step so that a test can signal the process between steps."""
+
+    def __init__(self, seconds: float = 0.3) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        time.sleep(self.seconds)
+
+
+class HangingCheckpointIO(AtomicCheckpointIO):
+    """Writes of step >= 4 write half a file and then hang, so that a test can SIGKILL the
+    process in the middle of writing a checkpoint. The file named by $SMOLLM_TEST_SIGNAL
+    appears once the half-written file is on disk."""
+
+    def _write(self, checkpoint, f) -> None:
+        if checkpoint.get("global_step", 0) < 4:
+            return super()._write(checkpoint, f)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        data = buffer.getvalue()
+        f.write(data[: len(data) // 2])
+        f.flush()
+        os.fsync(f.fileno())
+        Path(os.environ["SMOLLM_TEST_SIGNAL"]).write_text("writing")
+        time.sleep(600)
