@@ -1,0 +1,50 @@
+"""A small local tokenizer and corpus for tests: no hub, no network, built in about a second."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+WORDS = ("the model reads tokens and predicts the next one while a cache keeps keys values "
+         "attention heads share projections across layers def return class import self for in "
+         "if else while print len range sum numpy torch lightning window batch seed step").split()
+
+
+def sentences(n: int, seed: int = 0) -> str:
+    """`n` lines of random words: deterministic text for a given seed."""
+    rng = random.Random(seed)
+    return "".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) + ".\n"
+                   for _ in range(n))
+
+
+def make_tokenizer(directory: str | Path, vocab_size: int = 600, seed: int = 0) -> str:
+    """Train a byte-level BPE on `sentences`, save it as a Hugging Face tokenizer dir, return it.
+
+    EOS (and BOS, UNK) is "<|endoftext|>", as in the SmolLM2 base tokenizer. Different `seed` or
+    `vocab_size` give a different tokenizer.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([sentences(400, seed)], trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    fast.save_pretrained(str(directory))
+    return str(directory)
+
+
+def write_corpus(directory: str | Path, n_files: int = 4, lines: int = 60) -> list[Path]:
+    """`n_files` text files of `lines` lines each under `directory`; returns their paths."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n_files):
+        path = directory / f"doc{i}.txt"
+        path.write_text(sentences(lines, seed=100 + i), encoding="utf-8")
+        paths.append(path)
+    return paths
