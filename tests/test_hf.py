@@ -1,0 +1,167 @@
+"""Hugging Face directories: what save_hf writes transformers loads, what load_hf refuses."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from smollm import ModelConfig, SmolLM
+from smollm.hf import HFFormatError, TokenizerLoadError, load_hf, load_tokenizer, save_hf
+
+X = torch.randint(0, 49152, (2, 10), generator=torch.Generator().manual_seed(3))
+
+
+def logits(model, x=X):
+    with torch.no_grad():
+        out = model(x)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def test_save_hf_loads_in_transformers(tmp_path, tiny_model, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    save_hf(tiny_model, tmp_path, tokenizer=tiny_tokenizer)
+    assert set(load_file(tmp_path / "model.safetensors")) == {
+        "model." + k for k in tiny_model.state_dict() if k != "lm_head.weight"}  # tied: stored once
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["bos_token_id"] == config["eos_token_id"] == 0
+
+    theirs, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    torch.testing.assert_close(logits(theirs.eval()), logits(tiny_model))
+    assert AutoTokenizer.from_pretrained(tmp_path).encode("The fox") == tiny_tokenizer.encode("The fox")
+    torch.testing.assert_close(logits(load_hf(tmp_path)), logits(tiny_model), rtol=0, atol=0)
+
+
+def test_untied_head_round_trip(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = SmolLM(ModelConfig.from_name("tiny", tie_word_embeddings=False)).eval()
+    save_hf(model, tmp_path)
+    assert "lm_head.weight" in load_file(tmp_path / "model.safetensors")
+    loaded = load_hf(tmp_path)
+    assert loaded.lm_head.weight is not loaded.embed_tokens.weight
+    assert loaded.num_params == model.num_params
+    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=0)
+    theirs, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"]
+    torch.testing.assert_close(logits(theirs.eval()), logits(model))
+
+
+def test_loaded_model_is_complete_and_float32(tmp_path, tiny_model):
+    save_hf(tiny_model, tmp_path)
+    loaded = load_hf(tmp_path)
+    assert not loaded.training
+    assert loaded.lm_head.weight is loaded.embed_tokens.weight
+    for name, t in list(loaded.named_parameters()) + list(loaded.named_buffers()):
+        assert t.device.type == "cpu" and t.dtype == torch.float32, name
+    torch.testing.assert_close(loaded.rotary.inv_freq, tiny_model.rotary.inv_freq, rtol=0, atol=0)
+
+
+def test_pytorch_bin_and_sharded_weights(tmp_path, tiny_model):
+    save_hf(tiny_model, tmp_path / "st")
+    tensors = load_file(tmp_path / "st" / "model.safetensors")
+    bin_dir, shard_dir = tmp_path / "bin", tmp_path / "shards"
+    for d in (bin_dir, shard_dir):
+        d.mkdir()
+        (d / "config.json").write_text((tmp_path / "st" / "config.json").read_text())
+    torch.save(tensors, bin_dir / "pytorch_model.bin")
+    keys = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    for file, names in halves.items():
+        save_file({k: tensors[k] for k in names}, shard_dir / file, metadata={"format": "pt"})
+    weight_map = {k: file for file, names in halves.items() for k in names}
+    (shard_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+    for d in (bin_dir, shard_dir):
+        torch.testing.assert_close(logits(load_hf(d)), logits(tiny_model), rtol=0, atol=0)
+
+
+@pytest.fixture
+def saved(tmp_path, tiny_model):
+    save_hf(tiny_model, tmp_path)
+    return tmp_path
+
+
+def edit_config(path, **fields):
+    config = json.loads((path / "config.json").read_text())
+    config.update(fields)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "architectures"),
+    ({"model_type": "mistral"}, "model_type is 'mistral'"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ({"attention_bias": True}, "attention_bias=True"),
+    ({"mlp_bias": True}, "mlp_bias=True"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling with rope_type 'llama3'"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope_parameters with rope_type 'yarn'"),
+    ({"num_attention_heads": 5}, "not divisible by num_attention_heads 5"),
+])
+def test_unsupported_config_is_refused(saved, fields, message):
+    edit_config(saved, **fields)
+    with pytest.raises(HFFormatError, match=message):
+        load_hf(saved)
+
+
+def test_gpt2_directory_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64}))
+    with pytest.raises(HFFormatError, match="model_type is 'gpt2'"):
+        load_hf(tmp_path)
+
+
+def test_shape_mismatch_names_the_tensor(saved):
+    tensors = load_file(saved / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"] = tensors["model.layers.1.mlp.up_proj.weight"][:100]
+    save_file(tensors, saved / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(HFFormatError, match=r"layers\.1\.mlp\.up_proj\.weight has shape \(100, 64\)"):
+        load_hf(saved)
+
+
+def test_missing_and_unexpected_keys(saved):
+    tensors = load_file(saved / "model.safetensors")
+    del tensors["model.layers.0.self_attn.k_proj.weight"]
+    tensors["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)
+    save_file(tensors, saved / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(HFFormatError, match=r"missing layers\.0\.self_attn\.k_proj\.weight; "
+                                            r"unexpected layers\.0\.self_attn\.q_proj\.bias"):
+        load_hf(saved)
+
+
+def test_untied_config_without_head_is_missing_lm_head(saved):
+    edit_config(saved, tie_word_embeddings=False)
+    with pytest.raises(HFFormatError, match="missing lm_head.weight"):
+        load_hf(saved)
+
+
+def test_missing_directory_config_and_weights(tmp_path, saved):
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        load_hf(tmp_path / "absent")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(HFFormatError, match="no config.json"):
+        load_hf(tmp_path / "empty")
+    (saved / "model.safetensors").unlink()
+    with pytest.raises(HFFormatError, match="no weights"):
+        load_hf(saved)
+
+
+def test_corrupt_weights_file(saved):
+    (saved / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(HFFormatError, match="cannot read weights"):
+        load_hf(saved)
+
+
+def test_load_tokenizer_from_directory_and_errors(tmp_path, tiny_tokenizer):
+    tiny_tokenizer.save_pretrained(tmp_path)
+    assert load_tokenizer(str(tmp_path)).encode("The fox") == tiny_tokenizer.encode("The fox")
+    with pytest.raises(TokenizerLoadError, match="'smollm2'"):
+        load_tokenizer(str(tmp_path / "absent"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TokenizerLoadError, match="cannot load tokenizer .*empty"):
+        load_tokenizer(str(tmp_path / "empty"))

@@ -1,0 +1,141 @@
+"""The model: size, config checks, parity with transformers, causality, KV cache, loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from smollm import ModelConfig, SmolLM
+from smollm.hf import load_hf, save_hf
+from smollm.model import KVCache, chunked_cross_entropy
+
+
+def ids(batch: int = 2, length: int = 12, seed: int = 1, vocab: int = 49152) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_135m_parameter_count():
+    config = ModelConfig.from_name("135m")
+    with torch.device("meta"):
+        model = SmolLM(config)
+    assert model.num_params == config.num_params == 134_515_008
+
+
+def test_135m_flops_per_token():
+    assert ModelConfig.from_name("135m").flops_per_token(2048) == pytest.approx(1.23e9, rel=0.01)
+
+
+@pytest.mark.parametrize("name, overrides, message", [
+    ("huge", {}, "unknown model preset 'huge'"),
+    ("tiny", {"hidden_size": 66}, "hidden_size 66 is not divisible by num_attention_heads 4"),
+    ("tiny", {"num_key_value_heads": 3}, "num_attention_heads 4 is not divisible by num_key_value_heads 3"),
+    ("tiny", {"n_layer": 3}, "unknown ModelConfig field"),
+])
+def test_config_errors(name, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_name(name, **overrides)
+
+
+def hf_llama(config: ModelConfig):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_config = LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
+        head_dim=config.head_dim, max_position_embeddings=config.max_position_embeddings,
+        rope_theta=config.rope_theta, rms_norm_eps=config.rms_norm_eps,
+        tie_word_embeddings=config.tie_word_embeddings, initializer_range=config.initializer_range,
+        attn_implementation="sdpa")
+    return LlamaForCausalLM(hf_config).eval()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_parity_ours_to_transformers(tmp_path, tied):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    ours = SmolLM(ModelConfig.from_name("tiny", tie_word_embeddings=tied)).eval()
+    save_hf(ours, tmp_path)
+    theirs = LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x).logits)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_parity_transformers_to_ours(tmp_path, tied):
+    torch.manual_seed(0)
+    theirs = hf_llama(ModelConfig.from_name("tiny", tie_word_embeddings=tied))
+    theirs.save_pretrained(tmp_path)
+    ours = load_hf(tmp_path)
+    assert ours.config == ModelConfig.from_name("tiny", tie_word_embeddings=tied)
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x).logits)
+
+
+@torch.no_grad()
+def test_causality(tiny_model):
+    x = ids(batch=1, length=16)
+    t = 9
+    changed = x.clone()
+    changed[0, t] = (x[0, t] + 1) % tiny_model.config.vocab_size
+    a, b = tiny_model(x), tiny_model(changed)
+    torch.testing.assert_close(a[:, :t], b[:, :t], rtol=0, atol=0)
+    assert (a[:, t] - b[:, t]).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_kv_cache_one_token_at_a_time(tiny_model):
+    x = ids(length=10)
+    full = tiny_model(x)
+    cache = KVCache(tiny_model.config, batch_size=2, max_length=10)
+    steps = [tiny_model(x[:, :4], cache)]  # prefill
+    steps += [tiny_model(x[:, t:t + 1], cache) for t in range(4, 10)]
+    assert cache.length == 10
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_kv_cache_chunk_after_prefix(tiny_model):
+    x = ids(length=12)
+    full = tiny_model(x)
+    cache = KVCache(tiny_model.config, batch_size=2, max_length=16)
+    first = tiny_model(x[:, :5], cache)
+    chunk = tiny_model(x[:, 5:12], cache)  # 7 new tokens see the 5 cached and each other causally
+    torch.testing.assert_close(torch.cat([first, chunk], dim=1), full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="KVCache holds 16 tokens"):
+        tiny_model(x[:, :5], cache)
+
+
+@pytest.mark.parametrize("chunk_size", [7, 32, 1000])  # 7 does not divide N = 32 + 5
+def test_chunked_cross_entropy_equals_cross_entropy(chunk_size):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=g, requires_grad=True)
+    weight = (torch.randn(50, 16, generator=g) * 0.5).requires_grad_()
+    targets = torch.randint(0, 50, (37,), generator=g)
+
+    loss = chunked_cross_entropy(hidden, weight, targets, chunk_size=chunk_size)
+    (loss * 3.0).backward()  # a non-unit upstream gradient
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+
+    ref = F.cross_entropy(hidden @ weight.t(), targets)
+    (ref * 3.0).backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(grads[0], hidden.grad)
+    torch.testing.assert_close(grads[1], weight.grad)
+
+
+def test_init_weights_std():
+    torch.manual_seed(0)
+    config = ModelConfig.from_name("tiny")
+    model = SmolLM(config)
+    for name, p in model.named_parameters():
+        if name.endswith("layernorm.weight") or name == "norm.weight":
+            assert torch.all(p == 1), name
+        else:
+            assert p.std().item() == pytest.approx(config.initializer_range, rel=0.05), name
+    assert model.lm_head.weight is model.embed_tokens.weight
