@@ -114,7 +114,7 @@ class LitSmolLM(L.LightningModule):
         if init_from:
             from smollm.hf import load_hf
 
-            self.model = load_hf(init_from)
+            self.model = load_hf(init_from).train()
             differ = self.config.diff(self.model.config)
             if differ:
                 raise CheckpointError(

@@ -1,0 +1,177 @@
+"""`python -m smollm.fit`: checkpoints, resume, the learning-rate rule, logging, options."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import fitutil
+from smollm.fit import main
+from smollm.module import load_checkpoint_model, lr_lambda
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    base = tmp_path_factory.mktemp("data")
+    corpus = fitutil.write_corpus(base / "corpus")
+    return corpus, fitutil.build_tokenizer(base / "tok", corpus)
+
+
+def args(tmp_path: Path, data, max_steps: int, every: int = 1000, extra=()) -> list[str]:
+    corpus, tok = data
+    return fitutil.fit_args(tmp_path / "run", corpus, tok, max_steps, every, list(extra))
+
+
+def recorder(path: Path) -> list[str]:
+    return ["--trainer.callbacks+=" + json.dumps({"class_path": "fitutil.Recorder", "init_args": {"path": str(path)}})]
+
+
+def steps_saved(root: Path) -> list[int]:
+    return sorted(int(p.stem.split("=")[1]) for p in (root / "checkpoints").glob("step=*.ckpt"))
+
+
+def test_checkpoints_every_n_steps_and_at_the_end(tmp_path, data, capsys):
+    assert main(args(tmp_path, data, max_steps=7, every=3)) == 0
+    root = tmp_path / "run"
+    assert steps_saved(root) == [3, 6, 7]  # every 3, plus the final step
+    last = root / "checkpoints" / "last.ckpt"
+    assert os.path.realpath(last) == str(root / "checkpoints" / "step=000007.ckpt")
+    assert torch.load(last, weights_only=True)["global_step"] == 7
+    out = capsys.readouterr().out
+    assert "next token after 'The quick brown fox':" in out
+
+
+def test_resume_extends_a_finished_run_and_logs_into_the_same_run(tmp_path, data):
+    rec = tmp_path / "steps.jsonl"
+    assert main(args(tmp_path, data, 5, every=2, extra=recorder(rec))) == 0
+    # the same folder a second time: config.yaml is rewritten, not refused (Lightning trap 8)
+    assert main(args(tmp_path, data, 8, every=2, extra=["--ckpt_path", "last", *recorder(rec)])) == 0
+    root = tmp_path / "run"
+    steps = [r["step"] for r in fitutil.read_records(rec)]
+    assert steps == list(range(1, 9))  # 5 steps, then exactly 3 more
+    assert steps_saved(root) == [2, 4, 5, 6, 8]
+    assert sorted(p.name for p in (root / "lightning_logs").iterdir()) == ["version_0"]
+    assert (root / "lightning_logs" / "version_0" / "config.yaml").exists()
+
+
+def test_learning_rate_follows_the_rule_across_resume_and_extension(tmp_path, data):
+    rec = tmp_path / "steps.jsonl"
+    main(args(tmp_path, data, 4, every=2, extra=recorder(rec)))
+    main(args(tmp_path, data, 6, extra=["--ckpt_path", "last", *recorder(rec)]))
+    # extend past decay_steps=20: the rate settles at the floor, it never jumps back up
+    main(args(tmp_path, data, 24, extra=["--ckpt_path", "last", *recorder(rec)]))
+    records = fitutil.read_records(rec)
+    assert [r["step"] for r in records] == list(range(1, 25))
+    for r in records:
+        # the recorder reads the rate after the scheduler stepped: the rate of the next step
+        expected = 0.01 * lr_lambda(r["step"], warmup_steps=3, decay_steps=20, min_lr_ratio=0.1,
+                                    schedule="cosine")
+        assert math.isclose(r["lr"], expected, rel_tol=1e-9), r
+
+
+def test_ckpt_path_last_with_nothing_to_resume_fails_clearly(tmp_path, data, capsys):
+    assert main(args(tmp_path, data, 3, extra=["--ckpt_path", "last"])) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint to resume" in err and str(tmp_path / "run" / "checkpoints") in err
+    assert not (tmp_path / "run" / "lightning_logs").exists()  # nothing was trained
+
+
+def test_tensorboard_gets_losses_rates_throughput_and_a_sample(tmp_path, data):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert main(args(tmp_path, data, 6, extra=["--trainer.val_check_interval", "3"])) == 0
+    events = EventAccumulator(str(tmp_path / "run" / "lightning_logs" / "version_0"),
+                              size_guidance={"tensors": 0}).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec",
+            "val/loss", "val/perplexity"} <= scalars
+    val = events.Scalars("val/loss")[-1].value
+    ppl = events.Scalars("val/perplexity")[-1].value
+    assert math.isclose(ppl, math.exp(val), rel_tol=1e-4)
+    assert any("sample" in tag for tag in events.Tags()["tensors"])
+
+
+def test_checkpoint_of_compiled_model_loads_into_plain_model(tmp_path, data):
+    # nn.Module.compile keeps state-dict keys; a checkpoint of torch.compile(model), whose keys
+    # carry `_orig_mod.`, loads as well.
+    main(args(tmp_path, data, 2))
+    path = tmp_path / "run" / "checkpoints" / "step=000002.ckpt"
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["state_dict"] = {k.replace("model.", "model._orig_mod.", 1): v
+                                for k, v in checkpoint["state_dict"].items()}
+    torch.save(checkpoint, tmp_path / "compiled.ckpt")
+    plain, _ = load_checkpoint_model(str(path))
+    renamed, _ = load_checkpoint_model(str(tmp_path / "compiled.ckpt"))
+    for (name, a), b in zip(plain.state_dict().items(), renamed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.slow
+def test_compile_option_trains_and_its_checkpoint_loads_into_plain_model(tmp_path, data):
+    assert main(args(tmp_path, data, 2, extra=["--model.compile", "true"])) == 0
+    model, _ = load_checkpoint_model(str(tmp_path / "run" / "checkpoints" / "step=000002.ckpt"))
+    assert not any("_orig_mod" in k for k in model.state_dict())
+
+
+def test_bf16_mixed_with_fused_adamw_and_clipping_trains(tmp_path, data):
+    # Lightning trap 6: its mixed-precision plugin refuses clipping with a fused optimizer.
+    extra = ["--trainer.precision", "bf16-mixed", "--model.fused_adamw", "true", "--model.grad_clip", "1.0"]
+    assert main(args(tmp_path, data, 2, extra=extra)) == 0
+    assert steps_saved(tmp_path / "run") == [2]
+
+
+def test_init_from_a_hugging_face_directory(tmp_path, data):
+    from smollm import ModelConfig, SmolLM
+    from smollm.hf import save_hf
+
+    torch.manual_seed(3)
+    source = SmolLM(ModelConfig.from_name("tiny", vocab_size=320))
+    save_hf(source, tmp_path / "hf")
+    assert main(args(tmp_path, data, 1, extra=["--model.init_from", str(tmp_path / "hf"),
+                                                "--model.learning_rate", "1e-9"])) == 0
+    trained, _ = load_checkpoint_model(str(tmp_path / "run" / "checkpoints" / "step=000001.ckpt"))
+    torch.testing.assert_close(trained.layers[0].mlp.up_proj.weight, source.layers[0].mlp.up_proj.weight,
+                               atol=1e-6, rtol=0)
+
+
+def test_init_from_a_directory_of_another_configuration_fails_clearly(tmp_path, data, capsys):
+    from smollm import ModelConfig, SmolLM
+    from smollm.hf import save_hf
+
+    save_hf(SmolLM(ModelConfig.from_name("tiny", vocab_size=320, num_hidden_layers=3)), tmp_path / "hf")
+    assert main(args(tmp_path, data, 1, extra=["--model.init_from", str(tmp_path / "hf")])) == 2
+    err = capsys.readouterr().err
+    assert "num_hidden_layers: 2 != 3" in err and len(err.strip().splitlines()) == 1
+
+
+def test_print_config_shows_every_section(data, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(args(tmp_path, data, 1, extra=["--print_config"]))
+    assert exit.value.code in (0, None)
+    out = capsys.readouterr().out
+    for key in ("model:", "preset: tiny", "data:", "seq_len: 16", "checkpoint:", "every_n_train_steps"):
+        assert key in out
+
+
+def test_real_config_without_a_gpu_stops_with_one_line(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["--config", str(fitutil.ROOT / "configs" / "135m.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "no CUDA GPU" in err and len(err.splitlines()) == 1
+
+
+def test_lr_rule_is_warmup_then_decay_to_the_floor():
+    f = lambda s, kind="cosine": lr_lambda(s, warmup_steps=10, decay_steps=100, min_lr_ratio=0.1, schedule=kind)  # noqa: E731
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.55)
+    assert f(100) == f(1000) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) for s in range(10, 200))
+    # warmup-stable-decay: flat until 80% of decay_steps, then linear to the floor
+    assert f(50, "wsd") == f(79, "wsd") == 1.0
+    assert f(90, "wsd") == pytest.approx(0.55) and f(100, "wsd") == pytest.approx(0.1)
