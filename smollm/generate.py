@@ -1,0 +1,172 @@
+"""Text generation with a KV cache: `generate()` and `python -m smollm.generate`.
+
+    python -m smollm.generate --checkpoint PATH --prompt TEXT [--max_new_tokens 50]
+        [--temperature 0] [--top_k K] [--top_p P] [--seed S]
+
+PATH is a Hugging Face directory (from smollm.convert or save_hf) or a .ckpt of smollm.fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from smollm.model import KVCache, SmolLM
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, V): argmax at temperature 0, otherwise
+    a draw from softmax(logits / temperature) restricted to the top_k tokens and to the smallest
+    set of most likely tokens whose probability reaches top_p (nucleus sampling)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens; 0 for the first
+        sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))
+        logits = logits.scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+def _check_args(model: SmolLM, input_ids: torch.Tensor, max_new_tokens: int, temperature: float,
+                top_k: int | None, top_p: float | None, eos_token_id: int | None) -> None:
+    def is_int(x: object) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    vocab = model.config.vocab_size
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 \
+            or input_ids.dtype not in (torch.long, torch.int32) or 0 in input_ids.shape:
+        got = f"{tuple(input_ids.shape)} {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) \
+            else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a non-empty (batch, length) integer tensor, got {got}")
+    if input_ids.min() < 0 or input_ids.max() >= vocab:
+        raise ValueError(f"input_ids must lie in [0, {vocab}), got values in "
+                         f"[{input_ids.min().item()}, {input_ids.max().item()}]")
+    if not is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    total, limit = input_ids.shape[1] + max_new_tokens, model.config.max_position_embeddings
+    if total > limit:
+        raise ValueError(f"prompt length {input_ids.shape[1]} + max_new_tokens {max_new_tokens} = "
+                         f"{total} exceeds the model's max_position_embeddings {limit}")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not is_int(top_k) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+    if eos_token_id is not None and (not is_int(eos_token_id) or not 0 <= eos_token_id < vocab):
+        raise ValueError(f"eos_token_id must be a token id in [0, {vocab}) or None, got {eos_token_id!r}")
+
+
+@torch.inference_mode()
+def generate(model: SmolLM, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Continue each row of input_ids (B, T) by up to max_new_tokens tokens -> (B, T + new).
+
+    The prompt goes through the model once (prefill, filling the KV cache), then one token per
+    step. Temperature 0 is greedy; otherwise sampling, reproducible under torch.manual_seed or
+    `generator`. With eos_token_id, a row that produced eos keeps emitting eos, and generation
+    stops early once every row has. Prompts in a batch must have equal length (no padding).
+    """
+    _check_args(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id)
+    was_training = model.training
+    model.eval()
+    try:
+        B, T = input_ids.shape
+        dtype = next(model.parameters()).dtype
+        cache = KVCache(model.config, B, T + max_new_tokens, device=input_ids.device, dtype=dtype)
+        out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=input_ids.device)
+        out[:, :T] = input_ids
+        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        ids = out[:, :T]  # the prompt first, then the last token only
+        for step in range(max_new_tokens):
+            hidden = model.hidden_states(ids, cache)[:, -1]  # (B, C): only the last position
+            token = sample_next(model.lm_head(hidden), temperature, top_k, top_p, generator)  # (B,)
+            if eos_token_id is not None:
+                token = token.masked_fill(finished, eos_token_id)
+                finished |= token == eos_token_id
+            out[:, T + step] = token
+            if eos_token_id is not None and bool(finished.all()):
+                return out[:, :T + step + 1]
+            ids = out[:, T + step:T + step + 1]
+        return out
+    finally:
+        model.train(was_training)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def load_for_generation(path: str | Path):
+    """(model, tokenizer) from an HF directory or a .ckpt of smollm.fit."""
+    from smollm.hf import load_hf, load_tokenizer
+
+    path = Path(path)
+    if path.is_dir():
+        return load_hf(path), load_tokenizer(str(path))
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if path.suffix != ".ckpt":
+        raise ValueError(f"{path}: expected a .ckpt checkpoint or a Hugging Face model directory")
+    try:
+        from smollm.module import load_checkpoint_model
+    except ImportError as e:
+        raise RuntimeError(f"cannot read .ckpt files: smollm.module is unavailable ({e})") from None
+    model, tokenizer_name = load_checkpoint_model(path)
+    if tokenizer_name is None:
+        raise ValueError(f"{path}: the checkpoint names no tokenizer; convert it with "
+                         "`python -m smollm.convert ckpt` and add tokenizer files to the directory")
+    return model, load_tokenizer(tokenizer_name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m smollm.generate",
+                                     description="Continue a prompt with a SmolLM model.")
+    parser.add_argument("--checkpoint", required=True, help="a Hugging Face directory or a .ckpt file")
+    parser.add_argument("--prompt", required=True, help="the text to continue")
+    parser.add_argument("--max_new_tokens", type=int, default=50)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top_k", type=int, default=None)
+    parser.add_argument("--top_p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    args = parser.parse_args(argv)
+
+    from smollm.convert import one_line
+
+    try:
+        if not args.prompt:
+            raise ValueError("--prompt is empty")
+        model, tokenizer = load_for_generation(args.checkpoint)
+        input_ids = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long)
+        if input_ids.shape[1] == 0:
+            raise ValueError(f"the prompt {args.prompt!r} encodes to no tokens")
+        generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
+        out = generate(model, input_ids, args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p, eos_token_id=tokenizer.eos_token_id,
+                       generator=generator)
+    except Exception as e:  # a command-line tool: one line, no traceback
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    new = out[0, input_ids.shape[1]:].tolist()
+    if args.max_new_tokens == 1:
+        print(f"next token after {args.prompt!r}: {tokenizer.decode(new)!r} (id {new[0]})")
+    else:
+        print(args.prompt + tokenizer.decode(new, skip_special_tokens=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
