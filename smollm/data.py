@@ -44,8 +44,8 @@ TEXT_SUFFIXES = frozenset({
     ".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".rs", ".go", ".java", ".js", ".ts", ".sh",
     ".html", ".css", ".toml", ".yaml", ".yml",
 })
-PIECE_BYTES = 1 << 20  # a file is read and tokenized in pieces of about this size, cut at line ends
-BATCH_BYTES = 4 << 20  # text handed to the tokenizer at once (its Rust threads split the batch)
+PIECE_BYTES = 64 << 10  # files are read and tokenized in pieces of about this size, cut at line ends
+BATCH_BYTES = 2 << 20  # text handed to the tokenizer at once (its Rust threads split the batch)
 
 
 class DataError(ValueError):
@@ -387,7 +387,7 @@ class TextDataModule(L.LightningDataModule):
     `max_steps`. Validation is the held-out tail of the token stream, the same windows every time.
 
     Args:
-        files: Text to train on: files, globs (** recurses) or folders (every .txt .md .rst .py ... file below it, hidden ones skipped); "@stdlib" is this Python's standard-library source.
+        files: Text to train on, one entry or a list: files, globs (** recurses) or folders (every .txt .md .rst .py ... file below, hidden ones skipped); "@stdlib" is this Python's standard-library source.
         tokenizer: Tokenizer name for smollm.hf.load_tokenizer: "smollm2", a tokenizer directory or a Hugging Face name.
         seq_len: Tokens per training sequence; each window holds seq_len + 1 tokens (inputs and shifted targets).
         batch_size: Sequences per micro-batch on each device.
@@ -401,7 +401,7 @@ class TextDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        files: list[str] = [STDLIB],  # noqa: B006  the CLI shows this default; never mutated
+        files: list[str] | str = [STDLIB],  # noqa: B006  the CLI shows this default; never mutated
         tokenizer: str = "smollm2",
         seq_len: int = 2048,
         batch_size: int = 8,
@@ -555,8 +555,10 @@ class TextDataModule(L.LightningDataModule):
         if self._corpus is None:
             paths = resolve_files(self.files)
             hashes, docs, empty = scan_files(paths)
-            for path in empty:
-                rank_zero_warn(f"skipping empty file {path}")
+            if empty:
+                names = ", ".join(str(p) for p in empty[:5]) + (f" and {len(empty) - 5} more"
+                                                                  if len(empty) > 5 else "")
+                rank_zero_warn(f"skipping {len(empty)} empty file(s): {names}")
             if not docs:
                 raise DataError(f"every file of --data.files {self.files} is empty; give files "
                                 "that hold text")

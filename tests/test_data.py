@@ -90,6 +90,19 @@ def test_init_rejects_bad_values(kw, match):
         TextDataModule(**kw)
 
 
+def test_cli_takes_one_entry_or_a_list_and_documents_every_argument():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(TextDataModule, "data")
+    for arg, files in (("a.txt", ["a.txt"]), ("corpus/**/*.md", ["corpus/**/*.md"]),
+                       ("[a.txt, b/*.md]", ["a.txt", "b/*.md"])):
+        dm = parser.instantiate_classes(parser.parse_args(["--data.files", arg])).data
+        assert dm.files == files
+    assert parser.instantiate_classes(parser.parse_args([])).data.files == ["@stdlib"]
+    assert "Seed of the training order" in parser.format_help()
+
+
 # -- 2. the token cache ---------------------------------------------------------------------------
 
 
@@ -250,6 +263,13 @@ def test_loader_starts_at_the_trainers_micro_batch(make_dm):
     assert [b["index"].tolist() for b in take(resumed, 2)] == [b["index"].tolist() for b in fresh[6:]]
 
 
+def test_resume_with_other_order_settings_warns(make_dm):
+    saved = ready(make_dm()).state_dict()
+    ready(make_dm()).load_state_dict(saved)  # same settings: silent
+    with pytest.warns(UserWarning, match="seed: 1234 -> 7.*not continue the same sample order"):
+        ready(make_dm(seed=7)).load_state_dict(saved)
+
+
 def test_distributed_sampler_replacement_is_refused(make_dm):
     trainer = fake_trainer(world=2)
     trainer._accelerator_connector = SimpleNamespace(use_distributed_sampler=True)
@@ -331,7 +351,7 @@ def test_folder_rule_and_stdlib(tmp_path):
 def test_empty_files_are_skipped_with_a_warning(make_dm, corpus):
     (corpus / "blank.txt").write_text("  \n\t\n")
     (corpus / "empty.md").write_text("")
-    with pytest.warns(UserWarning, match="skipping empty file .*blank.txt"):
+    with pytest.warns(UserWarning, match="skipping 2 empty file.*blank.txt.*empty.md"):
         dm = ready(make_dm())
     assert len(dm._corpus["docs"]) == 4 and len(dm._corpus["empty"]) == 2
 
