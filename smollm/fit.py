@@ -220,4 +220,8 @@ def _known_error(e: Exception) -> str | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the module as imported, not this `__main__` copy, so that classes named by path on the
+    # command line or in a saved config.yaml (smollm.fit.StepCheckpoint) are these very classes.
+    from smollm.fit import main as _main
+
+    sys.exit(_main())

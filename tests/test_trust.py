@@ -1,0 +1,287 @@
+"""Trust: exact resume, nothing lost on a kill or a pre-emption, non-finite values, bad input,
+and several processes. Where only a separate process proves it, a fresh subprocess runs fit."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import fitutil
+from smollm.fit import find_last_checkpoint, main
+from smollm.module import load_checkpoint_model
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """22 training windows of 16 tokens: at batch 2 an epoch is exactly 11 steps."""
+    base = tmp_path_factory.mktemp("small")
+    tok = fitutil.build_tokenizer(base / "tok", fitutil.write_corpus(base / "tokcorpus"))
+    corpus = fitutil.write_corpus(base / "corpus", n_files=2, words_per_file=60, seed=1)
+    return corpus, tok
+
+
+def run_args(root: Path, data, max_steps: int, every: int = 1000, workers: int = 0, record: Path | None = None,
+             extra=()) -> list[str]:
+    corpus, tok = data
+    extra = ["--data.batch_size", "2", "--data.num_workers", str(workers), *extra]
+    if record is not None:
+        extra += ["--trainer.callbacks+=" + json.dumps(
+            {"class_path": "fitutil.Recorder", "init_args": {"path": str(record)}})]
+    return fitutil.fit_args(root, corpus, tok, max_steps, every, extra)
+
+
+def checkpoint_at(root: Path, step: int) -> dict:
+    return torch.load(root / "checkpoints" / f"step={step:06d}.ckpt", weights_only=True)
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a["global_step"] == b["global_step"]
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(torch.as_tensor(sa[i][name]), torch.as_tensor(sb[i][name])), (i, name)
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+
+
+# ---- exact resume, no window lost or repeated ----
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_is_bit_exact_mid_epoch_and_on_an_epoch_boundary(tmp_path, small, workers):
+    total = 14
+    straight = tmp_path / "straight"
+    assert main(run_args(straight, small, total, record=straight / "rec.jsonl", workers=workers)) == 0
+    reference = fitutil.read_records(straight / "rec.jsonl")
+    assert sorted(w for r in reference[:11] for w in r["windows"]) == list(range(22))  # epoch = 11 steps
+
+    for stop in (7, 11):  # mid-epoch, exactly on the epoch boundary
+        run = tmp_path / f"resumed_at_{stop}"
+        rec = run / "rec.jsonl"
+        assert main(run_args(run, small, stop, record=rec, workers=workers)) == 0
+        assert main(run_args(run, small, total, record=rec, workers=workers, extra=["--ckpt_path", "last"])) == 0
+        records = fitutil.read_records(rec)
+        assert [r["step"] for r in records] == list(range(1, total + 1))
+        assert [r["windows"] for r in records] == [r["windows"] for r in reference]  # none lost or repeated
+        assert [r["loss"] for r in records] == [r["loss"] for r in reference]  # identical, not close
+        assert_same_state(checkpoint_at(run, total), checkpoint_at(straight, total))
+
+
+# ---- an interrupted save, pre-emption ----
+
+def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, small):
+    root = tmp_path / "run"
+    signal_file = tmp_path / "writing"
+    args = run_args(root, small, 8, every=2,
+                    extra=["--trainer.plugins", "fitutil.HangingCheckpointIO"])
+    proc = subprocess.Popen([sys.executable, "-m", "smollm.fit", *args], cwd=fitutil.ROOT,
+                            env=fitutil.subprocess_env({"SMOLLM_TEST_SIGNAL": str(signal_file)}),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not signal_file.exists():
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.time() < deadline, "the checkpoint of step 4 was never being written"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    folder = root / "checkpoints"
+    assert any(p.name.endswith(".tmp") for p in folder.iterdir())  # the half-written file
+    assert not (folder / "step=000004.ckpt").exists()
+    last = find_last_checkpoint(str(folder))
+    assert Path(last).name == "step=000002.ckpt"
+    load_checkpoint_model(last)  # loads
+    # and the run resumes from it
+    result = fitutil.run_fit(run_args(root, small, 5, extra=["--ckpt_path", "last"]))
+    assert result.returncode == 0, result.stderr
+    assert torch.load(folder / "step=000005.ckpt", weights_only=True)["global_step"] == 5
+
+
+def test_sigterm_saves_at_the_next_step_and_the_resume_reproduces_the_run(tmp_path, small):
+    straight = tmp_path / "straight"
+    assert main(run_args(straight, small, 12, record=straight / "rec.jsonl")) == 0
+    reference = fitutil.read_records(straight / "rec.jsonl")
+
+    root = tmp_path / "run"
+    rec = root / "rec.jsonl"
+    slow = "--trainer.callbacks+=" + json.dumps({"class_path": "fitutil.SlowStep", "init_args": {"seconds": 0.3}})
+    args = run_args(root, small, 12, record=rec, extra=[slow])
+    proc = subprocess.Popen([sys.executable, "-m", "smollm.fit", *args], cwd=fitutil.ROOT,
+                            env=fitutil.subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while len(fitutil.read_records(rec)) < 3:
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "SIGTERM" in err and "Traceback" not in err
+    stopped_at = fitutil.read_records(rec)[-1]["step"]
+    assert stopped_at < 12
+    assert Path(find_last_checkpoint(str(root / "checkpoints"))).name == f"step={stopped_at:06d}.ckpt"
+
+    assert main(run_args(root, small, 12, record=rec, extra=["--ckpt_path", "last"])) == 0
+    records = fitutil.read_records(rec)
+    assert [r["step"] for r in records] == list(range(1, 13))
+    assert [r["loss"] for r in records] == [r["loss"] for r in reference]
+    assert_same_state(checkpoint_at(root, 12), checkpoint_at(straight, 12))
+
+
+# ---- non-finite values ----
+
+def test_a_nan_loss_stops_before_the_optimizer_step_and_saves_nothing_non_finite(tmp_path, small, capsys):
+    poison = "--trainer.callbacks+=" + json.dumps({"class_path": "fitutil.PoisonWeights", "init_args": {"at_step": 4}})
+    root = tmp_path / "run"
+    err = one_line_error(capsys, main(run_args(root, small, 8, every=1, extra=[poison])))
+    assert err.startswith("error: step 4:") and "nan" in err
+    saved = sorted(p.name for p in (root / "checkpoints").glob("step=*.ckpt"))
+    assert saved == ["step=000001.ckpt", "step=000002.ckpt", "step=000003.ckpt"]
+    for name in saved:
+        state = torch.load(root / "checkpoints" / name, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(t).all() for t in state.values())
+
+
+# ---- bad input: one line, non-zero, nothing saved is harmed ----
+
+def one_line_error(capsys, code: int) -> str:
+    assert code != 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+    errors = [line for line in captured.err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, captured.err  # progress lines may come before it, nothing after
+    assert errors[0].startswith("error:") and captured.err.strip().endswith(errors[0]), captured.err
+    return errors[0]
+
+
+def test_a_glob_that_matches_nothing(tmp_path, small, capsys):
+    _, tok = small
+    args = run_args(tmp_path / "run", small, 2) + ["--data.files", json.dumps([str(tmp_path / "nothing*.txt")])]
+    assert "nothing*.txt" in one_line_error(capsys, main(args))
+
+
+def test_an_empty_file_is_skipped_with_a_warning(tmp_path, small, capsys):
+    corpus, _ = small
+    (tmp_path / "empty.txt").write_text("  \n\n")
+    files = json.dumps([str(corpus), str(tmp_path / "empty.txt")])
+    with pytest.warns(UserWarning, match="empty.txt"):
+        assert main(run_args(tmp_path / "run", small, 1) + ["--data.files", files]) == 0
+
+
+def test_bytes_that_are_not_utf8(tmp_path, small, capsys):
+    corpus, _ = small
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes(b"caf\xe9 au lait\n" * 50)
+    files = json.dumps([str(corpus), str(bad)])
+    err = one_line_error(capsys, main(run_args(tmp_path / "run", small, 1) + ["--data.files", files]))
+    assert "latin1.txt" in err and "3" in err  # the file and the byte offset
+    assert "encoding_errors" in err
+
+
+def test_a_corpus_too_small(tmp_path, small, capsys):
+    (tmp_path / "tiny.txt").write_text("just a few words here\n")
+    files = json.dumps([str(tmp_path / "tiny.txt")])
+    err = one_line_error(capsys, main(run_args(tmp_path / "run", small, 1) + ["--data.files", files]))
+    assert "tokens" in err and "needed" in err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
+def test_a_broken_checkpoint(tmp_path, small, capsys, damage):
+    root = tmp_path / "run"
+    assert main(run_args(root, small, 2, every=1)) == 0
+    path = root / "checkpoints" / "step=000002.ckpt"
+    good = (root / "checkpoints" / "step=000001.ckpt").read_bytes()
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "garbage": os.urandom(4096)}[damage])
+    capsys.readouterr()
+    err = one_line_error(capsys, main(run_args(root, small, 3, extra=["--ckpt_path", str(path)])))
+    assert "step=000002.ckpt" in err
+    assert (root / "checkpoints" / "step=000001.ckpt").read_bytes() == good
+
+
+def test_a_checkpoint_of_another_model_configuration(tmp_path, small, capsys):
+    root = tmp_path / "run"
+    assert main(run_args(root, small, 1, every=1)) == 0
+    capsys.readouterr()
+    other = ["--ckpt_path", "last", "--model.config_overrides", '{"vocab_size": 320, "num_hidden_layers": 3}']
+    err = one_line_error(capsys, main(run_args(root, small, 2, extra=other)))
+    assert "num_hidden_layers: 3 != 2" in err
+
+
+def test_an_unknown_option_and_an_unknown_preset(tmp_path, small, capsys):
+    err = one_line_error(capsys, main(run_args(tmp_path / "run", small, 1, extra=["--model.lerning_rate", "1"])))
+    assert "lerning_rate" in err
+    err = one_line_error(capsys, main(run_args(tmp_path / "run", small, 1, extra=["--model.preset", "7b"])))
+    assert "7b" in err and "135m" in err
+
+
+def test_a_tokenizer_that_cannot_be_loaded(tmp_path, small, capsys):
+    args = run_args(tmp_path / "run", small, 1) + ["--data.tokenizer", "nobody/no-such-tokenizer"]
+    err = one_line_error(capsys, main(args))
+    assert "nobody/no-such-tokenizer" in err
+
+
+def test_a_full_disk_while_writing_a_checkpoint(tmp_path, small, capsys, monkeypatch):
+    root = tmp_path / "run"
+    assert main(run_args(root, small, 2, every=2)) == 0
+    good = (root / "checkpoints" / "step=000002.ckpt").read_bytes()
+    capsys.readouterr()
+
+    from smollm.fit import AtomicCheckpointIO
+
+    def full(self, checkpoint, f):
+        f.write(b"x" * 100)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(AtomicCheckpointIO, "_write", full)
+    err = one_line_error(capsys, main(run_args(root, small, 4, every=2, extra=["--ckpt_path", "last"])))
+    assert "step=000004.ckpt" in err and "No space left" in err
+    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["last.ckpt", "step=000002.ckpt"]
+    assert (root / "checkpoints" / "step=000002.ckpt").read_bytes() == good
+
+
+def test_bad_input_from_the_command_line_reads_as_one_line(tmp_path, small):
+    """The same as above through a real `python -m smollm.fit` process."""
+    result = fitutil.run_fit(run_args(tmp_path / "run", small, 1, extra=["--ckpt_path", "last"]))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: --ckpt_path last: no checkpoint to resume in {tmp_path / 'run' / 'checkpoints'}; "
+        "start without --ckpt_path, or give the checkpoint's path"]
+
+
+# ---- several processes ----
+
+@pytest.mark.slow
+def test_ddp_on_two_processes_splits_data_saves_once_and_resumes_exactly(tmp_path, small):
+    ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    straight = tmp_path / "straight"
+    result = fitutil.run_fit(run_args(straight, small, 6, every=3, record=straight / "rec.jsonl", extra=ddp))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [fitutil.read_records(Path(f"{straight / 'rec.jsonl'}.rank{r}")) for r in (0, 1)]
+    for a, b in zip(*ranks):
+        assert a["step"] == b["step"] and not set(a["windows"]) & set(b["windows"])
+    assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == [
+        "last.ckpt", "step=000003.ckpt", "step=000006.ckpt"]
+
+    run = tmp_path / "resumed"
+    for steps, extra in ((3, []), (6, ["--ckpt_path", "last"])):
+        result = fitutil.run_fit(run_args(run, small, steps, every=3, record=run / "rec.jsonl", extra=ddp + extra))
+        assert result.returncode == 0, result.stderr[-3000:]
+    for r in (0, 1):
+        resumed = fitutil.read_records(Path(f"{run / 'rec.jsonl'}.rank{r}"))
+        assert [x["windows"] for x in resumed] == [x["windows"] for x in ranks[r]]
+        assert [x["loss"] for x in resumed] == [x["loss"] for x in ranks[r]]
+    assert_same_state(checkpoint_at(run, 6), checkpoint_at(straight, 6))
