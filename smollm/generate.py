@@ -50,6 +50,9 @@ def _check_args(model: SmolLM, input_ids: torch.Tensor, max_new_tokens: int, tem
         got = f"{tuple(input_ids.shape)} {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) \
             else type(input_ids).__name__
         raise ValueError(f"input_ids must be a non-empty (batch, length) integer tensor, got {got}")
+    device = next(model.parameters()).device
+    if input_ids.device != device:
+        raise ValueError(f"input_ids are on {input_ids.device} but the model is on {device}")
     if input_ids.min() < 0 or input_ids.max() >= vocab:
         raise ValueError(f"input_ids must lie in [0, {vocab}), got values in "
                          f"[{input_ids.min().item()}, {input_ids.max().item()}]")
@@ -69,7 +72,6 @@ def _check_args(model: SmolLM, input_ids: torch.Tensor, max_new_tokens: int, tem
         raise ValueError(f"eos_token_id must be a token id in [0, {vocab}) or None, got {eos_token_id!r}")
 
 
-@torch.inference_mode()
 def generate(model: SmolLM, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
              generator: torch.Generator | None = None) -> torch.Tensor:
@@ -79,31 +81,43 @@ def generate(model: SmolLM, input_ids: torch.Tensor, max_new_tokens: int, temper
     step. Temperature 0 is greedy; otherwise sampling, reproducible under torch.manual_seed or
     `generator`. With eos_token_id, a row that produced eos keeps emitting eos, and generation
     stops early once every row has. Prompts in a batch must have equal length (no padding).
+    The model is in eval mode meanwhile and gets its training flag back afterwards.
     """
     _check_args(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id)
     was_training = model.training
     model.eval()
     try:
-        B, T = input_ids.shape
-        dtype = next(model.parameters()).dtype
-        cache = KVCache(model.config, B, T + max_new_tokens, device=input_ids.device, dtype=dtype)
-        out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=input_ids.device)
-        out[:, :T] = input_ids
-        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        ids = out[:, :T]  # the prompt first, then the last token only
-        for step in range(max_new_tokens):
-            hidden = model.hidden_states(ids, cache)[:, -1]  # (B, C): only the last position
-            token = sample_next(model.lm_head(hidden), temperature, top_k, top_p, generator)  # (B,)
-            if eos_token_id is not None:
-                token = token.masked_fill(finished, eos_token_id)
-                finished |= token == eos_token_id
-            out[:, T + step] = token
-            if eos_token_id is not None and bool(finished.all()):
-                return out[:, :T + step + 1]
-            ids = out[:, T + step:T + step + 1]
-        return out
+        out = _decode(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id,
+                      generator)
     finally:
         model.train(was_training)
+    return out.clone()  # a normal tensor: an inference-mode one cannot be used in training later
+
+
+@torch.inference_mode()
+def _decode(model: SmolLM, input_ids: torch.Tensor, max_new_tokens: int, temperature: float,
+            top_k: int | None, top_p: float | None, eos_token_id: int | None,
+            generator: torch.Generator | None) -> torch.Tensor:
+    B, T = input_ids.shape
+    device = input_ids.device
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
+        else next(model.parameters()).dtype  # the dtype keys and values are computed in
+    cache = KVCache(model.config, B, T + max_new_tokens, device=device, dtype=dtype)
+    out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=device)
+    out[:, :T] = input_ids
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    ids = out[:, :T]  # the prompt first, then the last token only
+    for step in range(max_new_tokens):
+        hidden = model.hidden_states(ids, cache)[:, -1]  # (B, C): only the last position
+        token = sample_next(model.lm_head(hidden), temperature, top_k, top_p, generator)  # (B,)
+        if eos_token_id is not None:
+            token = token.masked_fill(finished, eos_token_id)
+            finished |= token == eos_token_id
+        out[:, T + step] = token
+        if eos_token_id is not None and bool(finished.all()):
+            return out[:, :T + step + 1]
+        ids = out[:, T + step:T + step + 1]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -249,6 +249,7 @@ def save_hf(model: SmolLM, path: str | os.PathLike, tokenizer: Any = None) -> Pa
     """
     from safetensors.torch import save_file
 
+    model = getattr(model, "_orig_mod", model)  # a torch.compile'd model: save the model inside
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tied = model.config.tie_word_embeddings

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch
 from smollm.generate import generate
 from smollm.hf import save_hf
 
+ROOT = Path(__file__).resolve().parents[1]
 PROMPT = torch.randint(0, 49152, (1, 7), generator=torch.Generator().manual_seed(5))
 
 
@@ -116,8 +118,8 @@ def test_greedy_equals_transformers_generate(tmp_path, tiny_model):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "smollm.generate", *args], capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "smollm.generate", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
 
 
 def test_cli_on_hf_dir(tmp_path, tiny_model, tiny_tokenizer):
@@ -144,3 +146,10 @@ def test_cli_bad_checkpoint_is_one_line(tmp_path, make_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
     assert "Traceback" not in proc.stderr
+
+
+def test_output_can_feed_training(tiny_model):
+    out = generate(tiny_model, PROMPT, max_new_tokens=3)
+    assert not out.is_inference()
+    tiny_model.train()
+    tiny_model(out).sum().backward()  # an inference-mode tensor would raise here

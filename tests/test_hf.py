@@ -165,3 +165,9 @@ def test_load_tokenizer_from_directory_and_errors(tmp_path, tiny_tokenizer):
     (tmp_path / "empty").mkdir()
     with pytest.raises(TokenizerLoadError, match="cannot load tokenizer .*empty"):
         load_tokenizer(str(tmp_path / "empty"))
+
+
+def test_save_hf_of_compiled_model_uses_plain_names(tmp_path, tiny_model):
+    save_hf(torch.compile(tiny_model), tmp_path)  # compiles nothing until called
+    assert not any("_orig_mod" in k for k in load_file(tmp_path / "model.safetensors"))
+    torch.testing.assert_close(logits(load_hf(tmp_path)), logits(tiny_model), rtol=0, atol=0)
