@@ -113,10 +113,12 @@ def resolve_files(entries: list[str]) -> list[Path]:
 
 def load_tokenizer(name: str, cache_dir: str | None = None) -> Any:
     """`smollm.hf.load_tokenizer(name)`, with any failure turned into a one-line DataError."""
-    from smollm.hf import load_tokenizer as hf_load_tokenizer  # lazy: transformers is slow to import
+    from smollm import hf  # lazy: transformers is slow to import
 
     try:
-        tokenizer = hf_load_tokenizer(name, cache_dir=cache_dir)
+        tokenizer = hf.load_tokenizer(name, cache_dir=cache_dir)
+    except hf.TokenizerLoadError as e:  # already one line with the name and a fix
+        raise DataError(str(e)) from e
     except Exception as e:  # noqa: BLE001  whatever went wrong, the user needs the name and a fix
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise DataError(f"cannot load tokenizer {name!r} ({reason}); pass --data.tokenizer a "
@@ -554,6 +556,7 @@ class TextDataModule(L.LightningDataModule):
         """Resolve and hash the files, load the tokenizer, and name the cache (once per process)."""
         if self._corpus is None:
             paths = resolve_files(self.files)
+            fingerprint = tokenizer_fingerprint(self.tokenizer)  # fail fast, before reading files
             hashes, docs, empty = scan_files(paths)
             if empty:
                 names = ", ".join(str(p) for p in empty[:5]) + (f" and {len(empty) - 5} more"
@@ -562,7 +565,7 @@ class TextDataModule(L.LightningDataModule):
             if not docs:
                 raise DataError(f"every file of --data.files {self.files} is empty; give files "
                                 "that hold text")
-            key = cache_key(paths, hashes, tokenizer_fingerprint(self.tokenizer), self.encoding_errors)
+            key = cache_key(paths, hashes, fingerprint, self.encoding_errors)
             name = key[:24]
             self._corpus = {"key": key, "docs": docs, "empty": empty,
                             "bin_path": self.token_dir / f"{name}.bin",
