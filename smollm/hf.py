@@ -134,11 +134,10 @@ def config_to_hf(config: ModelConfig, tokenizer: Any = None) -> dict[str, Any]:
         "use_cache": True,
         "torch_dtype": "float32",
     }
-    if tokenizer is not None:
-        hf["bos_token_id"] = tokenizer.bos_token_id
-        hf["eos_token_id"] = tokenizer.eos_token_id
-        if tokenizer.pad_token_id is not None:
-            hf["pad_token_id"] = tokenizer.pad_token_id
+    # Without a tokenizer, say so: LlamaConfig would otherwise invent bos 1 and eos 2.
+    hf["bos_token_id"] = tokenizer.bos_token_id if tokenizer is not None else None
+    hf["eos_token_id"] = tokenizer.eos_token_id if tokenizer is not None else None
+    hf["pad_token_id"] = tokenizer.pad_token_id if tokenizer is not None else None
     return hf
 
 
