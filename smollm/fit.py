@@ -3,8 +3,9 @@
 LightningCLI (no subcommand) turns LitSmolLM's and TextDataModule's __init__ arguments into
 `--model.*` and `--data.*`, the Trainer's into `--trainer.*`, and StepCheckpoint's into
 `--checkpoint.*`. This file adds what Lightning leaves to us (see ../shared/DESIGN.md, traps):
-- checkpoints named by step in one folder shared by every run under the root, all kept, written
-  atomically, plus one at the end of every run and one on SIGTERM;
+- checkpoints named by step in checkpoints/NAME, shared by a run and its resumptions, all kept,
+  written atomically, plus one at the end of every run and one on SIGTERM; a fresh run never
+  writes into a folder that holds another run's checkpoints;
 - `--ckpt_path last` finds the newest checkpoint of the earlier runs, or stops with an error;
 - a resumed run logs into the same TensorBoard run; config.yaml is overwritten, not refused;
 - every foreseeable failure is one line on stderr and a non-zero exit, never a traceback.
@@ -76,7 +77,7 @@ class StepCheckpoint(ModelCheckpoint):
                  save_on_train_end: bool = True) -> None:
         """
         Args:
-            dirpath: Folder of the checkpoints; default <trainer.default_root_dir>/checkpoints,
+            dirpath: Folder of the checkpoints; default <trainer.default_root_dir>/checkpoints/NAME,
                 shared by a run and its resumptions.
             every_n_train_steps: Save every N optimizer steps.
             filename: Checkpoint name pattern (Lightning's format syntax).
@@ -122,6 +123,9 @@ class SmolLMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--ckpt_path", type=str | None, default=None,
                             help="Resume from this checkpoint, or 'last' for the newest one of earlier runs")
+        parser.add_argument("--name", type=str | None, default=None,
+                            help="Run name (default: the model preset): TensorBoard logs go to "
+                                 "lightning_logs/NAME, checkpoints to checkpoints/NAME")
         parser.add_lightning_class_args(StepCheckpoint, "checkpoint")
 
     def before_instantiate_classes(self) -> None:
@@ -132,10 +136,11 @@ class SmolLMCLI(LightningCLI):
             raise FitError(f"trainer.accelerator is {accelerator!r} but this machine has no CUDA GPU; "
                            "use configs/tiny.yaml, or add --trainer.accelerator cpu --trainer.precision 32-true")
         root = trainer.default_root_dir or os.getcwd()
+        name = cfg.name or cfg.model.preset
         if cfg.checkpoint.dirpath is None:
-            cfg.checkpoint.dirpath = os.path.join(root, "checkpoints")
+            cfg.checkpoint.dirpath = os.path.join(root, "checkpoints", name)
 
-        self.resume_from = None
+        self.resume_from, version = None, None
         if cfg.ckpt_path:
             path = find_last_checkpoint(cfg.checkpoint.dirpath) if cfg.ckpt_path == "last" else cfg.ckpt_path
             checkpoint = read_checkpoint(path)
@@ -147,11 +152,21 @@ class SmolLMCLI(LightningCLI):
                                       + "; ".join(f"{d} (run != checkpoint)" for d in differ))
             self.resume_from = path
             version = checkpoint["smollm"].get("logger_version")
-            if trainer.logger in (None, True) and version is not None:
-                # Keep logging into the resumed run's TensorBoard folder: one continuous curve.
-                trainer.logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                                  "init_args": {"save_dir": root, "name": "lightning_logs", "version": version}}
             del checkpoint
+        elif _has_checkpoints(cfg.checkpoint.dirpath):
+            # A fresh run would overwrite step files of the earlier run and mix the two.
+            raise FitError(f"{cfg.checkpoint.dirpath} already holds checkpoints of an earlier run; resume it "
+                           "with --ckpt_path last, or start a new run with another --name")
+        if trainer.logger in (None, True):
+            # lightning_logs/NAME/version_N; a resumed run keeps logging into its own version,
+            # so its TensorBoard curve is continuous.
+            trainer.logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                              "init_args": {"save_dir": os.path.join(root, "lightning_logs"), "name": name,
+                                            "version": version}}
+
+
+def _has_checkpoints(dirpath: str) -> bool:
+    return any(STEP_FILE.match(p) for p in os.listdir(dirpath)) if os.path.isdir(dirpath) else False
 
 
 def configure_trainer(trainer) -> None:

@@ -32,15 +32,15 @@ def recorder(path: Path) -> list[str]:
 
 
 def steps_saved(root: Path) -> list[int]:
-    return sorted(int(p.stem.split("=")[1]) for p in (root / "checkpoints").glob("step=*.ckpt"))
+    return sorted(int(p.stem.split("=")[1]) for p in (root / "checkpoints" / "tiny").glob("step=*.ckpt"))
 
 
 def test_checkpoints_every_n_steps_and_at_the_end(tmp_path, data, capsys):
     assert main(args(tmp_path, data, max_steps=7, every=3)) == 0
     root = tmp_path / "run"
     assert steps_saved(root) == [3, 6, 7]  # every 3, plus the final step
-    last = root / "checkpoints" / "last.ckpt"
-    assert os.path.realpath(last) == str(root / "checkpoints" / "step=000007.ckpt")
+    last = root / "checkpoints" / "tiny" / "last.ckpt"
+    assert os.path.realpath(last) == str(root / "checkpoints" / "tiny" / "step=000007.ckpt")
     assert torch.load(last, weights_only=True)["global_step"] == 7
     out = capsys.readouterr().out
     assert "next token after 'The quick brown fox':" in out
@@ -55,8 +55,8 @@ def test_resume_extends_a_finished_run_and_logs_into_the_same_run(tmp_path, data
     steps = [r["step"] for r in fitutil.read_records(rec)]
     assert steps == list(range(1, 9))  # 5 steps, then exactly 3 more
     assert steps_saved(root) == [2, 4, 5, 6, 8]
-    assert sorted(p.name for p in (root / "lightning_logs").iterdir()) == ["version_0"]
-    assert (root / "lightning_logs" / "version_0" / "config.yaml").exists()
+    assert sorted(p.name for p in (root / "lightning_logs" / "tiny").iterdir()) == ["version_0"]
+    assert (root / "lightning_logs" / "tiny" / "version_0" / "config.yaml").exists()
 
 
 def test_learning_rate_follows_the_rule_across_resume_and_extension(tmp_path, data):
@@ -77,15 +77,30 @@ def test_learning_rate_follows_the_rule_across_resume_and_extension(tmp_path, da
 def test_ckpt_path_last_with_nothing_to_resume_fails_clearly(tmp_path, data, capsys):
     assert main(args(tmp_path, data, 3, extra=["--ckpt_path", "last"])) == 2
     err = capsys.readouterr().err
-    assert "no checkpoint to resume" in err and str(tmp_path / "run" / "checkpoints") in err
-    assert not (tmp_path / "run" / "lightning_logs").exists()  # nothing was trained
+    assert "no checkpoint to resume" in err and str(tmp_path / "run" / "checkpoints" / "tiny") in err
+    assert not (tmp_path / "run" / "lightning_logs" / "tiny").exists()  # nothing was trained
+
+
+def test_a_fresh_run_never_writes_over_an_earlier_runs_checkpoints(tmp_path, data, capsys):
+    assert main(args(tmp_path, data, 4, every=2)) == 0
+    folder = tmp_path / "run" / "checkpoints" / "tiny"
+    before = {p.name: p.read_bytes() for p in folder.glob("step=*.ckpt")}
+    capsys.readouterr()
+    assert main(args(tmp_path, data, 2, every=2)) == 2  # no --ckpt_path: would overwrite step 2
+    err = capsys.readouterr().err
+    assert "already holds checkpoints" in err and "--ckpt_path last" in err
+    assert {p.name: p.read_bytes() for p in folder.glob("step=*.ckpt")} == before
+    # another --name is another run, in its own folders
+    assert main(args(tmp_path, data, 2, every=2, extra=["--name", "second"])) == 0
+    assert (tmp_path / "run" / "checkpoints" / "second" / "step=000002.ckpt").exists()
+    assert (tmp_path / "run" / "lightning_logs" / "second" / "version_0").is_dir()
 
 
 def test_tensorboard_gets_losses_rates_throughput_and_a_sample(tmp_path, data):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     assert main(args(tmp_path, data, 6, extra=["--trainer.val_check_interval", "3"])) == 0
-    events = EventAccumulator(str(tmp_path / "run" / "lightning_logs" / "version_0"),
+    events = EventAccumulator(str(tmp_path / "run" / "lightning_logs" / "tiny" / "version_0"),
                               size_guidance={"tensors": 0}).Reload()
     scalars = set(events.Tags()["scalars"])
     assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec",
@@ -100,7 +115,7 @@ def test_checkpoint_of_compiled_model_loads_into_plain_model(tmp_path, data):
     # nn.Module.compile keeps state-dict keys; a checkpoint of torch.compile(model), whose keys
     # carry `_orig_mod.`, loads as well.
     main(args(tmp_path, data, 2))
-    path = tmp_path / "run" / "checkpoints" / "step=000002.ckpt"
+    path = tmp_path / "run" / "checkpoints" / "tiny" / "step=000002.ckpt"
     checkpoint = torch.load(path, weights_only=True)
     checkpoint["state_dict"] = {k.replace("model.", "model._orig_mod.", 1): v
                                 for k, v in checkpoint["state_dict"].items()}
@@ -114,7 +129,7 @@ def test_checkpoint_of_compiled_model_loads_into_plain_model(tmp_path, data):
 @pytest.mark.slow
 def test_compile_option_trains_and_its_checkpoint_loads_into_plain_model(tmp_path, data):
     assert main(args(tmp_path, data, 2, extra=["--model.compile", "true"])) == 0
-    model, _ = load_checkpoint_model(str(tmp_path / "run" / "checkpoints" / "step=000002.ckpt"))
+    model, _ = load_checkpoint_model(str(tmp_path / "run" / "checkpoints" / "tiny" / "step=000002.ckpt"))
     assert not any("_orig_mod" in k for k in model.state_dict())
 
 
@@ -134,7 +149,7 @@ def test_init_from_a_hugging_face_directory(tmp_path, data):
     save_hf(source, tmp_path / "hf")
     assert main(args(tmp_path, data, 1, extra=["--model.init_from", str(tmp_path / "hf"),
                                                 "--model.learning_rate", "1e-9"])) == 0
-    trained, _ = load_checkpoint_model(str(tmp_path / "run" / "checkpoints" / "step=000001.ckpt"))
+    trained, _ = load_checkpoint_model(str(tmp_path / "run" / "checkpoints" / "tiny" / "step=000001.ckpt"))
     torch.testing.assert_close(trained.layers[0].mlp.up_proj.weight, source.layers[0].mlp.up_proj.weight,
                                atol=1e-6, rtol=0)
 

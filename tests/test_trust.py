@@ -40,7 +40,7 @@ def run_args(root: Path, data, max_steps: int, every: int = 1000, workers: int =
 
 
 def checkpoint_at(root: Path, step: int) -> dict:
-    return torch.load(root / "checkpoints" / f"step={step:06d}.ckpt", weights_only=True)
+    return torch.load(root / "checkpoints" / "tiny" / f"step={step:06d}.ckpt", weights_only=True)
 
 
 def assert_same_state(a: dict, b: dict) -> None:
@@ -98,7 +98,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, sma
         proc.wait(timeout=30)
     finally:
         proc.kill()
-    folder = root / "checkpoints"
+    folder = root / "checkpoints" / "tiny"
     assert any(p.name.endswith(".tmp") for p in folder.iterdir())  # the half-written file
     assert not (folder / "step=000004.ckpt").exists()
     last = find_last_checkpoint(str(folder))
@@ -132,7 +132,7 @@ def test_sigterm_saves_at_the_next_step_and_the_resume_reproduces_the_run(tmp_pa
     assert "SIGTERM" in err and "Traceback" not in err
     stopped_at = fitutil.read_records(rec)[-1]["step"]
     assert stopped_at < 12
-    assert Path(find_last_checkpoint(str(root / "checkpoints"))).name == f"step={stopped_at:06d}.ckpt"
+    assert Path(find_last_checkpoint(str(root / "checkpoints" / "tiny"))).name == f"step={stopped_at:06d}.ckpt"
 
     assert main(run_args(root, small, 12, record=rec, extra=["--ckpt_path", "last"])) == 0
     records = fitutil.read_records(rec)
@@ -148,10 +148,10 @@ def test_a_nan_loss_stops_before_the_optimizer_step_and_saves_nothing_non_finite
     root = tmp_path / "run"
     err = one_line_error(capsys, main(run_args(root, small, 8, every=1, extra=[poison])))
     assert err.startswith("error: step 4:") and "nan" in err
-    saved = sorted(p.name for p in (root / "checkpoints").glob("step=*.ckpt"))
+    saved = sorted(p.name for p in (root / "checkpoints" / "tiny").glob("step=*.ckpt"))
     assert saved == ["step=000001.ckpt", "step=000002.ckpt", "step=000003.ckpt"]
     for name in saved:
-        state = torch.load(root / "checkpoints" / name, weights_only=True)["state_dict"]
+        state = torch.load(root / "checkpoints" / "tiny" / name, weights_only=True)["state_dict"]
         assert all(torch.isfinite(t).all() for t in state.values())
 
 
@@ -202,14 +202,14 @@ def test_a_corpus_too_small(tmp_path, small, capsys):
 def test_a_broken_checkpoint(tmp_path, small, capsys, damage):
     root = tmp_path / "run"
     assert main(run_args(root, small, 2, every=1)) == 0
-    path = root / "checkpoints" / "step=000002.ckpt"
-    good = (root / "checkpoints" / "step=000001.ckpt").read_bytes()
+    path = root / "checkpoints" / "tiny" / "step=000002.ckpt"
+    good = (root / "checkpoints" / "tiny" / "step=000001.ckpt").read_bytes()
     data = path.read_bytes()
     path.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "garbage": os.urandom(4096)}[damage])
     capsys.readouterr()
     err = one_line_error(capsys, main(run_args(root, small, 3, extra=["--ckpt_path", str(path)])))
     assert "step=000002.ckpt" in err
-    assert (root / "checkpoints" / "step=000001.ckpt").read_bytes() == good
+    assert (root / "checkpoints" / "tiny" / "step=000001.ckpt").read_bytes() == good
 
 
 def test_a_checkpoint_of_another_model_configuration(tmp_path, small, capsys):
@@ -241,7 +241,7 @@ def test_a_tokenizer_that_cannot_be_loaded(tmp_path, small):
 def test_a_full_disk_while_writing_a_checkpoint(tmp_path, small, capsys, monkeypatch):
     root = tmp_path / "run"
     assert main(run_args(root, small, 2, every=2)) == 0
-    good = (root / "checkpoints" / "step=000002.ckpt").read_bytes()
+    good = (root / "checkpoints" / "tiny" / "step=000002.ckpt").read_bytes()
     capsys.readouterr()
 
     from smollm.fit import AtomicCheckpointIO
@@ -253,8 +253,8 @@ def test_a_full_disk_while_writing_a_checkpoint(tmp_path, small, capsys, monkeyp
     monkeypatch.setattr(AtomicCheckpointIO, "_write", full)
     err = one_line_error(capsys, main(run_args(root, small, 4, every=2, extra=["--ckpt_path", "last"])))
     assert "step=000004.ckpt" in err and "No space left" in err
-    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["last.ckpt", "step=000002.ckpt"]
-    assert (root / "checkpoints" / "step=000002.ckpt").read_bytes() == good
+    assert sorted(p.name for p in (root / "checkpoints" / "tiny").iterdir()) == ["last.ckpt", "step=000002.ckpt"]
+    assert (root / "checkpoints" / "tiny" / "step=000002.ckpt").read_bytes() == good
 
 
 def test_bad_input_from_the_command_line_reads_as_one_line(tmp_path, small):
@@ -262,7 +262,7 @@ def test_bad_input_from_the_command_line_reads_as_one_line(tmp_path, small):
     result = fitutil.run_fit(run_args(tmp_path / "run", small, 1, extra=["--ckpt_path", "last"]))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"error: --ckpt_path last: no checkpoint to resume in {tmp_path / 'run' / 'checkpoints'}; "
+        f"error: --ckpt_path last: no checkpoint to resume in {tmp_path / 'run' / 'checkpoints' / 'tiny'}; "
         "start without --ckpt_path, or give the checkpoint's path"]
 
 
@@ -277,7 +277,7 @@ def test_ddp_on_two_processes_splits_data_saves_once_and_resumes_exactly(tmp_pat
     ranks = [fitutil.read_records(Path(f"{straight / 'rec.jsonl'}.rank{r}")) for r in (0, 1)]
     for a, b in zip(*ranks):
         assert a["step"] == b["step"] and not set(a["windows"]) & set(b["windows"])
-    assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == [
+    assert sorted(p.name for p in (straight / "checkpoints" / "tiny").iterdir()) == [
         "last.ckpt", "step=000003.ckpt", "step=000006.ckpt"]
 
     run = tmp_path / "resumed"
