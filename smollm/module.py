@@ -128,6 +128,16 @@ class LitSmolLM(L.LightningModule):
 
     # ---- model ----
 
+    def setup(self, stage: str) -> None:
+        # The data module has set up (Lightning calls it first): its token ids must fit the model.
+        dm = self.trainer.datamodule
+        vocab = getattr(dm, "vocab_size", None) if dm is not None else None
+        if vocab is not None and vocab > self.config.vocab_size:
+            raise ValueError(
+                f"tokenizer {dm.hparams.get('tokenizer')!r} has {vocab} tokens but the model's vocabulary "
+                f"is {self.config.vocab_size}; use a matching tokenizer or --model.config_overrides "
+                f"'{{\"vocab_size\": {vocab}}}'")
+
     def configure_model(self) -> None:
         if self.hparams.compile and not getattr(self, "_compiled", False):
             # nn.Module.compile compiles in place: state-dict keys get no `_orig_mod.` prefix.

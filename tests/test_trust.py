@@ -238,6 +238,12 @@ def test_a_tokenizer_that_cannot_be_loaded(tmp_path, small):
     assert last.startswith("error:") and "nobody/no-such-tokenizer" in last
 
 
+def test_a_tokenizer_larger_than_the_model_vocabulary(tmp_path, small, capsys):
+    args = run_args(tmp_path / "run", small, 1, extra=["--model.config_overrides", '{"vocab_size": 256}'])
+    err = one_line_error(capsys, main(args))
+    assert "300 tokens" in err and "256" in err
+
+
 def test_a_full_disk_while_writing_a_checkpoint(tmp_path, small, capsys, monkeypatch):
     root = tmp_path / "run"
     assert main(run_args(root, small, 2, every=2)) == 0
