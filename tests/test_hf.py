@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from smollm import ModelConfig, SmolLM
-from smollm.hf import HFFormatError, TokenizerLoadError, load_hf, load_tokenizer, save_hf
+from smollm.hf import HFFormatError, TokenizerLoadError, load_gguf, load_hf, load_tokenizer, save_hf
 
+ROOT = Path(__file__).resolve().parents[1]
 X = torch.randint(0, 49152, (2, 10), generator=torch.Generator().manual_seed(3))
 
 
@@ -171,3 +175,33 @@ def test_save_hf_of_compiled_model_uses_plain_names(tmp_path, tiny_model):
     save_hf(torch.compile(tiny_model), tmp_path)  # compiles nothing until called
     assert not any("_orig_mod" in k for k in load_file(tmp_path / "model.safetensors"))
     torch.testing.assert_close(logits(load_hf(tmp_path)), logits(tiny_model), rtol=0, atol=0)
+
+
+def test_gguf_of_another_architecture_is_refused(tmp_path):
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(tmp_path / "gpt2.gguf"), "gpt2")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(HFFormatError, match="GGUF architecture is 'gpt2', expected 'llama'"):
+        load_gguf(tmp_path / "gpt2.gguf")
+
+
+@pytest.mark.parametrize("source, name, content, message", [
+    ("gguf", "absent.gguf", None, "absent.gguf: no such file"),
+    ("gguf", "fake.gguf", b"not a gguf", "not a readable GGUF file"),
+    ("ckpt", "absent.ckpt", None, "absent.ckpt: no such file"),
+])
+def test_convert_errors_are_one_line(tmp_path, source, name, content, message):
+    if content is not None:
+        (tmp_path / name).write_bytes(content)
+    proc = subprocess.run([sys.executable, "-m", "smollm.convert", source, str(tmp_path / name),
+                           str(tmp_path / "out")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
