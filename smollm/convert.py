@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             convert_gguf(args.file, out_dir)
         else:
             convert_ckpt(args.file, out_dir)
-    except Exception as e:  # a command-line tool: one line, no traceback
+    except Exception as e:  # noqa: BLE001  a command-line tool: one line, no traceback
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     print(out_dir)

@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         out = generate(model, input_ids, args.max_new_tokens, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, eos_token_id=tokenizer.eos_token_id,
                        generator=generator)
-    except Exception as e:  # a command-line tool: one line, no traceback
+    except Exception as e:  # noqa: BLE001  a command-line tool: one line, no traceback
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     new = out[0, input_ids.shape[1]:].tolist()

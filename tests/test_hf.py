@@ -200,7 +200,7 @@ def test_convert_errors_are_one_line(tmp_path, source, name, content, message):
     if content is not None:
         (tmp_path / name).write_bytes(content)
     proc = subprocess.run([sys.executable, "-m", "smollm.convert", source, str(tmp_path / name),
-                           str(tmp_path / "out")], cwd=ROOT,
+                           str(tmp_path / "out")], check=False, cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
