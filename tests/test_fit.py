@@ -190,3 +190,24 @@ def test_lr_rule_is_warmup_then_decay_to_the_floor():
     # warmup-stable-decay: flat until 80% of decay_steps, then linear to the floor
     assert f(50, "wsd") == f(79, "wsd") == 1.0
     assert f(90, "wsd") == pytest.approx(0.55) and f(100, "wsd") == pytest.approx(0.1)
+
+
+def test_a_training_checkpoint_generates_and_converts_to_transformers(tmp_path, data, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from smollm import convert, generate
+
+    assert main(args(tmp_path, data, 3)) == 0
+    ckpt = tmp_path / "run" / "checkpoints" / "tiny" / "last.ckpt"
+    capsys.readouterr()
+    assert generate.main(["--checkpoint", str(ckpt), "--prompt", "The quick brown fox",
+                          "--max_new_tokens", "1"]) == 0
+    assert capsys.readouterr().out.startswith("next token after 'The quick brown fox': ")
+
+    assert convert.main(["ckpt", str(ckpt), str(tmp_path / "hf")]) == 0
+    ours, _ = load_checkpoint_model(str(ckpt))
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = torch.tensor([tok.encode("seven wizards quietly judge boxing")])
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids), atol=1e-5, rtol=1e-5)
