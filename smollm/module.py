@@ -248,8 +248,7 @@ class LitSmolLM(L.LightningModule):
         from smollm.generate import generate
 
         ids = torch.tensor([tokenizer.encode(self.hparams.sample_prompt)], device=self.device)
-        out = generate(self.model, ids, max_new_tokens=self.hparams.sample_tokens)
-        self.model.train()
+        out = generate(self.model, ids, max_new_tokens=self.hparams.sample_tokens)  # restores train()
         if self.global_rank == 0:
             experiment.add_text("val/sample", tokenizer.decode(out[0].tolist()), self.global_step)
 
@@ -282,19 +281,17 @@ class LitSmolLM(L.LightningModule):
 
 def load_checkpoint_model(path: str) -> tuple[SmolLM, str | None]:
     """A training checkpoint -> (float32 SmolLM in eval mode, the tokenizer it was trained with)."""
+    from smollm.hf import HFFormatError, model_from_state
+
     checkpoint = read_checkpoint(path)
     config = ModelConfig(**checkpoint["smollm"]["model_config"])
-    model = SmolLM(config)
-    state = {}
-    for key, value in checkpoint["state_dict"].items():
-        if key.startswith("model."):
-            state[key[len("model."):].replace("_orig_mod.", "")] = value.float()
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint {path} does not fit the model: missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}")
-    return model.eval(), checkpoint["smollm"].get("tokenizer")
+    state = {key[len("model."):].replace("_orig_mod.", ""): value
+             for key, value in checkpoint["state_dict"].items() if key.startswith("model.")}
+    try:
+        model = model_from_state(config, state)  # checks the key set and every shape
+    except HFFormatError as e:
+        raise CheckpointError(f"checkpoint {path}: {e}") from None
+    return model, checkpoint["smollm"].get("tokenizer")
 
 
 def read_checkpoint(path: str) -> dict[str, Any]:
