@@ -57,15 +57,17 @@ class DataError(ValueError):
 
 
 def stdlib_files() -> list[Path]:
-    """The running Python's standard library source: every .py file, minus site-packages and tests.
+    """The running Python's standard library source: every non-empty .py file, minus
+    site-packages and test suites.
 
-    Test suites are left out because they are mostly generated fixtures; what remains (about 700
-    files, 11 MB, 3.4M SmolLM2 tokens for CPython 3.11) is real, varied, human-written code.
+    Test suites are left out because they are mostly fixtures and repetition; what remains (for
+    CPython 3.11: 731 files, 12 MB, 3,429,462 SmolLM2 tokens) is real, varied, human-written code.
     """
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
     return sorted(p for p in root.rglob("*.py")
-                  if p.is_file() and not skip.intersection(p.relative_to(root).parts[:-1]))
+                  if p.is_file() and p.stat().st_size > 0
+                  and not skip.intersection(p.relative_to(root).parts[:-1]))
 
 
 def _folder_files(folder: Path) -> list[Path]:
