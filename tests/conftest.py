@@ -22,16 +22,10 @@ def tiny_model() -> SmolLM:
 
 
 @pytest.fixture(scope="session")
-def tiny_tokenizer():
+def tiny_tokenizer(tmp_path_factory):
     """A 300-token byte-level BPE with <|endoftext|> as bos/eos/unk, like SmolLM2's (ids < vocab)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(TEXT, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
-                                   eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    from helpers_data import make_tokenizer
+
+    return AutoTokenizer.from_pretrained(make_tokenizer(tmp_path_factory.mktemp("tok"), 300, texts=TEXT))

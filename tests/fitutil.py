@@ -19,6 +19,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from helpers_data import make_tokenizer
 from smollm.fit import AtomicCheckpointIO
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,21 +42,10 @@ def write_corpus(folder: Path, n_files: int = 4, words_per_file: int = 1500, see
 
 
 def build_tokenizer(folder: Path, corpus: Path) -> Path:
-    """A byte-level BPE tokenizer of a few hundred tokens, trained on the corpus, saved as a
-    Hugging Face tokenizer directory (what AutoTokenizer loads)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train([str(p) for p in sorted(corpus.glob("*.txt"))], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
-                                   bos_token="<|endoftext|>", unk_token="<|endoftext|>")
-    fast.save_pretrained(folder)
-    return folder
+    """A byte-level BPE tokenizer of 300 tokens trained on the corpus, saved as a Hugging Face
+    tokenizer directory (what AutoTokenizer loads)."""
+    texts = [p.read_text(encoding="utf-8") for p in sorted(corpus.glob("*.txt"))]
+    return Path(make_tokenizer(folder, vocab_size=300, texts=texts))
 
 
 def fit_args(root: Path, corpus: Path, tokenizer: Path, max_steps: int, every: int = 1000,

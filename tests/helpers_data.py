@@ -17,8 +17,10 @@ def sentences(n: int, seed: int = 0) -> str:
                    for _ in range(n))
 
 
-def make_tokenizer(directory: str | Path, vocab_size: int = 600, seed: int = 0) -> str:
-    """Train a byte-level BPE on `sentences`, save it as a Hugging Face tokenizer dir, return it.
+def make_tokenizer(directory: str | Path, vocab_size: int = 600, seed: int = 0,
+                   texts: list[str] | None = None) -> str:
+    """Train a byte-level BPE on `texts` (default: `sentences`), save it as a Hugging Face
+    tokenizer dir, return it.
 
     EOS (and BOS, UNK) is "<|endoftext|>", as in the SmolLM2 base tokenizer. Different `seed` or
     `vocab_size` give a different tokenizer.
@@ -31,7 +33,7 @@ def make_tokenizer(directory: str | Path, vocab_size: int = 600, seed: int = 0) 
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([sentences(400, seed)], trainer=trainer)
+    tok.train_from_iterator(texts or [sentences(400, seed)], trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
                                    bos_token="<|endoftext|>", unk_token="<|endoftext|>")
     fast.save_pretrained(str(directory))
