@@ -188,7 +188,9 @@ class SmolLM(nn.Module):
         cos, sin = self.rotary(positions, x.dtype if not torch.is_autocast_enabled(x.device.type)
                                else torch.get_autocast_dtype(x.device.type))
         for layer in self.layers:
-            x = layer(x, cos, sin, cache)
+            # Decoding with a cache runs each layer's eager forward: a compiled layer (see
+            # LitSmolLM's compile option) is specialized to training shapes, not a growing cache.
+            x = layer(x, cos, sin) if cache is None else layer.forward(x, cos, sin, cache)
         if cache is not None:
             cache.length += input_ids.shape[1]
         return self.norm(x)

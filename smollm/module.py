@@ -140,8 +140,11 @@ class LitSmolLM(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.hparams.compile and not getattr(self, "_compiled", False):
-            # nn.Module.compile compiles in place: state-dict keys get no `_orig_mod.` prefix.
-            self.model.compile()
+            # Compile each decoder layer in place (nn.Module.compile): the 30 identical layers
+            # share one compiled graph, training goes through them (it calls hidden_states, not
+            # forward), and state-dict keys get no `_orig_mod.` prefix.
+            for layer in self.model.layers:
+                layer.compile()
             self._compiled = True
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -128,7 +128,11 @@ def test_checkpoint_of_compiled_model_loads_into_plain_model(tmp_path, data):
 
 @pytest.mark.slow
 def test_compile_option_trains_and_its_checkpoint_loads_into_plain_model(tmp_path, data):
+    import torch._dynamo
+
+    torch._dynamo.reset()
     assert main(args(tmp_path, data, 2, extra=["--model.compile", "true"])) == 0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # training went through it
     model, _ = load_checkpoint_model(str(tmp_path / "run" / "checkpoints" / "tiny" / "step=000002.ckpt"))
     assert not any("_orig_mod" in k for k in model.state_dict())
 
