@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from typing import Any
 
 import torch
@@ -192,9 +193,11 @@ def print_next_token(model: LitSmolLM, datamodule: TextDataModule) -> None:
 
 def main(args: list[str] | None = None) -> int:
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")  # Lightning's, not ours
     try:
         cli = SmolLMCLI(
             LitSmolLM, TextDataModule, run=False, args=args,
+            auto_configure_optimizers=False,  # LitSmolLM's optimizer and schedule are its options
             seed_everything_default=1234,
             save_config_kwargs={"overwrite": True},  # a resumed run rewrites config.yaml
             trainer_defaults={"max_steps": 5000, "use_distributed_sampler": False,

