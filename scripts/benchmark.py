@@ -5,7 +5,8 @@
     PYTHONPATH=. python scripts/benchmark.py --memory-report                      # 135m at 16 x 2048
 
 Each measurement alternates the models (smollm, transformers, smollm, ...) so that clock or load
-drift hits both; the table shows medians over the pairs, and warmup is not timed.
+drift hits both; warmup is not timed. The table shows medians over the pairs that other processes
+did not disturb (Linux CPU pressure stall, see --max-stall) and the fastest runs.
   1. The full training step: forward + loss + backward + clip_grad_norm_ + AdamW step + zero_grad,
      same batch, precision, device and optimizer settings (LitSmolLM's defaults) for both.
   2. Greedy generation with a KV cache from a 32-token prompt: new tokens per second (eager).
@@ -51,7 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="default: float32 on CPU, bf16-mixed (autocast, float32 weights) on CUDA")
     p.add_argument("--pairs", type=int, default=5, help="timed rounds, each smollm then transformers")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds before the pairs")
-    p.add_argument("--compile", action="store_true", help="torch.compile both models' loss functions")
+    p.add_argument("--max-stall", type=float, default=0.05,
+                   help="medians use the pairs whose CPU stall fraction (other load) stayed under this")
+    p.add_argument("--compile", nargs="?", const="layers", choices=["layers", "loss"], default=None,
+                   help="torch.compile both models: each decoder layer in place, as LitSmolLM's "
+                        "--model.compile does (the default), or the whole loss function")
     p.add_argument("--chunk-size", type=int, default=LIT["loss_chunk_size"], help="chunked CE rows")
     p.add_argument("--gen-tokens", type=int, default=64, help="greedy new tokens per generation")
     p.add_argument("--skip-gen", action="store_true")
@@ -102,12 +107,17 @@ def make_train_step(side: str, model, batch: torch.Tensor, args, device: torch.d
             hidden = model.hidden_states(inputs)
             return chunked_cross_entropy(hidden, model.lm_head.weight, targets, args.chunk_size)
     else:  # what a transformers user writes. HF shifts the labels itself, so it gets the (B, T)
-        window = batch[:, :-1]  # window: both models run on the same T tokens (HF scores T - 1)
+        window = batch[:, :-1]  # window: both models run on the same T tokens (HF scores T - 1).
+        # use_cache=False: by default (config.use_cache) HF fills a KV cache even in training,
+        # work our step does not do, and that makes per-layer compile recompile for every layer.
 
         def loss_fn():
-            return model(input_ids=window, labels=window).loss
-    if args.compile:
+            return model(input_ids=window, labels=window, use_cache=False).loss
+    if args.compile == "loss":
         loss_fn = torch.compile(loss_fn)
+    elif args.compile == "layers":
+        for layer in model.layers if side == "smollm" else model.model.layers:
+            layer.compile()
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16-mixed"):
@@ -121,15 +131,29 @@ def make_train_step(side: str, model, batch: torch.Tensor, args, device: torch.d
     return step
 
 
+def cpu_stall_seconds() -> float:
+    """Time some task on this machine waited for a CPU (Linux pressure stall information)."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return int(f.readline().split("total=")[1]) / 1e6
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def alternate(fns: dict, args, device: torch.device) -> dict:
-    """Warmup rounds, then args.pairs rounds of fns in order: raw timings per side, and medians."""
-    out = {side: {"warmup_s": [], "s": [], "cpu_s": [], "peak_bytes": []} for side in fns}
+    """Warmup rounds, then args.pairs rounds of fns in order: raw timings per side, and medians.
+
+    A shared machine's other processes slow a run down by a lot at random moments. Each run also
+    records the CPU stall (time any task waited for a CPU) as a fraction of its duration; the
+    medians are taken over the pairs where both runs stayed under --max-stall, if 3 or more did.
+    """
+    out = {side: {"warmup_s": [], "s": [], "cpu_s": [], "stall": [], "peak_bytes": []} for side in fns}
     for round_ in range(args.warmup + args.pairs):
         for side, fn in fns.items():
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-            t0, c0 = time.perf_counter(), time.process_time()
+            t0, c0, s0 = time.perf_counter(), time.process_time(), cpu_stall_seconds()
             fn()
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -140,10 +164,15 @@ def alternate(fns: dict, args, device: torch.device) -> dict:
                 continue
             r["s"].append(seconds)
             r["cpu_s"].append(cpu)
+            r["stall"].append((cpu_stall_seconds() - s0) / seconds)
             r["peak_bytes"].append(torch.cuda.max_memory_allocated() if device.type == "cuda" else None)
-    for r in out.values():
-        r["median_s"], r["median_cpu_s"] = statistics.median(r["s"]), statistics.median(r["cpu_s"])
-        r["min_s"] = min(r["s"])  # the least disturbed run: interference from other load only adds
+    quiet = [i for i in range(args.pairs) if all(out[side]["stall"][i] <= args.max_stall for side in SIDES)]
+    out["pairs_used"] = quiet if len(quiet) >= 3 else list(range(args.pairs))
+    for side in SIDES:
+        r = out[side]
+        r["median_s"] = statistics.median(r["s"][i] for i in out["pairs_used"])
+        r["median_cpu_s"] = statistics.median(r["cpu_s"][i] for i in out["pairs_used"])
+        r["min_s"] = min(r["s"])  # the least disturbed run: other load only ever adds time
     a, b = (out[side]["s"] for side in SIDES)
     out["pair_ratios"] = [x / y for x, y in zip(a, b)]  # smollm / transformers, round by round
     return out
@@ -192,7 +221,7 @@ def child(args) -> None:
 def run_child(kind: str, side: str, args) -> dict:
     argv = [sys.executable, __file__, "--child", f"{kind}:{side}", "--device", "cpu", "--preset", args.preset,
             "--dtype", args.dtype, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
-            "--chunk-size", str(args.chunk_size)] + (["--compile"] if args.compile else [])
+            "--chunk-size", str(args.chunk_size)] + (["--compile", args.compile] if args.compile else [])
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
         why = "killed, out of memory?" if proc.returncode < 0 else (proc.stderr.strip().splitlines() or ["?"])[-1]
@@ -277,7 +306,9 @@ def print_table(report: dict, args, device: torch.device) -> None:
     if gen:
         rows += [(f"greedy gen tokens/s ({args.gen_tokens} new, median)", gen, "tokens_per_s"),
                  ("greedy gen tokens/s (best)", gen, "best_tokens_per_s")]
-    print(f"\n{'':<44}{'smollm':>10}{'transformers':>14}{'ratio':>8}")
+    used = f"{len(tr['pairs_used'])} of {args.pairs} pairs" + (f", gen {len(gen['pairs_used'])}" if gen else "")
+    print(f"\nmedians over the undisturbed pairs ({used}; all pairs if fewer than 3)")
+    print(f"{'':<44}{'smollm':>10}{'transformers':>14}{'ratio':>8}")
     for label, part, key in rows:
         a, b = part["smollm"][key], part["transformers"][key]
         scale = GiB if key == "peak_mem_bytes" else 1
@@ -288,8 +319,10 @@ def print_table(report: dict, args, device: torch.device) -> None:
     print("ratio = smollm / transformers: <= 1 is better for time and memory, >= 1 for tokens/s")
     for name, part in (("train step", tr), ("generation", gen)):
         if part:
-            ratios = ", ".join(f"{x:.3f}" for x in part["pair_ratios"])
-            print(f"{name} time ratio, pair by pair: {ratios}; median {statistics.median(part['pair_ratios']):.3f}")
+            used = part["pairs_used"]
+            ratios = ", ".join(f"{x:.3f}" + ("" if i in used else "*") for i, x in enumerate(part["pair_ratios"]))
+            print(f"{name} time ratio pair by pair (* = disturbed, CPU stall > {args.max_stall:.0%}): {ratios}; "
+                  f"median of the {len(used)} used: {statistics.median(part['pair_ratios'][i] for i in used):.3f}")
     first = {side: round(tr[side]["warmup_s"][0], 2) for side in SIDES} if args.warmup else "no warmup"
     print(f"first warmup step s (includes compiling with --compile): {first}")
     print(f"same function: logits max |diff| {tr['logits_max_abs_diff']:.2e}"
