@@ -283,9 +283,9 @@ def head_memory(args, report: dict) -> None:
     B, T, V = 16, 2048, ModelConfig.from_name("135m").vocab_size
     full, chunk = B * T * V * 4, min(args.chunk_size, B * T) * V * 4
     print(f"\nlogits memory, 135m at micro-batch {B} x {T}, V = {V}:\n"
-          f"  transformers, all float32 logits B*T*V*4: {full / GiB:6.2f} GiB (log_softmax's output and the "
-          f"logits' gradient are as large again)\n  smollm, one chunk chunk*V*4 ({args.chunk_size} rows): "
-          f"{chunk / GiB:6.2f} GiB")
+          f"  transformers, all float32 logits B*T*V*4: {full / 1e9:5.2f} GB = {full / GiB:5.2f} GiB (log_softmax's "
+          f"output and the logits' gradient are as large again)\n  smollm, one chunk chunk*V*4 ({args.chunk_size} "
+          f"rows): {chunk / 1e9:5.2f} GB = {chunk / GiB:5.2f} GiB")
     report["logits_memory"] = {"full_logits_bytes": full, "chunk_logits_bytes": chunk}
     if args.device == "cuda":
         return
