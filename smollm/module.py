@@ -55,13 +55,6 @@ def lr_lambda(step: int, warmup_steps: int, decay_steps: int, min_lr_ratio: floa
     return 1.0 - (1 - min_lr_ratio) * (step - decay_start) / max(1, decay_steps - decay_start)
 
 
-class Perplexity(MeanMetric):
-    """exp of the token-weighted mean loss; aggregates across batches and DDP ranks."""
-
-    def compute(self) -> torch.Tensor:
-        return super().compute().exp()
-
-
 class LitSmolLM(L.LightningModule):
     def __init__(
         self,
@@ -122,8 +115,7 @@ class LitSmolLM(L.LightningModule):
                     + "; ".join(differ) + " (choose the matching --model.preset or overrides)")
         else:
             self.model = SmolLM(self.config)
-        self.val_loss = MeanMetric()
-        self.val_perplexity = Perplexity()
+        self.val_loss = MeanMetric()  # token-weighted, aggregated across batches and DDP ranks
         self._window_start: tuple[float, int] | None = None  # (time, step) of the throughput window
 
     # ---- model ----
@@ -162,7 +154,6 @@ class LitSmolLM(L.LightningModule):
             self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
         else:
             self.val_loss.update(loss, weight=targets.numel())
-            self.val_perplexity.update(loss, weight=targets.numel())
         return loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -172,8 +163,8 @@ class LitSmolLM(L.LightningModule):
         self._step(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
+        self.log("val/perplexity", self.val_loss.compute().exp())  # before Lightning resets it
         self.log("val/loss", self.val_loss, prog_bar=True)
-        self.log("val/perplexity", self.val_perplexity)
         self._log_sample()
 
     # ---- optimization ----
