@@ -46,7 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--preset", choices=["135m", "tiny"], default="135m")
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=2,
+                   help="micro-batch of both sides; 0 finds the largest that fits each side (CUDA)")
+    p.add_argument("--hf-batch-size", type=int, default=None, help="transformers' micro-batch, if other")
     p.add_argument("--seq-len", type=int, default=256, help="T, the tokens each sequence trains on")
     p.add_argument("--dtype", choices=["float32", "bf16-mixed"], default=None,
                    help="default: float32 on CPU, bf16-mixed (autocast, float32 weights) on CUDA")
@@ -105,7 +107,8 @@ def make_train_step(side: str, model, batch: torch.Tensor, args, device: torch.d
 
         def loss_fn():
             hidden = model.hidden_states(inputs)
-            return chunked_cross_entropy(hidden, model.lm_head.weight, targets, args.chunk_size)
+            return chunked_cross_entropy(hidden, model.lm_head.weight, targets, args.chunk_size,
+                                         compiled=args.compile is not None)
     else:  # what a transformers user writes. HF shifts the labels itself, so it gets the (B, T)
         window = batch[:, :-1]  # window: both models run on the same T tokens (HF scores T - 1).
         # use_cache=False: by default (config.use_cache) HF fills a KV cache even in training,
@@ -229,22 +232,53 @@ def run_child(kind: str, side: str, args) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def largest_batch(side: str, model, args, device: torch.device, candidates=(96, 64, 48, 40, 32, 24, 16, 8, 4)) -> int:
+    """The largest micro-batch of `candidates` whose training step (two of them: the first
+    allocates AdamW's state) runs without running out of CUDA memory, the other model resident."""
+    vocab = model.config.vocab_size
+    for b in candidates:
+        try:
+            batch = torch.randint(vocab, (b, args.seq_len + 1), device=device)
+            step = make_train_step(side, model, batch, args, device)
+            for _ in range(2):
+                step()
+            torch.cuda.synchronize()
+            return b
+        except torch.OutOfMemoryError:
+            pass
+        finally:
+            step = batch = None
+            for p in model.parameters():
+                p.grad = None
+            torch.cuda.empty_cache()
+        print(f"  {side}: micro-batch {b} x {args.seq_len} does not fit", flush=True)
+    raise SystemExit(f"{side}: not even micro-batch {candidates[-1]} fits")
+
+
 def train(args, device: torch.device) -> dict:
     cfg = ModelConfig.from_name(args.preset)
     ours, theirs = build(None, cfg, device)
-    batch = torch.randint(cfg.vocab_size, (args.batch_size, args.seq_len + 1),
-                          generator=torch.Generator().manual_seed(1)).to(device)
+    g = torch.Generator().manual_seed(1)
+    probe = torch.randint(cfg.vocab_size, (1, 16), generator=g).to(device)
     with torch.no_grad():  # the same function: the same logits on the same tokens
-        diff = (ours(batch[:1, :16]) - theirs(input_ids=batch[:1, :16]).logits).abs().max().item()
-    steps = {side: make_train_step(side, m, batch, args, device) for side, m in zip(SIDES, (ours, theirs))}
+        diff = (ours(probe) - theirs(input_ids=probe).logits).abs().max().item()
+    sizes = {"smollm": args.batch_size, "transformers": args.hf_batch_size or args.batch_size}
+    for side, m in zip(SIDES, (ours, theirs)):
+        if sizes[side] == 0:
+            sizes[side] = largest_batch(side, m, args, device)
+            print(f"  {side}: largest micro-batch that fits: {sizes[side]} x {args.seq_len}", flush=True)
+    steps = {side: make_train_step(side, m, torch.randint(cfg.vocab_size, (sizes[side], args.seq_len + 1),
+                                                          generator=g).to(device), args, device)
+             for side, m in zip(SIDES, (ours, theirs))}
     result = alternate(steps, args, device)
     result["logits_max_abs_diff"] = diff
+    result["batch_size"] = sizes
     peak = args.peak_flops
     if peak is None and device.type == "cuda" and args.dtype == "bf16-mixed":
         peak = next((f for k, f in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None)
     for side in SIDES:
         r = result[side]
-        r["tokens_per_s"] = args.batch_size * args.seq_len / r["median_s"]
+        r["tokens_per_s"] = sizes[side] * args.seq_len / r["median_s"]
         r["mfu"] = r["tokens_per_s"] * cfg.flops_per_token(args.seq_len) / peak if peak else None
         r["peak_mem_bytes"] = max(r["peak_bytes"]) if device.type == "cuda" else None
     del steps, ours, theirs
@@ -299,7 +333,10 @@ def head_memory(args, report: dict) -> None:
 
 def print_table(report: dict, args, device: torch.device) -> None:
     tr, gen = report["train"], report.get("gen")
+    sizes = tr["batch_size"]
     mem = "CUDA max allocated" if device.type == "cuda" else "CPU RSS rise, subprocess"
+    print(f"micro-batch x {args.seq_len}: smollm {sizes['smollm']}, transformers {sizes['transformers']}"
+          + ("" if sizes["smollm"] == sizes["transformers"] else " (compare tokens/s, not step times)"))
     rows = [("train step s (median wall)", tr, "median_s"), ("train step s (min wall)", tr, "min_s"),
             ("train step s (median process CPU)", tr, "median_cpu_s"), ("train tokens/s (median)", tr, "tokens_per_s"),
             ("train MFU", tr, "mfu"), (f"train peak mem GiB ({mem})", tr, "peak_mem_bytes")]

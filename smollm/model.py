@@ -205,19 +205,50 @@ class SmolLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+def chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For one chunk of logits (n, V) and targets (n,): the sum of the rows' cross entropies and
+    its gradient with respect to the logits, softmax - onehot, in the logits' dtype.
+
+    Eager, it works in place over one float32 copy of the chunk (the least memory). Written as
+    plain expressions without in-place updates it is also what `torch.compile` fuses into two
+    kernels (a row reduction and one pointwise pass), which `SmolLM` uses on a GPU: see
+    `compiled_chunk_loss_and_grad`.
+    """
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)  # (n,)
+    loss = (lse - x.gather(1, targets[:, None]).squeeze(1)).sum()
+    if not torch.compiler.is_compiling():
+        grad = x.sub_(lse[:, None]).exp_()  # softmax, in place
+        grad[torch.arange(grad.shape[0], device=grad.device), targets] -= 1.0
+        return loss, grad.to(logits.dtype)
+    onehot = torch.arange(x.shape[1], device=x.device)[None, :] == targets[:, None]
+    return loss, (torch.exp(x - lse[:, None]) - onehot.float()).to(logits.dtype)
+
+
+_compiled_chunk_fn = None
+
+
+def compiled_chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor):
+    """`chunk_loss_and_grad` through torch.compile (compiled once per process, on first use)."""
+    global _compiled_chunk_fn
+    if _compiled_chunk_fn is None:
+        _compiled_chunk_fn = torch.compile(chunk_loss_and_grad, dynamic=False)
+    return _compiled_chunk_fn(logits, targets)
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """Mean cross entropy of `hidden @ weight.T` against `targets`, one chunk of rows at a time.
 
-    The forward pass computes each chunk's logits in float32, its loss, and at once the gradients
-    with respect to `hidden` and `weight`; it then drops the chunk's logits. Peak extra memory is
-    about two chunks of logits (a chunk and its float32 softmax) instead of all of them
-    (16 x 2048 x 49152 float32 logits are 6.4 GB), and
-    no matmul is repeated. The backward pass only scales the stored gradients.
+    The forward pass computes each chunk's logits (in the autocast dtype), its loss, and at once
+    the gradients with respect to `hidden` and `weight`; it then drops the chunk's logits. Peak
+    extra memory is about two chunks of logits instead of all of them (16 x 2048 x 49152 float32
+    logits are 6.4 GB), and no matmul is repeated. The backward pass only scales the stored
+    gradients.
     """
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                chunk_size: int) -> torch.Tensor:
+                chunk_size: int, chunk_fn) -> torch.Tensor:
         n = hidden.shape[0]
         compute_dtype = torch.get_autocast_dtype(hidden.device.type) \
             if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
@@ -227,32 +258,28 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
         for start in range(0, n, chunk_size):
             h = hidden[start:start + chunk_size].to(compute_dtype)
-            t = targets[start:start + chunk_size]
-            logp = torch.log_softmax((h @ w.t()).float(), dim=-1)  # (chunk, V), one fused kernel
-            loss -= logp.gather(1, t[:, None]).sum()
-            # d(sum of losses)/d(logits) = softmax - onehot, computed in place over the log-probs
-            grad = logp.exp_()
-            grad[torch.arange(grad.shape[0], device=grad.device), t] -= 1.0
-            grad = grad.to(compute_dtype)
+            chunk_loss, grad = chunk_fn(h @ w.t(), targets[start:start + chunk_size])
+            loss += chunk_loss
             grad_hidden[start:start + chunk_size] = (grad @ w).to(hidden.dtype)
             if compute_dtype == torch.float32:  # accumulate in place: no (V, C) temporary
                 grad_weight.addmm_(grad.t(), h, alpha=1.0 / n)
             else:
                 grad_weight.add_(grad.t() @ h, alpha=1.0 / n)
-            del logp, grad  # free this chunk's logits before the next chunk allocates its own
+            del grad  # free this chunk's logits before the next chunk allocates its own
         ctx.save_for_backward(grad_hidden.div_(n), grad_weight.to(weight.dtype))
         return loss / n
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_output, grad_weight * grad_output, None, None
+        return grad_hidden * grad_output, grad_weight * grad_output, None, None, None
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          chunk_size: int = 4096) -> torch.Tensor:
+                          chunk_size: int = 4096, compiled: bool = False) -> torch.Tensor:
     """Mean next-token cross entropy of the lm head over hidden (..., C) and targets (...),
-    equal to `F.cross_entropy(hidden @ weight.T, targets)` without materializing all logits."""
+    equal to `F.cross_entropy(hidden @ weight.T, targets)` without materializing all logits.
+    `compiled` fuses each chunk's softmax and gradient into two kernels (torch.compile)."""
+    chunk_fn = compiled_chunk_loss_and_grad if compiled else chunk_loss_and_grad
     return _ChunkedCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight,
-                                      targets.reshape(-1), chunk_size)
-
+                                      targets.reshape(-1), chunk_size, chunk_fn)

@@ -92,11 +92,13 @@ class LitSmolLM(L.LightningModule):
             weight_decay: AdamW weight decay, applied to matrices only (not to norm weights).
             betas: AdamW betas.
             grad_clip: Clip the global gradient norm to this value (0 disables clipping).
-            fused_adamw: Use the fused AdamW kernel; None means on CUDA only.
+            fused_adamw: Use the fused AdamW kernel (CPU and CUDA); None means yes. The
+                non-finite guard skips a bad step inside it without a host-device sync.
             compile: torch.compile the model (checkpoints still load into a plain model).
             loss_chunk_size: Rows of logits computed at a time by the chunked cross entropy.
-            check_finite: Stop with an error before the optimizer step if the loss or gradient
-                norm is NaN or infinite (costs one scalar read per step).
+            check_finite: Never apply a step whose loss or gradient norm is NaN or infinite, and
+                stop the run with an error naming the step. With the fused AdamW this costs no
+                host-device synchronization per step (see NonFiniteGuard).
             peak_flops: Peak FLOP/s of one device for MFU; None looks the GPU up in a table.
             sample_prompt: Prompt whose greedy continuation is logged at each validation.
             sample_tokens: Tokens to generate for that sample.
@@ -115,6 +117,7 @@ class LitSmolLM(L.LightningModule):
                     + "; ".join(differ) + " (choose the matching --model.preset or overrides)")
         else:
             self.model = SmolLM(self.config)
+        self.guard = NonFiniteGuard()
         self.val_loss = MeanMetric()  # token-weighted, aggregated across batches and DDP ranks
         self._window_start: tuple[float, int] | None = None  # (time, step) of the throughput window
 
@@ -147,11 +150,10 @@ class LitSmolLM(L.LightningModule):
         inputs, targets = ids[:, :-1], ids[:, 1:]  # (B, T) each
         hidden = self.model.hidden_states(inputs)  # (B, T, C)
         loss = chunked_cross_entropy(hidden, self.model.lm_head.weight, targets,
-                                     self.hparams.loss_chunk_size)
+                                     self.hparams.loss_chunk_size, compiled=self.hparams.compile)
         if stage == "train":
             self._train_loss = loss.detach()
-            self.log("train/loss", loss, prog_bar=True)
-            self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
+            self.log("train/loss", loss)  # not prog_bar: Lightning reads those every step (a sync)
         else:
             self.val_loss.update(loss, weight=targets.numel())
         return loss
@@ -177,9 +179,7 @@ class LitSmolLM(L.LightningModule):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": self.hparams.weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        fused = self.hparams.fused_adamw
-        if fused is None:
-            fused = self.device.type == "cuda"
+        fused = self.hparams.fused_adamw is not False
         optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate,
                                       betas=tuple(self.hparams.betas), fused=fused)
         h = self.hparams
@@ -196,15 +196,14 @@ class LitSmolLM(L.LightningModule):
         self.log("train/grad_norm", norm)
         if self.hparams.check_finite:
             loss = getattr(self, "_train_loss", None)
-            bad = ~torch.isfinite(norm)
-            if loss is not None:
-                bad = bad | ~torch.isfinite(loss.to(norm.device))
-            if bad.item():  # the one host-device synchronization per step
-                step = self.trainer.global_step + 1
-                raise NonFiniteError(
-                    f"step {step}: the loss is {_fmt(loss)} and the gradient norm is {_fmt(norm)}; "
-                    "stopped before the optimizer step. Lower --model.learning_rate or resume "
-                    "from an earlier checkpoint")
+            loss = norm.new_zeros(()) if loss is None else loss.to(norm.device, torch.float32)
+            bad = (~torch.isfinite(norm) | ~torch.isfinite(loss)).float()
+            torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps it
+            on_device = bool(torch_optimizer.defaults.get("fused"))
+            if on_device:  # the fused step skips its update (and its step count) where found_inf is 1
+                torch_optimizer.found_inf = bad
+            self.guard.push(self.trainer.global_step + 1, torch.stack([bad, loss, norm.float()]))
+            self.guard.check(wait=not on_device)  # a non-fused step must be stopped before it runs
 
     # ---- throughput, MFU and samples ----
 
@@ -212,6 +211,7 @@ class LitSmolLM(L.LightningModule):
         # Tokens/s over the window since the last log, from host timestamps only: no device sync.
         # Steady-state host time per step equals device time per step, because the host cannot
         # run more than a bounded queue ahead of the device.
+        self.guard.check()  # flags whose copy to the host has landed; never waits
         every = self.trainer.log_every_n_steps
         step = self.trainer.global_step
         if self._window_start is None:
@@ -222,7 +222,12 @@ class LitSmolLM(L.LightningModule):
             now = time.perf_counter()
             tokens = (step - s0) * self.trainer.accumulate_grad_batches * batch["input_ids"][:, 1:].numel()
             tokens_per_sec = tokens * self.trainer.world_size / (now - t0)
-            self.log("train/tokens_per_sec", tokens_per_sec, prog_bar=True, rank_zero_only=True)
+            self.log("train/tokens_per_sec", tokens_per_sec, rank_zero_only=True)
+            # Logged here, at logging steps only: logging a float makes a device tensor (a sync).
+            self.log("train/lr", self.lr_schedulers().get_last_lr()[0], rank_zero_only=True)
+            if self.device.type == "cuda":  # the allocator's own count: no device sync
+                self.log("train/peak_memory_gib", torch.cuda.max_memory_allocated(self.device) / 2**30,
+                         rank_zero_only=True)
             seq_len = batch["input_ids"].shape[1] - 1
             peak = self.hparams.peak_flops or _peak_flops(self.device)
             if peak:
@@ -232,6 +237,9 @@ class LitSmolLM(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._window_start = None
+
+    def on_train_end(self) -> None:
+        self.guard.check(wait=True)  # the last steps' flags, before the run is declared done
 
     @torch.no_grad()
     def _log_sample(self) -> None:
@@ -249,6 +257,7 @@ class LitSmolLM(L.LightningModule):
     # ---- checkpoints ----
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.guard.check(wait=True)  # never save the state of a run that has gone non-finite
         dm = self.trainer.datamodule if self._trainer is not None else None
         logger = self.logger if self._trainer is not None else None
         checkpoint["smollm"] = {
@@ -306,8 +315,46 @@ def read_checkpoint(path: str) -> dict[str, Any]:
     return checkpoint
 
 
-def _fmt(x: torch.Tensor | None) -> str:
-    return "unknown" if x is None else f"{x.item():.4g}"
+class NonFiniteGuard:
+    """Stops the run at a non-finite loss or gradient norm without a host-device sync per step.
+
+    Each step's verdict (bad, loss, norm) is computed on the device. The fused AdamW reads `bad`
+    as its `found_inf` input and skips that step's update on the device, so a non-finite step is
+    never applied. The verdict is copied to pinned host memory without blocking; `check()` reads
+    the copies that have landed (a step or so later) and raises NonFiniteError naming the step.
+    `check(wait=True)` waits for all of them: before every checkpoint is written and at the end
+    of training, so nothing saved ever follows a non-finite step. On CPU every copy has landed
+    at once.
+    """
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[int, torch.Tensor, Any]] = []  # (step, host copy, CUDA event)
+
+    def push(self, step: int, verdict: torch.Tensor) -> None:
+        if verdict.device.type == "cuda":
+            host = torch.empty(verdict.shape, dtype=verdict.dtype, pin_memory=True)
+            host.copy_(verdict, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.pending.append((step, host, event))
+        else:
+            self.pending.append((step, verdict, None))
+
+    def check(self, wait: bool = False) -> None:
+        while self.pending:
+            step, host, event = self.pending[0]
+            if event is not None and not event.query():
+                if not wait:
+                    return
+                event.synchronize()
+            self.pending.pop(0)
+            bad, loss, norm = host.tolist()
+            if bad:
+                self.pending.clear()
+                raise NonFiniteError(
+                    f"step {step}: the loss is {loss:.4g} and the gradient norm is {norm:.4g}; the "
+                    "step was not applied and training stopped. Lower --model.learning_rate or "
+                    "resume from an earlier checkpoint")
 
 
 def _peak_flops(device: torch.device) -> float | None:

@@ -153,3 +153,30 @@ class HangingCheckpointIO(AtomicCheckpointIO):
         os.fsync(f.fileno())
         Path(os.environ["SMOLLM_TEST_SIGNAL"]).write_text("writing")
         time.sleep(600)
+
+
+class SyncDetector(L.Callback):
+    """Records every host-device synchronization torch reports (set_sync_debug_mode) from the
+    start of step `first` to the start of step `last`: the steady steps, all of the loop between
+    them included. The messages go to `SyncDetector.found` (the test runs fit in-process)."""
+
+    found: list[str] = []
+
+    def __init__(self, first: int = 3, last: int = 7) -> None:
+        self.first, self.last, self._catch = first, last, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import warnings
+
+        step = trainer.global_step + 1
+        if step == self.first:
+            self._catch = warnings.catch_warnings(record=True)
+            self._records = self._catch.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        elif step == self.last and self._catch is not None:
+            torch.cuda.set_sync_debug_mode("default")
+            self._catch.__exit__(None, None, None)
+            SyncDetector.found.extend(f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0]}"
+                                      for w in self._records if "called a synchronizing" in str(w.message))
+            self._catch = None
