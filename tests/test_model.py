@@ -139,3 +139,38 @@ def test_init_weights_std():
         else:
             assert p.std().item() == pytest.approx(config.initializer_range, rel=0.05), name
     assert model.lm_head.weight is model.embed_tokens.weight
+
+
+# ---- what keeps the GPU fast: whole graphs under torch.compile ----
+
+def _layer_and_inputs(T: int, start: int = 0):
+    from smollm.model import DecoderLayer, RotaryEmbedding
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_name("tiny", num_hidden_layers=1)
+    cos, sin = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)(torch.arange(start, start + T), torch.float32)
+    return cfg, DecoderLayer(cfg, 0), torch.randn(2, T, cfg.hidden_size), cos, sin
+
+
+def test_a_decoder_layer_compiles_as_one_graph_for_a_training_step():
+    # fullgraph=True raises at the first graph break, forward or backward (aot_eager traces both).
+    cfg, layer, x, cos, sin = _layer_and_inputs(16)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x.requires_grad_()
+    out = compiled(x, cos, sin)
+    out.square().mean().backward()
+    torch.testing.assert_close(out, layer(x, cos, sin))
+    assert x.grad is not None and all(p.grad is not None for p in layer.parameters())
+
+
+def test_a_decoder_layer_compiles_as_one_graph_for_a_cached_decoding_step():
+    cfg, layer, prompt, cos, sin = _layer_and_inputs(8)
+    cache, eager_cache = KVCache(cfg, 2, 16), KVCache(cfg, 2, 16)
+    with torch.no_grad():
+        layer(prompt, cos, sin, cache), layer(prompt, cos, sin, eager_cache)
+        cache.length = eager_cache.length = 8
+        _, _, token, cos1, sin1 = _layer_and_inputs(1, start=8)
+        compiled = torch.compile(layer, fullgraph=True, backend="eager")
+        out = compiled(token, cos1, sin1, cache)  # one new token against 8 cached
+        torch.testing.assert_close(out, layer(token, cos1, sin1, eager_cache))
+    torch.testing.assert_close(cache.k, eager_cache.k)  # the compiled step wrote the cache too

@@ -155,6 +155,38 @@ def test_a_nan_loss_stops_before_the_optimizer_step_and_saves_nothing_non_finite
         assert all(torch.isfinite(t).all() for t in state.values())
 
 
+def test_the_fused_adamw_skips_a_flagged_step_on_the_device():
+    # What the guard relies on: found_inf = 1 leaves weights, moments and step count untouched.
+    from smollm.module import LitSmolLM
+
+    lit = LitSmolLM(preset="tiny", config_overrides={"num_hidden_layers": 1})
+    optimizer = lit.configure_optimizers()["optimizer"]
+    assert optimizer.defaults["fused"]
+    for p in lit.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    before = {k: v.clone() for k, v in lit.state_dict().items()}
+    moments = [optimizer.state[p]["exp_avg"].clone() for p in lit.parameters()]
+    for p in lit.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    optimizer.found_inf = torch.tensor(1.0)
+    optimizer.step()
+    assert all(torch.equal(before[k], v) for k, v in lit.state_dict().items())
+    assert all(torch.equal(m, optimizer.state[p]["exp_avg"]) for m, p in zip(moments, lit.parameters()))
+    assert all(optimizer.state[p]["step"].item() == 1 for p in lit.parameters())
+
+
+def test_the_guard_reports_the_bad_step_when_its_flag_is_read():
+    from smollm.module import NonFiniteError, NonFiniteGuard
+
+    guard = NonFiniteGuard()
+    guard.push(3, torch.tensor([0.0, 2.5, 1.0]))
+    guard.push(4, torch.tensor([1.0, float("nan"), float("inf")]))
+    with pytest.raises(NonFiniteError, match=r"^step 4: the loss is nan and the gradient norm is inf"):
+        guard.check()
+    guard.check()  # reported once
+
+
 # ---- bad input: one line, non-zero, nothing saved is harmed ----
 
 def one_line_error(capsys, code: int) -> str:
