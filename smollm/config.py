@@ -11,6 +11,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from smollm.errors import SmolLMError
+
+
+class ConfigError(SmolLMError, ValueError):
+    """A model configuration that cannot be built: an unknown preset or field, a bad value."""
+
 
 @dataclass
 class ModelConfig:
@@ -33,29 +39,29 @@ class ModelConfig:
                      "max_position_embeddings"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"ModelConfig: hidden_size {self.hidden_size} is not divisible by "
                 f"num_attention_heads {self.num_attention_heads}")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"ModelConfig: num_attention_heads {self.num_attention_heads} is not divisible by "
                 f"num_key_value_heads {self.num_key_value_heads}")
         if self.head_dim % 2:
-            raise ValueError(f"ModelConfig: head_dim {self.head_dim} must be even for RoPE")
+            raise ConfigError(f"ModelConfig: head_dim {self.head_dim} must be even for RoPE")
         if self.rope_theta <= 0 or self.rms_norm_eps <= 0 or self.initializer_range <= 0:
-            raise ValueError("ModelConfig: rope_theta, rms_norm_eps and initializer_range must be > 0")
+            raise ConfigError("ModelConfig: rope_theta, rms_norm_eps and initializer_range must be > 0")
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
         """A named preset, optionally with some fields overridden."""
         if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
+            raise ConfigError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(overrides) - fields)
         if unknown:
-            raise ValueError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
+            raise ConfigError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
         return cls(**{**PRESETS[name], **overrides})
 
     def to_dict(self) -> dict[str, Any]:

@@ -12,7 +12,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from smollm.hf import load_gguf, load_tokenizer, save_hf
+from smollm.assets import load_tokenizer
+from smollm.checkpoint import model_from_checkpoint
+from smollm.cli import fail_on
+from smollm.errors import MissingPathError, SmolLMError, UsageError
+from smollm.gguf import load_gguf
+from smollm.hf import save_hf
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
@@ -23,12 +28,9 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
 
 def convert_ckpt(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     """The model of a training checkpoint, and the tokenizer it was trained with, -> out_dir."""
-    ckpt_path = Path(ckpt_path)
-    if not ckpt_path.is_file():
-        raise FileNotFoundError(f"{ckpt_path}: no such file")
-    from smollm.module import load_checkpoint_model  # lazily: Lightning is only needed here
-
-    model, tokenizer_name = load_checkpoint_model(ckpt_path)
+    if not Path(ckpt_path).is_file():
+        raise MissingPathError(f"{ckpt_path}: no such file")
+    model, tokenizer_name = model_from_checkpoint(ckpt_path)
     tokenizer = load_tokenizer(tokenizer_name) if tokenizer_name is not None else None
     return save_hf(model, out_dir, tokenizer=tokenizer)
 
@@ -46,28 +48,17 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out_dir)
     try:
         if out_dir.exists() and not out_dir.is_dir():
-            raise FileExistsError(f"{out_dir}: exists and is not a directory")
+            raise UsageError(f"{out_dir}: exists and is not a directory")
         if args.source == "gguf":
             if not Path(args.file).is_file():
-                raise FileNotFoundError(f"{args.file}: no such file")
+                raise MissingPathError(f"{args.file}: no such file")
             convert_gguf(args.file, out_dir)
         else:
             convert_ckpt(args.file, out_dir)
-    except Exception as e:  # noqa: BLE001  a command-line tool: one line, no traceback
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
+    except SmolLMError as e:
+        return fail_on(e)
     print(out_dir)
     return 0
-
-
-def one_line(e: BaseException) -> str:
-    """The first line of an error's message; the type too where the message alone is unclear."""
-    lines = str(e).strip().splitlines()
-    if not lines:
-        return type(e).__name__
-    if isinstance(e, (OSError, ValueError, RuntimeError)):  # ours and the usual file errors
-        return lines[0]
-    return f"{type(e).__name__}: {lines[0]}"
 
 
 if __name__ == "__main__":

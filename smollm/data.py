@@ -36,6 +36,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from smollm import assets
+from smollm.errors import SmolLMError, first_line
+
 FORMAT_VERSION = 1  # bump when the cache layout or the tokenization rule changes
 STDLIB = "@stdlib"
 # A folder given in `files` means every file below it with one of these suffixes.
@@ -48,7 +51,7 @@ PIECE_BYTES = 64 << 10  # files are read and tokenized in pieces of about this s
 BATCH_BYTES = 2 << 20  # text handed to the tokenizer at once (its Rust threads split the batch)
 
 
-class DataError(ValueError):
+class DataError(SmolLMError, ValueError):
     """Bad data input, found before training starts. The message is one line: what, and what to do."""
 
 
@@ -114,15 +117,13 @@ def resolve_files(entries: list[str]) -> list[Path]:
 
 
 def load_tokenizer(name: str, cache_dir: str | None = None) -> Any:
-    """`smollm.hf.load_tokenizer(name)`, with any failure turned into a one-line DataError."""
-    from smollm import hf  # lazy: transformers is slow to import
-
+    """`smollm.assets.load_tokenizer(name)`, checked for what the token cache needs."""
     try:
-        tokenizer = hf.load_tokenizer(name, cache_dir=cache_dir)
-    except hf.TokenizerLoadError as e:  # already one line with the name and a fix
+        tokenizer = assets.load_tokenizer(name, cache_dir=cache_dir)
+    except SmolLMError as e:  # already one line with the name and a fix
         raise DataError(str(e)) from e
     except Exception as e:  # noqa: BLE001  whatever went wrong, the user needs the name and a fix
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        reason = first_line(e)
         raise DataError(f"cannot load tokenizer {name!r} ({reason}); pass --data.tokenizer a "
                         "tokenizer directory or Hugging Face name, or 'smollm2'") from e
     if not hasattr(tokenizer, "backend_tokenizer"):
@@ -376,8 +377,6 @@ class ResumableSampler(Sampler[int]):
 # 5. The Lightning DataModule
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("SMOLLM_CACHE") or "~/.cache/smollm").expanduser()
 
 
 class TextDataModule(L.LightningDataModule):
@@ -439,7 +438,7 @@ class TextDataModule(L.LightningDataModule):
         self.batch_size, self.val_fraction, self.max_val_windows = batch_size, val_fraction, max_val_windows
         self.num_workers, self.seed, self.encoding_errors = num_workers, seed, encoding_errors
         self.cache_dir = cache_dir
-        self.token_dir = (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / "tokens"
+        self.token_dir = assets.cache_dir_path(cache_dir) / "tokens"
         self._tokenizer: Any = None
         self._corpus: dict[str, Any] | None = None  # what prepare_data found; setup reuses it
         # Set by setup():

@@ -12,10 +12,13 @@ import argparse
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from smollm.model import KVCache, SmolLM
+from smollm.cli import fail_on
+from smollm.errors import MissingPathError, SmolLMError, UsageError
+from smollm.model import KVCache, SmolLM, compute_dtype
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -49,27 +52,27 @@ def _check_args(model: SmolLM, input_ids: torch.Tensor, max_new_tokens: int, tem
             or input_ids.dtype not in (torch.long, torch.int32) or 0 in input_ids.shape:
         got = f"{tuple(input_ids.shape)} {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) \
             else type(input_ids).__name__
-        raise ValueError(f"input_ids must be a non-empty (batch, length) integer tensor, got {got}")
+        raise UsageError(f"input_ids must be a non-empty (batch, length) integer tensor, got {got}")
     device = next(model.parameters()).device
     if input_ids.device != device:
-        raise ValueError(f"input_ids are on {input_ids.device} but the model is on {device}")
+        raise UsageError(f"input_ids are on {input_ids.device} but the model is on {device}")
     if input_ids.min() < 0 or input_ids.max() >= vocab:
-        raise ValueError(f"input_ids must lie in [0, {vocab}), got values in "
+        raise UsageError(f"input_ids must lie in [0, {vocab}), got values in "
                          f"[{input_ids.min().item()}, {input_ids.max().item()}]")
     if not is_int(max_new_tokens) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        raise UsageError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     total, limit = input_ids.shape[1] + max_new_tokens, model.config.max_position_embeddings
     if total > limit:
-        raise ValueError(f"prompt length {input_ids.shape[1]} + max_new_tokens {max_new_tokens} = "
+        raise UsageError(f"prompt length {input_ids.shape[1]} + max_new_tokens {max_new_tokens} = "
                          f"{total} exceeds the model's max_position_embeddings {limit}")
     if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+        raise UsageError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
     if top_k is not None and (not is_int(top_k) or top_k < 1):
-        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+        raise UsageError(f"top_k must be a positive integer or None, got {top_k!r}")
     if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+        raise UsageError(f"top_p must be in (0, 1] or None, got {top_p!r}")
     if eos_token_id is not None and (not is_int(eos_token_id) or not 0 <= eos_token_id < vocab):
-        raise ValueError(f"eos_token_id must be a token id in [0, {vocab}) or None, got {eos_token_id!r}")
+        raise UsageError(f"eos_token_id must be a token id in [0, {vocab}) or None, got {eos_token_id!r}")
 
 
 def generate(model: SmolLM, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
@@ -100,8 +103,7 @@ def _decode(model: SmolLM, input_ids: torch.Tensor, max_new_tokens: int, tempera
             generator: torch.Generator | None) -> torch.Tensor:
     B, T = input_ids.shape
     device = input_ids.device
-    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
-        else next(model.parameters()).dtype  # the dtype keys and values are computed in
+    dtype = compute_dtype(next(model.parameters()))  # the dtype keys and values are computed in
     cache = KVCache(model.config, B, T + max_new_tokens, device=device, dtype=dtype)
     out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=device)
     out[:, :T] = input_ids
@@ -120,28 +122,39 @@ def _decode(model: SmolLM, input_ids: torch.Tensor, max_new_tokens: int, tempera
     return out
 
 
+def complete(model: SmolLM, tokenizer: Any, prompt: str, max_new_tokens: int,
+             **sampling: Any) -> tuple[str, list[int]]:
+    """prompt -> token ids -> `generate` -> (the text of the new tokens, their ids); greedy unless
+    `sampling` says otherwise, stopping at the tokenizer's EOS."""
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise UsageError(f"the prompt {prompt!r} encodes to no tokens")
+    input_ids = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
+    out = generate(model, input_ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id, **sampling)
+    new = out[0, len(ids):].tolist()
+    return tokenizer.decode(new, skip_special_tokens=True), new
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line
 
 
-def load_for_generation(path: str | Path):
+def load_for_generation(path: str | Path) -> tuple[SmolLM, Any]:
     """(model, tokenizer) from an HF directory or a .ckpt of smollm.fit."""
-    from smollm.hf import load_hf, load_tokenizer
+    from smollm.assets import load_tokenizer
+    from smollm.checkpoint import model_from_checkpoint
+    from smollm.hf import load_hf
 
     path = Path(path)
     if path.is_dir():
         return load_hf(path), load_tokenizer(str(path))
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or directory")
+        raise MissingPathError(f"{path}: no such file or directory")
     if path.suffix != ".ckpt":
-        raise ValueError(f"{path}: expected a .ckpt checkpoint or a Hugging Face model directory")
-    try:
-        from smollm.module import load_checkpoint_model
-    except ImportError as e:
-        raise RuntimeError(f"cannot read .ckpt files: smollm.module is unavailable ({e})") from None
-    model, tokenizer_name = load_checkpoint_model(path)
+        raise UsageError(f"{path}: expected a .ckpt checkpoint or a Hugging Face model directory")
+    model, tokenizer_name = model_from_checkpoint(path)
     if tokenizer_name is None:
-        raise ValueError(f"{path}: the checkpoint names no tokenizer; convert it with "
+        raise UsageError(f"{path}: the checkpoint names no tokenizer; convert it with "
                          "`python -m smollm.convert ckpt` and add tokenizer files to the directory")
     return model, load_tokenizer(tokenizer_name)
 
@@ -158,27 +171,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
     args = parser.parse_args(argv)
 
-    from smollm.convert import one_line
-
     try:
         if not args.prompt:
-            raise ValueError("--prompt is empty")
+            raise UsageError("--prompt is empty")
         model, tokenizer = load_for_generation(args.checkpoint)
-        input_ids = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long)
-        if input_ids.shape[1] == 0:
-            raise ValueError(f"the prompt {args.prompt!r} encodes to no tokens")
         generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
-        out = generate(model, input_ids, args.max_new_tokens, temperature=args.temperature,
-                       top_k=args.top_k, top_p=args.top_p, eos_token_id=tokenizer.eos_token_id,
-                       generator=generator)
-    except Exception as e:  # noqa: BLE001  a command-line tool: one line, no traceback
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
-    new = out[0, input_ids.shape[1]:].tolist()
+        text, new = complete(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, generator=generator)
+    except SmolLMError as e:
+        return fail_on(e)
     if args.max_new_tokens == 1:
         print(f"next token after {args.prompt!r}: {tokenizer.decode(new)!r} (id {new[0]})")
     else:
-        print(args.prompt + tokenizer.decode(new, skip_special_tokens=True))
+        print(args.prompt + text)
     return 0
 
 

@@ -14,6 +14,12 @@ from torch import nn
 from smollm.config import ModelConfig
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on x's device run in: autocast's when it is on, else x's own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in float32 and cast back, exactly as Hugging Face does."""
 
@@ -185,8 +191,7 @@ class SmolLM(nn.Module):
         start = cache.length if cache is not None else 0
         positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
         x = self.embed_tokens(input_ids)  # (B, T, C)
-        cos, sin = self.rotary(positions, x.dtype if not torch.is_autocast_enabled(x.device.type)
-                               else torch.get_autocast_dtype(x.device.type))
+        cos, sin = self.rotary(positions, compute_dtype(x))
         for layer in self.layers:
             # Decoding with a cache runs each layer's eager forward: a compiled layer (see
             # LitSmolLM's compile option) is specialized to training shapes, not a growing cache.
@@ -250,18 +255,17 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 chunk_size: int, chunk_fn) -> torch.Tensor:
         n = hidden.shape[0]
-        compute_dtype = torch.get_autocast_dtype(hidden.device.type) \
-            if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
-        w = weight.to(compute_dtype)
+        dtype = compute_dtype(hidden)
+        w = weight.to(dtype)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
         for start in range(0, n, chunk_size):
-            h = hidden[start:start + chunk_size].to(compute_dtype)
+            h = hidden[start:start + chunk_size].to(dtype)
             chunk_loss, grad = chunk_fn(h @ w.t(), targets[start:start + chunk_size])
             loss += chunk_loss
             grad_hidden[start:start + chunk_size] = (grad @ w).to(hidden.dtype)
-            if compute_dtype == torch.float32:  # accumulate in place: no (V, C) temporary
+            if dtype == torch.float32:  # accumulate in place: no (V, C) temporary
                 grad_weight.addmm_(grad.t(), h, alpha=1.0 / n)
             else:
                 grad_weight.add_(grad.t() @ h, alpha=1.0 / n)
@@ -279,7 +283,16 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
                           chunk_size: int = 4096, compiled: bool = False) -> torch.Tensor:
     """Mean next-token cross entropy of the lm head over hidden (..., C) and targets (...),
     equal to `F.cross_entropy(hidden @ weight.T, targets)` without materializing all logits.
-    `compiled` fuses each chunk's softmax and gradient into two kernels (torch.compile)."""
-    chunk_fn = compiled_chunk_loss_and_grad if compiled else chunk_loss_and_grad
-    return _ChunkedCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight,
-                                      targets.reshape(-1), chunk_size, chunk_fn)
+    `compiled` fuses each chunk's softmax and gradient into two kernels (torch.compile).
+    Without autograd (validation, evaluation) only the loss is computed, no gradient."""
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        chunk_fn = compiled_chunk_loss_and_grad if compiled else chunk_loss_and_grad
+        return _ChunkedCrossEntropy.apply(hidden, weight, targets, chunk_size, chunk_fn)
+    w = weight.to(compute_dtype(hidden))
+    total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_size):
+        x = (hidden[start:start + chunk_size].to(w.dtype) @ w.t()).float()  # (chunk, V)
+        t = targets[start:start + chunk_size]
+        total += (torch.logsumexp(x, dim=-1) - x.gather(1, t[:, None]).squeeze(1)).sum()
+    return total / hidden.shape[0]

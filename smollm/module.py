@@ -15,20 +15,15 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
+from smollm.checkpoint import (CheckpointError, model_from_checkpoint, rng_state, set_rng_state,
+                               strip_compile_prefix)
 from smollm.config import ModelConfig
+from smollm.errors import SmolLMError, UsageError
+from smollm.generate import complete
 from smollm.model import SmolLM, chunked_cross_entropy
 
-# Dense bf16 peak FLOP/s of common training GPUs (datasheet, without sparsity), for MFU.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
-                   "RTX 4090": 165e12, "RTX 3090": 71e12}
-
-
-class NonFiniteError(RuntimeError):
-    """The loss or the gradient norm is NaN or infinite; the optimizer step was not taken."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: unreadable, not ours, or of another model configuration."""
+class NonFiniteError(SmolLMError, RuntimeError):
+    """The loss or the gradient norm is NaN or infinite; the optimizer step was not applied."""
 
 
 def lr_lambda(step: int, warmup_steps: int, decay_steps: int, min_lr_ratio: float,
@@ -107,9 +102,7 @@ class LitSmolLM(L.LightningModule):
         self.save_hyperparameters()
         self.config = ModelConfig.from_name(preset, **(config_overrides or {}))
         if init_from:
-            from smollm.hf import load_hf
-
-            self.model = load_hf(init_from).train()
+            self.model = load_weights(init_from).train()
             differ = self.config.diff(self.model.config)
             if differ:
                 raise CheckpointError(
@@ -128,7 +121,7 @@ class LitSmolLM(L.LightningModule):
         dm = self.trainer.datamodule
         vocab = getattr(dm, "vocab_size", None) if dm is not None else None
         if vocab is not None and vocab > self.config.vocab_size:
-            raise ValueError(
+            raise UsageError(
                 f"tokenizer {dm.hparams.get('tokenizer')!r} has {vocab} tokens but the model's vocabulary "
                 f"is {self.config.vocab_size}; use a matching tokenizer or --model.config_overrides "
                 f"'{{\"vocab_size\": {vocab}}}'")
@@ -229,7 +222,7 @@ class LitSmolLM(L.LightningModule):
                 self.log("train/peak_memory_gib", torch.cuda.max_memory_allocated(self.device) / 2**30,
                          rank_zero_only=True)
             seq_len = batch["input_ids"].shape[1] - 1
-            peak = self.hparams.peak_flops or _peak_flops(self.device)
+            peak = self.hparams.peak_flops or peak_flops(self.device)
             if peak:
                 mfu = tokens_per_sec * self.config.flops_per_token(seq_len) / (peak * self.trainer.world_size)
                 self.log("train/mfu", mfu, rank_zero_only=True)
@@ -247,12 +240,9 @@ class LitSmolLM(L.LightningModule):
         experiment = getattr(self.logger, "experiment", None)
         if tokenizer is None or self.trainer.sanity_checking or not hasattr(experiment, "add_text"):
             return
-        from smollm.generate import generate
-
-        ids = torch.tensor([tokenizer.encode(self.hparams.sample_prompt)], device=self.device)
-        out = generate(self.model, ids, max_new_tokens=self.hparams.sample_tokens)  # restores train()
+        text, _ = complete(self.model, tokenizer, self.hparams.sample_prompt, self.hparams.sample_tokens)
         if self.global_rank == 0:
-            experiment.add_text("val/sample", tokenizer.decode(out[0].tolist()), self.global_step)
+            experiment.add_text("val/sample", self.hparams.sample_prompt + text, self.global_step)
 
     # ---- checkpoints ----
 
@@ -266,53 +256,33 @@ class LitSmolLM(L.LightningModule):
             "logger_version": getattr(logger, "version", None),
         }
         # Lightning saves no RNG state; keep it so a resumed run draws the same random numbers.
-        checkpoint["smollm"]["rng"] = _rng_state()
+        checkpoint["smollm"]["rng"] = rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("state_dict", {})
-        for key in [k for k in state if "._orig_mod." in k]:  # a checkpoint of torch.compile(model)
-            state[key.replace("._orig_mod.", ".")] = state.pop(key)
+        checkpoint["state_dict"] = strip_compile_prefix(checkpoint.get("state_dict", {}))
         self._rng_to_restore = checkpoint.get("smollm", {}).get("rng")
 
     def on_fit_start(self) -> None:
         # Restore RNG last, after everything that set up the run drew from it.
         rng = getattr(self, "_rng_to_restore", None)
         if rng is not None:
-            _set_rng_state(rng, self.device)
+            set_rng_state(rng)
             self._rng_to_restore = None
 
 
-def load_checkpoint_model(path: str) -> tuple[SmolLM, str | None]:
-    """A training checkpoint -> (float32 SmolLM in eval mode, the tokenizer it was trained with)."""
-    from smollm.hf import HFFormatError, model_from_state
+def load_weights(path: str) -> SmolLM:
+    """The weights to start from: a Hugging Face directory, or a .ckpt of smollm.fit (its model
+    only; the optimizer and step start afresh)."""
+    from pathlib import Path
 
-    checkpoint = read_checkpoint(path)
-    config = ModelConfig(**checkpoint["smollm"]["model_config"])
-    state = {key[len("model."):].replace("_orig_mod.", ""): value
-             for key, value in checkpoint["state_dict"].items() if key.startswith("model.")}
-    try:
-        model = model_from_state(config, state)  # checks the key set and every shape
-    except HFFormatError as e:
-        raise CheckpointError(f"checkpoint {path}: {e}") from None
-    return model, checkpoint["smollm"].get("tokenizer")
+    from smollm.hf import load_hf
 
-
-def read_checkpoint(path: str) -> dict[str, Any]:
-    """torch.load a training checkpoint, turning every way it can be broken into one clear error."""
-    import os
-
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if os.path.getsize(path) == 0:
-        raise CheckpointError(f"checkpoint {path} is empty; resume from an earlier checkpoint")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:  # zip errors, unpickling errors, truncation: all the same to the user
-        raise CheckpointError(f"checkpoint {path} is truncated or not a PyTorch checkpoint "
-                              f"({type(e).__name__}); resume from an earlier checkpoint") from None
-    if not isinstance(checkpoint, dict) or "smollm" not in checkpoint or "state_dict" not in checkpoint:
-        raise CheckpointError(f"checkpoint {path} was not written by smollm.fit (no model config in it)")
-    return checkpoint
+    if Path(path).is_file() and path.endswith(".ckpt"):
+        return model_from_checkpoint(path)[0]
+    if not Path(path).exists():
+        raise CheckpointError(f"--model.init_from {path}: no such folder; give a Hugging Face model folder "
+                              "(python -m smollm.convert writes one) or a .ckpt of smollm.fit")
+    return load_hf(path)
 
 
 class NonFiniteGuard:
@@ -357,37 +327,10 @@ class NonFiniteGuard:
                     "resume from an earlier checkpoint")
 
 
-def _peak_flops(device: torch.device) -> float | None:
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak FLOP/s of a CUDA device (Lightning's table tells SXM, PCIe and NVL apart)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+    from lightning.fabric.utilities.throughput import get_available_flops
 
-
-def _rng_state() -> dict[str, Any]:
-    """Every generator's state as tensors and plain numbers: loadable with weights_only=True."""
-    import random
-
-    import numpy as np
-
-    version, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached": float(cached)}}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    import random
-
-    import numpy as np
-
-    python = state["python"]
-    random.setstate((python[0], tuple(python[1]), python[2]))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    return get_available_flops(device, torch.bfloat16)

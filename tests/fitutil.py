@@ -20,7 +20,7 @@ import lightning as L
 import torch
 
 from helpers_data import make_tokenizer
-from smollm.fit import AtomicCheckpointIO
+from smollm.callbacks import AtomicCheckpointIO
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent

@@ -41,7 +41,7 @@ def test_a_training_step_makes_no_host_device_sync(tmp_path, data, compile):
 
 
 def test_bf16_training_on_cuda_resumes_and_its_checkpoint_loads(tmp_path, data):
-    from smollm.module import load_checkpoint_model
+    from smollm.checkpoint import model_from_checkpoint as load_checkpoint_model
 
     assert main(cuda_args(tmp_path, data, 4)) == 0
     assert main(cuda_args(tmp_path, data, 6, ["--ckpt_path", "last"])) == 0

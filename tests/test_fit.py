@@ -12,7 +12,8 @@ import torch
 
 import fitutil
 from smollm.fit import main
-from smollm.module import load_checkpoint_model, lr_lambda
+from smollm.checkpoint import model_from_checkpoint as load_checkpoint_model
+from smollm.module import lr_lambda
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from smollm.generate import generate
-from smollm.hf import DownloadError, load_hf, load_tokenizer, smollm2_gguf
+from smollm.assets import DownloadError, load_tokenizer, smollm2_gguf
+from smollm.hf import load_hf
 
 pytestmark = pytest.mark.slow
 

