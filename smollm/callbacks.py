@@ -3,14 +3,23 @@
 - `StepCheckpoint`: checkpoints named by step in one folder per run, all kept, `last.ckpt`
   always a link to the newest, one more at the end of every run and one on SIGTERM.
 - `AtomicCheckpointIO`: writes through `smollm.checkpoint.save_atomic`, reads only safely.
+- `CtrlC`: the first Ctrl-C saves the last finished step and stops; the second stops at once.
+- `Console`: the start block, progress (a bar, or a line per logging interval when not on a
+  terminal), validation lines and the end summary.
 """
 
 from __future__ import annotations
 
+import math
+import signal
+import sys
+import threading
+import time
 from typing import Any
 
+import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from smollm.checkpoint import read_checkpoint, save_atomic
 
@@ -23,8 +32,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         save_atomic(checkpoint, path, write=self._write)
 
     def _write(self, checkpoint: dict[str, Any], f) -> None:
-        import torch
-
         torch.save(checkpoint, f)
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
@@ -75,3 +82,194 @@ class StepCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer, pl_module) -> None:
         if self.save_on_train_end:
             self.save_now(trainer)
+
+
+class Interrupted(Exception):
+    """Ctrl-C stopped the run; a checkpoint of the last finished step was saved."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"stopped by Ctrl-C at step {step}")
+        self.step = step
+
+
+class CtrlC(Callback):
+    """Ctrl-C keeps the work: the first SIGINT asks the run to stop at the next step boundary
+    (or at once during validation), saving a checkpoint of the last finished step through
+    `checkpoint`, then raising `Interrupted`; a second SIGINT stops at once (KeyboardInterrupt).
+
+    DataLoader workers ignore SIGINT (see smollm.data), so a Ctrl-C at the terminal, which
+    signals the whole process group, does not kill them under the main process.
+    """
+
+    def __init__(self, checkpoint: StepCheckpoint | None) -> None:
+        self.checkpoint = checkpoint
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested:  # the second Ctrl-C: stop now, whatever is running
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: saving a checkpoint of the last finished step, then stopping "
+              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _stop(self, trainer) -> None:
+        if self.checkpoint is not None:
+            self.checkpoint.save_now(trainer)
+        self.restore()
+        raise Interrupted(trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.requested:
+            self._stop(trainer)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.requested and not trainer.sanity_checking:
+            self._stop(trainer)
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class Console(Callback):
+    """What a person reads in the terminal: a short block at the start (model, data, device and
+    precision, where checkpoints and logs go), progress while training, a line per validation,
+    and `summary()` at the end.
+
+    Progress is a bar (step / max_steps, loss, tokens/s, time left) on a terminal, and one line
+    per logging interval (step, loss, lr, tokens/s, time left) when the output is a file or a
+    pipe (nohup, a scheduler's log). It reads the metrics at logging steps only: each read is a
+    host-device synchronization.
+    """
+
+    def __init__(self, show_progress: bool = True, interactive: bool | None = None) -> None:
+        self.show_progress = show_progress
+        self.interactive = sys.stderr.isatty() if interactive is None else interactive
+        self.bar = None
+        self.start_step = 0
+        self.start_time: float | None = None
+        self.train_seconds = 0.0
+        self.first_loss: float | None = None
+        self.last_loss: float | None = None
+        self.val: list[tuple[int, float, float]] = []  # (step, loss, perplexity), the first at the start
+
+    # -- the start block
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        model, dm = pl_module, trainer.datamodule
+        cfg = model.config
+        ckpt = next((c for c in trainer.callbacks if isinstance(c, StepCheckpoint)), None)
+        lines = [f"smollm: {model.hparams.preset} model, {cfg.num_params:,} parameters"
+                 + (f", from {model.hparams.init_from}" if model.hparams.init_from else "")
+                 + (f"; resuming at step {trainer.global_step}" if trainer.global_step else "")
+                 + f"; training to step {trainer.max_steps}"]
+        if dm is not None and hasattr(dm, "describe"):
+            lines.append(f"  {dm.describe()}")
+        device = trainer.strategy.root_device
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+        lines.append(f"  device: {trainer.world_size} x {device.type} ({name}), precision "
+                     f"{trainer.precision}{', torch.compile' if model.hparams.compile else ''}")
+        if ckpt is not None:
+            lines.append(f"  checkpoints: {ckpt.dirpath} (every {ckpt._every_n_train_steps} steps and at the end)")
+        if trainer.logger is not None and getattr(trainer.logger, "log_dir", None):
+            lines.append(f"  TensorBoard: {trainer.logger.log_dir}")
+        print("\n".join(lines), file=sys.stderr, flush=True)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start_step, self.start_time = trainer.global_step, time.perf_counter()
+        if trainer.is_global_zero and self.show_progress and self.interactive:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=trainer.max_steps, initial=trainer.global_step, unit="step",
+                            dynamic_ncols=True, file=sys.stderr, smoothing=0.1,
+                            bar_format="{n_fmt}/{total_fmt} steps |{bar}| {postfix} [{elapsed}<{remaining}]")
+
+    # -- progress
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.first_loss is None or step % trainer.log_every_n_steps == 0 or step >= trainer.max_steps:
+            loss = trainer.callback_metrics.get("train/loss")
+            if loss is not None:
+                self.last_loss = float(loss)  # a device sync, at logging steps only
+                if self.first_loss is None:
+                    self.first_loss = self.last_loss
+            if trainer.is_global_zero and self.show_progress and step > self.start_step:
+                self._progress(trainer, step)
+
+    def _progress(self, trainer, step: int) -> None:
+        metrics = trainer.callback_metrics
+        tps, lr = metrics.get("train/tokens_per_sec"), metrics.get("train/lr")
+        loss = f"loss {self.last_loss:.4f}" if self.last_loss is not None else ""
+        speed = f"{float(tps):,.0f} tok/s" if tps is not None else ""
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix_str(", ".join(x for x in (loss, speed) if x), refresh=True)
+            return
+        elapsed = time.perf_counter() - (self.start_time or time.perf_counter())
+        done = step - self.start_step
+        left = elapsed / done * (trainer.max_steps - step) if done else 0.0
+        parts = [f"step {step}/{trainer.max_steps}", loss, f"lr {float(lr):.3g}" if lr is not None else "",
+                 speed, f"{_fmt_time(elapsed)} elapsed, {_fmt_time(left)} left"]
+        print("  ".join(p for p in parts if p), file=sys.stderr, flush=True)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        value = getattr(pl_module, "last_val_loss", None)
+        if value is None:
+            return
+        self.val.append((trainer.global_step, value, math.exp(min(value, 50.0))))
+        if trainer.is_global_zero:
+            when = "at the start" if trainer.sanity_checking else f"at step {trainer.global_step}"
+            line = f"validation {when}: loss {value:.4f}, perplexity {math.exp(min(value, 50.0)):,.2f}"
+            if self.bar is not None:
+                self.bar.write(line, file=sys.stderr)
+            else:
+                print(line, file=sys.stderr, flush=True)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._close(trainer)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._close(trainer)
+
+    def _close(self, trainer) -> None:
+        if self.start_time is not None:
+            self.train_seconds = time.perf_counter() - self.start_time
+        if self.bar is not None:
+            self.bar.update(trainer.global_step - self.bar.n)
+            self.bar.close()
+            self.bar = None
+
+    # -- the end
+
+    def summary(self, trainer, tokens_per_step: int) -> list[str]:
+        steps = trainer.global_step - self.start_step
+        tokens = steps * tokens_per_step
+        line = f"trained {steps:,} steps ({tokens:,} tokens) in {_fmt_time(self.train_seconds)}"
+        if self.train_seconds > 0 and tokens:
+            line += f", {tokens / self.train_seconds:,.0f} tokens/s"
+        out = [line + f"; now at step {trainer.global_step}"]
+        if self.first_loss is not None and self.last_loss is not None:
+            out.append(f"train loss {self.first_loss:.4f} -> {self.last_loss:.4f}")
+        if self.val:
+            first, last = self.val[0], self.val[-1]
+            change = f"{first[1]:.4f} (step {first[0]}) -> " if len(self.val) > 1 else ""
+            out.append(f"validation loss {change}{last[1]:.4f} (step {last[0]}), perplexity {last[2]:,.2f}")
+        return out

@@ -158,3 +158,59 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- one run per folder at a time
+
+
+class RunLock:
+    """An exclusive lock on a run's checkpoint folder, held while training: `.NAME.lock` beside
+    the folder `NAME`, so the folder itself holds only checkpoints.
+
+    The operating system releases it when the process ends, however it ends, so a killed run
+    never leaves it stuck; the file records the holder's pid for the message.
+    """
+
+    def __init__(self, dirpath: str | os.PathLike) -> None:
+        folder = os.path.abspath(str(dirpath))
+        self.folder = folder
+        self.path = os.path.join(os.path.dirname(folder), f".{os.path.basename(folder)}.lock")
+        self._file = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip()
+            f.close()
+            pid = f" (pid {holder})" if holder else ""
+            raise CheckpointError(f"another run is training into {self.folder}{pid}; "
+                                  "wait for it to finish, or start this one with another --name") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        self._file = f
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def check_writable(folder: str | os.PathLike, what: str) -> None:
+    """Create `folder` if needed and write a file in it, or raise one line saying which folder."""
+    import tempfile
+
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise CheckpointError(f"cannot write to {what} {folder} ({e.strerror or e}); choose a writable "
+                              "folder (--trainer.default_root_dir, --checkpoint.dirpath)") from None

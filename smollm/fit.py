@@ -3,35 +3,40 @@
 LightningCLI (no subcommand) turns LitSmolLM's and TextDataModule's __init__ arguments into
 `--model.*` and `--data.*`, the Trainer's into `--trainer.*`, and StepCheckpoint's into
 `--checkpoint.*`. This file wires what Lightning leaves to us (see ../shared/DESIGN.md, traps):
-- checkpoints in checkpoints/NAME (smollm.callbacks), shared by a run and its resumptions; a fresh
-  run never writes into a folder that holds another run's checkpoints;
-- `--ckpt_path last` finds the newest checkpoint of the earlier runs, or stops with an error;
-- a resumed run logs into the same TensorBoard run; config.yaml is overwritten, not refused;
-- every foreseeable failure is one line on stderr and a non-zero exit, never a traceback.
+- before any step: the run's folders are writable, no other run trains into them (a lock), a
+  fresh run never writes into a folder that holds another run's checkpoints, `--ckpt_path last`
+  finds the newest checkpoint or stops, and the estimated memory fits the device;
+- a resumed run logs into the same TensorBoard run; config.yaml is rewritten, not refused;
+- the console (smollm.callbacks.Console), Ctrl-C and SIGTERM keep the last finished step;
+- every foreseeable failure is one line on stderr and a non-zero exit; a bug keeps its traceback.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 import warnings
 
 import torch
 from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from smollm.callbacks import AtomicCheckpointIO, StepCheckpoint
-from smollm.checkpoint import check_config, find_last_checkpoint, read_checkpoint, step_files
-from smollm.cli import EXIT_PREEMPTED, fail, fail_on
+from smollm.callbacks import AtomicCheckpointIO, Console, CtrlC, Interrupted, StepCheckpoint
+from smollm.checkpoint import (RunLock, check_config, check_writable, find_last_checkpoint,
+                               read_checkpoint, step_files)
+from smollm.cli import EXIT_INTERRUPTED, EXIT_PREEMPTED, fail, fail_on
 from smollm.config import ModelConfig
 from smollm.data import TextDataModule
 from smollm.errors import SmolLMError, UsageError
 from smollm.generate import complete
 from smollm.module import LitSmolLM
+
+GiB = 2**30
 
 
 class SmolLMCLI(LightningCLI):
@@ -49,13 +54,14 @@ class SmolLMCLI(LightningCLI):
         accelerator = str(trainer.accelerator)
         if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
             raise UsageError(f"trainer.accelerator is {accelerator!r} but this machine has no CUDA GPU; "
-                           "use configs/tiny.yaml, or add --trainer.accelerator cpu --trainer.precision 32-true")
+                             "use configs/tiny.yaml, or add --trainer.accelerator cpu --trainer.precision 32-true")
         root = trainer.default_root_dir or os.getcwd()
         name = cfg.name or cfg.model.preset
         if cfg.checkpoint.dirpath is None:
             cfg.checkpoint.dirpath = os.path.join(root, "checkpoints", name)
+        self.logs_root = os.path.join(root, "lightning_logs")
 
-        self.resume_from, version = None, None
+        self.resume_from, version, self.resume_step = None, None, 0
         if cfg.ckpt_path:
             path = cfg.ckpt_path
             if path == "last":
@@ -66,42 +72,152 @@ class SmolLMCLI(LightningCLI):
             checkpoint = read_checkpoint(path)
             check_config(path, checkpoint,
                          ModelConfig.from_name(cfg.model.preset, **(cfg.model.config_overrides or {})))
-            self.resume_from = path
+            self.resume_from, self.resume_step = path, int(checkpoint.get("global_step", 0))
             version = checkpoint["smollm"].get("logger_version")
             del checkpoint
+            if trainer.max_steps is not None and 0 <= trainer.max_steps <= self.resume_step:
+                raise UsageError(f"checkpoint {path} is at step {self.resume_step} and --trainer.max_steps is "
+                                 f"{trainer.max_steps}: nothing to train; raise --trainer.max_steps to continue")
+            if cfg.model.init_from:  # the weights come from the checkpoint: record what the run uses
+                logging.getLogger("smollm").warning(
+                    f"warning: --model.init_from {cfg.model.init_from} is ignored when resuming: the weights "
+                    f"come from {path}")
+                cfg.model.init_from = None
         elif step_files(cfg.checkpoint.dirpath):
             # A fresh run would overwrite step files of the earlier run and mix the two.
             raise UsageError(f"{cfg.checkpoint.dirpath} already holds checkpoints of an earlier run; resume it "
-                           "with --ckpt_path last, or start a new run with another --name")
+                             "with --ckpt_path last, or start a new run with another --name")
+        check_writable(self.logs_root, "the log folder")
+        check_writable(cfg.checkpoint.dirpath, "the checkpoint folder")
         if trainer.logger in (None, True):
             # lightning_logs/NAME/version_N; a resumed run keeps logging into its own version,
             # so its TensorBoard curve is continuous.
             trainer.logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                              "init_args": {"save_dir": os.path.join(root, "lightning_logs"), "name": name,
-                                            "version": version}}
+                              "init_args": {"save_dir": self.logs_root, "name": name, "version": version}}
 
 
-def configure_trainer(trainer) -> None:
-    """What the CLI cannot express as a default: atomic checkpoint writes (unless a subclass was
-    given with --trainer.plugins) and a progress bar that refreshes only when metrics are
-    logged, since each refresh reads the loss from the device (a per-step synchronization)."""
+def configure_trainer(trainer) -> tuple[Console, CtrlC]:
+    """What the CLI cannot express as a default: atomic, safe checkpoint IO (unless a subclass
+    was given with --trainer.plugins), our console in place of Lightning's progress bar, and
+    Ctrl-C handling."""
     if not isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO):
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-    for callback in trainer.callbacks:
-        if isinstance(callback, TQDMProgressBar) and callback.refresh_rate == 1:
-            callback._refresh_rate = trainer.log_every_n_steps
+    bars = [c for c in trainer.callbacks if isinstance(c, ProgressBar)]
+    for bar in bars:
+        trainer.callbacks.remove(bar)
+    checkpoint = next((c for c in trainer.callbacks if isinstance(c, StepCheckpoint)), None)
+    console, ctrl_c = Console(show_progress=bool(bars)), CtrlC(checkpoint)
+    trainer.callbacks.extend([console, ctrl_c])
+    return console, ctrl_c
 
 
-def print_next_token(model: LitSmolLM, datamodule: TextDataModule) -> None:
+def check_memory(model: LitSmolLM, datamodule: TextDataModule, trainer) -> None:
+    """Stop before training when the estimated peak memory exceeds what the device has free."""
+    device = trainer.strategy.root_device
+    bf16 = "bf16" in str(trainer.precision) or "16" in str(trainer.precision)
+    need = model.estimate_memory(datamodule.batch_size, datamodule.seq_len, bf16)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        where = f"GPU {torch.cuda.get_device_name(device)}"
+    else:
+        free, where = _available_ram(), "this machine's RAM"
+    if free is not None and need > 0.9 * free:
+        raise UsageError(
+            f"training {model.hparams.preset} at micro-batch {datamodule.batch_size} x {datamodule.seq_len} "
+            f"needs about {need / GiB:.1f} GiB, more than the {free / GiB:.1f} GiB free on {where}; lower "
+            "--data.batch_size or --data.seq_len, or use a smaller --model.preset"
+            + (" (on a CPU, start with --config configs/tiny.yaml)" if device.type == "cpu" else ""))
+
+
+def _available_ram() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def command(args: list[str], drop: tuple[str, ...], add: list[str]) -> str:
+    """`python -m smollm.fit ARGS` with the options in `drop` (and their values) replaced by `add`."""
+    kept, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a in drop:
+            skip = True
+            continue
+        if a.split("=", 1)[0] in drop:
+            continue
+        kept.append(a)
+    return shlex.join(["python", "-m", "smollm.fit", *kept, *add])
+
+
+def _rel(path: str) -> str:
+    rel = os.path.relpath(path)
+    return rel if not rel.startswith("..") else path
+
+
+def print_summary(cli: SmolLMCLI, console: Console, args: list[str]) -> None:
+    trainer, model, dm = cli.trainer, cli.model, cli.datamodule
+    tokens_per_step = dm.batch_size * dm.seq_len * trainer.world_size * trainer.accumulate_grad_batches
+    lines = ["", "done: " + "; ".join(console.summary(trainer, tokens_per_step))]
+    ckpt = next((c for c in trainer.callbacks if isinstance(c, StepCheckpoint)), None)
+    last = find_last_checkpoint(ckpt.dirpath) if ckpt is not None else None
     prompt = model.hparams.sample_prompt
-    _, new = complete(model.model, datamodule.tokenizer, prompt, max_new_tokens=1)
-    print(f"next token after {prompt!r}: {datamodule.tokenizer.decode(new)!r} (id {new[0]})")
+    text, new = complete(model.model, dm.tokenizer, prompt, max_new_tokens=1)
+    lines.append(f"next token after {prompt!r}: {dm.tokenizer.decode(new)!r} (id {new[0]})")
+    sample, _ = complete(model.model, dm.tokenizer, prompt, max_new_tokens=model.hparams.sample_tokens)
+    lines.append(f"greedy sample: {prompt + sample!r}")
+    if last is not None:
+        lines.append(f"checkpoint: {_rel(last)} (and {_rel(os.path.join(ckpt.dirpath, 'last.ckpt'))})")
+        lines.append("continue:    " + command(args, ("--ckpt_path", "--trainer.max_steps"),
+                                               ["--ckpt_path", "last", "--trainer.max_steps", str(2 * trainer.max_steps)]))
+        lines.append("generate:    " + shlex.join(["python", "-m", "smollm.generate", "--checkpoint",
+                                                   _rel(os.path.join(ckpt.dirpath, "last.ckpt")), "--prompt", prompt]))
+    lines.append("TensorBoard: " + shlex.join(["tensorboard", "--logdir", _rel(cli.logs_root)]))
+    print("\n".join(lines), flush=True)
+
+
+class _LightningNoise(logging.Filter):
+    """Drop Lightning's start-up and end lines that the console block replaces or a user cannot
+    act on (device availability, the litlogger tip, `Trainer.fit` stopped)."""
+
+    NOISE = ("GPU available", "TPU available", "HPU available", "LOCAL_RANK", "💡 Tip",
+             "`Trainer.fit` stopped", "Using bfloat16", "Using 16bit", "Seed set to")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).lstrip().startswith(self.NOISE)
+
+
+def _setup_output() -> None:
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "lightning.fabric.utilities.seed"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _LightningNoise) for f in logger.filters):
+            logger.addFilter(_LightningNoise())
+    ours = logging.getLogger("smollm")
+    if not ours.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False
+    # Warnings a user cannot act on: Lightning's own deprecations, and the notice that a resumed
+    # run's checkpoint folder is not empty (it is the run's own folder, by design).
+    warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")  # main(args) in-process
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    if torch.cuda.is_available():  # TF32 for the float32 matmuls left under bf16 autocast
+        torch.set_float32_matmul_precision("high")
 
 
 def main(args: list[str] | None = None) -> int:
-    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")  # Lightning's, not ours
+    args = list(sys.argv[1:] if args is None else args)
+    _setup_output()
+    lock, ctrl_c = None, None
     try:
+        _check_unquoted_glob(args)
         cli = SmolLMCLI(
             LitSmolLM, TextDataModule, run=False, args=args,
             auto_configure_optimizers=False,  # LitSmolLM's optimizer and schedule are its options
@@ -109,14 +225,29 @@ def main(args: list[str] | None = None) -> int:
             save_config_kwargs={"overwrite": True},  # a resumed run rewrites config.yaml
             trainer_defaults={"max_steps": 5000, "use_distributed_sampler": False,
                               "log_every_n_steps": 10, "val_check_interval": 500,
-                              "check_val_every_n_epoch": None},
-            parser_kwargs={"exit_on_error": False},
+                              "check_val_every_n_epoch": None, "enable_model_summary": False,
+                              "num_sanity_val_steps": -1},  # validate fully at the start: where the run starts
+            parser_kwargs={"exit_on_error": False, "prog": "python -m smollm.fit",
+                           "description": "smollm: pretrain a SmolLM2-style model with PyTorch Lightning. "
+                                          "Start with --config configs/tiny.yaml (CPU) or configs/135m.yaml (GPU)."},
         )
-        configure_trainer(cli.trainer)
+        console, ctrl_c = configure_trainer(cli.trainer)
+        if cli.trainer.global_rank == 0:
+            lock = RunLock(cli.config.checkpoint.dirpath)
+            lock.acquire()
+        check_memory(cli.model, cli.datamodule, cli.trainer)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_from, weights_only=True)
         if cli.trainer.is_global_zero:
-            print_next_token(cli.model, cli.datamodule)
+            print_summary(cli, console, args)
         return 0
+    except Interrupted as e:
+        print(f"stopped by Ctrl-C; step {e.step} is saved. Resume with:\n  "
+              + command(args, ("--ckpt_path",), ["--ckpt_path", "last"]), file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("stopped at once by a second Ctrl-C; the newest checkpoint is kept. Resume with:\n  "
+              + command(args, ("--ckpt_path",), ["--ckpt_path", "last"]), file=sys.stderr)
+        return EXIT_INTERRUPTED
     except SIGTERMException:
         print("stopped by SIGTERM; a checkpoint of the last finished step was saved. "
               "Resume with --ckpt_path last", file=sys.stderr)
@@ -127,6 +258,26 @@ def main(args: list[str] | None = None) -> int:
         return fail(str(e)[:500] + " (see --help)")
     except MisconfigurationException as e:
         return fail(str(e))
+    finally:
+        if ctrl_c is not None:
+            ctrl_c.restore()
+        if lock is not None:
+            lock.release()
+
+
+def _check_unquoted_glob(args: list[str]) -> None:
+    """`--data.files *.txt` unquoted: the shell hands over every match as its own argument."""
+    for i, a in enumerate(args):
+        if a == "--data.files":
+            values = []
+            for b in args[i + 1:]:
+                if b.startswith("--"):
+                    break
+                values.append(b)
+            if len(values) > 1:
+                raise UsageError(f"--data.files got {len(values)} separate arguments ({values[0]} {values[1]} ...): "
+                                 "the shell expanded a glob; quote it (--data.files 'data/*.txt') or give a "
+                                 "list (--data.files '[a.txt, b.txt]')")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ __init__ arguments are the `--model.*` options of `python -m smollm.fit`.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import Any, Literal
@@ -21,6 +22,9 @@ from smollm.config import ModelConfig
 from smollm.errors import SmolLMError, UsageError
 from smollm.generate import complete
 from smollm.model import SmolLM, chunked_cross_entropy
+
+log = logging.getLogger(__name__)
+
 
 class NonFiniteError(SmolLMError, RuntimeError):
     """The loss or the gradient norm is NaN or infinite; the optimizer step was not applied."""
@@ -125,6 +129,11 @@ class LitSmolLM(L.LightningModule):
                 f"tokenizer {dm.hparams.get('tokenizer')!r} has {vocab} tokens but the model's vocabulary "
                 f"is {self.config.vocab_size}; use a matching tokenizer or --model.config_overrides "
                 f"'{{\"vocab_size\": {vocab}}}'")
+        if vocab is not None and vocab < self.config.vocab_size // 2 and self.global_rank == 0:
+            log.warning(
+                f"tokenizer {dm.hparams.get('tokenizer')!r} has {vocab:,} tokens but the model's vocabulary is "
+                f"{self.config.vocab_size:,}: most embedding rows will never be trained; "
+                f"--model.config_overrides '{{\"vocab_size\": {vocab}}}' matches them")
 
     def configure_model(self) -> None:
         if self.hparams.compile and not getattr(self, "_compiled", False):
@@ -158,8 +167,10 @@ class LitSmolLM(L.LightningModule):
         self._step(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
-        self.log("val/perplexity", self.val_loss.compute().exp())  # before Lightning resets it
-        self.log("val/loss", self.val_loss, prog_bar=True)
+        loss = self.val_loss.compute()  # before Lightning resets it; validation syncs anyway
+        self.last_val_loss = float(loss)  # for the console, also after the sanity check
+        self.log("val/perplexity", loss.exp())
+        self.log("val/loss", self.val_loss)
         self._log_sample()
 
     # ---- optimization ----
@@ -230,6 +241,49 @@ class LitSmolLM(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._window_start = None
+        self._apply_changed_settings()
+
+    # Settings whose values a resume takes from the checkpoint's optimizer and scheduler state
+    # unless they are applied again here; the schedule's shape is rebuilt from the current ones.
+    OPTIMIZER_SETTINGS = ("learning_rate", "betas", "weight_decay")
+    SCHEDULE_SETTINGS = ("warmup_steps", "decay_steps", "min_lr_ratio", "schedule")
+
+    def _apply_changed_settings(self) -> None:
+        """On resume, apply optimizer and schedule settings that differ from the checkpoint's,
+        from the resumed step on, and say so: the run never records a value it does not use."""
+        saved = getattr(self, "_resumed_hparams", None)
+        self._resumed_hparams = None
+        if not saved:
+            return
+        h = self.hparams
+        changed = [k for k in self.OPTIMIZER_SETTINGS + self.SCHEDULE_SETTINGS
+                   if k in saved and _plain(saved[k]) != _plain(h[k])]
+        if not changed:
+            return
+        optimizer = self.trainer.optimizers[0]
+        scheduler = self.lr_schedulers()
+        scheduler.base_lrs = [h.learning_rate] * len(optimizer.param_groups)
+        factor = lr_lambda(scheduler.last_epoch, h.warmup_steps, h.decay_steps, h.min_lr_ratio, h.schedule)
+        for group, decay in zip(optimizer.param_groups, (h.weight_decay, 0.0)):
+            group["initial_lr"] = h.learning_rate
+            group["lr"] = h.learning_rate * factor
+            group["betas"] = tuple(h.betas)
+            group["weight_decay"] = decay
+        if self.global_rank == 0:
+            log.info(f"resuming with changed settings, applied from step {self.trainer.global_step + 1} on: "
+                     + ", ".join(f"{k} {_plain(saved[k])} -> {_plain(h[k])}" for k in changed))
+
+    def estimate_memory(self, batch_size: int, seq_len: int, bf16: bool) -> int:
+        """Rough peak bytes of a training step: float32 weights, gradients and AdamW's two moments
+        (16 bytes a parameter), activations kept for the backward pass (about 8 hidden-size, 2 key/
+        value and 4 MLP-size values per token per layer, in the compute dtype), and two chunks of
+        float32 logits. Calibrated on an H100 (135m, 32 x 2048, compiled: 37.7 GiB measured)."""
+        c = self.config
+        kv = c.num_key_value_heads * c.head_dim
+        per_token = c.num_hidden_layers * (8 * c.hidden_size + 2 * kv + 4 * c.intermediate_size)
+        act = batch_size * seq_len * per_token * (2 if bf16 else 4)
+        logits = 2 * min(self.hparams.loss_chunk_size, batch_size * seq_len) * c.vocab_size * 4
+        return 16 * c.num_params + act + logits
 
     def on_train_end(self) -> None:
         self.guard.check(wait=True)  # the last steps' flags, before the run is declared done
@@ -260,6 +314,7 @@ class LitSmolLM(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = strip_compile_prefix(checkpoint.get("state_dict", {}))
+        self._resumed_hparams = checkpoint.get("hyper_parameters")
         self._rng_to_restore = checkpoint.get("smollm", {}).get("rng")
 
     def on_fit_start(self) -> None:
@@ -325,6 +380,11 @@ class NonFiniteGuard:
                     f"step {step}: the loss is {loss:.4g} and the gradient norm is {norm:.4g}; the "
                     "step was not applied and training stopped. Lower --model.learning_rate or "
                     "resume from an earlier checkpoint")
+
+
+def _plain(value: Any) -> Any:
+    """A setting as a comparable plain value (YAML gives lists where the code has tuples)."""
+    return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
 def peak_flops(device: torch.device) -> float | None:
