@@ -106,6 +106,16 @@ def load_tokenizer(name: str, cache_dir: str | None = None) -> Any:
     if looks_local and not Path(name).expanduser().is_dir():
         raise TokenizerLoadError(f"cannot load tokenizer {name!r}: no such directory; use 'smollm2' "
                                  "for the SmolLM2 tokenizer or a local directory with tokenizer files")
+    if not Path(name).expanduser().is_dir() and "/" not in name:
+        # Not a folder and not "org/name": a typo of "smollm2" or of a local folder fails here,
+        # at once, instead of after the hub's retries.
+        import difflib
+
+        local = [p.name for p in Path.cwd().iterdir() if p.is_dir()] if Path.cwd().is_dir() else []
+        close = difflib.get_close_matches(name, ["smollm2", *local], n=1, cutoff=0.75)
+        if close:
+            raise TokenizerLoadError(f"cannot load tokenizer {name!r}: no such folder; did you mean "
+                                     f"{close[0]!r}?")
     try:
         if Path(name).expanduser().is_dir():
             return AutoTokenizer.from_pretrained(str(Path(name).expanduser()))

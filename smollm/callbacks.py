@@ -104,10 +104,12 @@ class CtrlC(Callback):
     def __init__(self, checkpoint: StepCheckpoint | None) -> None:
         self.checkpoint = checkpoint
         self.requested = False
+        self.stopped_at_once = False
         self._previous = None
 
     def _handler(self, signum, frame) -> None:
         if self.requested:  # the second Ctrl-C: stop now, whatever is running
+            self.stopped_at_once = True
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
         self.requested = True
@@ -205,14 +207,15 @@ class Console(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if self.first_loss is None or step % trainer.log_every_n_steps == 0 or step >= trainer.max_steps:
+        at_log = step % trainer.log_every_n_steps == 0 or step >= trainer.max_steps
+        if self.first_loss is None or at_log:  # the first step's loss too: where the run starts
             loss = trainer.callback_metrics.get("train/loss")
             if loss is not None:
                 self.last_loss = float(loss)  # a device sync, at logging steps only
                 if self.first_loss is None:
                     self.first_loss = self.last_loss
-            if trainer.is_global_zero and self.show_progress and step > self.start_step:
-                self._progress(trainer, step)
+        if at_log and trainer.is_global_zero and self.show_progress:
+            self._progress(trainer, step)
 
     def _progress(self, trainer, step: int) -> None:
         metrics = trainer.callback_metrics

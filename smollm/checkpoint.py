@@ -19,7 +19,6 @@ from __future__ import annotations
 import errno
 import glob
 import os
-import pickle
 import random
 import re
 from typing import Any, Callable
@@ -29,7 +28,7 @@ import torch
 
 from smollm.config import ModelConfig
 from smollm.errors import SmolLMError
-from smollm.hf import HFFormatError, model_from_state
+from smollm.hf import HFFormatError, UnsafeFileError, load_torch_file, model_from_state
 from smollm.model import SmolLM
 
 STEP_FILE = re.compile(r"^step=(\d+)\.ckpt$")
@@ -48,16 +47,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"checkpoint {path} is empty; resume from an earlier checkpoint")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        if "weights only load failed" not in str(e).lower():
-            raise CheckpointError(f"checkpoint {path} is truncated or not a PyTorch checkpoint "
-                                  "(UnpicklingError); resume from an earlier checkpoint") from None
-        unsafe = re.search(r"(?:GLOBAL|global) ([\w.]+(?: [\w.]+)?)", str(e))
-        what = f" ({unsafe.group(1)})" if unsafe else ""
-        raise CheckpointError(f"checkpoint {path} holds Python objects other than tensors and plain "
-                              f"values{what}, which could run code when loaded; refused. Use a "
-                              "checkpoint written by smollm.fit") from None
+        checkpoint = load_torch_file(path, mmap=True)
+    except UnsafeFileError as e:
+        raise CheckpointError(f"checkpoint {e}. Use a checkpoint written by smollm.fit") from None
     except Exception as e:  # noqa: BLE001  zip errors, truncation: all the same to the user
         raise CheckpointError(f"checkpoint {path} is truncated or not a PyTorch checkpoint "
                               f"({type(e).__name__}); resume from an earlier checkpoint") from None

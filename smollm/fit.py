@@ -184,10 +184,20 @@ class _LightningNoise(logging.Filter):
     act on (device availability, the litlogger tip, `Trainer.fit` stopped)."""
 
     NOISE = ("GPU available", "TPU available", "HPU available", "LOCAL_RANK", "💡 Tip",
-             "`Trainer.fit` stopped", "Using bfloat16", "Using 16bit", "Seed set to")
+             "`Trainer.fit` stopped", "Using bfloat16", "Using 16bit", "Seed set to",
+             "Detected KeyboardInterrupt")
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.getMessage()).lstrip().startswith(self.NOISE)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a message comes (main may run many times in one
+    process, each with its own stderr)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
 
 
 def _setup_output() -> None:
@@ -198,7 +208,7 @@ def _setup_output() -> None:
             logger.addFilter(_LightningNoise())
     ours = logging.getLogger("smollm")
     if not ours.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         ours.addHandler(handler)
         ours.setLevel(logging.INFO)
@@ -244,14 +254,17 @@ def main(args: list[str] | None = None) -> int:
         print(f"stopped by Ctrl-C; step {e.step} is saved. Resume with:\n  "
               + command(args, ("--ckpt_path",), ["--ckpt_path", "last"]), file=sys.stderr)
         return EXIT_INTERRUPTED
-    except KeyboardInterrupt:
-        print("stopped at once by a second Ctrl-C; the newest checkpoint is kept. Resume with:\n  "
-              + command(args, ("--ckpt_path",), ["--ckpt_path", "last"]), file=sys.stderr)
-        return EXIT_INTERRUPTED
     except SIGTERMException:
         print("stopped by SIGTERM; a checkpoint of the last finished step was saved. "
               "Resume with --ckpt_path last", file=sys.stderr)
         return EXIT_PREEMPTED
+    except (KeyboardInterrupt, SystemExit) as e:
+        # Lightning turns a KeyboardInterrupt inside fit into sys.exit(1); ours is the second Ctrl-C.
+        if isinstance(e, SystemExit) and not (ctrl_c is not None and ctrl_c.stopped_at_once):
+            raise
+        print("stopped at once by a second Ctrl-C; the newest checkpoint is kept. Resume with:\n  "
+              + command(args, ("--ckpt_path",), ["--ckpt_path", "last"]), file=sys.stderr)
+        return EXIT_INTERRUPTED
     except SmolLMError as e:
         return fail_on(e)
     except ArgumentError as e:

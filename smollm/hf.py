@@ -10,20 +10,27 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from smollm.config import ModelConfig
-from smollm.errors import MissingPathError, SmolLMError
+from smollm.errors import MissingPathError, SmolLMError, UsageError
 from smollm.model import RotaryEmbedding, SmolLM
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 PYTORCH_BIN, PYTORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+WEIGHT_FILES = (SAFETENSORS, SAFETENSORS_INDEX, PYTORCH_BIN, PYTORCH_BIN_INDEX)
 
 class HFFormatError(SmolLMError, ValueError):
     """A directory, config or weight file that is not a SmolLM-compatible Llama checkpoint."""
+
+
+class UnsafeFileError(SmolLMError, ValueError):
+    """A torch file that would run code when loaded."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,13 +151,29 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
             raise HFFormatError(f"{path}: the index names a missing shard {f.name}")
         try:
             tensors.update(loader(f))
+        except UnsafeFileError:
+            raise
         except Exception as e:  # noqa: BLE001  a truncated or foreign file; say which one
             raise HFFormatError(f"{f}: cannot read weights ({type(e).__name__}: {e})") from None
     return tensors
 
 
 def _load_bin(f: Path) -> dict[str, torch.Tensor]:
-    return torch.load(f, map_location="cpu", weights_only=True)
+    return load_torch_file(f)
+
+
+def load_torch_file(path: str | os.PathLike, mmap: bool = False) -> Any:
+    """torch.load with weights_only=True: tensors and plain Python values only. A file whose
+    pickle asks for anything else (code that would run on loading) is refused in one line."""
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" not in str(e).lower():
+            raise
+        unsafe = re.search(r"GLOBAL ([\w.]+ [\w.]+|[\w.]+)", str(e))
+        what = f" ({unsafe.group(1)})" if unsafe else ""
+        raise UnsafeFileError(f"{path} holds Python objects other than tensors and plain values{what}, which "
+                              "could run code when loaded; refused") from None
 
 
 def _from_hf_keys(tensors: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
@@ -214,14 +237,36 @@ def load_hf(path: str | os.PathLike) -> SmolLM:
     return model_from_state(config, _read_weights(path))
 
 
-def save_hf(model: SmolLM, path: str | os.PathLike, tokenizer: Any = None) -> Path:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def holds_model(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    return path.is_dir() and any((path / f).exists() for f in ("config.json", *WEIGHT_FILES))
+
+
+def check_output_dir(path: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse to write a model into a folder that already holds one, unless asked to."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise UsageError(f"{path}: exists and is not a folder")
+    if holds_model(path) and not overwrite:
+        raise UsageError(f"{path} already holds a model; choose another folder, or pass --overwrite to replace it")
+
+
+def save_hf(model: SmolLM, path: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False) -> Path:
     """Write `model` (and `tokenizer`) as a directory transformers.AutoModelForCausalLM loads.
 
     Weights are saved in float32 under HF names; a tied head is stored once, as
-    model.embed_tokens.weight, which is what transformers writes and expects.
+    model.embed_tokens.weight, which is what transformers writes and expects. A folder that
+    already holds a model is refused unless `overwrite`. Files get the usual permissions (the
+    umask's), not safetensors' private 0600.
     """
     from safetensors.torch import save_file
 
+    check_output_dir(path, overwrite)
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd model: save the model inside
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -236,6 +281,7 @@ def save_hf(model: SmolLM, path: str | os.PathLike, tokenizer: Any = None) -> Pa
             hf_key = "model." + key
         tensors[hf_key] = value.detach().to("cpu", torch.float32).contiguous()
     save_file(tensors, str(path / SAFETENSORS), metadata={"format": "pt"})
+    os.chmod(path / SAFETENSORS, 0o666 & ~_umask())
     (path / "config.json").write_text(json.dumps(config_to_hf(model.config, tokenizer), indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))

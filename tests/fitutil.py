@@ -137,6 +137,22 @@ class SlowStep(L.Callback):
         time.sleep(self.seconds)
 
 
+class SlowValidation(L.Callback):
+    """Sleeps after each validation batch (not in the sanity check) and touches `marker` when a
+    validation starts, so that a test can signal the process in the middle of one."""
+
+    def __init__(self, marker: str, seconds: float = 0.5) -> None:
+        self.marker, self.seconds = marker, seconds
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            Path(self.marker).touch()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if not trainer.sanity_checking:
+            time.sleep(self.seconds)
+
+
 class HangingCheckpointIO(AtomicCheckpointIO):
     """Writes of step >= 4 write half a file and then hang, so that a test can SIGKILL the
     process in the middle of writing a checkpoint. The file named by $SMOLLM_TEST_SIGNAL

@@ -216,3 +216,129 @@ def test_a_training_checkpoint_generates_and_converts_to_transformers(tmp_path, 
     ids = torch.tensor([tok.encode("seven wizards quietly judge boxing")])
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, ours(ids), atol=1e-5, rtol=1e-5)
+
+
+# ---- the console tells the story ----
+
+def test_the_console_when_not_on_a_terminal(tmp_path, data, capsys):
+    extra = ["--trainer.enable_progress_bar", "true", "--trainer.log_every_n_steps", "2",
+             "--trainer.val_check_interval", "4"]
+    assert main(args(tmp_path, data, 6, every=3, extra=extra)) == 0
+    captured = capsys.readouterr()
+    err, out = captured.err, captured.out
+    start = err[err.index("smollm: tiny model"):]
+    for needle in ("parameters", "training to step 6", "tokens", "device: 1 x cpu", "precision 32",
+                   "checkpoints:", "TensorBoard:"):
+        assert needle in start, needle
+    steps = [line for line in err.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in steps] == ["2/6", "4/6", "6/6"]  # a line per logging interval
+    assert all("loss" in line and "left" in line for line in steps)
+    assert "validation at the start: loss" in err and "validation at step 4: loss" in err
+    for needle in ("done: trained 6 steps", "train loss", "validation loss", "next token after", "checkpoint:",
+                   "continue:", "--ckpt_path last --trainer.max_steps 12", "generate:", "TensorBoard: tensorboard"):
+        assert needle in out, needle
+    for noise in ("Epoch", "v_num", "FLOPs", "litlogger", "GPU available", "Trainer.fit` stopped", "Warning"):
+        assert noise not in err + out, noise
+
+
+def test_help_is_smollms(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "smollm: pretrain" in out and "--data.files" in out and "--ckpt_path" in out
+
+
+# ---- a careless user's mistakes: one line before any time is spent ----
+
+def one_line(capsys, code: int) -> str:
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error: ") and not any("Traceback" in line for line in err)
+    return err[-1]
+
+
+def test_a_run_too_large_for_the_device_stops_before_training(tmp_path, monkeypatch, capsys):
+    import smollm.fit as fit
+
+    monkeypatch.setattr(fit, "_available_ram", lambda: 24 * 2**30)
+    monkeypatch.chdir(tmp_path)
+    err = one_line(capsys, main([]))  # the built-in defaults: 135m at 8 x 2048 in float32 on a CPU
+    assert "needs about" in err and "GiB" in err and "--data.batch_size" in err and "configs/tiny.yaml" in err
+    assert not list((tmp_path / "checkpoints").rglob("*.ckpt"))
+
+
+def test_resuming_applies_a_changed_learning_rate_and_records_it(tmp_path, data, capsys):
+    rec = tmp_path / "rec.jsonl"
+    assert main(args(tmp_path, data, 4, every=2, extra=recorder(rec))) == 0
+    capsys.readouterr()
+    assert main(args(tmp_path, data, 6, every=2, extra=["--ckpt_path", "last", "--model.learning_rate", "0.03",
+                                                         *recorder(rec)])) == 0
+    err = capsys.readouterr().err
+    assert "resuming with changed settings, applied from step 5 on: learning_rate 0.01 -> 0.03" in err
+    records = fitutil.read_records(rec)
+    factor = lr_lambda(5, 3, 20, 0.1, "cosine")  # the lr after step 5's scheduler step
+    assert records[4]["lr"] == pytest.approx(0.03 * factor)
+    saved = (tmp_path / "run" / "lightning_logs" / "tiny" / "version_0" / "config.yaml").read_text()
+    assert "learning_rate: 0.03" in saved
+
+
+def test_resuming_without_steps_left_says_so(tmp_path, data, capsys):
+    assert main(args(tmp_path, data, 3)) == 0
+    capsys.readouterr()
+    err = one_line(capsys, main(args(tmp_path, data, 3, extra=["--ckpt_path", "last"])))
+    assert "is at step 3 and --trainer.max_steps is 3: nothing to train" in err
+
+
+def test_an_unwritable_output_folder_is_reported_before_training(tmp_path, data, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    corpus, tok = data
+    argv = fitutil.fit_args(blocker / "run", corpus, tok, 2)
+    err = one_line(capsys, main(argv))
+    assert "cannot write to" in err and str(blocker) in err
+
+
+def test_init_from_a_missing_folder_or_a_checkpoint(tmp_path, data, capsys):
+    err = one_line(capsys, main(args(tmp_path, data, 1, extra=["--model.init_from", str(tmp_path / "nope")])))
+    assert "--model.init_from" in err and "no such folder" in err
+    assert main(args(tmp_path / "a", data, 2)) == 0
+    ckpt = tmp_path / "a" / "run" / "checkpoints" / "tiny" / "step=000002.ckpt"
+    rec = tmp_path / "rec.jsonl"
+    assert main(args(tmp_path / "b", data, 1, extra=["--model.init_from", str(ckpt), *recorder(rec)])) == 0
+    first_loss = fitutil.read_records(rec)[0]["loss"]
+    fresh = tmp_path / "fresh.jsonl"
+    assert main(args(tmp_path / "c", data, 1, extra=recorder(fresh))) == 0
+    assert first_loss < fitutil.read_records(fresh)[0]["loss"]  # it started from the trained weights
+
+
+def test_a_tokenizer_typo_fails_at_once(tmp_path, data, capsys):
+    t0 = __import__("time").perf_counter()
+    err = one_line(capsys, main(args(tmp_path, data, 1, extra=["--data.tokenizer", "smolm2"])))
+    assert "did you mean 'smollm2'" in err and __import__("time").perf_counter() - t0 < 30
+
+
+def test_an_unquoted_glob_gets_a_hint(tmp_path, data, capsys):
+    corpus, _ = data
+    files = [str(p) for p in sorted(corpus.glob("*.txt"))]
+    err = one_line(capsys, main(args(tmp_path, data, 1) + ["--data.files", *files]))
+    assert "quote it" in err
+
+
+def test_a_genuine_bug_keeps_its_traceback(tmp_path, data, monkeypatch):
+    from smollm.module import LitSmolLM
+
+    def broken(self, batch, batch_idx):
+        raise ValueError("a bug, not a user's mistake")
+    monkeypatch.setattr(LitSmolLM, "training_step", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        main(args(tmp_path, data, 1))
+
+
+def test_a_tokenizer_far_smaller_than_the_vocabulary_gets_a_warning(tmp_path, data, capsys):
+    corpus, tok = data
+    argv = [a for a in args(tmp_path, data, 1)]
+    i = argv.index("--model.config_overrides")
+    del argv[i:i + 2]  # the tiny preset's 49,152-token vocabulary for a 300-token tokenizer
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "has 300 tokens but the model's vocabulary is 49,152" in err

@@ -207,3 +207,25 @@ def test_convert_errors_are_one_line(tmp_path, source, name, content, message):
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_convert_refuses_to_overwrite_a_model_and_writes_ordinary_files(tmp_path, tiny_model):
+    from smollm.convert import main as convert_main
+
+    out = save_hf(tiny_model, tmp_path / "out")
+    mode = (out / "model.safetensors").stat().st_mode & 0o777
+    assert mode == 0o666 & ~_umask()  # not safetensors' private 0600
+    with pytest.raises(Exception, match="already holds a model"):
+        save_hf(tiny_model, out)
+    checkpoint = tmp_path / "x.ckpt"
+    checkpoint.write_bytes(b"")
+    assert convert_main(["ckpt", str(checkpoint), str(out)]) == 2  # refused before reading anything
+    save_hf(tiny_model, out, overwrite=True)
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

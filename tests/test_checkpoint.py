@@ -1,0 +1,177 @@
+"""The training checkpoint: nothing in it runs code, last.ckpt is always the newest, one run per
+folder at a time."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import fitutil
+from smollm import ModelConfig, SmolLM
+from smollm.callbacks import AtomicCheckpointIO
+from smollm.checkpoint import CheckpointError, RunLock, model_from_checkpoint, read_checkpoint
+from smollm.fit import main
+from smollm.hf import UnsafeFileError, load_hf, save_hf
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    base = tmp_path_factory.mktemp("data")
+    corpus = fitutil.write_corpus(base / "corpus")
+    return corpus, fitutil.build_tokenizer(base / "tok", corpus)
+
+
+def args(root: Path, data, max_steps: int, every: int = 1000, extra=()) -> list[str]:
+    corpus, tok = data
+    return fitutil.fit_args(root, corpus, tok, max_steps, every, list(extra))
+
+
+# ---- no code runs from a checkpoint ----
+
+class Payload:
+    """Pickles as a call of open(marker, "w"): unpickled without weights_only, it creates a file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data):
+    root = tmp_path_factory.mktemp("trained")
+    assert main(args(root, data, 2)) == 0
+    return root / "checkpoints" / "tiny" / "step=000002.ckpt"
+
+
+def crafted(tmp_path: Path, trained: Path) -> tuple[Path, Path]:
+    """A real smollm.fit checkpoint with a payload added: (the file, the marker it would create)."""
+    marker = tmp_path / "payload-ran"
+    checkpoint = torch.load(trained, weights_only=True)
+    checkpoint["hyper_parameters"]["note"] = Payload(marker)
+    path = tmp_path / "crafted.ckpt"
+    torch.save(checkpoint, path)
+    assert not marker.exists()
+    return path, marker
+
+
+def test_a_crafted_checkpoint_runs_nothing_through_the_library(tmp_path, trained):
+    path, marker = crafted(tmp_path, trained)
+    for load in (read_checkpoint, model_from_checkpoint, AtomicCheckpointIO().load_checkpoint):
+        with pytest.raises(CheckpointError, match="could run code when loaded; refused"):
+            load(path)
+    assert not marker.exists()
+    model_from_checkpoint(trained)  # a checkpoint of our own still loads
+
+
+@pytest.mark.parametrize("command", ["generate", "convert", "fit --ckpt_path", "fit --model.init_from"])
+def test_a_crafted_checkpoint_runs_nothing_through_the_commands(tmp_path, trained, data, command):
+    path, marker = crafted(tmp_path, trained)
+    argv = {
+        "generate": ["-m", "smollm.generate", "--checkpoint", str(path), "--prompt", "the", "--max_new_tokens", "1"],
+        "convert": ["-m", "smollm.convert", "ckpt", str(path), str(tmp_path / "hf")],
+        "fit --ckpt_path": ["-m", "smollm.fit", *args(tmp_path / "run", data, 4, extra=["--ckpt_path", str(path)])],
+        "fit --model.init_from": ["-m", "smollm.fit", *args(tmp_path / "run", data, 1,
+                                                            extra=["--model.init_from", str(path)])],
+    }[command]
+    result = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=fitutil.ROOT,
+                            env=fitutil.subprocess_env(), timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert not marker.exists()
+    err = result.stderr.strip().splitlines()
+    assert err[-1].startswith("error: ") and "refused" in err[-1] and str(path) in err[-1]
+    assert "Traceback" not in result.stderr
+
+
+def test_a_crafted_pytorch_model_bin_runs_nothing(tmp_path, tiny_model):
+    folder = save_hf(tiny_model, tmp_path / "hf")
+    state = {"model." + k: v for k, v in tiny_model.state_dict().items() if k != "lm_head.weight"}
+    state["extra"] = Payload(tmp_path / "payload-ran")
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    with pytest.raises(UnsafeFileError, match="pytorch_model.bin holds Python objects"):
+        load_hf(folder)
+    assert main(["--config", str(fitutil.ROOT / "configs" / "tiny.yaml"), "--model.init_from", str(folder),
+                 "--trainer.default_root_dir", str(tmp_path / "run")]) == 2
+    assert not (tmp_path / "payload-ran").exists()
+
+
+# ---- last.ckpt is always the newest ----
+
+def links(folder: Path) -> dict[str, str]:
+    return {p.name: os.path.basename(os.path.realpath(p)) for p in folder.iterdir() if p.name.startswith("last")}
+
+
+def test_last_is_the_newest_after_resuming_from_the_first_checkpoint(tmp_path, data):
+    root = tmp_path / "run"
+    assert main(args(root, data, 5, every=5)) == 0
+    assert main(args(root, data, 8, every=5, extra=["--ckpt_path", "last"])) == 0
+    folder = root / "checkpoints" / "tiny"
+    assert links(folder) == {"last.ckpt": "step=000008.ckpt"}
+    assert main(args(root, data, 12, every=5, extra=["--ckpt_path", "last"])) == 0
+    assert links(folder) == {"last.ckpt": "step=000012.ckpt"}
+    assert sorted(p.name for p in folder.glob("step=*")) == [
+        "step=000005.ckpt", "step=000008.ckpt", "step=000010.ckpt", "step=000012.ckpt"]
+
+
+def test_last_is_the_newest_after_a_sigterm_before_the_first_periodic_checkpoint(tmp_path, data):
+    root = tmp_path / "run"
+    rec = root / "rec.jsonl"
+    slow = "--trainer.callbacks+=" + json.dumps({"class_path": "fitutil.SlowStep", "init_args": {"seconds": 0.3}})
+    record = "--trainer.callbacks+=" + json.dumps({"class_path": "fitutil.Recorder", "init_args": {"path": str(rec)}})
+    proc = subprocess.Popen([sys.executable, "-m", "smollm.fit", *args(root, data, 50, every=40, extra=[slow, record])],
+                            cwd=fitutil.ROOT, env=fitutil.subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while len(fitutil.read_records(rec)) < 2:
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    stopped = fitutil.read_records(rec)[-1]["step"]
+    folder = root / "checkpoints" / "tiny"
+    assert links(folder) == {"last.ckpt": f"step={stopped:06d}.ckpt"}
+    assert main(args(root, data, stopped + 2, every=40, extra=["--ckpt_path", "last"])) == 0
+    assert links(folder) == {"last.ckpt": f"step={stopped + 2:06d}.ckpt"}
+
+
+# ---- one run per folder at a time ----
+
+def test_a_second_run_on_the_same_folder_is_refused_while_the_first_holds_it(tmp_path, data, capsys):
+    root = tmp_path / "run"
+    holder = RunLock(root / "checkpoints" / "tiny")
+    holder.acquire()
+    try:
+        assert main(args(root, data, 2)) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: another run is training into") and len(err.splitlines()) == 1
+    finally:
+        holder.release()
+    assert main(args(root, data, 2)) == 0  # released: the run goes ahead
+
+
+def test_a_killed_run_leaves_no_stuck_lock(tmp_path):
+    folder = tmp_path / "checkpoints" / "run"
+    code = ("import sys, time; from smollm.checkpoint import RunLock; lock = RunLock(sys.argv[1]); lock.acquire(); "
+            "print('held', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True,
+                            env=fitutil.subprocess_env(), cwd=fitutil.ROOT)
+    assert proc.stdout.readline().strip() == "held"
+    with pytest.raises(CheckpointError, match="another run"):
+        RunLock(folder).acquire()
+    proc.kill()
+    proc.wait()
+    lock = RunLock(folder)
+    lock.acquire()  # free again
+    lock.release()
