@@ -499,6 +499,19 @@ class TextDataModule(L.LightningDataModule):
         self.val_dataset = TokenWindows(path, dtype, n_tokens, L_, val_start, range(rank, n_val, world))
         rank_zero_info(self.describe())
 
+    def scoring_windows(self, split: str) -> TokenWindows:
+        """Windows to score (smollm.evaluate), after setup(): "validation" is the held-out
+        windows exactly as training validates them (on one process); "all" is every whole
+        window of the token stream, from its first token."""
+        if self.val_dataset is None:
+            raise RuntimeError("TextDataModule.setup() must run before scoring_windows()")
+        if split == "validation":
+            v = self.val_dataset
+            return TokenWindows(v.path, v.dtype, v.n_tokens, v.seq_len, v.start, range(self.n_val_windows))
+        n = (self.n_tokens - 1) // self.seq_len
+        v = self.train_dataset
+        return TokenWindows(v.path, v.dtype, v.n_tokens, v.seq_len, 0, range(n))
+
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         start_batch = 0

@@ -14,12 +14,13 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, SumMetric
 
 from smollm.checkpoint import (CheckpointError, model_from_checkpoint, rng_state, set_rng_state,
                                strip_compile_prefix)
 from smollm.config import ModelConfig
 from smollm.errors import SmolLMError, UsageError
+from smollm.evaluate import token_bytes
 from smollm.generate import complete
 from smollm.model import SmolLM, chunked_cross_entropy
 
@@ -115,7 +116,9 @@ class LitSmolLM(L.LightningModule):
         else:
             self.model = SmolLM(self.config)
         self.guard = NonFiniteGuard()
-        self.val_loss = MeanMetric()  # token-weighted, aggregated across batches and DDP ranks
+        self.val_loss = MeanMetric()
+        self.val_tokens, self.val_bytes = SumMetric(), SumMetric()  # for bits per byte
+        self._byte_table: torch.Tensor | None = None  # UTF-8 bytes per token id, from the tokenizer  # token-weighted, aggregated across batches and DDP ranks
         self._window_start: tuple[float, int] | None = None  # (time, step) of the throughput window
 
     # ---- model ----
@@ -129,6 +132,9 @@ class LitSmolLM(L.LightningModule):
                 f"tokenizer {dm.hparams.get('tokenizer')!r} has {vocab} tokens but the model's vocabulary "
                 f"is {self.config.vocab_size}; use a matching tokenizer or --model.config_overrides "
                 f"'{{\"vocab_size\": {vocab}}}'")
+        tokenizer = getattr(dm, "tokenizer", None) if dm is not None else None
+        if tokenizer is not None:
+            self._byte_table = token_bytes(tokenizer)
         if vocab is not None and vocab < self.config.vocab_size // 2 and self.global_rank == 0:
             log.warning(
                 f"tokenizer {dm.hparams.get('tokenizer')!r} has {vocab:,} tokens but the model's vocabulary is "
@@ -158,6 +164,10 @@ class LitSmolLM(L.LightningModule):
             self.log("train/loss", loss)  # not prog_bar: Lightning reads those every step (a sync)
         else:
             self.val_loss.update(loss, weight=targets.numel())
+            if self._byte_table is not None:
+                self._byte_table = self._byte_table.to(targets.device)
+                self.val_tokens.update(targets.numel())
+                self.val_bytes.update(self._byte_table[targets].sum())
         return loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -171,6 +181,11 @@ class LitSmolLM(L.LightningModule):
         self.last_val_loss = float(loss)  # for the console, also after the sanity check
         self.log("val/perplexity", loss.exp())
         self.log("val/loss", self.val_loss)
+        if self._byte_table is not None:  # bits per UTF-8 byte: comparable across tokenizers
+            tokens, n_bytes = self.val_tokens.compute(), self.val_bytes.compute()
+            self.log("val/bpb", loss * tokens / math.log(2) / n_bytes.clamp(min=1))
+            self.val_tokens.reset()
+            self.val_bytes.reset()
         self._log_sample()
 
     # ---- optimization ----

@@ -1,0 +1,177 @@
+"""Evaluation: bits per byte counts the text's bytes, scores equal transformers', the command
+scores a run's own validation windows or all of given files, and the lm-eval bridge."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fitutil
+from smollm import ModelConfig, SmolLM
+from smollm.evaluate import main, score, to_transformers, token_bytes
+from smollm.fit import main as fit
+from smollm.hf import save_hf
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    base = tmp_path_factory.mktemp("data")
+    corpus = fitutil.write_corpus(base / "corpus")
+    return corpus, fitutil.build_tokenizer(base / "tok", corpus)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, data):
+    """A 6-step tiny run that validates 8 windows at its last step."""
+    root = tmp_path_factory.mktemp("run")
+    corpus, tok = data
+    args = fitutil.fit_args(root, corpus, tok, 6, extra=[
+        "--trainer.val_check_interval", "6", "--trainer.limit_val_batches", "1.0",
+        "--data.max_val_windows", "8"])
+    assert fit(args) == 0
+    return root
+
+
+def logged(root: Path, tag: str) -> float:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = next((root / "lightning_logs").rglob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    return acc.Scalars(tag)[-1].value
+
+
+def test_token_bytes_add_up_to_the_texts_utf8_bytes(data):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(data[1])
+    table = token_bytes(tok)
+    for text in ["the quick brown fox", "naïve café — 東京 🙂 ünïcödé\n\tdef f(x): return x",
+                 (Path(data[0]) / "doc0.txt").read_text()]:
+        ids = tok.encode(text)
+        assert int(table[ids].sum()) == len(text.encode("utf-8"))
+    assert table[tok.eos_token_id] == 0  # the separator we insert stands for no text
+
+
+def test_score_equals_transformers_on_the_same_windows(tiny_model):
+    torch.manual_seed(0)
+    windows = torch.randint(0, 49152, (6, 33))
+    table = torch.randint(1, 5, (49152,))
+    ours = score(tiny_model, windows.split(4), table)
+    theirs = to_transformers(tiny_model)
+    with torch.no_grad():
+        logits = theirs(input_ids=windows[:, :-1]).logits
+    nats = F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten(), reduction="sum").item()
+    n_bytes = int(table[windows[:, 1:]].sum())
+    assert ours.tokens == 6 * 32 and ours.bytes == n_bytes and ours.windows == 6
+    assert ours.loss == pytest.approx(nats / ours.tokens, rel=1e-3)
+    assert ours.perplexity == pytest.approx(math.exp(nats / ours.tokens), rel=1e-3)
+    assert ours.bits_per_byte == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-3)
+
+
+def test_a_training_checkpoint_is_scored_on_its_own_validation_windows(run, tmp_path, capsys):
+    ckpt = run / "checkpoints" / "tiny" / "step=000006.ckpt"
+    out = tmp_path / "scores.json"
+    assert main(["--checkpoint", str(ckpt), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert {"loss", "perplexity", "bits_per_byte", "tokens", "bytes"} <= report.keys()
+    assert report["split"] == "validation" and report["windows"] == 8
+    assert report["loss"] == pytest.approx(logged(run, "val/loss"), rel=1e-4)  # what training logged
+    assert report["bits_per_byte"] == pytest.approx(logged(run, "val/bpb"), rel=1e-4)
+    printed = capsys.readouterr().out
+    assert "bits per byte" in printed and "perplexity" in printed
+
+
+def test_given_files_are_scored_whole(run, data, tmp_path):
+    corpus, tok = data
+    ckpt = run / "checkpoints" / "tiny" / "last.ckpt"
+    out = tmp_path / "s.json"
+    assert main(["--checkpoint", str(ckpt), "--data.files", str(corpus / "doc1.txt"), "--data.seq_len", "16",
+                 "--data.cache_dir", str(tmp_path / "cache"), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    from transformers import AutoTokenizer
+
+    n_tokens = len(AutoTokenizer.from_pretrained(tok).encode((corpus / "doc1.txt").read_text())) + 1  # + EOS
+    assert report["split"] == "all" and report["windows"] == (n_tokens - 1) // 16
+    assert report["tokens"] == report["windows"] * 16
+
+
+def test_a_hugging_face_folder_scores_like_its_checkpoint(run, data, tmp_path):
+    from smollm.checkpoint import model_from_checkpoint
+    from transformers import AutoTokenizer
+
+    corpus, tok = data
+    ckpt = run / "checkpoints" / "tiny" / "last.ckpt"
+    model, _ = model_from_checkpoint(ckpt)
+    folder = save_hf(model, tmp_path / "hf", tokenizer=AutoTokenizer.from_pretrained(tok))
+    common = ["--data.files", str(corpus), "--data.seq_len", "16", "--data.cache_dir", str(tmp_path / "c")]
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    assert main(["--checkpoint", str(ckpt), *common, "--json", str(a)]) == 0
+    assert main(["--checkpoint", str(folder), *common, "--json", str(b)]) == 0
+    assert json.loads(a.read_text())["loss"] == pytest.approx(json.loads(b.read_text())["loss"], rel=1e-6)
+
+
+def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
+    assert main(["--checkpoint", str(tmp_path / "nope.ckpt")]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: ")
+    monkeypatch.setitem(__import__("sys").modules, "lm_eval", None)  # the extra not installed
+    model = SmolLM(ModelConfig.from_name("tiny"))
+    folder = save_hf(model, tmp_path / "hf")
+    code = main(["--checkpoint", str(folder), "--tasks", "hellaswag", "--max_windows", "1",
+                 "--data.seq_len", "16", "--data.files", str(Path(__file__)), "--data.tokenizer",
+                 str(fitutil.build_tokenizer(tmp_path / "tok", fitutil.write_corpus(tmp_path / "c")))])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1] == 'error: --tasks needs lm-evaluation-harness: pip install -e ".[eval]"'
+
+
+# ---- lm-evaluation-harness on a local multiple-choice task ----
+
+TASK = """task: smollm_local_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {path}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+@pytest.mark.slow
+def test_lm_eval_scores_equal_lm_evals_own_hf_model(run, data, tmp_path, capsys):
+    lm_eval = pytest.importorskip("lm_eval", reason="the [eval] extra is not installed")
+    from transformers import AutoTokenizer
+
+    from smollm.checkpoint import model_from_checkpoint
+
+    rows = [{"question": f"the quick brown fox number {i} jumps over the", "choices":
+             ["lazy dog", "seven wizards", "bright mountains", "cold winter"], "answer": i % 4} for i in range(12)]
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "tasks" / "mc.yaml").write_text(TASK.format(path=tmp_path / "tasks" / "mc.jsonl"))
+    ckpt = run / "checkpoints" / "tiny" / "last.ckpt"
+    out = tmp_path / "ours.json"
+    assert main(["--checkpoint", str(ckpt), "--tasks", "smollm_local_mc", "--include_path", str(tmp_path / "tasks"),
+                 "--max_windows", "1", "--json", str(out)]) == 0
+    ours = json.loads(out.read_text())["lm_eval"]["results"]["smollm_local_mc"]
+    assert "smollm_local_mc" in capsys.readouterr().out  # lm-eval's table
+
+    model, _ = model_from_checkpoint(ckpt)
+    folder = save_hf(model, tmp_path / "hf", tokenizer=AutoTokenizer.from_pretrained(data[1]))
+    from lm_eval.tasks import TaskManager
+
+    theirs = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder}", tasks=["smollm_local_mc"],
+                                     task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+                                     batch_size=8, device="cpu")["results"]["smollm_local_mc"]
+    for metric in ("acc,none", "acc_norm,none"):
+        assert ours[metric] == pytest.approx(theirs[metric], abs=1e-9)
