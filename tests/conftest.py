@@ -29,3 +29,14 @@ def tiny_tokenizer(tmp_path_factory):
     from helpers_data import make_tokenizer
 
     return AutoTokenizer.from_pretrained(make_tokenizer(tmp_path_factory.mktemp("tok"), 300, texts=TEXT))
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    """(corpus folder, tokenizer folder): 4 files of pseudo-random English words and a 300-token
+    byte-level BPE trained on them, for tests that run smollm.fit."""
+    import fitutil
+
+    base = tmp_path_factory.mktemp("data")
+    corpus = fitutil.write_corpus(base / "corpus")
+    return corpus, fitutil.build_tokenizer(base / "tok", corpus)

@@ -81,6 +81,21 @@ def run_fit(args: list[str], timeout: float = 300, env: dict | None = None) -> s
                           timeout=timeout, cwd=ROOT, env=subprocess_env(env))
 
 
+def start_fit(args: list[str]) -> subprocess.Popen:
+    """`python -m smollm.fit ARGS` started in the background, to be signalled by a test."""
+    return subprocess.Popen([sys.executable, "-m", "smollm.fit", *args], cwd=ROOT, env=subprocess_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
+    """Poll `ready()` until it is true; fail if the process ends first or time runs out."""
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
 def subprocess_env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TESTS), env.get("PYTHONPATH", "")])

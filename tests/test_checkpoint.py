@@ -8,25 +8,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 import fitutil
-from smollm import ModelConfig, SmolLM
 from smollm.callbacks import AtomicCheckpointIO
 from smollm.checkpoint import CheckpointError, RunLock, model_from_checkpoint, read_checkpoint
 from smollm.fit import main
 from smollm.hf import UnsafeFileError, load_hf, save_hf
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    base = tmp_path_factory.mktemp("data")
-    corpus = fitutil.write_corpus(base / "corpus")
-    return corpus, fitutil.build_tokenizer(base / "tok", corpus)
 
 
 def args(root: Path, data, max_steps: int, every: int = 1000, extra=()) -> list[str]:
@@ -128,14 +119,8 @@ def test_last_is_the_newest_after_a_sigterm_before_the_first_periodic_checkpoint
     rec = root / "rec.jsonl"
     slow = "--trainer.callbacks+=" + json.dumps({"class_path": "fitutil.SlowStep", "init_args": {"seconds": 0.3}})
     record = "--trainer.callbacks+=" + json.dumps({"class_path": "fitutil.Recorder", "init_args": {"path": str(rec)}})
-    proc = subprocess.Popen([sys.executable, "-m", "smollm.fit", *args(root, data, 50, every=40, extra=[slow, record])],
-                            cwd=fitutil.ROOT, env=fitutil.subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while len(fitutil.read_records(rec)) < 2:
-        assert proc.poll() is None, proc.communicate()[1]
-        assert time.time() < deadline
-        time.sleep(0.05)
+    proc = fitutil.start_fit(args(root, data, 50, every=40, extra=[slow, record]))
+    fitutil.wait_for(proc, lambda: len(fitutil.read_records(rec)) >= 2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err

@@ -16,13 +16,6 @@ pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    base = tmp_path_factory.mktemp("data")
-    corpus = fitutil.write_corpus(base / "corpus")
-    return corpus, fitutil.build_tokenizer(base / "tok", corpus)
-
-
 def cuda_args(tmp_path, data, max_steps, extra=()):
     corpus, tok = data
     return fitutil.fit_args(tmp_path / "run", corpus, tok, max_steps, 1000, [

@@ -19,13 +19,6 @@ from smollm.hf import save_hf
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    base = tmp_path_factory.mktemp("data")
-    corpus = fitutil.write_corpus(base / "corpus")
-    return corpus, fitutil.build_tokenizer(base / "tok", corpus)
-
-
-@pytest.fixture(scope="module")
 def run(tmp_path_factory, data):
     """A 6-step tiny run that validates 8 windows at its last step."""
     root = tmp_path_factory.mktemp("run")

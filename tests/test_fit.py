@@ -16,13 +16,6 @@ from smollm.checkpoint import model_from_checkpoint as load_checkpoint_model
 from smollm.module import lr_lambda
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    base = tmp_path_factory.mktemp("data")
-    corpus = fitutil.write_corpus(base / "corpus")
-    return corpus, fitutil.build_tokenizer(base / "tok", corpus)
-
-
 def args(tmp_path: Path, data, max_steps: int, every: int = 1000, extra=()) -> list[str]:
     corpus, tok = data
     return fitutil.fit_args(tmp_path / "run", corpus, tok, max_steps, every, list(extra))

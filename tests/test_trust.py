@@ -120,13 +120,8 @@ def test_sigterm_saves_at_the_next_step_and_the_resume_reproduces_the_run(tmp_pa
     rec = root / "rec.jsonl"
     slow = "--trainer.callbacks+=" + json.dumps({"class_path": "fitutil.SlowStep", "init_args": {"seconds": 0.3}})
     args = run_args(root, small, 12, record=rec, extra=[slow])
-    proc = subprocess.Popen([sys.executable, "-m", "smollm.fit", *args], cwd=fitutil.ROOT,
-                            env=fitutil.subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while len(fitutil.read_records(rec)) < 3:
-        assert proc.poll() is None, proc.communicate()[1]
-        assert time.time() < deadline
-        time.sleep(0.05)
+    proc = fitutil.start_fit(args)
+    fitutil.wait_for(proc, lambda: len(fitutil.read_records(rec)) >= 3)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
@@ -144,26 +139,13 @@ def test_sigterm_saves_at_the_next_step_and_the_resume_reproduces_the_run(tmp_pa
 
 # ---- Ctrl-C keeps the work ----
 
-def start_fit(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "smollm.fit", *args], cwd=fitutil.ROOT,
-                            env=fitutil.subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for(proc: subprocess.Popen, ready) -> None:
-    deadline = time.time() + 240
-    while not ready():
-        assert proc.poll() is None, proc.communicate()[1]
-        assert time.time() < deadline
-        time.sleep(0.05)
-
-
 def test_ctrl_c_in_training_saves_the_last_step_and_says_how_to_resume(tmp_path, small):
     straight = tmp_path / "straight"
     assert main(run_args(straight, small, 8, record=straight / "rec.jsonl")) == 0
     root, rec = tmp_path / "run", tmp_path / "run" / "rec.jsonl"
     slow = "--trainer.callbacks+=" + json.dumps({"class_path": "fitutil.SlowStep", "init_args": {"seconds": 0.3}})
-    proc = start_fit(run_args(root, small, 8, every=1000, record=rec, extra=[slow]))
-    wait_for(proc, lambda: len(fitutil.read_records(rec)) >= 3)
+    proc = fitutil.start_fit(run_args(root, small, 8, every=1000, record=rec, extra=[slow]))
+    fitutil.wait_for(proc, lambda: len(fitutil.read_records(rec)) >= 3)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
@@ -180,8 +162,8 @@ def test_ctrl_c_during_validation_saves_the_last_step(tmp_path, small):
     marker = tmp_path / "validating"
     slow = "--trainer.callbacks+=" + json.dumps({"class_path": "fitutil.SlowValidation",
                                                  "init_args": {"marker": str(marker)}})
-    proc = start_fit(run_args(root, small, 8, extra=[slow, "--trainer.val_check_interval", "3"]))
-    wait_for(proc, marker.exists)
+    proc = fitutil.start_fit(run_args(root, small, 8, extra=[slow, "--trainer.val_check_interval", "3"]))
+    fitutil.wait_for(proc, marker.exists)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
@@ -194,8 +176,8 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path, small):
     marker = tmp_path / "validating"
     slow = "--trainer.callbacks+=" + json.dumps({"class_path": "fitutil.SlowValidation",
                                                  "init_args": {"marker": str(marker), "seconds": 30}})
-    proc = start_fit(run_args(root, small, 8, extra=[slow, "--trainer.val_check_interval", "3"]))
-    wait_for(proc, marker.exists)
+    proc = fitutil.start_fit(run_args(root, small, 8, extra=[slow, "--trainer.val_check_interval", "3"]))
+    fitutil.wait_for(proc, marker.exists)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.5)
     t0 = time.time()
