@@ -32,6 +32,7 @@ from smollm.data import TextDataModule
 from smollm.errors import SmolLMError, UsageError
 from smollm.generate import complete
 from smollm.module import LitSmolLM
+from smollm.sharding import full_model, is_fsdp
 
 
 class SmolLMCLI(LightningCLI):
@@ -50,6 +51,7 @@ class SmolLMCLI(LightningCLI):
         if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
             raise UsageError(f"trainer.accelerator is {accelerator!r} but this machine has no CUDA GPU; "
                            "use configs/tiny.yaml, or add --trainer.accelerator cpu --trainer.precision 32-true")
+        check_size_fits(trainer, ModelConfig.from_name(cfg.model.preset, **(cfg.model.config_overrides or {})))
         root = trainer.default_root_dir or os.getcwd()
         name = cfg.name or cfg.model.preset
         if cfg.checkpoint.dirpath is None:
@@ -81,6 +83,40 @@ class SmolLMCLI(LightningCLI):
                                             "version": version}}
 
 
+def check_size_fits(trainer, config: ModelConfig) -> None:
+    """Before anything is built: FSDP only with CUDA GPUs (Lightning refuses it on the CPU), and on
+    the CPU enough free memory for float32 weights, gradients and AdamW state (16 bytes per
+    parameter, per process; activations come on top). A CPU run that does not fit would otherwise
+    be killed by the system without a word."""
+    accelerator, strategy = str(trainer.accelerator), trainer.strategy
+    on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    if isinstance(strategy, str) and strategy.startswith("fsdp") and not on_gpu:
+        raise UsageError(f"--trainer.strategy {strategy} needs CUDA GPUs (Lightning's FSDP does not run on the "
+                         "CPU); on CPU use --trainer.strategy ddp")
+    available = available_memory()
+    if on_gpu or available is None:
+        return
+    processes = trainer.devices if isinstance(trainer.devices, int) and trainer.devices > 0 else 1
+    needed = 16 * config.num_params * processes
+    if needed > available:
+        raise UsageError(f"training {config.num_params / 1e6:,.0f}M parameters on the CPU in {processes} "
+                         f"process(es) needs at least {needed / 1e9:.1f} GB for float32 weights, gradients and "
+                         f"AdamW state, and {available / 1e9:.1f} GB are free; use a smaller --model.preset "
+                         "or a machine with more memory")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can still give (Linux's MemAvailable plus free swap), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[1:]}
+    except (OSError, ValueError, IndexError):
+        return None
+    if "MemAvailable" not in info:
+        return None
+    return info["MemAvailable"] + info.get("SwapFree", 0)
+
+
 def configure_trainer(trainer) -> None:
     """What the CLI cannot express as a default: atomic checkpoint writes (unless a subclass was
     given with --trainer.plugins) and a progress bar that refreshes only when metrics are
@@ -92,10 +128,11 @@ def configure_trainer(trainer) -> None:
             callback._refresh_rate = trainer.log_every_n_steps
 
 
-def print_next_token(model: LitSmolLM, datamodule: TextDataModule) -> None:
+def print_next_token(model: LitSmolLM, datamodule: TextDataModule, show: bool = True) -> None:
     prompt = model.hparams.sample_prompt
     _, new = complete(model.model, datamodule.tokenizer, prompt, max_new_tokens=1)
-    print(f"next token after {prompt!r}: {datamodule.tokenizer.decode(new)!r} (id {new[0]})")
+    if show:
+        print(f"next token after {prompt!r}: {datamodule.tokenizer.decode(new)!r} (id {new[0]})")
 
 
 def main(args: list[str] | None = None) -> int:
@@ -114,8 +151,9 @@ def main(args: list[str] | None = None) -> int:
         )
         configure_trainer(cli.trainer)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_from, weights_only=True)
-        if cli.trainer.is_global_zero:
-            print_next_token(cli.model, cli.datamodule)
+        if cli.trainer.is_global_zero or is_fsdp(cli.trainer):  # FSDP: every rank runs the model
+            with full_model(cli.trainer):
+                print_next_token(cli.model, cli.datamodule, show=cli.trainer.is_global_zero)
         return 0
     except SIGTERMException:
         print("stopped by SIGTERM; a checkpoint of the last finished step was saved. "
