@@ -51,7 +51,8 @@ class SmolLMCLI(LightningCLI):
         if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
             raise UsageError(f"trainer.accelerator is {accelerator!r} but this machine has no CUDA GPU; "
                            "use configs/tiny.yaml, or add --trainer.accelerator cpu --trainer.precision 32-true")
-        check_size_fits(trainer, ModelConfig.from_name(cfg.model.preset, **(cfg.model.config_overrides or {})))
+        model_config = ModelConfig.from_name(cfg.model.preset, **(cfg.model.config_overrides or {}))
+        check_size_fits(trainer, model_config)
         root = trainer.default_root_dir or os.getcwd()
         name = cfg.name or cfg.model.preset
         if cfg.checkpoint.dirpath is None:
@@ -66,8 +67,7 @@ class SmolLMCLI(LightningCLI):
                     raise UsageError(f"--ckpt_path last: no checkpoint to resume in {cfg.checkpoint.dirpath}; "
                                      "start without --ckpt_path, or give the checkpoint's path")
             checkpoint = read_checkpoint(path)
-            check_config(path, checkpoint,
-                         ModelConfig.from_name(cfg.model.preset, **(cfg.model.config_overrides or {})))
+            check_config(path, checkpoint, model_config)
             self.resume_from = path
             version = checkpoint["smollm"].get("logger_version")
             del checkpoint

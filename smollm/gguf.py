@@ -150,7 +150,9 @@ def llama_cpp_pre_tokenizer(pre_tokenizer: dict[str, Any] | None) -> str:
     """llama.cpp's name (tokenizer.ggml.pre) for a Hugging Face byte-level pre-tokenizer."""
     steps = pre_tokenizer.get("pretokenizers", [pre_tokenizer]) if pre_tokenizer else []
     kinds = [(p.get("type"), p.get("individual_digits")) for p in steps]
-    byte_level = [p for p in steps if p.get("type") == "ByteLevel" and p.get("use_regex", True)]
+    # llama.cpp's GPT-2 split neither adds a leading space nor works without its regex
+    byte_level = [p for p in steps if p.get("type") == "ByteLevel" and p.get("use_regex", True)
+                  and not p.get("add_prefix_space")]
     if kinds == [("ByteLevel", None)] and byte_level:
         return "gpt-2"  # GPT-2's split, then bytes
     if kinds == [("Digits", True), ("ByteLevel", None)] and byte_level:
@@ -234,6 +236,8 @@ def save_gguf(model: SmolLM, path: str | os.PathLike, tokenizer: Any, dtype: str
         writer.write_tensors_to_file()
         writer.close()
         os.replace(tmp, path)
+    except OSError as e:  # a full disk, a folder without write permission
+        raise GGUFExportError(f"could not write {path}: {e.strerror or e}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
