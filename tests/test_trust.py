@@ -334,6 +334,19 @@ def test_bad_input_from_the_command_line_reads_as_one_line(tmp_path, small):
 DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
 
 
+def assert_two_process_resume_is_exact(run: Path, small, extra: list[str], straight: Path, ranks) -> None:
+    """3 steps, then resumed to 6, on two processes: each rank's windows and losses are those of
+    the uninterrupted run `straight` (whose records are `ranks`), and so is the final state."""
+    for steps, more in ((3, []), (6, ["--ckpt_path", "last"])):
+        result = fitutil.run_fit(run_args(run, small, steps, every=3, record=run / "rec.jsonl", extra=extra + more))
+        assert result.returncode == 0, result.stderr[-3000:]
+    for r in (0, 1):
+        resumed = fitutil.read_records(Path(f"{run / 'rec.jsonl'}.rank{r}"))
+        assert [x["windows"] for x in resumed] == [x["windows"] for x in ranks[r]]
+        assert [x["loss"] for x in resumed] == [x["loss"] for x in ranks[r]]
+    assert_same_state(checkpoint_at(run, 6), checkpoint_at(straight, 6))
+
+
 @pytest.fixture(scope="module")
 def ddp_straight(tmp_path_factory, small):
     """6 steps of DDP on two CPU processes, a checkpoint every 3: (run folder, each rank's records)."""
@@ -345,22 +358,13 @@ def ddp_straight(tmp_path_factory, small):
 
 @pytest.mark.slow
 def test_ddp_on_two_processes_splits_data_saves_once_and_resumes_exactly(tmp_path, small, ddp_straight):
-    ddp = DDP
     straight, ranks = ddp_straight
     for a, b in zip(*ranks):
         assert a["step"] == b["step"] and not set(a["windows"]) & set(b["windows"])
     assert sorted(p.name for p in (straight / "checkpoints" / "tiny").iterdir()) == [
         "last.ckpt", "step=000003.ckpt", "step=000006.ckpt"]
 
-    run = tmp_path / "resumed"
-    for steps, extra in ((3, []), (6, ["--ckpt_path", "last"])):
-        result = fitutil.run_fit(run_args(run, small, steps, every=3, record=run / "rec.jsonl", extra=ddp + extra))
-        assert result.returncode == 0, result.stderr[-3000:]
-    for r in (0, 1):
-        resumed = fitutil.read_records(Path(f"{run / 'rec.jsonl'}.rank{r}"))
-        assert [x["windows"] for x in resumed] == [x["windows"] for x in ranks[r]]
-        assert [x["loss"] for x in resumed] == [x["loss"] for x in ranks[r]]
-    assert_same_state(checkpoint_at(run, 6), checkpoint_at(straight, 6))
+    assert_two_process_resume_is_exact(tmp_path / "resumed", small, DDP, straight, ranks)
 
 
 @pytest.mark.slow
@@ -392,17 +396,10 @@ def test_fsdp_on_two_processes_shards_by_layer_trains_as_ddp_resumes_exactly_and
         assert ranks[r][0]["grad_norm"] == pytest.approx(reference[0]["grad_norm"], rel=1e-5)
         assert [x["grad_norm"] for x in ranks[r]] == pytest.approx([x["grad_norm"] for x in reference], rel=1e-3)
         assert [x["loss"] for x in ranks[r]] == pytest.approx([x["loss"] for x in reference], rel=1e-3)
-    assert ranks[0][0]["grad_norm"] > 1.0  # above the clip (1.0): every step clips
+    assert ranks[0][0]["grad_norm"] > 1.0  # above the clip (1.0): the clip acts
 
     run = tmp_path / "resumed"
-    for steps, extra in ((3, []), (6, ["--ckpt_path", "last"])):
-        result = fitutil.run_fit(run_args(run, small, steps, every=3, record=run / "rec.jsonl", extra=fsdp + extra))
-        assert result.returncode == 0, result.stderr[-3000:]
-    for r in (0, 1):
-        resumed = fitutil.read_records(Path(f"{run / 'rec.jsonl'}.rank{r}"))
-        assert [x["windows"] for x in resumed] == [x["windows"] for x in ranks[r]]
-        assert [x["loss"] for x in resumed] == [x["loss"] for x in ranks[r]]
-    assert_same_state(checkpoint_at(run, 6), checkpoint_at(straight, 6))
+    assert_two_process_resume_is_exact(run, small, fsdp, straight, ranks)
 
     # The checkpoint converts to a Hugging Face directory whose greedy next token is the one the
     # sharded model printed at the end of training.
