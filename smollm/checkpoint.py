@@ -42,6 +42,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """torch.load a training checkpoint safely (weights_only, memory-mapped): every way it can be
     broken, or unsafe, is one CheckpointError naming the file."""
     path = str(path)
+    if os.path.isdir(path):
+        # What FSDP writes with state_dict_type="sharded" (or torch.distributed.checkpoint): its
+        # metadata file is an unrestricted pickle, which could run code when loaded.
+        raise CheckpointError(f"checkpoint {path} is a folder (a sharded checkpoint?); smollm reads only "
+                              "single-file checkpoints, whose loading cannot run code: train with FSDP's "
+                              "default state_dict_type 'full'")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     if os.path.getsize(path) == 0:

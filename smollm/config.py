@@ -105,9 +105,26 @@ class ModelConfig:
         return 6 * matmul + attention
 
 
+# The SmolLM2 family, field for field as its published config.json files (HuggingFaceTB/SmolLM2-135M,
+# -360M, -1.7B), read from the copies quoted in Lightning-AI/litgpt litgpt/config.py (commit 293089e,
+# which links each config.json: block_size = max_position_embeddings, n_query_groups =
+# num_key_value_heads, rope_base = rope_theta, norm_eps = rms_norm_eps), huggingface/nanoVLM
+# models/config.py (the SmolLM2-360M-Instruct values) and a verbatim SmolLM2-1.7B-Instruct config.json
+# (initializer_range 0.02, rope_theta 130000). All three: vocabulary 49152, head_dim 64, context 8192,
+# RMSNorm eps 1e-5, SwiGLU, no biases, tied embeddings. tests/test_model.py checks the counts.
 PRESETS: dict[str, dict[str, Any]] = {
     # SmolLM2-135M: the defaults above; 134,515,008 parameters.
     "135m": {},
+    # SmolLM2-360M: 361,821,120 parameters. 32 layers of width 960, MLP 2560, 15 query heads
+    # sharing 5 key/value heads (GQA 3:1, as 135M), rope_theta 100000. initializer_range only
+    # seeds a fresh run (0.02, as 1.7B's config.json; no verbatim 360M value was found).
+    "360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
+                 num_attention_heads=15, num_key_value_heads=5, initializer_range=0.02),
+    # SmolLM2-1.7B: 1,711,376,384 parameters. 24 layers of width 2048, MLP 8192, 32 heads of 64 and
+    # no GQA (32 key/value heads), rope_theta 130000, initializer_range 0.02.
+    "1.7b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+                 num_attention_heads=32, num_key_value_heads=32, rope_theta=130000.0,
+                 initializer_range=0.02),
     # A 3.2M-parameter debug flavor with the real vocabulary, so the real tokenizer works with it.
     # Same structure (GQA 4:2, tied head, SwiGLU); trains on CPU in seconds.
     "tiny": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2,

@@ -1,9 +1,12 @@
-"""`python -m smollm.convert`: real weights or a training checkpoint -> Hugging Face directory.
+"""`python -m smollm.convert`: move weights between smollm, Hugging Face and llama.cpp.
 
-    python -m smollm.convert gguf FILE.gguf OUT_DIR   # SmolLM2 GGUF (weights + its tokenizer)
-    python -m smollm.convert ckpt FILE.ckpt OUT_DIR   # a Lightning checkpoint of smollm.fit
+    python -m smollm.convert gguf FILE.gguf OUT_DIR   # SmolLM2 GGUF (weights + its tokenizer) -> HF dir
+    python -m smollm.convert ckpt FILE.ckpt OUT_DIR   # a Lightning checkpoint of smollm.fit -> HF dir
+    python -m smollm.convert to-gguf PATH OUT.gguf [--dtype f32|f16|bf16|q8_0] [--tokenizer NAME_OR_DIR]
+                                     [--overwrite]    # a .ckpt or HF dir -> GGUF for llama.cpp
 
-The output loads with `smollm.hf.load_hf` and with transformers.AutoModelForCausalLM.
+A Hugging Face directory loads with `smollm.hf.load_hf` and transformers.AutoModelForCausalLM; a
+GGUF with llama.cpp (and tools built on it) and with transformers (`gguf_file=`).
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ from pathlib import Path
 from smollm.assets import load_tokenizer
 from smollm.checkpoint import model_from_checkpoint
 from smollm.cli import fail_on
-from smollm.errors import MissingPathError, SmolLMError
-from smollm.gguf import load_gguf
-from smollm.hf import check_output_dir, save_hf
+from smollm.errors import MissingPathError, SmolLMError, UsageError
+from smollm.gguf import EXPORT_DTYPES, load_gguf, save_gguf
+from smollm.hf import check_output_dir, load_hf, save_hf
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
@@ -39,8 +42,46 @@ def convert_ckpt(ckpt_path: str | Path, out_dir: str | Path, overwrite: bool = F
     return save_hf(model, out_dir, tokenizer=tokenizer, overwrite=overwrite)
 
 
+def convert_to_gguf(path: str | Path, out: str | Path, dtype: str = "f32", tokenizer: str | None = None,
+                    overwrite: bool = False) -> dict[str, str]:
+    """A training checkpoint or a Hugging Face directory, with its tokenizer, -> a GGUF file.
+
+    The tokenizer is `tokenizer` (a name or folder) if given, else the one the checkpoint was
+    trained with, or the one in the Hugging Face directory. Returns each tensor's GGML type.
+    """
+    path, out = Path(path), Path(out)
+    if not path.exists():
+        raise MissingPathError(f"{path}: no such file or directory")
+    if out.is_dir():
+        raise UsageError(f"{out}: is a directory; give the .gguf file to write")
+    if out.exists() and not overwrite:
+        raise UsageError(f"{out} already exists; add --overwrite to replace it")
+    if not out.parent.is_dir():
+        raise MissingPathError(f"{out.parent}: no such directory to write {out.name} into")
+    if path.is_dir():
+        model = load_hf(path)
+        has_tokenizer = (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
+        if tokenizer is None and not has_tokenizer:
+            raise UsageError(f"{path} holds no tokenizer and a GGUF needs one; add --tokenizer NAME_OR_DIR")
+        tokenizer = tokenizer or str(path)
+    else:
+        model, trained_with = model_from_checkpoint(path)
+        tokenizer = tokenizer or trained_with
+        if tokenizer is None:
+            raise UsageError(f"{path} does not name the tokenizer it was trained with and a GGUF needs one; "
+                             "add --tokenizer NAME_OR_DIR")
+    return save_gguf(model, out, load_tokenizer(tokenizer), dtype=dtype, name=path.stem or path.name)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad command line as one `error:` line (smollm.cli) instead of usage + error."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see --help)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m smollm.convert", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="python -m smollm.convert", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="source", required=True)
     for name, help_ in (("gguf", "a llama-architecture GGUF file (e.g. SmolLM2-135M-Instruct)"),
                         ("ckpt", "a Lightning checkpoint written by smollm.fit")):
@@ -48,7 +89,30 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("file", help=f"the .{name} file")
         p.add_argument("out_dir", help="Hugging Face directory to write (created if missing)")
         p.add_argument("--overwrite", action="store_true", help="replace a model already in out_dir")
-    args = parser.parse_args(argv)
+    p = sub.add_parser("to-gguf", help="a .ckpt of smollm.fit or a Hugging Face directory -> GGUF (llama.cpp)")
+    p.add_argument("path", help="a .ckpt written by smollm.fit, or a Hugging Face Llama directory")
+    p.add_argument("out", help="the .gguf file to write")
+    p.add_argument("--dtype", choices=EXPORT_DTYPES, default="f32",
+                   help="type of the weight matrices (norms stay f32); default f32")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer name or folder to put inside (default: the checkpoint's or the directory's)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        return fail_on(e)
+
+    if args.source == "to-gguf":
+        try:
+            types = convert_to_gguf(args.path, args.out, args.dtype, args.tokenizer, args.overwrite)
+        except SmolLMError as e:
+            return fail_on(e)
+        kept = sorted(name for name, t in types.items() if t == "F16") if args.dtype == "q8_0" else []
+        if kept:
+            print(f"note: {len(kept)} matrices kept in f16 (rows not a multiple of q8_0's 32): {', '.join(kept[:3])}"
+                  + (" ..." if len(kept) > 3 else ""), file=sys.stderr)
+        print(args.out)
+        return 0
 
     out_dir = Path(args.out_dir)
     try:

@@ -35,6 +35,7 @@ from smollm.data import TextDataModule
 from smollm.errors import SmolLMError, UsageError
 from smollm.generate import complete
 from smollm.module import LitSmolLM
+from smollm.sharding import full_model, is_fsdp
 
 GiB = 2**30
 
@@ -55,6 +56,8 @@ class SmolLMCLI(LightningCLI):
         if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
             raise UsageError(f"trainer.accelerator is {accelerator!r} but this machine has no CUDA GPU; "
                              "use configs/tiny.yaml, or add --trainer.accelerator cpu --trainer.precision 32-true")
+        model_config = ModelConfig.from_name(cfg.model.preset, **(cfg.model.config_overrides or {}))
+        check_size_fits(trainer, model_config)
         root = trainer.default_root_dir or os.getcwd()
         name = cfg.name or cfg.model.preset
         if cfg.checkpoint.dirpath is None:
@@ -70,8 +73,7 @@ class SmolLMCLI(LightningCLI):
                     raise UsageError(f"--ckpt_path last: no checkpoint to resume in {cfg.checkpoint.dirpath}; "
                                      "start without --ckpt_path, or give the checkpoint's path")
             checkpoint = read_checkpoint(path)
-            check_config(path, checkpoint,
-                         ModelConfig.from_name(cfg.model.preset, **(cfg.model.config_overrides or {})))
+            check_config(path, checkpoint, model_config)
             self.resume_from, self.resume_step = path, int(checkpoint.get("global_step", 0))
             version = checkpoint["smollm"].get("logger_version")
             del checkpoint
@@ -94,6 +96,40 @@ class SmolLMCLI(LightningCLI):
             # so its TensorBoard curve is continuous.
             trainer.logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                               "init_args": {"save_dir": self.logs_root, "name": name, "version": version}}
+
+
+def check_size_fits(trainer, config: ModelConfig) -> None:
+    """Before anything is built: FSDP only with CUDA GPUs (Lightning refuses it on the CPU), and on
+    the CPU enough free memory for float32 weights, gradients and AdamW state (16 bytes per
+    parameter, per process; activations come on top). A CPU run that does not fit would otherwise
+    be killed by the system without a word."""
+    accelerator, strategy = str(trainer.accelerator), trainer.strategy
+    on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    if isinstance(strategy, str) and strategy.startswith("fsdp") and not on_gpu:
+        raise UsageError(f"--trainer.strategy {strategy} needs CUDA GPUs (Lightning's FSDP does not run on the "
+                         "CPU); on CPU use --trainer.strategy ddp")
+    available = available_memory()
+    if on_gpu or available is None:
+        return
+    processes = trainer.devices if isinstance(trainer.devices, int) and trainer.devices > 0 else 1
+    needed = 16 * config.num_params * processes
+    if needed > available:
+        raise UsageError(f"training {config.num_params / 1e6:,.0f}M parameters on the CPU in {processes} "
+                         f"process(es) needs at least {needed / 1e9:.1f} GB for float32 weights, gradients and "
+                         f"AdamW state, and {available / 1e9:.1f} GB are free; use a smaller --model.preset "
+                         "or a machine with more memory")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can still give (Linux's MemAvailable plus free swap), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[1:]}
+    except (OSError, ValueError, IndexError):
+        return None
+    if "MemAvailable" not in info:
+        return None
+    return info["MemAvailable"] + info.get("SwapFree", 0)
 
 
 def configure_trainer(trainer) -> tuple[Console, CtrlC]:
@@ -120,21 +156,13 @@ def check_memory(model: LitSmolLM, datamodule: TextDataModule, trainer) -> None:
         free, _ = torch.cuda.mem_get_info(device)
         where = f"GPU {torch.cuda.get_device_name(device)}"
     else:
-        free, where = _available_ram(), "this machine's RAM"
+        free, where = available_memory(), "this machine's RAM"
     if free is not None and need > 0.9 * free:
         raise UsageError(
             f"training {model.hparams.preset} at micro-batch {datamodule.batch_size} x {datamodule.seq_len} "
             f"needs about {need / GiB:.1f} GiB, more than the {free / GiB:.1f} GiB free on {where}; lower "
             "--data.batch_size or --data.seq_len, or use a smaller --model.preset"
             + (" (on a CPU, start with --config configs/tiny.yaml)" if device.type == "cpu" else ""))
-
-
-def _available_ram() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return None
 
 
 def command(args: list[str], drop: tuple[str, ...], add: list[str]) -> str:
@@ -158,7 +186,9 @@ def _rel(path: str) -> str:
     return rel if not rel.startswith("..") else path
 
 
-def print_summary(cli: SmolLMCLI, console: Console, args: list[str]) -> None:
+def print_summary(cli: SmolLMCLI, console: Console, args: list[str], show: bool = True) -> None:
+    """The end of a run: what was trained, the model's next token and a greedy sample, and the
+    commands to continue, generate and look. Under FSDP every rank generates; rank 0 prints."""
     trainer, model, dm = cli.trainer, cli.model, cli.datamodule
     tokens_per_step = dm.batch_size * dm.seq_len * trainer.world_size * trainer.accumulate_grad_batches
     lines = ["", "done: " + "; ".join(console.summary(trainer, tokens_per_step))]
@@ -176,7 +206,8 @@ def print_summary(cli: SmolLMCLI, console: Console, args: list[str]) -> None:
         lines.append("generate:    " + shlex.join(["python", "-m", "smollm.generate", "--checkpoint",
                                                    _rel(os.path.join(ckpt.dirpath, "last.ckpt")), "--prompt", prompt]))
     lines.append("TensorBoard: " + shlex.join(["tensorboard", "--logdir", _rel(cli.logs_root)]))
-    print("\n".join(lines), flush=True)
+    if show:
+        print("\n".join(lines), flush=True)
 
 
 class _LightningNoise(logging.Filter):
@@ -247,8 +278,9 @@ def main(args: list[str] | None = None) -> int:
             lock.acquire()
         check_memory(cli.model, cli.datamodule, cli.trainer)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_from, weights_only=True)
-        if cli.trainer.is_global_zero:
-            print_summary(cli, console, args)
+        if cli.trainer.is_global_zero or is_fsdp(cli.trainer):  # FSDP: every rank runs the model
+            with full_model(cli.trainer):
+                print_summary(cli, console, args, show=cli.trainer.is_global_zero)
         return 0
     except Interrupted as e:
         print(f"stopped by Ctrl-C; step {e.step} is saved. Resume with:\n  "

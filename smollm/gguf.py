@@ -1,21 +1,36 @@
-"""GGUF (llama.cpp's format) -> SmolLM, through transformers' GGUF reader.
+"""GGUF (llama.cpp's format) <-> SmolLM.
 
-transformers dequantizes every tensor and undoes llama.cpp's permutation of the q and k
-projections (llama.cpp stores RoPE pairs interleaved); we take its weights by name and check
+In: `load_gguf` reads through transformers' GGUF reader, which dequantizes every tensor and
+undoes llama.cpp's permutation of the q and k projections; we take its weights by name and check
 them like any Hugging Face checkpoint.
+
+Out: `save_gguf` writes a llama-architecture GGUF with the `gguf` package's GGUFWriter (what
+llama.cpp's own converter is built on): llama.cpp's tensor names and metadata keys, the
+tokenizer inside (byte-level BPE: tokens, merges, special ids), weights in f32, f16, bf16 or
+q8_0. llama.cpp applies RoPE to interleaved pairs (2i, 2i+1) where we (and transformers) use
+the rotate_half pairs (i, i + head_dim/2), so q and k rows are permuted on the way out exactly as
+llama.cpp's converter does, and transformers' reader undoes it on the way in.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from smollm.errors import MissingPathError
+from smollm.config import ModelConfig
+from smollm.errors import MissingPathError, SmolLMError
 from smollm.hf import HFFormatError, config_from_hf, model_from_state
 from smollm.model import SmolLM
+
+
+class GGUFExportError(SmolLMError, ValueError):
+    """A model or tokenizer that cannot be written as a llama.cpp GGUF."""
+
 
 def gguf_architecture(path: str | os.PathLike) -> str:
     from gguf import GGUFReader
@@ -47,3 +62,183 @@ def load_gguf(path: str | os.PathLike) -> tuple[SmolLM, Any]:
     model = model_from_state(config, hf_model.state_dict())
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# SmolLM -> GGUF
+
+# --dtype -> (the type of every matrix, general.file_type); vectors (the norms) stay float32, as
+# llama.cpp's converter keeps them.
+EXPORT_DTYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+def _dtype_types(dtype: str) -> tuple[Any, int]:
+    from gguf import GGMLQuantizationType as Q
+    from gguf import LlamaFileType as F
+
+    return {"f32": (Q.F32, F.ALL_F32), "f16": (Q.F16, F.MOSTLY_F16), "bf16": (Q.BF16, F.MOSTLY_BF16),
+            "q8_0": (Q.Q8_0, F.MOSTLY_Q8_0)}[dtype]
+
+
+def permute_for_llama_cpp(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """q or k projection rows, per head, from rotate_half order (x_i pairs with x_{i+d/2}) to
+    llama.cpp's interleaved order (x_2i pairs with x_2i+1); llama.cpp's converter's `permute`."""
+    out, C = weight.shape
+    d = out // n_heads
+    w = weight.reshape(n_heads, 2, d // 2, C)  # (heads, half, d/2, C): row i and row i + d/2
+    return w.transpose(1, 2).reshape(out, C)  # (heads, d/2, 2, C): the two now adjacent
+
+
+def gguf_tensors(model: SmolLM) -> dict[str, np.ndarray]:
+    """Every weight under its llama.cpp name, float32, q and k permuted; a tied head is left out
+    (llama.cpp then uses token_embd for the output, and transformers ties them on reading)."""
+    from gguf import MODEL_ARCH, get_tensor_name_map
+
+    config = model.config
+    names = get_tensor_name_map(MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    out = {}
+    for key, value in getattr(model, "_orig_mod", model).state_dict().items():
+        if key == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        value = value.detach().to("cpu", torch.float32)
+        if key.endswith("self_attn.q_proj.weight"):
+            value = permute_for_llama_cpp(value, config.num_attention_heads)
+        elif key.endswith("self_attn.k_proj.weight"):
+            value = permute_for_llama_cpp(value, config.num_key_value_heads)
+        hf_key = key if key == "lm_head.weight" else "model." + key
+        name = names.get_name(hf_key, try_suffixes=(".weight",))
+        if name is None:
+            raise GGUFExportError(f"weight {key} has no llama.cpp name")
+        out[name] = value.contiguous().numpy()
+    return out
+
+
+def encode_tensor(data: np.ndarray, dtype: str) -> tuple[np.ndarray, Any]:
+    """(bytes or values to store, their GGML type). Vectors stay float32; a q8_0 matrix whose
+    rows are not a multiple of 32 (q8_0's block) falls back to f16, as llama.cpp's converter does."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf import QuantError, quantize
+
+    qtype = Q.F32 if data.ndim == 1 else _dtype_types(dtype)[0]
+    try:
+        return quantize(data, qtype), qtype
+    except QuantError:
+        return quantize(data, Q.F16), Q.F16
+
+
+def write_config(writer: Any, config: ModelConfig, dtype: str) -> None:
+    """llama.* hyperparameters, as llama.cpp's converter writes them for a Llama model."""
+    from gguf import GGML_QUANT_VERSION
+
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(_dtype_types(dtype)[1])
+    writer.add_quantization_version(GGML_QUANT_VERSION)
+
+
+def llama_cpp_pre_tokenizer(pre_tokenizer: dict[str, Any] | None) -> str:
+    """llama.cpp's name (tokenizer.ggml.pre) for a Hugging Face byte-level pre-tokenizer."""
+    steps = pre_tokenizer.get("pretokenizers", [pre_tokenizer]) if pre_tokenizer else []
+    kinds = [(p.get("type"), p.get("individual_digits")) for p in steps]
+    # llama.cpp's GPT-2 split neither adds a leading space nor works without its regex
+    byte_level = [p for p in steps if p.get("type") == "ByteLevel" and p.get("use_regex", True)
+                  and not p.get("add_prefix_space")]
+    if kinds == [("ByteLevel", None)] and byte_level:
+        return "gpt-2"  # GPT-2's split, then bytes
+    if kinds == [("Digits", True), ("ByteLevel", None)] and byte_level:
+        return "smollm"  # every digit apart, then GPT-2's split (SmolLM2's own tokenizer)
+    raise GGUFExportError(f"the tokenizer's pre-tokenizer {json.dumps(pre_tokenizer)[:200]} has no llama.cpp "
+                          "equivalent smollm knows (byte-level BPE, as SmolLM2's, is supported)")
+
+
+def write_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer as llama.cpp's "gpt2" vocabulary: tokens by id (ids the model
+    has but the tokenizer lacks become unused "[PADn]"), their types, the merges, special ids."""
+    from gguf import TokenType
+
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    if backend["model"].get("type") != "BPE" or (backend.get("decoder") or {}).get("type") != "ByteLevel":
+        raise GGUFExportError("the tokenizer is not a byte-level BPE (as SmolLM2's is); llama.cpp's GGUF "
+                              "export supports only that kind")
+    pre = llama_cpp_pre_tokenizer(backend.get("pre_tokenizer"))
+    if len(tokenizer) > vocab_size:
+        raise GGUFExportError(f"the tokenizer has {len(tokenizer)} tokens but the model only {vocab_size}")
+    by_id = {i: token for token, i in tokenizer.get_vocab().items()}
+    added = tokenizer.added_tokens_decoder  # id -> AddedToken
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i in added:
+            tokens.append(added[i].content)
+            types.append(TokenType.CONTROL if added[i].special else TokenType.USER_DEFINED)
+        elif i in by_id:
+            tokens.append(by_id[i])
+            types.append(TokenType.NORMAL)
+        else:
+            tokens.append(f"[PAD{i}]")
+            types.append(TokenType.UNUSED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in backend["model"].get("merges", [])]
+
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for token_id, add in ((tokenizer.bos_token_id, writer.add_bos_token_id),
+                          (tokenizer.eos_token_id, writer.add_eos_token_id),
+                          (tokenizer.unk_token_id, writer.add_unk_token_id),
+                          (tokenizer.pad_token_id, writer.add_pad_token_id)):
+        if token_id is not None:
+            add(token_id)
+    ids = tokenizer.encode("a")
+    writer.add_add_bos_token(tokenizer.bos_token_id is not None and len(ids) > 1 and ids[0] == tokenizer.bos_token_id)
+    writer.add_add_eos_token(tokenizer.eos_token_id is not None and len(ids) > 1 and ids[-1] == tokenizer.eos_token_id)
+    if getattr(tokenizer, "chat_template", None):
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def save_gguf(model: SmolLM, path: str | os.PathLike, tokenizer: Any, dtype: str = "f32",
+              name: str = "SmolLM") -> dict[str, str]:
+    """Write `model` and `tokenizer` as a llama-architecture GGUF at `path`.
+
+    The file appears whole or not at all (written to a temporary name, then renamed). Returns
+    the GGML type of every tensor by name (e.g. a q8_0 export keeps the norms in F32).
+    """
+    from gguf import GGUFWriter
+
+    if dtype not in EXPORT_DTYPES:
+        raise GGUFExportError(f"unknown GGUF dtype {dtype!r}; choose one of: {', '.join(EXPORT_DTYPES)}")
+    if tokenizer is None:
+        raise GGUFExportError("a GGUF for llama.cpp needs the tokenizer inside, and none was given")
+    path = Path(path)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    types = {}
+    try:
+        writer = GGUFWriter(tmp, "llama")
+        writer.add_name(name)
+        write_config(writer, model.config, dtype)
+        write_tokenizer(writer, tokenizer, model.config.vocab_size)
+        for tensor_name, data in gguf_tensors(model).items():
+            encoded, qtype = encode_tensor(data, dtype)
+            writer.add_tensor(tensor_name, encoded, raw_dtype=qtype)
+            types[tensor_name] = qtype.name
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk, a folder without write permission
+        raise GGUFExportError(f"could not write {path}: {e.strerror or e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return types

@@ -23,6 +23,7 @@ from smollm.errors import SmolLMError, UsageError
 from smollm.evaluate import token_bytes
 from smollm.generate import complete
 from smollm.model import SmolLM, chunked_cross_entropy
+from smollm.sharding import clip_grad_norm, full_model, shard_by_layer
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,8 @@ class LitSmolLM(L.LightningModule):
     ) -> None:
         """
         Args:
-            preset: Model preset: "135m" (SmolLM2-135M) or "tiny" (3.2M parameters, for CPU).
+            preset: Model preset: "135m", "360m" or "1.7b" (SmolLM2 exactly), or "tiny" (3.2M
+                parameters, for CPU).
             config_overrides: ModelConfig fields to change, e.g. {num_hidden_layers: 4}.
             init_from: A Hugging Face Llama directory to start from (e.g. the converted real
                 SmolLM2) instead of a random init; its configuration must match the model's.
@@ -142,6 +144,8 @@ class LitSmolLM(L.LightningModule):
                 f"--model.config_overrides '{{\"vocab_size\": {vocab}}}' matches them")
 
     def configure_model(self) -> None:
+        if self._trainer is not None:
+            shard_by_layer(self.trainer.strategy)  # under FSDP: one unit per decoder layer
         if self.hparams.compile and not getattr(self, "_compiled", False):
             # Compile each decoder layer in place (nn.Module.compile): the 30 identical layers
             # share one compiled graph, training goes through them (it calls hidden_states, not
@@ -211,7 +215,7 @@ class LitSmolLM(L.LightningModule):
         # gradient_clip_val: Lightning's mixed-precision plugin refuses to clip with a fused
         # optimizer (it assumes the fused step unscales gradients itself), which bf16 never needs.
         max_norm = self.hparams.grad_clip if self.hparams.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        norm = clip_grad_norm(self._trainer, self.model, max_norm)  # global, also under FSDP
         self.log("train/grad_norm", norm)
         if self.hparams.check_finite:
             loss = getattr(self, "_train_loss", None)
@@ -310,7 +314,8 @@ class LitSmolLM(L.LightningModule):
         experiment = getattr(self.logger, "experiment", None)
         if tokenizer is None or self.trainer.sanity_checking or not hasattr(experiment, "add_text"):
             return
-        text, _ = complete(self.model, tokenizer, self.hparams.sample_prompt, self.hparams.sample_tokens)
+        with full_model(self.trainer):  # under FSDP, every rank takes part
+            text, _ = complete(self.model, tokenizer, self.hparams.sample_prompt, self.hparams.sample_tokens)
         if self.global_rank == 0:
             experiment.add_text("val/sample", self.hparams.sample_prompt + text, self.global_step)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 
 from helpers_data import make_tokenizer
 from smollm.callbacks import AtomicCheckpointIO
@@ -111,7 +112,8 @@ def read_records(path: Path) -> list[dict]:
 
 
 class Recorder(L.Callback):
-    """Appends one JSON line per optimizer step: step, loss, learning rate, window ids, rank."""
+    """Appends one JSON line per optimizer step: step, loss, learning rate, window ids, rank, and
+    the gradient norm."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -124,6 +126,8 @@ class Recorder(L.Callback):
             "lr": trainer.optimizers[0].param_groups[0]["lr"],
             "windows": batch["index"].tolist(),
         }
+        if "train/grad_norm" in trainer.callback_metrics:  # this step's, before clipping
+            record["grad_norm"] = float(trainer.callback_metrics["train/grad_norm"])
         path = self.path if trainer.world_size == 1 else f"{self.path}.rank{trainer.global_rank}"
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -211,3 +215,65 @@ class SyncDetector(L.Callback):
             SyncDetector.found.extend(f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0]}"
                                       for w in self._records if "called a synchronizing" in str(w.message))
             self._catch = None
+
+
+class CPUFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDPStrategy (FSDP1, `--trainer.strategy fsdp`) on CPU processes over gloo,
+    for tests only.
+
+    Lightning refuses `fsdp` without CUDA (its accelerator check refuses the name and exact
+    FSDPStrategy instances, not subclasses), and two of its choices assume a GPU, which this
+    class changes and nothing else:
+    - it hands FSDP no device on the CPU, and torch's FSDP then refuses to build ("FSDP needs a
+      non-CPU accelerator device"); here FSDP is given device_id=cpu;
+    - it gathers full state dicts with offload_to_cpu=True, which crashes torch's FSDP (SIGSEGV)
+      when the model already lives on the CPU; here the gather stays where it is.
+    Wrapping, sharding, the optimizer, checkpoint contents and resume are Lightning's own.
+    """
+
+    def setup_environment(self) -> None:
+        import lightning.fabric.strategies.fsdp as fabric_fsdp
+        import lightning.fabric.strategies.model_parallel as fabric_model_parallel
+        import lightning.pytorch.strategies.fsdp as pytorch_fsdp
+
+        for module in (fabric_fsdp, fabric_model_parallel, pytorch_fsdp):
+            if hasattr(module, "_get_full_state_dict_context"):
+                module._get_full_state_dict_context = _full_state_dict_context_in_place
+        super().setup_environment()
+
+    def _setup_model(self, model):
+        from unittest import mock
+
+        import torch.distributed.fsdp as fsdp
+
+        class OnCPU(fsdp.FullyShardedDataParallel):
+            def __init__(self, module, *args, device_id=None, **kwargs):
+                super().__init__(module, *args, device_id=torch.device("cpu"), **kwargs)
+
+        with mock.patch.object(fsdp, "FullyShardedDataParallel", OnCPU):
+            return super()._setup_model(model)
+
+
+def _full_state_dict_context_in_place(module, world_size: int, rank0_only: bool = True):
+    """Lightning's `_get_full_state_dict_context`, without offload_to_cpu."""
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel.state_dict_type(
+        module, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
+        FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only))
+
+
+class FSDPUnits(L.Callback):
+    """Writes, at the start of training, the names of the modules FSDP wraps as units (JSON)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if trainer.is_global_zero:
+            units = [name.replace("_fsdp_wrapped_module.", "") for name, m in trainer.strategy.model.named_modules()
+                     if isinstance(m, FullyShardedDataParallel)]
+            Path(self.path).write_text(json.dumps(units))

@@ -22,6 +22,66 @@ def test_135m_parameter_count():
     assert model.num_params == config.num_params == 134_515_008
 
 
+# The published config.json of each SmolLM2 (the architecture fields; sources in smollm/config.py).
+SMOLLM2_CONFIG_JSON = {
+    "360m": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+             "vocab_size": 49152, "hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32,
+             "num_attention_heads": 15, "num_key_value_heads": 5, "max_position_embeddings": 8192,
+             "rope_theta": 100000, "rope_scaling": None, "rms_norm_eps": 1e-05, "tie_word_embeddings": True,
+             "attention_bias": False, "mlp_bias": False, "initializer_range": 0.02},
+    "1.7b": {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+             "vocab_size": 49152, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24,
+             "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 8192,
+             "rope_theta": 130000, "rope_scaling": None, "rms_norm_eps": 1e-05, "tie_word_embeddings": True,
+             "attention_bias": False, "mlp_bias": False, "initializer_range": 0.02},
+}
+
+
+@pytest.mark.parametrize("name, n_params", [("360m", 361_821_120), ("1.7b", 1_711_376_384)])
+def test_family_presets_are_smollm2_exactly(name, n_params):
+    from smollm.hf import config_from_hf
+
+    config = ModelConfig.from_name(name)
+    # every field as load_hf would build it from the published config.json
+    assert config == config_from_hf(SMOLLM2_CONFIG_JSON[name])
+    with torch.device("meta"):
+        model = SmolLM(config)
+    assert model.num_params == config.num_params == n_params
+    assert config.head_dim == config.hidden_size // config.num_attention_heads == 64
+
+
+# Tiny models of each family member's shape: head_dim 64, the same query:key/value head ratio and
+# MLP ratio, the same rope_theta; fewer and narrower layers, a small vocabulary.
+FAMILY_SHAPES = {
+    "360m": dict(hidden_size=192, intermediate_size=512, num_hidden_layers=2, num_attention_heads=3,
+                 num_key_value_heads=1, head_dim=64, vocab_size=512),  # GQA 3:1, MLP 8/3
+    "1.7b": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, head_dim=64, vocab_size=512),  # no GQA, MLP 4x
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_SHAPES))
+def test_family_shapes_match_transformers_both_ways(tmp_path, name):
+    from transformers import LlamaForCausalLM
+
+    config = ModelConfig.from_name(name, **FAMILY_SHAPES[name])
+    x = ids(vocab=config.vocab_size)
+    torch.manual_seed(0)
+    ours = SmolLM(config).eval()
+    save_hf(ours, tmp_path / "ours")
+    theirs = LlamaForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="sdpa").eval()
+    assert theirs.config.num_key_value_heads == config.num_key_value_heads
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x).logits)
+
+    theirs = hf_llama(config)  # their random init, into ours
+    theirs.save_pretrained(tmp_path / "theirs")
+    loaded = load_hf(tmp_path / "theirs")
+    assert loaded.config == config
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), theirs(x).logits)
+
+
 def test_135m_flops_per_token():
     assert ModelConfig.from_name("135m").flops_per_token(2048) == pytest.approx(1.23e9, rel=0.01)
 

@@ -114,3 +114,74 @@ def test_smollm2_tokenizer_for_pretraining(gguf, reference):
     text = "Hello world! Ünïcode, code: x = [1, 2]\n\tdone."
     assert tokenizer.encode(text) == reference[1].encode(text)  # same vocabulary and merges
     assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+# ---- the way back out: the converted weights exported to GGUF again ----
+
+@pytest.fixture(scope="module")
+def exported(converted, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("smollm2-gguf") / "smollm2-f32.gguf"
+    proc = subprocess.run([sys.executable, "-m", "smollm.convert", "to-gguf", str(converted), str(out)],
+                          check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_the_gguf_round_trips(gguf, exported):
+    """GGUF in (Q4_1, dequantized), GGUF out (f32): every tensor is the original's dequantized
+    values under the same name and in the same (q/k-permuted) layout, and the vocabulary, merges,
+    token types, special ids and chat template are the original's."""
+    import numpy as np
+    from gguf import GGUFReader, dequantize
+
+    original, ours = GGUFReader(gguf), GGUFReader(exported)
+    theirs = {t.name: t for t in ours.tensors}
+    assert sorted(theirs) == sorted(t.name for t in original.tensors)
+    for t in original.tensors:
+        expected = dequantize(t.data, t.tensor_type).reshape(-1)
+        assert np.array_equal(np.asarray(theirs[t.name].data).reshape(-1), expected), t.name
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.merges",
+                "tokenizer.ggml.token_type", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id",
+                "tokenizer.ggml.add_bos_token", "tokenizer.chat_template", "llama.context_length",
+                "llama.rope.freq_base", "llama.attention.layer_norm_rms_epsilon", "llama.vocab_size"):
+        assert ours.fields[key].contents() == original.fields[key].contents(), key
+    # One difference, on purpose: the original says "smollm" (split digits apart first), but
+    # transformers' GGUF reader builds the tokenizer without that split, and the export describes
+    # the tokenizer it carries.
+    assert (original.fields["tokenizer.ggml.pre"].contents(), ours.fields["tokenizer.ggml.pre"].contents()) == (
+        "smollm", "gpt-2")
+
+
+def test_transformers_reads_the_export_as_our_model(exported, ours, reference):
+    from transformers import AutoModelForCausalLM
+
+    theirs = AutoModelForCausalLM.from_pretrained(str(exported.parent), gguf_file=exported.name,
+                                                  dtype=torch.float32).eval()
+    tokenizer = reference[1]
+    for prompt in PROMPTS[:2]:
+        ids = torch.tensor([tokenizer.encode(prompt)])
+        with torch.no_grad():
+            torch.testing.assert_close(theirs(ids).logits, ours(ids), rtol=0, atol=1e-4)
+
+
+def test_llama_cpp_continues_the_export_as_we_do(exported, ours, reference):
+    try:
+        import llama_cpp
+    except ImportError as e:
+        pytest.skip(f"llama.cpp is not installed here (pip install llama-cpp-python builds it): {e}")
+    tokenizer = reference[1]
+    llm = llama_cpp.Llama(str(exported), n_ctx=256, n_threads=2, verbose=False)
+    try:
+        for prompt in PROMPTS[:2]:
+            ids = tokenizer.encode(prompt)
+            assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids
+            theirs = []
+            for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+                theirs.append(token)
+                if len(theirs) == 16:
+                    break
+            expected = generate(ours, torch.tensor([ids]), max_new_tokens=16)[0, len(ids):].tolist()
+            assert theirs == expected, (prompt, tokenizer.decode(theirs), tokenizer.decode(expected))
+    finally:
+        llm.close()

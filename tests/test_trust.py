@@ -291,6 +291,15 @@ def test_a_broken_checkpoint(tmp_path, small, capsys, damage):
     assert (root / "checkpoints" / "tiny" / "step=000001.ckpt").read_bytes() == good
 
 
+def test_a_sharded_checkpoint_folder_is_refused(tmp_path, small, capsys):
+    # FSDP's state_dict_type="sharded" writes a folder whose metadata is a pickle (could run code).
+    folder = tmp_path / "step=000002.ckpt"
+    folder.mkdir()
+    (folder / "meta.pt").write_bytes(b"not loaded")
+    err = one_line_error(capsys, main(run_args(tmp_path / "run", small, 3, extra=["--ckpt_path", str(folder)])))
+    assert f"checkpoint {folder} is a folder" in err and "state_dict_type 'full'" in err
+
+
 def test_a_checkpoint_of_another_model_configuration(tmp_path, small, capsys):
     root = tmp_path / "run"
     assert main(run_args(root, small, 1, every=1)) == 0
@@ -344,6 +353,19 @@ def test_a_full_disk_while_writing_a_checkpoint(tmp_path, small, capsys, monkeyp
     assert (root / "checkpoints" / "tiny" / "step=000002.ckpt").read_bytes() == good
 
 
+def test_fsdp_on_the_cpu_and_a_model_too_big_for_memory_are_refused_before_starting(tmp_path, small, capsys,
+                                                                                     monkeypatch):
+    err = one_line_error(capsys, main(run_args(tmp_path / "run", small, 1, extra=["--trainer.strategy", "fsdp"])))
+    assert err == ("error: --trainer.strategy fsdp needs CUDA GPUs (Lightning's FSDP does not run on the CPU); "
+                   "on CPU use --trainer.strategy ddp")
+    import smollm.fit
+
+    monkeypatch.setattr(smollm.fit, "available_memory", lambda: 10**6)  # 1 MB free
+    err = one_line_error(capsys, main(run_args(tmp_path / "run", small, 1)))
+    assert "needs at least 0.0 GB for float32 weights, gradients and AdamW state, and 0.0 GB are free" in err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
 def test_bad_input_from_the_command_line_reads_as_one_line(tmp_path, small):
     """The same as above through a real `python -m smollm.fit` process."""
     result = fitutil.run_fit(run_args(tmp_path / "run", small, 1, extra=["--ckpt_path", "last"]))
@@ -355,24 +377,93 @@ def test_bad_input_from_the_command_line_reads_as_one_line(tmp_path, small):
 
 # ---- several processes ----
 
-@pytest.mark.slow
-def test_ddp_on_two_processes_splits_data_saves_once_and_resumes_exactly(tmp_path, small):
-    ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
-    straight = tmp_path / "straight"
-    result = fitutil.run_fit(run_args(straight, small, 6, every=3, record=straight / "rec.jsonl", extra=ddp))
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [fitutil.read_records(Path(f"{straight / 'rec.jsonl'}.rank{r}")) for r in (0, 1)]
-    for a, b in zip(*ranks):
-        assert a["step"] == b["step"] and not set(a["windows"]) & set(b["windows"])
-    assert sorted(p.name for p in (straight / "checkpoints" / "tiny").iterdir()) == [
-        "last.ckpt", "step=000003.ckpt", "step=000006.ckpt"]
+DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
 
-    run = tmp_path / "resumed"
-    for steps, extra in ((3, []), (6, ["--ckpt_path", "last"])):
-        result = fitutil.run_fit(run_args(run, small, steps, every=3, record=run / "rec.jsonl", extra=ddp + extra))
+
+def assert_two_process_resume_is_exact(run: Path, small, extra: list[str], straight: Path, ranks) -> None:
+    """3 steps, then resumed to 6, on two processes: each rank's windows and losses are those of
+    the uninterrupted run `straight` (whose records are `ranks`), and so is the final state."""
+    for steps, more in ((3, []), (6, ["--ckpt_path", "last"])):
+        result = fitutil.run_fit(run_args(run, small, steps, every=3, record=run / "rec.jsonl", extra=extra + more))
         assert result.returncode == 0, result.stderr[-3000:]
     for r in (0, 1):
         resumed = fitutil.read_records(Path(f"{run / 'rec.jsonl'}.rank{r}"))
         assert [x["windows"] for x in resumed] == [x["windows"] for x in ranks[r]]
         assert [x["loss"] for x in resumed] == [x["loss"] for x in ranks[r]]
     assert_same_state(checkpoint_at(run, 6), checkpoint_at(straight, 6))
+
+
+@pytest.fixture(scope="module")
+def ddp_straight(tmp_path_factory, small):
+    """6 steps of DDP on two CPU processes, a checkpoint every 3: (run folder, each rank's records)."""
+    straight = tmp_path_factory.mktemp("ddp") / "straight"
+    result = fitutil.run_fit(run_args(straight, small, 6, every=3, record=straight / "rec.jsonl", extra=DDP))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return straight, [fitutil.read_records(Path(f"{straight / 'rec.jsonl'}.rank{r}")) for r in (0, 1)]
+
+
+@pytest.mark.slow
+def test_ddp_on_two_processes_splits_data_saves_once_and_resumes_exactly(tmp_path, small, ddp_straight):
+    straight, ranks = ddp_straight
+    for a, b in zip(*ranks):
+        assert a["step"] == b["step"] and not set(a["windows"]) & set(b["windows"])
+    assert sorted(p.name for p in (straight / "checkpoints" / "tiny").iterdir()) == [
+        "last.ckpt", "step=000003.ckpt", "step=000006.ckpt"]
+
+    assert_two_process_resume_is_exact(tmp_path / "resumed", small, DDP, straight, ranks)
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_processes_shards_by_layer_trains_as_ddp_resumes_exactly_and_converts(tmp_path, small,
+                                                                                         ddp_straight):
+    """Lightning's FSDP on 2 CPU processes (gloo) through the real CLI. Lightning refuses FSDP
+    without CUDA; fitutil.CPUFSDPStrategy is its FSDPStrategy with the two GPU assumptions
+    replaced (see there)."""
+    fsdp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2",
+            "--trainer.val_check_interval", "3",  # validation and its sample generation, sharded
+            "--trainer.strategy", json.dumps({"class_path": "fitutil.CPUFSDPStrategy"})]
+    units = "--trainer.callbacks+=" + json.dumps({"class_path": "fitutil.FSDPUnits",
+                                                  "init_args": {"path": str(tmp_path / "units.json")}})
+    straight = tmp_path / "straight"
+    result = fitutil.run_fit(run_args(straight, small, 6, every=3, record=straight / "rec.jsonl", extra=fsdp + [units]))
+    assert result.returncode == 0, result.stderr[-3000:]
+    # one unit per decoder layer; embedding, final norm and the tied head in the root unit
+    assert json.loads((tmp_path / "units.json").read_text()) == ["", "model.layers.0", "model.layers.1"]
+    assert sorted(p.name for p in (straight / "checkpoints" / "tiny").iterdir()) == [
+        "last.ckpt", "step=000003.ckpt", "step=000006.ckpt"]  # one full file each, written by rank 0
+    ranks = [fitutil.read_records(Path(f"{straight / 'rec.jsonl'}.rank{r}")) for r in (0, 1)]
+
+    for r in (0, 1):
+        reference = ddp_straight[1][r]  # the same run under DDP
+        assert [x["windows"] for x in ranks[r]] == [x["windows"] for x in reference]
+        # The gradient norm is the whole model's on every rank (a shard's would be about 1/sqrt(2)
+        # of it and differ between ranks), and training follows DDP's up to the order of float sums.
+        assert [x["grad_norm"] for x in ranks[r]] == [x["grad_norm"] for x in ranks[0]]
+        assert ranks[r][0]["grad_norm"] == pytest.approx(reference[0]["grad_norm"], rel=1e-5)
+        assert [x["grad_norm"] for x in ranks[r]] == pytest.approx([x["grad_norm"] for x in reference], rel=1e-3)
+        assert [x["loss"] for x in ranks[r]] == pytest.approx([x["loss"] for x in reference], rel=1e-3)
+    assert ranks[0][0]["grad_norm"] > 1.0  # above the clip (1.0): the clip acts
+
+    run = tmp_path / "resumed"
+    assert_two_process_resume_is_exact(run, small, fsdp, straight, ranks)
+
+    # The checkpoint converts to a Hugging Face directory whose greedy next token is the one the
+    # sharded model printed at the end of training.
+    out = tmp_path / "hf"
+    proc = subprocess.run([sys.executable, "-m", "smollm.convert", "ckpt", str(run / "checkpoints" / "tiny" /
+                           "step=000006.ckpt"), str(out)], check=False, cwd=fitutil.ROOT, capture_output=True,
+                          text=True, timeout=300, env=fitutil.subprocess_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from smollm.generate import generate
+    from smollm.hf import load_hf
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = torch.tensor([tokenizer.encode("The quick brown fox")])
+    ours = load_hf(out)
+    theirs = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), theirs(ids).logits)
+    token = generate(ours, ids, max_new_tokens=1)[0, -1].item()
+    assert f"(id {token})" in result.stdout.strip().splitlines()[-1]
