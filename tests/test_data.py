@@ -56,7 +56,7 @@ def ready(dm: TextDataModule, trainer=None) -> TextDataModule:
 
 
 def tokens_of(dm: TextDataModule) -> np.ndarray:
-    return np.asarray(np.memmap(dm._corpus["bin_path"], dtype=dm.train_dataset.dtype, mode="r"))
+    return dm.token_cache.read(0, dm.n_tokens)
 
 
 def fake_trainer(rank=0, world=1, step=0, accumulate=1):
@@ -122,7 +122,7 @@ def test_cache_holds_every_document_then_eos(make_dm, corpus, tokenizer):
 
 def test_streaming_in_small_batches_gives_the_same_tokens(make_dm, monkeypatch):
     whole = tokens_of(ready(make_dm()))
-    monkeypatch.setattr(data, "BATCH_BYTES", 300)  # many flushes, EOS placement across batches
+    monkeypatch.setattr(data.cache, "BATCH_BYTES", 300)  # many flushes, EOS placement across batches
     dm = ready(make_dm(cache_dir=str(Path(make_dm().cache_dir).parent / "cache2")))
     assert np.array_equal(tokens_of(dm), whole)
 
@@ -133,7 +133,7 @@ def test_unchanged_corpus_is_not_tokenized_again(make_dm, monkeypatch):
 
     def fail(*args, **kwargs):
         raise AssertionError("tokenized again")
-    monkeypatch.setattr(data, "build_token_cache", fail)
+    monkeypatch.setattr(data.module, "build_cache", fail)
     second = ready(make_dm())
     after = second._corpus["bin_path"].stat()
     assert second._corpus["bin_path"] == first._corpus["bin_path"]
