@@ -391,3 +391,36 @@ def test_every_error_message_is_one_line(make_dm, tmp_path):
         with pytest.raises(DataError) as e:
             make_dm(files=files).prepare_data()
         assert "\n" not in str(e.value)
+
+
+# -- 10. what evaluation reads, and the data line --------------------------------------------------
+
+
+def test_evaluation_gets_the_validation_windows_and_windows_over_every_token(make_dm):
+    dm = ready(make_dm(max_val_windows=3))
+    val = dm.val_windows()
+    assert len(val) == 3 == dm.n_val_windows
+    batch = next(iter(dm.val_dataloader()))
+    assert torch.equal(torch.stack([val[k]["input_ids"] for k in range(len(val))])[:BATCH], batch["input_ids"][:3])
+    assert len(dm.heldout_windows()) == dm.n_heldout_windows > 3
+    assert dm.heldout_windows()[0]["input_ids"].tolist() == val[0]["input_ids"].tolist()
+
+    tokens = tokens_of(dm)
+    for L in (SEQ, 7):
+        windows = dm.corpus_windows(L)
+        rows = [windows[k]["input_ids"] for k in range(len(windows))]
+        assert all(len(r) == L + 1 for r in rows[:-1]) and 2 <= len(rows[-1]) <= L + 1
+        targets = torch.cat([r[1:] for r in rows])
+        assert targets.tolist() == tokens[1:].tolist()  # every token but the first, once
+        assert all(rows[k][0] == rows[k - 1][-1] for k in range(1, len(rows)))  # each starts where the last ended
+
+
+def test_the_data_line_counts_the_passes_that_max_steps_makes(make_dm):
+    trainer = fake_trainer(world=2, accumulate=3)
+    trainer.max_steps = 50
+    dm = ready(make_dm(), trainer)
+    passes = 50 * 3 * BATCH * 2 / dm.n_train_windows
+    line = dm.describe()
+    assert f"max_steps 50 x 24 windows = {passes:.2f} passes over the training windows" in line
+    assert f"{dm.n_documents:,} documents, {dm.n_tokens:,} tokens" in line and "in 1 shard;" in line
+    assert line.startswith("data: 4 files (4 text) from ")

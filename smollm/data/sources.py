@@ -21,6 +21,7 @@ import json
 import os
 import sysconfig
 import time
+import zlib
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
@@ -194,9 +195,11 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 # ------------------------------------------------------------------------------------------------
 # Text files, in pieces that tokenize as the whole file does
 
-# Cutting after a line break between two visible ASCII characters, or before a space that
-# follows a visible character and precedes a letter, splits no pre-token of a byte-level BPE
-# (GPT-2, SmolLM2, Llama 3): the pieces tokenize exactly as the whole text does.
+# Where a piece may end so that the pieces tokenize exactly as the whole text does, for a
+# byte-level BPE (GPT-2, SmolLM2, Llama 3): its pre-tokenizer never joins a visible character to
+# the whitespace after it, and reads the text left to right, so a cut between a visible ASCII
+# character and a line break or space splits no pre-token. So is a cut after a line break
+# between two visible characters.
 _LOOK_BACK = 64 << 10  # look for such a cut in the last 64 KB of a piece
 
 
@@ -205,19 +208,17 @@ def _visible(byte: int) -> bool:
 
 
 def _cut(data: bytes) -> int:
-    """Where to end a piece of `data` (0 < cut <= len(data)): after the last safe line break,
-    else after the last line break, else before the last safe space, else before the last
-    character (never inside a UTF-8 character)."""
-    lo, i = max(1, len(data) - _LOOK_BACK), len(data) - 1
-    while (i := data.rfind(b"\n", lo, i)) > 0:
-        if _visible(data[i - 1]) and _visible(data[i + 1]):
-            return i + 1
+    """Where to end a piece of `data` (0 < cut <= len(data)): at the last safe line break (see
+    above), else before the last space after a visible character, else after the last line break,
+    else before the last character (never inside a UTF-8 character)."""
+    lo = max(1, len(data) - _LOOK_BACK)
+    for sep in (b"\n", b" "):
+        i = len(data) - 1
+        while (i := data.rfind(sep, lo, i)) > 0:
+            if _visible(data[i - 1]):
+                return i + 1 if sep == b"\n" and _visible(data[i + 1]) else i
     if (cut := data.rfind(b"\n") + 1) > 0:
         return cut
-    i = len(data) - 1
-    while (i := data.rfind(b" ", lo, i)) > 0:
-        if _visible(data[i - 1]) and chr(data[i + 1]).isascii() and chr(data[i + 1]).isalpha():
-            return i
     cut = len(data) - 1
     while cut > 0 and data[cut] & 0xC0 == 0x80:  # 10xxxxxx: a continuation byte
         cut -= 1
@@ -227,9 +228,10 @@ def _cut(data: bytes) -> int:
 def read_pieces(path: Path, size: int | None = None, start: int = 0) -> Iterator[tuple[int, bytes, bool]]:
     """(byte offset, bytes, is_last) pieces of `path` of at most `size` bytes each, from `start`.
 
-    A piece ends where cutting changes no token (see `_cut`), else at a line break, and never
-    inside a UTF-8 character. Each piece depends only on the file's bytes from its own offset, so
-    reading from a piece's offset gives the same pieces again. Memory stays at about 2 * size.
+    A piece ends where cutting changes no token of a byte-level BPE (see `_cut`), else at a line
+    break, and never inside a UTF-8 character. Each piece depends only on the file's bytes from
+    its own offset, so reading from a piece's offset gives the same pieces again. Memory stays at
+    about 2 * size.
     """
     size = size or PIECE_BYTES
     total = path.stat().st_size
@@ -258,7 +260,7 @@ def _open_binary(path: Path) -> tuple[BinaryIO, tuple[type[Exception], ...]]:
     """The file's decompressed bytes, and the errors that reading them may raise."""
     name = path.name.lower()
     if name.endswith(".gz"):
-        return gzip.open(path, "rb"), (OSError, EOFError)
+        return gzip.open(path, "rb"), (OSError, EOFError, zlib.error)
     if name.endswith(".zst"):
         import zstandard
 
