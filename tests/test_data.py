@@ -421,6 +421,6 @@ def test_the_data_line_counts_the_passes_that_max_steps_makes(make_dm):
     dm = ready(make_dm(), trainer)
     passes = 50 * 3 * BATCH * 2 / dm.n_train_windows
     line = dm.describe()
-    assert f"max_steps 50 x 24 windows = {passes:.2f} passes over the training windows" in line
+    assert f"max_steps 50 x 24 windows = {passes:.3g} passes over the training windows" in line
     assert f"{dm.n_documents:,} documents, {dm.n_tokens:,} tokens" in line and "in 1 shard;" in line
     assert line.startswith("data: 4 files (4 text) from ")

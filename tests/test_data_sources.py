@@ -223,15 +223,17 @@ def test_files_and_datasets_together_in_order(tmp_path, tok_dir, tokenizer):
     assert "1 files (1 jsonl)" in line and f"{tmp_path / 'b'} (train)" in line
 
 
-def streamed(monkeypatch, texts: list) -> None:
+def streamed(monkeypatch, texts: list, opened: list | None = None) -> None:
     """Make DatasetSource stream `texts` as an IterableDataset, as load_dataset(streaming=True)
-    does for a hub name, without a hub."""
+    does for a hub name, without a hub; `opened` counts the streams opened."""
     import datasets
 
-    def open_hub(self):
-        self._data = datasets.Dataset.from_dict({"text": texts}).to_iterable_dataset(num_shards=3)
-        self.fingerprint = "commit-sha"
-    monkeypatch.setattr(DatasetSource, "_open_hub", open_hub)
+    def stream(self):
+        if opened is not None:
+            opened.append(self.name)
+        return datasets.Dataset.from_dict({"text": texts}).to_iterable_dataset(num_shards=3)
+    monkeypatch.setattr(DatasetSource, "_ask_hub", lambda self: "c0ffee" * 6 + "c0ff")
+    monkeypatch.setattr(DatasetSource, "_stream", stream)
 
 
 def test_a_streamed_dataset_resumes_at_any_row(monkeypatch, tokenizer):
@@ -245,6 +247,21 @@ def test_a_streamed_dataset_resumes_at_any_row(monkeypatch, tokenizer):
         assert again == units[k:]
 
 
+def test_a_pinned_commit_finds_a_built_cache_without_the_hub(tmp_path, tok_dir, tokenizer, monkeypatch):
+    texts, opened = documents(30, seed=19), []
+    streamed(monkeypatch, texts, opened)
+
+    def no_hub(self):
+        raise AssertionError("asked the hub")
+    sha = "0123456789abcdef" * 2 + "01234567"
+    first = ready(make(tmp_path, tok_dir, dataset="someone/corpus", revision=sha, max_tokens=10_000))
+    assert stream(first) == expected(tokenizer, texts) and opened == ["someone/corpus"]
+    monkeypatch.setattr(DatasetSource, "_ask_hub", no_hub)
+    again = ready(make(tmp_path, tok_dir, dataset="someone/corpus", revision=sha, max_tokens=10_000))
+    assert again._corpus["folder"] == first._corpus["folder"] and opened == ["someone/corpus"]
+    assert first._corpus["spec"]["sources"][0]["fingerprint"] == sha
+
+
 def test_max_tokens_takes_the_first_n_tokens_of_each_source(tmp_path, tok_dir, tokenizer, monkeypatch):
     a, b = documents(40, seed=16), documents(40, seed=17)
     write_records(tmp_path / "a.parquet", a)
@@ -256,7 +273,8 @@ def test_max_tokens_takes_the_first_n_tokens_of_each_source(tmp_path, tok_dir, t
     index = dm.token_cache.index
     assert [s["tokens"] for s in index["sources"]] == [301, 257]
     assert dm.n_documents == whole_a[:301].count(tokenizer.eos_token_id) + whole_b[:257].count(tokenizer.eos_token_id)
-    assert "(first 301 tokens)" in dm.describe() and "someone/corpus (train) (first 257 tokens)" in dm.describe()
+    assert "(first 301 tokens)" in dm.describe()
+    assert "someone/corpus (train @ " + "c0ffee" * 6 + "c0ff) (first 257 tokens)" in dm.describe()
     one = ready(make(tmp_path, tok_dir, files=str(tmp_path / "a.parquet"), dataset="someone/corpus",
                      max_tokens=200))
     assert stream(one) == whole_a[:200] + whole_b[:200]

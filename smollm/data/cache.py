@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -322,8 +323,12 @@ def build_cache(folder: Path, sources: list[Any], tokenizer: Any, meta: dict[str
               f"done) in {folder}", file=sys.stderr, flush=True)
     start_time = time.perf_counter()
 
+    # Workers are forked where that is possible: they start at once and share the parent's pages.
+    # They use only the tokenizer and numpy, never a thread the parent started, so Python 3.12's
+    # warning about forking a multi-threaded process does not apply to them.
     context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with _env("TOKENIZERS_PARALLELISM", "false"):  # one thread per worker, and no fork warning
+    with _env("TOKENIZERS_PARALLELISM", "false"), warnings.catch_warnings():  # one thread per worker
+        warnings.filterwarnings("ignore", message=".*use of fork", category=DeprecationWarning)
         pool = context.Pool(workers, initializer=_init_worker,
                             initargs=(tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token_id,
                                       index["dtype"]))

@@ -276,7 +276,7 @@ class TextDataModule(L.LightningDataModule):
         accumulate = getattr(trainer, "accumulate_grad_batches", 1)
         windows = max_steps * accumulate * self.batch_size * world
         return (f"max_steps {max_steps:,} x {accumulate * self.batch_size * world} windows = "
-                f"{windows / self.n_train_windows:.2f} passes over the training windows")
+                f"{windows / self.n_train_windows:.3g} passes over the training windows")
 
     def _need_setup(self) -> None:
         if self.token_cache is None:

@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sysconfig
 import time
 import zlib
@@ -424,7 +425,13 @@ def _is_saved_dataset(folder: Path) -> bool:
 
 class DatasetSource:
     """One split of a Hugging Face dataset: a hub name (streamed) or a folder saved with
-    `datasets` (`save_to_disk`, memory-mapped, never loaded whole). Call `open` first."""
+    `datasets` (`save_to_disk`, memory-mapped, never loaded whole). Call `open` first.
+
+    A hub dataset's fingerprint is the commit its revision points to, asked of the hub in one
+    quick request; a `revision` that is already a full commit sha needs no request, so a cache
+    built elsewhere is found on a machine without hub access. The stream itself is opened only
+    to tokenize.
+    """
 
     def __init__(self, name: str, subset: str | None, split: str, revision: str | None,
                  text_key: str = "text") -> None:
@@ -433,6 +440,7 @@ class DatasetSource:
         self.local = Path(name).expanduser().is_dir()
         self.fingerprint: str | None = None
         self._data: Any = None
+        self._asked_hub = False
 
     @property
     def streaming(self) -> bool:
@@ -440,20 +448,22 @@ class DatasetSource:
 
     def describe(self) -> str:
         subset = f" {self.subset}" if self.subset else ""
-        at = f" @{self.revision}" if self.revision else ""
+        at = f" @ {self.fingerprint}" if self.streaming and self.fingerprint else ""
         return f"{self.name}{subset} ({self.split}{at})"
 
     def open(self) -> None:
-        """Find the data and its fingerprint: the saved dataset's own, or the hub commit's sha."""
-        if self._data is not None:
+        """Find the data's fingerprint: the saved dataset's own, or the hub commit's sha."""
+        if self.fingerprint is not None:
             return
         if self.local:
             self._open_saved()
         elif self.name.startswith((".", "/", "~")):
             raise DataError(f"--data.dataset {self.name!r}: no such folder; give a folder saved with "
                             "datasets' save_to_disk, or a Hugging Face dataset name")
+        elif self.revision and re.fullmatch(r"[0-9a-f]{40}", self.revision):
+            self.fingerprint = self.revision
         else:
-            self._open_hub()
+            self.fingerprint = self._ask_hub()
 
     def spec(self) -> dict[str, Any]:
         return {"dataset": self.name if not self.local else str(Path(self.name).expanduser().resolve()),
@@ -486,15 +496,15 @@ class DatasetSource:
                             "set --data.text_key to the column that holds the text")
         self._data, self.fingerprint = data, data._fingerprint
 
-    def _open_hub(self) -> None:
-        import datasets
+    def _ask_hub(self) -> str:
+        """The commit sha of the dataset's revision. One quick request, not retried: it fails at
+        once when the hub is unreachable, where `load_dataset` alone retries for a long while."""
         from huggingface_hub import HfApi
         from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
-        # One quick, unretried request pins the revision to a commit (the dataset's fingerprint)
-        # and fails at once when the hub is unreachable; `load_dataset` alone retries for minutes.
+        self._asked_hub = True
         try:
-            info = HfApi().dataset_info(self.name, revision=self.revision, timeout=HUB_TIMEOUT_S)
+            return HfApi().dataset_info(self.name, revision=self.revision, timeout=HUB_TIMEOUT_S).sha
         except RevisionNotFoundError:
             raise DataError(f"dataset {self.name!r} has no revision {self.revision!r}; check "
                             "--data.revision") from None
@@ -505,14 +515,19 @@ class DatasetSource:
             raise DataError(f"cannot reach the Hugging Face hub for dataset {self.name!r} ({first_line(e)}); "
                             "check the network, or save the data with datasets' save_to_disk (or as "
                             ".parquet/.jsonl files) and pass that folder or those files") from None
-        self.fingerprint = info.sha
+
+    def _stream(self) -> Any:
+        """The split as an IterableDataset at the pinned commit (`load_dataset(streaming=True)`)."""
+        import datasets
+
+        if not self._asked_hub:
+            self._ask_hub()  # fail at once, not after load_dataset's retries
         try:
-            data = datasets.load_dataset(self.name, self.subset, split=self.split, revision=info.sha,
+            return datasets.load_dataset(self.name, self.subset, split=self.split, revision=self.fingerprint,
                                          streaming=True)
         except Exception as e:  # noqa: BLE001  a wrong subset or split: the library says which exist
             raise DataError(f"cannot stream dataset {self.describe()} ({first_line(e)}); check "
                             "--data.subset and --data.split") from None
-        self._data = data
 
     def _check_column(self, columns: list[str] | None) -> None:
         if columns is not None and self.text_key not in columns:
@@ -521,6 +536,8 @@ class DatasetSource:
 
     def units(self, start: Position = (0, 0, 0)) -> Iterator[Unit]:
         self.open()
+        if self._data is None:
+            self._data = self._stream()
         row, key = start[1], self.text_key
         if self.local:
             table = self._data.with_format("arrow")
