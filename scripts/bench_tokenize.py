@@ -12,8 +12,9 @@ side in a fresh process:
   num_proc=<cores>)` with the same tokenizer (`tokenizer(batch["text"])`, EOS appended), writing
   its Arrow cache as it does.
 It prints tokens/s and peak memory of each side's process tree (the parent and its workers, sampled
-every 0.1 s: RSS summed, which counts the pages a forked worker shares with its parent in each,
-and PSS, which shares them out), the ratios, and checks that both produced the same token ids.
+every 0.1 s until its tokens are on disk: RSS summed, which counts the pages a forked worker shares
+with its parent in each, and PSS, which shares them out), the ratios, and checks that both
+produced the same token ids.
 """
 
 from __future__ import annotations
@@ -74,7 +75,12 @@ def write_corpus(folder: Path, gb: float, seed: int = 0) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------------------------
-# The two sides, each run in its own process: print one JSON line
+# The two sides, each run in its own process: a JSON line when the tokens are on disk (the parent
+# stops measuring memory there), then one with a checksum of every token id
+
+
+def done(result: dict) -> None:
+    print(json.dumps(result), flush=True)
 
 
 def side_smollm(files: list[Path], tokenizer: str, work: Path, workers: int) -> dict:
@@ -90,10 +96,11 @@ def side_smollm(files: list[Path], tokenizer: str, work: Path, workers: int) -> 
     build_cache(work / "cache", [source], tok, {"key": "bench"}, [None], workers=workers, progress=False)
     seconds = time.perf_counter() - start
     cache = TokenCache(work / "cache")
+    done({"tokens": cache.n_tokens, "seconds": seconds, "shards": len(cache.shards)})
     sha = hashlib.sha256()
     for a in range(0, cache.n_tokens, 1 << 24):
         sha.update(cache.read(a, a + (1 << 24)).astype(np.uint32).tobytes())
-    return {"tokens": cache.n_tokens, "seconds": seconds, "sha256": sha.hexdigest(), "shards": len(cache.shards)}
+    return {"sha256": sha.hexdigest(), "checked": cache.n_tokens}
 
 
 def side_datasets(files: list[Path], tokenizer: str, work: Path, workers: int) -> dict:
@@ -117,14 +124,15 @@ def side_datasets(files: list[Path], tokenizer: str, work: Path, workers: int) -
 
     out = ds.map(tokenize, batched=True, num_proc=workers, remove_columns=ds.column_names)
     seconds = time.perf_counter() - start
+    done({"tokens": sum(len(chunk.values) for chunk in out.data.column("input_ids").chunks), "seconds": seconds,
+          "load_seconds": loaded - start, "map_seconds": seconds - (loaded - start)})
     sha, n = hashlib.sha256(), 0
     for table in out.with_format("arrow").iter(batch_size=100_000):
         values = pa.chunked_array(table.column("input_ids")).combine_chunks().values
         arr = values.to_numpy().astype(np.uint32)
         sha.update(arr.tobytes())
         n += len(arr)
-    return {"tokens": n, "seconds": seconds, "load_seconds": loaded - start, "map_seconds": seconds - (loaded - start),
-            "sha256": sha.hexdigest()}
+    return {"sha256": sha.hexdigest(), "checked": n}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -172,13 +180,14 @@ def run_side(name: str, args: argparse.Namespace, files: list[Path], work: Path)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    out, _ = proc.communicate()
+    first = proc.stdout.readline()  # the tokens are on disk: what follows is only the check
     stop.set()
     sampler.join()
-    if proc.returncode != 0:
+    rest, _ = proc.communicate()
+    if proc.returncode != 0 or not first:
         raise SystemExit(f"{name} side failed with exit code {proc.returncode}")
-    result = json.loads(out.strip().splitlines()[-1])
-    return {**result, "peak_rss": peak["rss"], "peak_pss": peak["pss"]}
+    return {**json.loads(first), **json.loads(rest.strip().splitlines()[-1]), "peak_rss": peak["rss"],
+            "peak_pss": peak["pss"]}
 
 
 def main() -> None:
@@ -195,7 +204,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.side:  # a child: one side, one JSON line
         fn = {"smollm": side_smollm, "datasets": side_datasets}[args.side]
-        print(json.dumps(fn([Path(f) for f in args.files], args.tokenizer, Path(args.work), args.workers)))
+        done(fn([Path(f) for f in args.files], args.tokenizer, Path(args.work), args.workers))
         return
 
     from smollm.data.cache import cpu_count
@@ -220,7 +229,7 @@ def main() -> None:
     print(f"ratio smollm/datasets: speed {s['tokens'] / s['seconds'] / (d['tokens'] / d['seconds']):.2f}x "
           f"(against map alone: {s['tokens'] / s['seconds'] / (d['tokens'] / d['map_seconds']):.2f}x); "
           f"peak RSS {s['peak_rss'] / d['peak_rss']:.2f}x, peak PSS {s['peak_pss'] / d['peak_pss']:.2f}x")
-    same = s["sha256"] == d["sha256"] and s["tokens"] == d["tokens"]
+    same = s["sha256"] == d["sha256"] and s["tokens"] == d["tokens"] == s["checked"] == d["checked"]
     print(f"same token ids on both sides: {'yes' if same else 'NO'}; load average after {os.getloadavg()[0]:.1f}")
 
 
