@@ -13,7 +13,7 @@ import pytest
 
 import smollm.data as data
 from helpers_data import documents, make_tokenizer, sentences, write_records
-from smollm.data import DataError, DatasetSource, FileSource, TextDataModule
+from smollm.data import DataError, DatasetSource, TextDataModule
 
 SEQ = 16
 TESTS = Path(__file__).resolve().parent

@@ -276,8 +276,9 @@ class FileSource:
     def __init__(self, entries: list[str], text_key: str = "text", encoding_errors: str = "strict") -> None:
         self.entries, self.text_key, self.encoding_errors = entries, text_key, encoding_errors
         self.paths: list[Path] = []
-        self.hashes: list[str] = []
+        self.hashes: list[str] = []  # sha256 of each file of `paths`
         self.docs: list[Path] = []  # the files that hold text, in order: what `units` reads
+        self._doc_hashes: list[str] = []
         self.empty: list[Path] = []
 
     def resolve(self) -> None:
