@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from smollm.checkpoint import read_checkpoint, save_atomic
 
@@ -81,6 +82,12 @@ class StepCheckpoint(ModelCheckpoint):
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.save_on_train_end:
+            self.save_now(trainer)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # SIGTERM can land after this callback's batch-end check and before Lightning's own
+        # (which then raises): the last finished step is saved here in that case.
+        if isinstance(exception, SIGTERMException):
             self.save_now(trainer)
 
 

@@ -97,6 +97,20 @@ def score(model: SmolLM, batches: Iterable[torch.Tensor], byte_table: torch.Tens
                  windows=windows)
 
 
+def batches(windows: Any, batch_size: int) -> Iterable[torch.Tensor]:
+    """Stack windows into (B, T + 1) batches; a window of another length (the corpus's last,
+    shorter one) starts a batch of its own."""
+    pending: list[torch.Tensor] = []
+    for i in range(len(windows)):
+        ids = windows[i]["input_ids"]
+        if pending and (len(pending) == batch_size or ids.shape[0] != pending[0].shape[0]):
+            yield torch.stack(pending)
+            pending = []
+        pending.append(ids)
+    if pending:
+        yield torch.stack(pending)
+
+
 # ---------------------------------------------------------------------------------------------
 # lm-evaluation-harness
 
@@ -214,9 +228,8 @@ def evaluate(argv: list[str]) -> tuple[dict[str, Any], str | None]:
     dm.prepare_data()
     dm.setup("validate")
     split = "all" if data_given else "validation"
-    dataset = dm.scoring_windows(split)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=dm.batch_size, shuffle=False)
-    result = score(model, (b["input_ids"] for b in loader), token_bytes(dm.tokenizer), cfg.max_windows)
+    windows = dm.corpus_windows() if data_given else dm.val_windows()
+    result = score(model, batches(windows, dm.batch_size), token_bytes(dm.tokenizer), cfg.max_windows)
     report: dict[str, Any] = {"checkpoint": cfg.checkpoint, "split": split, "seq_len": dm.seq_len,
                               "data": dm.describe(), **asdict(result)}
     if cfg.tasks:

@@ -246,6 +246,8 @@ def _setup_output() -> None:
         ours.propagate = False
     # Warnings a user cannot act on: Lightning's own deprecations, and the notice that a resumed
     # run's checkpoint folder is not empty (it is the run's own folder, by design).
+    # Our warnings say what to do in one line; print them as one line, without a source location.
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
     warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")  # main(args) in-process
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")

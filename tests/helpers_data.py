@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import random
 from pathlib import Path
 
@@ -50,3 +52,32 @@ def write_corpus(directory: str | Path, n_files: int = 4, lines: int = 60) -> li
         path.write_text(sentences(lines, seed=100 + i), encoding="utf-8")
         paths.append(path)
     return paths
+
+
+def write_records(path: str | Path, texts: list, key: str = "text") -> Path:
+    """`texts` as one record each, in the format that `path`'s suffix names: .jsonl/.json (also
+    .gz/.zst) one JSON object per line, or .parquet. A record is {key: text, "id": i}."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records = [{key: text, "id": i} for i, text in enumerate(texts)]
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(records), path, row_group_size=7)
+        return path
+    raw = "".join(json.dumps(r) + "\n" for r in records).encode()
+    if path.suffix == ".gz":
+        raw = gzip.compress(raw)
+    elif path.suffix == ".zst":
+        import zstandard
+
+        raw = zstandard.ZstdCompressor().compress(raw)
+    path.write_bytes(raw)
+    return path
+
+
+def documents(n: int, seed: int = 0) -> list[str]:
+    """`n` documents of a few lines of `sentences` each, different lengths."""
+    rng = random.Random(seed)
+    return [sentences(rng.randint(1, 6), seed=seed * 1000 + i) for i in range(n)]

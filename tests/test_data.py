@@ -56,7 +56,7 @@ def ready(dm: TextDataModule, trainer=None) -> TextDataModule:
 
 
 def tokens_of(dm: TextDataModule) -> np.ndarray:
-    return np.asarray(np.memmap(dm._corpus["bin_path"], dtype=dm.train_dataset.dtype, mode="r"))
+    return dm.token_cache.read(0, dm.n_tokens)
 
 
 def fake_trainer(rank=0, world=1, step=0, accumulate=1):
@@ -122,7 +122,7 @@ def test_cache_holds_every_document_then_eos(make_dm, corpus, tokenizer):
 
 def test_streaming_in_small_batches_gives_the_same_tokens(make_dm, monkeypatch):
     whole = tokens_of(ready(make_dm()))
-    monkeypatch.setattr(data, "BATCH_BYTES", 300)  # many flushes, EOS placement across batches
+    monkeypatch.setattr(data.cache, "BATCH_BYTES", 300)  # many flushes, EOS placement across batches
     dm = ready(make_dm(cache_dir=str(Path(make_dm().cache_dir).parent / "cache2")))
     assert np.array_equal(tokens_of(dm), whole)
 
@@ -133,7 +133,7 @@ def test_unchanged_corpus_is_not_tokenized_again(make_dm, monkeypatch):
 
     def fail(*args, **kwargs):
         raise AssertionError("tokenized again")
-    monkeypatch.setattr(data, "build_token_cache", fail)
+    monkeypatch.setattr(data.module, "build_cache", fail)
     second = ready(make_dm())
     after = second._corpus["bin_path"].stat()
     assert second._corpus["bin_path"] == first._corpus["bin_path"]
@@ -391,3 +391,36 @@ def test_every_error_message_is_one_line(make_dm, tmp_path):
         with pytest.raises(DataError) as e:
             make_dm(files=files).prepare_data()
         assert "\n" not in str(e.value)
+
+
+# -- 10. what evaluation reads, and the data line --------------------------------------------------
+
+
+def test_evaluation_gets_the_validation_windows_and_windows_over_every_token(make_dm):
+    dm = ready(make_dm(max_val_windows=3))
+    val = dm.val_windows()
+    assert len(val) == 3 == dm.n_val_windows
+    batch = next(iter(dm.val_dataloader()))
+    assert torch.equal(torch.stack([val[k]["input_ids"] for k in range(len(val))])[:BATCH], batch["input_ids"][:3])
+    assert len(dm.heldout_windows()) == dm.n_heldout_windows > 3
+    assert dm.heldout_windows()[0]["input_ids"].tolist() == val[0]["input_ids"].tolist()
+
+    tokens = tokens_of(dm)
+    for L in (SEQ, 7):
+        windows = dm.corpus_windows(L)
+        rows = [windows[k]["input_ids"] for k in range(len(windows))]
+        assert all(len(r) == L + 1 for r in rows[:-1]) and 2 <= len(rows[-1]) <= L + 1
+        targets = torch.cat([r[1:] for r in rows])
+        assert targets.tolist() == tokens[1:].tolist()  # every token but the first, once
+        assert all(rows[k][0] == rows[k - 1][-1] for k in range(1, len(rows)))  # each starts where the last ended
+
+
+def test_the_data_line_counts_the_passes_that_max_steps_makes(make_dm):
+    trainer = fake_trainer(world=2, accumulate=3)
+    trainer.max_steps = 50
+    dm = ready(make_dm(), trainer)
+    passes = 50 * 3 * BATCH * 2 / dm.n_train_windows
+    line = dm.describe()
+    assert f"max_steps 50 x 24 windows = {passes:.3g} passes over the training windows" in line
+    assert f"{dm.n_documents:,} documents, {dm.n_tokens:,} tokens" in line and "in 1 shard;" in line
+    assert line.startswith("data: 4 files (4 text) from ")

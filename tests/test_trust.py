@@ -79,6 +79,30 @@ def test_resume_is_bit_exact_mid_epoch_and_on_an_epoch_boundary(tmp_path, small,
         assert_same_state(checkpoint_at(run, total), checkpoint_at(straight, total))
 
 
+def test_resume_is_bit_exact_on_a_parquet_corpus(tmp_path, small, capsys):
+    from helpers_data import write_records
+
+    corpus, tok = small
+    lines = [line for p in sorted(corpus.glob("*.txt")) for line in p.read_text().splitlines()]
+    parquet = write_records(tmp_path / "corpus.parquet", [line + "\n" for line in lines])
+    data = (tmp_path, tok)  # run_args takes the corpus and the tokenizer
+    files = ["--data.files", json.dumps([str(parquet)])]
+    total = 12
+    straight = tmp_path / "straight"
+    assert main(run_args(straight, data, total, record=straight / "rec.jsonl", extra=files)) == 0
+    assert "data: 1 files (1 parquet)" in capsys.readouterr().err  # the console's data line
+    reference = fitutil.read_records(straight / "rec.jsonl")
+    run = tmp_path / "resumed"
+    rec = run / "rec.jsonl"
+    assert main(run_args(run, data, 5, record=rec, extra=files)) == 0
+    assert main(run_args(run, data, total, record=rec, extra=files + ["--ckpt_path", "last"])) == 0
+    records = fitutil.read_records(rec)
+    assert [r["step"] for r in records] == list(range(1, total + 1))
+    assert [r["windows"] for r in records] == [r["windows"] for r in reference]
+    assert [r["loss"] for r in records] == [r["loss"] for r in reference]
+    assert_same_state(checkpoint_at(run, total), checkpoint_at(straight, total))
+
+
 # ---- an interrupted save, pre-emption ----
 
 def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, small):

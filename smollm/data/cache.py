@@ -1,0 +1,397 @@
+"""Documents -> a sharded token cache on disk, built once, resumed after a kill, read as one stream.
+
+A cache is a folder `<cache_dir>/tokens/<key>/` named by a hash of everything that decides its
+tokens (`cache_key`). It holds shards `shard-000000.bin`, ... of exactly `shard_tokens` token ids
+each (the last one fewer) and `index.json`, which lists the complete shards. Each shard is written
+to a temporary file, flushed to disk and renamed into place, and only then listed; with it the
+index records where the next shard starts in the sources, so a build killed at any moment starts
+again from its last complete shard.
+
+Tokenizing runs in one worker process per core (the tokenizer's Rust code, the conversion of its
+output to arrays and the pickling, all in parallel), fed with batches of about BATCH_BYTES of text
+by the main process, which reads the sources and writes the shards. At most two batches per worker
+are in flight, so memory does not grow with the corpus.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import json
+import multiprocessing
+import os
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from smollm import assets
+from smollm.data.sources import DataError, Position, Unit, write_json_atomic
+from smollm.errors import SmolLMError, first_line
+
+FORMAT_VERSION = 2  # bump when the cache layout or the tokenization rule changes
+SHARD_TOKENS = 1 << 27  # 134M tokens: 256 MB of uint16; a kill loses at most one shard of work
+BATCH_BYTES = 1 << 20  # text handed to one worker at a time
+INDEX = "index.json"
+
+
+def load_tokenizer(name: str, cache_dir: str | None = None) -> Any:
+    """`smollm.assets.load_tokenizer(name)`, checked for what the token cache needs."""
+    try:
+        tokenizer = assets.load_tokenizer(name, cache_dir=cache_dir)
+    except SmolLMError as e:  # already one line with the name and a fix
+        raise DataError(str(e)) from e
+    except Exception as e:  # noqa: BLE001  whatever went wrong, the user needs the name and a fix
+        raise DataError(f"cannot load tokenizer {name!r} ({first_line(e)}); pass --data.tokenizer a "
+                        "tokenizer directory or Hugging Face name, or 'smollm2'") from e
+    if not hasattr(tokenizer, "backend_tokenizer"):
+        raise DataError(f"tokenizer {name!r} is not a fast (Rust) tokenizer; use one with a "
+                        "tokenizer.json")
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"tokenizer {name!r} has no EOS token to separate documents; "
+                        "use a tokenizer that defines eos_token")
+    return tokenizer
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of what decides the token ids: the tokenizer's full JSON (vocab, merges, rules) + EOS."""
+    spec = tokenizer.backend_tokenizer.to_str() + f"\neos={tokenizer.eos_token_id}"
+    return hashlib.sha256(spec.encode()).hexdigest()
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def cache_key(spec: dict[str, Any]) -> str:
+    """sha256 of the cache's spec: format, tokenizer, text key, sources (files by content hash, a
+    dataset by name, subset, split, revision and fingerprint) and max_tokens."""
+    return hashlib.sha256(json.dumps({"format": FORMAT_VERSION, **spec}, sort_keys=True).encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading: the shards as one stream
+
+
+class TokenCache:
+    """A complete cache folder, read as one stream of `n_tokens` token ids: `cache[a:b]` or
+    `cache.read(a, b)` returns tokens a..b-1 (native dtype), across shard boundaries.
+
+    The shards are memory-mapped on first use in each process and never pickled, so DataLoader
+    workers share the page cache instead of copying the tokens.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        index = read_index(self.folder)
+        if index is None or not index.get("complete"):
+            raise DataError(f"{self.folder} holds no complete token cache; run again to build it")
+        self.index = index
+        self.dtype = np.dtype(index["dtype"])
+        self.shards = [(s["file"], s["tokens"]) for s in index["shards"]]
+        self.n_tokens, self.n_documents = index["n_tokens"], index["n_docs"]
+        self.starts = np.cumsum([0] + [n for _, n in self.shards])  # shard k holds [starts[k], starts[k+1])
+        for name, n in self.shards:
+            path = self.folder / name
+            if not path.is_file() or path.stat().st_size != n * self.dtype.itemsize:
+                raise DataError(f"token cache shard {path} is missing or damaged; delete {self.folder} and "
+                                "run again")
+        self._maps: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.n_tokens
+
+    def _shard(self, k: int) -> np.ndarray:
+        if k not in self._maps:
+            name, n = self.shards[k]
+            self._maps[k] = np.memmap(self.folder / name, dtype=self.dtype, mode="r", shape=(n,))
+        return self._maps[k]
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Tokens [start, stop) of the stream, a copy (stop is clipped to the end)."""
+        stop = min(stop, self.n_tokens)
+        if not 0 <= start <= stop:
+            raise IndexError(f"token range [{start}, {stop}) outside [0, {self.n_tokens})")
+        k = int(np.searchsorted(self.starts, start, side="right")) - 1
+        parts = []
+        while start < stop:
+            begin = int(self.starts[k])
+            end = min(stop, int(self.starts[k + 1]))
+            parts.append(self._shard(k)[start - begin:end - begin])
+            start, k = end, k + 1
+        return np.concatenate(parts) if parts else np.empty(0, self.dtype)
+
+    def __getitem__(self, item: slice) -> np.ndarray:
+        if not isinstance(item, slice) or item.step not in (None, 1):
+            raise TypeError("TokenCache takes a slice with step 1: cache[a:b]")
+        start, stop, _ = item.indices(self.n_tokens)
+        return self.read(start, max(start, stop))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_maps": {}}
+
+
+def read_index(folder: Path) -> dict[str, Any] | None:
+    path = folder / INDEX
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def is_complete(folder: Path) -> bool:
+    index = read_index(folder)
+    return bool(index and index.get("complete"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Workers: text -> token ids
+
+
+_worker: dict[str, Any] = {}
+
+
+def _init_worker(tokenizer_json: str, eos: int, dtype: str) -> None:
+    """Each worker: one single-threaded copy of the tokenizer; dies with the process that
+    started it (Linux), so a killed build leaves no worker behind."""
+    from tokenizers import Tokenizer
+
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            import ctypes
+
+            ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    _worker.update(tokenizer=Tokenizer.from_str(tokenizer_json), eos=eos, dtype=np.dtype(dtype))
+
+
+def _tokenize(texts: list[str], eos: list[bool]) -> tuple[np.ndarray, np.ndarray]:
+    """The token ids of `texts` concatenated, EOS after each text whose flag is set, and the
+    number of tokens that each text contributed."""
+    encodings = _worker["tokenizer"].encode_batch_fast(texts, add_special_tokens=False)
+    ids: list[int] = []
+    lengths = np.empty(len(texts), dtype=np.int64)
+    eos_id = _worker["eos"]
+    for j, (encoding, end) in enumerate(zip(encodings, eos)):
+        x = encoding.ids
+        ids += x
+        if end:
+            ids.append(eos_id)
+        lengths[j] = len(x) + end
+    return np.array(ids, dtype=_worker["dtype"]), lengths
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing: shards, each made durable before the index lists it
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class _ShardWriter:
+    """Appends tokens to the open shard; commits each full one (fsync, rename, index)."""
+
+    def __init__(self, folder: Path, index: dict[str, Any]) -> None:
+        self.folder, self.index = folder, index
+        self.dtype = np.dtype(index["dtype"])
+        self.shard_tokens = index["shard_tokens"]
+        self.total = sum(s["tokens"] for s in index["shards"])  # tokens appended so far
+        self.in_shard = 0
+        self.file: Any = None
+
+    def _tmp(self) -> Path:
+        return self.folder / f"shard-{len(self.index['shards']):06d}.bin.tmp"
+
+    def append(self, tokens: np.ndarray, state_at: Callable[[int], dict[str, Any]]) -> None:
+        """Append `tokens`; `state_at(b)` gives the counts after token b - 1 and where the sources
+        resume from there, for the index when a shard fills at token b."""
+        while len(tokens):
+            if self.file is None:
+                self.file = open(self._tmp(), "wb")
+            take = tokens[:self.shard_tokens - self.in_shard]
+            self.file.write(take.tobytes())
+            self.in_shard += len(take)
+            self.total += len(take)
+            tokens = tokens[len(take):]
+            if self.in_shard == self.shard_tokens:
+                self.commit(state_at(self.total))
+
+    def commit(self, state: dict[str, Any], complete: bool = False) -> None:
+        """Make the open shard durable and list it, with the resume `state` for what follows."""
+        index = self.index
+        if self.file is not None:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            self.file = None
+            name = f"shard-{len(index['shards']):06d}.bin"
+            os.replace(self._tmp(), self.folder / name)
+            _fsync_dir(self.folder)
+            index["shards"].append({"file": name, "tokens": self.in_shard})
+            self.in_shard = 0
+        index.update(n_tokens=sum(s["tokens"] for s in index["shards"]), n_docs=state["n_docs"],
+                     sources=state["sources"], resume=None if complete else state["resume"],
+                     complete=complete)
+        write_json_atomic(self.folder / INDEX, index)
+
+    def discard(self) -> None:
+        """Drop the open shard (an error or an interrupt): the listed shards stay as they are."""
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        with contextlib.suppress(FileNotFoundError):
+            self._tmp().unlink()
+
+
+def _batches(units: Iterator[Unit], size: int) -> Iterator[tuple[list[Position], list[str], list[bool]]]:
+    """Units grouped into batches of about `size` characters."""
+    positions, texts, eos, chars = [], [], [], 0
+    for position, text, end in units:
+        positions.append(position)
+        texts.append(text)
+        eos.append(end)
+        chars += len(text)
+        if chars >= size:
+            yield positions, texts, eos
+            positions, texts, eos, chars = [], [], [], 0
+    if texts:
+        yield positions, texts, eos
+
+
+def build_cache(folder: Path, sources: list[Any], tokenizer: Any, meta: dict[str, Any],
+                max_tokens: list[int | None], workers: int | None = None, progress: bool = True) -> None:
+    """Tokenize `sources` in order into the cache `folder`, each document followed by EOS, source
+    i cut at its first max_tokens[i] tokens; resume from the last complete shard if an earlier
+    build was interrupted. The caller holds the cache's lock.
+
+    `meta` goes into the index as it is (key, spec, tokenizer name, ...).
+    """
+    from tqdm import tqdm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    index = read_index(folder)
+    if index is not None and index.get("key") != meta.get("key"):
+        index = None
+    if index is None:  # a fresh build: nothing of an earlier one is usable
+        for old in folder.glob("shard-*"):
+            old.unlink()
+        index = {**meta, "format": FORMAT_VERSION, "dtype": token_dtype(len(tokenizer)).name,
+                 "shard_tokens": SHARD_TOKENS, "shards": [], "n_tokens": 0, "n_docs": 0,
+                 "sources": [{"source": s.describe(), "tokens": 0, "documents": 0} for s in sources],
+                 "complete": False, "resume": {"source": 0, "unit": [0, 0, 0], "skip": 0}}
+    listed = {s["file"] for s in index["shards"]}
+    for stray in folder.glob("shard-*"):  # a shard renamed but not yet listed, a temporary file
+        if stray.name not in listed:
+            stray.unlink()
+    resume = index["resume"]
+    counts = [dict(s) for s in index["sources"]]  # tokens and documents per source so far
+    n_docs = index["n_docs"]
+    writer = _ShardWriter(folder, index)
+    workers = workers or cpu_count()
+    if index["shards"]:
+        print(f"resuming the tokenization at shard {len(index['shards'])} ({writer.total:,} tokens "
+              f"done) in {folder}", file=sys.stderr, flush=True)
+    start_time = time.perf_counter()
+
+    # Workers are forked where that is possible: they start at once and share the parent's pages.
+    # They use only the tokenizer and numpy, never a thread the parent started, so Python 3.12's
+    # warning about forking a multi-threaded process does not apply to them.
+    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    with _env("TOKENIZERS_PARALLELISM", "false"), warnings.catch_warnings():  # one thread per worker
+        warnings.filterwarnings("ignore", message=".*use of fork", category=DeprecationWarning)
+        pool = context.Pool(workers, initializer=_init_worker,
+                            initargs=(tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token_id,
+                                      index["dtype"]))
+    bar = tqdm(initial=writer.total, unit="tok", unit_scale=True, desc="tokenizing", file=sys.stderr,
+               disable=not progress, mininterval=2.0)
+    try:
+        for s in range(resume["source"], len(sources)):
+            cap = max_tokens[s]
+            if cap is not None and counts[s]["tokens"] >= cap:
+                continue
+            first = tuple(resume["unit"]) if s == resume["source"] else (0, 0, 0)
+            skip = resume["skip"] if s == resume["source"] else 0
+            begin = writer.total - counts[s]["tokens"]  # where source s starts in the stream
+            batches = _batches(sources[s].units(first), BATCH_BYTES)
+            pending: collections.deque = collections.deque()
+            done = False
+            try:
+                while not done:
+                    for positions, texts, eos in batches:
+                        pending.append((positions, eos, pool.apply_async(_tokenize, (texts, eos))))
+                        if len(pending) >= 2 * workers:
+                            break
+                    else:
+                        done = True  # the source is read: drain what is in flight
+                    while pending and (done or len(pending) >= 2 * workers):
+                        positions, eos, result = pending.popleft()
+                        tokens, lengths = result.get()
+                        # Unit j's tokens are stream[starts[j] : starts[j] + lengths[j]]; the first
+                        # unit's first `skip` tokens were written before an interruption.
+                        first_new = writer.total
+                        starts = first_new - skip + np.concatenate(([0], np.cumsum(lengths)[:-1]))
+                        ends = starts + lengths
+                        eos_at = (ends - 1)[np.asarray(eos, dtype=bool)]  # where the EOS tokens go
+                        tokens, skip = tokens[skip:], 0
+                        written = first_new - begin
+                        if cap is not None and written + len(tokens) >= cap:
+                            tokens, done = tokens[:cap - written], True
+                            pending.clear()
+                        docs_before, source_docs_before = n_docs, counts[s]["documents"]
+
+                        def state_at(b: int, positions=positions, starts=starts, ends=ends, eos_at=eos_at,
+                                     first_new=first_new, docs_before=docs_before,
+                                     source_docs_before=source_docs_before, s=s) -> dict[str, Any]:
+                            """The counts after token b - 1, and where the stream resumes."""
+                            new_docs = int(np.count_nonzero((eos_at >= first_new) & (eos_at < b)))
+                            counts[s] = {**counts[s], "tokens": b - begin,
+                                         "documents": source_docs_before + new_docs}
+                            j = int(np.searchsorted(ends, b, side="left"))  # the unit of token b - 1
+                            return {"n_docs": docs_before + new_docs, "sources": [dict(c) for c in counts],
+                                    "resume": {"source": s, "unit": list(positions[j]),
+                                               "skip": int(b - starts[j])}}
+
+                        writer.append(tokens, state_at)
+                        n_docs = state_at(writer.total)["n_docs"]
+                        bar.update(len(tokens))
+            finally:
+                batches.close()
+        index["seconds"] = round(index.get("seconds", 0) + time.perf_counter() - start_time, 2)
+        writer.commit({"n_docs": n_docs, "sources": counts, "resume": None}, complete=True)
+    except BaseException:
+        writer.discard()
+        raise
+    finally:
+        bar.close()
+        pool.terminate()
+        pool.join()

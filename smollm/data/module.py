@@ -1,0 +1,377 @@
+"""TextDataModule: the LightningDataModule whose typed, documented __init__ arguments are the
+`--data.*` options. It wires sources -> token cache -> windows -> batches, and says in one line
+what it trains on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader, Sampler
+
+from smollm import assets
+from smollm.data.cache import (INDEX, TokenCache, build_cache, cache_key, is_complete, load_tokenizer,
+                               token_dtype, tokenizer_fingerprint)
+from smollm.data.sources import STDLIB, DataError, DatasetSource, FileSource
+from smollm.data.windows import ResumableSampler, TokenWindows, split_windows
+
+
+def _as_list(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+class TextDataModule(L.LightningDataModule):
+    """Text tokenized once into a sharded disk cache, served as seq_len + 1 token windows.
+
+    The sources are the files of `files` (one source, in order), then each dataset of `dataset`;
+    their documents, each followed by EOS, make one token stream. A batch is
+    {"input_ids": LongTensor (B, seq_len + 1), "index": LongTensor (B,)}: inputs are
+    input_ids[:, :-1], targets input_ids[:, 1:], and index holds the window ids (to check that a
+    resume neither repeats nor skips a window). Training batches come in an endless order that is a
+    pure function of (seed, step) and of the rank, so the Trainer must be built with
+    `use_distributed_sampler=False` (this module splits data across ranks itself) and stopped by
+    `max_steps`. Validation is the held-out tail of the token stream, the same windows every time.
+
+    With several processes, one builds the cache while the others wait for it (a file lock in
+    the cache folder); on several machines, put `cache_dir` on a shared file system.
+
+    For evaluation, after `setup()`: `tokenizer`, `token_cache` (every token, one stream),
+    `val_windows()`, `heldout_windows()` and `corpus_windows()`.
+
+    Args:
+        files: Files to train on, one entry or a list: files, globs (** recurses) or folders; .jsonl/.json (one JSON object per line, also .gz/.zst) and .parquet hold one document per record, any other file is one document of text; a folder means its data files and its .txt .md .rst .py ... files, hidden ones skipped. "@stdlib" is this Python's standard-library source, the default when no dataset is given.
+        text_key: The field of a JSON record, or the column of a parquet file or dataset, that holds the text.
+        dataset: A Hugging Face dataset, or a list of them: a hub name (streamed, never downloaded whole) or a folder saved with datasets' save_to_disk. Its documents follow those of files.
+        subset: The dataset's configuration (hub datasets), e.g. "cosmopedia-v2"; a list makes one source per entry. dataset, subset, split and revision each take one value or one per source.
+        split: The dataset split to read.
+        revision: A hub dataset's branch, tag or commit (default: the main branch, pinned to its commit when the cache is built).
+        max_tokens: Take only the first N tokens of each source (files count as one source); a list gives one N per source, in order. Without it every source is read whole: a streamed hub dataset is tokenized to its end before training starts.
+        tokenizer: Tokenizer name for smollm.assets.load_tokenizer: "smollm2", a tokenizer directory or a Hugging Face name.
+        seq_len: Tokens per training sequence; each window holds seq_len + 1 tokens (inputs and shifted targets).
+        batch_size: Sequences per micro-batch on each device.
+        val_fraction: Fraction of the token stream held out at its end for validation, in whole windows (at least one).
+        max_val_windows: Validate on at most this many held-out windows (the first ones), so validation stays quick; None for all.
+        num_workers: DataLoader worker processes per device; the batch order does not depend on it.
+        seed: Seed of the training order; the order is a pure function of (seed, step).
+        cache_dir: Cache root (default $SMOLLM_CACHE or ~/.cache/smollm); token caches go to its "tokens" folder.
+        encoding_errors: "strict" stops at bytes that are not UTF-8, naming the file and offset; "replace" turns them into U+FFFD.
+    """
+
+    def __init__(
+        self,
+        files: list[str] | str | None = None,
+        text_key: str = "text",
+        dataset: list[str] | str | None = None,
+        subset: list[str | None] | str | None = None,
+        split: list[str] | str = "train",
+        revision: list[str | None] | str | None = None,
+        max_tokens: list[int | None] | int | None = None,
+        tokenizer: str = "smollm2",
+        seq_len: int = 2048,
+        batch_size: int = 8,
+        val_fraction: float = 0.005,
+        max_val_windows: int | None = 128,
+        num_workers: int = 2,
+        seed: int = 1234,
+        cache_dir: str | None = None,
+        encoding_errors: str = "strict",
+    ) -> None:
+        super().__init__()
+        files = ([STDLIB] if dataset is None else []) if files is None else _as_list(files)
+        datasets = self._dataset_specs(dataset, subset, split, revision)
+        n_sources = (1 if files else 0) + len(datasets)
+        caps = [None] * n_sources if max_tokens is None else _as_list(max_tokens)
+        if len(caps) == 1:
+            caps = caps * n_sources
+        checks = [
+            (len(files) > 0 or len(datasets) > 0,
+             "files is empty; name at least one file, glob or folder, '@stdlib', or a --data.dataset"),
+            (isinstance(text_key, str) and text_key != "", f"text_key must be a field name, got {text_key!r}"),
+            (len(caps) == n_sources, f"max_tokens has {len(caps)} values for {n_sources} sources (files, then "
+                                     "each dataset); give one value, or one per source"),
+            (all(c is None or (isinstance(c, int) and c > 0) for c in caps),
+             f"max_tokens must be positive integers or None, got {max_tokens!r}"),
+            (isinstance(seq_len, int) and seq_len > 0, f"seq_len must be a positive integer, got {seq_len!r}"),
+            (isinstance(batch_size, int) and batch_size > 0,
+             f"batch_size must be a positive integer, got {batch_size!r}"),
+            (0 < val_fraction < 1, f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction!r}"),
+            (max_val_windows is None or max_val_windows > 0,
+             f"max_val_windows must be positive or None, got {max_val_windows!r}"),
+            (isinstance(num_workers, int) and num_workers >= 0,
+             f"num_workers must be 0 or more, got {num_workers!r}"),
+            (encoding_errors in ("strict", "replace"),
+             f"encoding_errors must be 'strict' or 'replace', got {encoding_errors!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise DataError(message)
+        self.save_hyperparameters()
+        self.files, self.datasets, self.text_key, self.max_tokens = files, datasets, text_key, caps
+        self.tokenizer_name, self.seq_len = tokenizer, seq_len
+        self.batch_size, self.val_fraction, self.max_val_windows = batch_size, val_fraction, max_val_windows
+        self.num_workers, self.seed, self.encoding_errors = num_workers, seed, encoding_errors
+        self.cache_dir = cache_dir
+        self.token_dir = assets.cache_dir_path(cache_dir) / "tokens"
+        self._tokenizer: Any = None
+        self._corpus: dict[str, Any] | None = None  # the sources and the cache's name, found once
+        # Set by setup():
+        self.token_cache: TokenCache | None = None
+        self.n_tokens: int | None = None
+        self.n_documents: int | None = None
+        self.n_train_windows: int | None = None
+        self.n_val_windows: int | None = None  # validated windows, all ranks together
+        self.n_heldout_windows: int | None = None  # windows in the held-out tail (>= n_val_windows)
+        self.val_start: int | None = None  # the first token of the held-out tail
+        self.train_dataset: TokenWindows | None = None
+        self.val_dataset: TokenWindows | None = None
+
+    @staticmethod
+    def _dataset_specs(dataset: Any, subset: Any, split: Any, revision: Any) -> list[tuple]:
+        """(name, subset, split, revision) per dataset source: each option gives one value for
+        all, or one per source."""
+        if dataset is None:
+            return []
+        columns = {"dataset": _as_list(dataset), "subset": _as_list(subset), "split": _as_list(split),
+                   "revision": _as_list(revision)}
+        n = max(len(v) for v in columns.values())
+        for option, values in columns.items():
+            if len(values) not in (1, n):
+                raise DataError(f"--data.{option} has {len(values)} values but another option has {n}; "
+                                "give one value, or one per dataset source")
+        return [tuple(values[i] if len(values) > 1 else values[0] for values in columns.values())
+                for i in range(n)]
+
+    # -- tokenizer, loaded on first use (no data work in __init__) --
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_name, self.cache_dir)
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    # -- Lightning hooks --
+
+    def prepare_data(self) -> None:
+        """Tokenize into the cache unless it is complete (one process). With several processes
+        the cache is built in `setup`, where one builds and the others wait on a file lock: a
+        long build would outlast the collective barrier that follows `prepare_data`."""
+        if self._rank_world()[1] == 1:
+            self._ensure_cache()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Open the cache (every rank; built first if need be) and make the windows."""
+        if self.train_dataset is not None:
+            return
+        corpus = self._ensure_cache()
+        cache = TokenCache(corpus["folder"])
+        L_ = self.seq_len
+        n_train, n_heldout, val_start = split_windows(cache.n_tokens, L_, self.val_fraction)
+        rank, world = self._rank_world()
+        n_val = min(n_heldout, self.max_val_windows or n_heldout)
+        n_val -= n_val % world  # every rank validates the same number of windows
+        if n_val == 0:
+            raise DataError(f"the validation split has {n_heldout} window(s), fewer than the {world} "
+                            "devices; raise --data.val_fraction or add text")
+        self.token_cache, self.n_tokens, self.n_documents = cache, cache.n_tokens, cache.n_documents
+        self.n_train_windows, self.n_heldout_windows, self.n_val_windows = n_train, n_heldout, n_val
+        self.val_start = val_start
+        self.train_dataset = TokenWindows(cache, L_, 0, range(n_train))
+        self.val_dataset = TokenWindows(cache, L_, val_start, range(rank, n_val, world))
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        start_batch = 0
+        if trainer is not None:
+            if getattr(getattr(trainer, "_accelerator_connector", None), "use_distributed_sampler",
+                       False) and trainer.world_size > 1:
+                raise DataError("TextDataModule splits data across ranks itself; build the Trainer "
+                                "with use_distributed_sampler=False")
+            # Resume: Lightning 2.6.6's Trainer._run calls _checkpoint_connector.
+            # restore_training_state() (which restores the fit loop, hence global_step) before
+            # _run_stage() -> fit_loop.run() -> fit_loop.setup_data() -> train_dataloader(). So
+            # here global_step is the restored optimizer step, and global_step *
+            # accumulate_grad_batches micro-batches have been consumed already.
+            start_batch = trainer.global_step * trainer.accumulate_grad_batches
+        rank, world = self._rank_world()
+        sampler = ResumableSampler(self.n_train_windows, self.batch_size, self.seed, rank, world,
+                                   start_batch)
+        return self._loader(self.train_dataset, sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, None)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the training order depends on, so a resume with other settings can warn."""
+        return {"seed": self.seed, "seq_len": self.seq_len, "batch_size": self.batch_size,
+                "world_size": self._rank_world()[1], "n_train_windows": self.n_train_windows,
+                "cache_key": self._corpus["key"] if self._corpus else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        changed = [f"{k}: {v} -> {now}" for k, now in self.state_dict().items()
+                   if (v := state.get(k)) is not None and now is not None and v != now]
+        if changed:
+            rank_zero_warn("data changed since the checkpoint (" + "; ".join(changed) + "); the "
+                           "resumed run does not continue the same sample order")
+
+    # -- what evaluation reads (after setup) --
+
+    def val_windows(self) -> TokenWindows:
+        """The windows that training validates on, all ranks' together, in order: the first
+        `n_val_windows` windows of the held-out tail."""
+        self._need_setup()
+        return TokenWindows(self.token_cache, self.seq_len, self.val_start, range(self.n_val_windows))
+
+    def heldout_windows(self) -> TokenWindows:
+        """Every window of the held-out tail (training validates on the first `n_val_windows`)."""
+        self._need_setup()
+        return TokenWindows(self.token_cache, self.seq_len, self.val_start, range(self.n_heldout_windows))
+
+    def corpus_windows(self, seq_len: int | None = None) -> TokenWindows:
+        """Windows over every token of the sources: window k is tokens [k*L, k*L + L] (L = seq_len,
+        default the module's), the last one shorter, so every token but the first is a target
+        exactly once. Batch the last window alone (or pad it) since it may be shorter."""
+        self._need_setup()
+        L_ = seq_len or self.seq_len
+        n = -(-(self.n_tokens - 1) // L_)  # ceil((n_tokens - 1) / L)
+        return TokenWindows(self.token_cache, L_, 0, range(n), stop=self.n_tokens)
+
+    def describe(self) -> str:
+        """The data line: sources, documents, tokens, shards, windows, passes, cache."""
+        c = self._corpus
+        if c is None or self.n_tokens is None:
+            return f"TextDataModule({', '.join(self.files + [d[0] for d in self.datasets])}): not set up yet"
+        sources = "; ".join(s.describe() + (f" (first {cap:,} tokens)" if cap else "")
+                            for s, cap in zip(c["sources"], self.max_tokens))
+        skipped = f" ({len(c['empty'])} empty skipped)" if c["empty"] else ""
+        shards = len(self.token_cache.shards)
+        return (f"data: {sources}{skipped}; {self.n_documents:,} documents, {self.n_tokens:,} tokens "
+                f"({self.tokenizer_name}, vocab {self.vocab_size}) in {shards} shard{'s' * (shards != 1)}; "
+                f"seq_len {self.seq_len}: {self.n_train_windows:,} train windows, {self.n_val_windows} of "
+                f"{self.n_heldout_windows} held-out windows validated; {self._passes()}; cache {c['folder']}")
+
+    # -- helpers --
+
+    def _passes(self) -> str:
+        """How many passes over the training windows the run's max_steps makes."""
+        trainer = self.trainer
+        max_steps = getattr(trainer, "max_steps", -1) if trainer is not None else -1
+        if max_steps is None or max_steps < 0:
+            return "no max_steps, so no count of passes"
+        world = self._rank_world()[1]
+        accumulate = getattr(trainer, "accumulate_grad_batches", 1)
+        windows = max_steps * accumulate * self.batch_size * world
+        return (f"max_steps {max_steps:,} x {accumulate * self.batch_size * world} windows = "
+                f"{windows / self.n_train_windows:.3g} passes over the training windows")
+
+    def _need_setup(self) -> None:
+        if self.token_cache is None:
+            raise RuntimeError("TextDataModule.setup() must run first")
+
+    def _rank_world(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
+    def _find_corpus(self) -> dict[str, Any]:
+        """Resolve and hash the sources, load the tokenizer, and name the cache (once per process)."""
+        if self._corpus is not None:
+            return self._corpus
+        sources: list[Any] = []
+        files = None
+        if self.files:
+            files = FileSource(self.files, self.text_key, self.encoding_errors)
+            files.resolve()
+            sources.append(files)
+        fingerprint = tokenizer_fingerprint(self.tokenizer)  # fail fast, before reading files
+        if files is not None:
+            names = "\n".join(map(str, files.paths)).encode()
+            files.scan(memo=self.token_dir / "file-hashes" / f"{hashlib.sha256(names).hexdigest()[:24]}.json")
+            if files.empty:
+                shown = ", ".join(str(p) for p in files.empty[:5])
+                more = f" and {len(files.empty) - 5} more" if len(files.empty) > 5 else ""
+                rank_zero_warn(f"skipping {len(files.empty)} empty file(s): {shown}{more}")
+            if not files.docs:
+                raise DataError(f"every file of --data.files {self.files} is empty; give files that hold text")
+        for name, subset, split, revision in self.datasets:
+            source = DatasetSource(name, subset, split, revision, self.text_key)
+            source.open()
+            sources.append(source)
+        for source, cap in zip(sources, self.max_tokens):
+            if getattr(source, "streaming", False) and cap is None:
+                rank_zero_warn(f"{source.describe()} is streamed without --data.max_tokens: all of it is "
+                               "tokenized before training starts; set --data.max_tokens to take its first "
+                               "N tokens")
+        spec = {"tokenizer": fingerprint, "text_key": self.text_key, "encoding_errors": self.encoding_errors,
+                "sources": [s.spec() for s in sources], "max_tokens": self.max_tokens}
+        key = cache_key(spec)
+        folder = self.token_dir / key[:24]
+        self._corpus = {"key": key, "spec": spec, "sources": sources, "folder": folder,
+                        "meta_path": folder / INDEX, "bin_path": folder / "shard-000000.bin",
+                        "docs": files.docs if files else [], "empty": files.empty if files else []}
+        return self._corpus
+
+    def _ensure_cache(self) -> dict[str, Any]:
+        """The cache complete on disk: found, or built (or resumed) by this process while it holds
+        the cache's lock; a process that finds the lock taken waits for the one building."""
+        from filelock import FileLock, Timeout
+
+        corpus = self._find_corpus()
+        folder = corpus["folder"]
+        if is_complete(folder):
+            return corpus
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(folder) + ".lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            print(f"waiting for another process to finish tokenizing into {folder}", file=sys.stderr, flush=True)
+            lock.acquire()
+        try:
+            if not is_complete(folder):
+                self._build(corpus)
+        finally:
+            lock.release()
+        return corpus
+
+    def _build(self, corpus: dict[str, Any]) -> None:
+        tokenizer, sources = self.tokenizer, corpus["sources"]
+        rank_zero_info(f"tokenizing {'; '.join(s.describe() for s in sources)} with {self.tokenizer_name} "
+                       f"into {corpus['folder']}")
+        meta = {"key": corpus["key"], "spec": corpus["spec"], "tokenizer": self.tokenizer_name,
+                "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
+                "dtype": token_dtype(len(tokenizer)).name, "text_key": self.text_key,
+                "files": [str(p) for p in corpus["docs"]],
+                "skipped_empty": [str(p) for p in corpus["empty"]]}
+        build_cache(Path(corpus["folder"]), sources, tokenizer, meta, self.max_tokens)
+        cache = TokenCache(corpus["folder"])
+        rank_zero_info(f"tokenized {cache.n_tokens:,} tokens, {cache.n_documents:,} documents, into "
+                       f"{len(cache.shards)} shard(s) in {cache.index.get('seconds', 0):.1f} s")
+
+    def _loader(self, dataset: TokenWindows | None, sampler: Sampler | None) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("TextDataModule.setup() must run before asking for a dataloader")
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, shuffle=False,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          pin_memory=torch.cuda.is_available(),
+                          worker_init_fn=_ignore_sigint if self.num_workers > 0 else None)
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """DataLoader workers ignore Ctrl-C: the terminal signals the whole process group, and the
+    main process saves a checkpoint and stops by itself (smollm.callbacks.CtrlC)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -1,0 +1,568 @@
+"""Sources -> documents: text files, JSON Lines, parquet and Hugging Face datasets, read as a stream.
+
+A source yields *units*, `(position, text, eos)`: a record of a .jsonl/.parquet file or of a
+dataset is one unit and one document (EOS follows it); a text file is one document read in pieces
+of about PIECE_BYTES, and only its last piece is followed by EOS. `position` is where the unit
+starts, `(item, offset, line)`: the file's index, then the byte offset (text, JSON Lines) or the
+row (parquet, datasets), then the line number (JSON Lines). `units(start)` starts again at any
+position it yielded, which is how an interrupted tokenization resumes.
+
+Every bad input is a `DataError` whose one line names the file and the line or row, and says what
+to do.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import sysconfig
+import time
+import zlib
+from pathlib import Path
+from typing import Any, BinaryIO, Iterator
+
+from smollm.errors import SmolLMError, first_line
+
+STDLIB = "@stdlib"
+# A folder given in `files` means every file below it with one of these suffixes.
+TEXT_SUFFIXES = frozenset({
+    ".txt", ".text", ".md", ".markdown", ".rst", ".tex",
+    ".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".rs", ".go", ".java", ".js", ".ts", ".sh",
+    ".html", ".css", ".toml", ".yaml", ".yml",
+})
+JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
+PARQUET_SUFFIXES = (".parquet",)
+# A text file is read and tokenized in pieces of at most this many bytes (see `read_pieces`).
+PIECE_BYTES = 1 << 20
+PARQUET_BATCH_ROWS = 1024
+DATASET_BATCH_ROWS = 1024
+HUB_TIMEOUT_S = 10  # asking the hub which commit a dataset name means: never a long hang
+
+Position = tuple[int, int, int]  # (item, byte offset or row, line number)
+Unit = tuple[Position, str, bool]  # (where it starts, its text, whether EOS follows it)
+
+
+class DataError(SmolLMError, ValueError):
+    """Bad data input, found before training starts. The message is one line: what, and what to do."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Which files
+
+
+def stdlib_files() -> list[Path]:
+    """The running Python's standard library source: every non-empty .py file, minus
+    site-packages and test suites.
+
+    Test suites are left out because they are mostly fixtures and repetition; what remains (for
+    CPython 3.11: 731 files, 12 MB, 3,429,462 SmolLM2 tokens) is real, varied, human-written code.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    return sorted(p for p in root.rglob("*.py")
+                  if p.is_file() and p.stat().st_size > 0
+                  and not skip.intersection(p.relative_to(root).parts[:-1]))
+
+
+def file_format(path: Path) -> str:
+    """"jsonl" (.jsonl/.json, also .gz/.zst), "parquet", or "text" (any other suffix)."""
+    name = path.name.lower()
+    if name.endswith(JSON_SUFFIXES):
+        return "jsonl"
+    if name.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    return "text"
+
+
+def _in_folder(path: Path) -> bool:
+    """Whether a folder given in `files` takes this file: a data file, or a text suffix."""
+    return file_format(path) != "text" or path.suffix.lower() in TEXT_SUFFIXES
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    """Every data or text file below `folder` (see `_in_folder`), hidden files and folders skipped."""
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and _in_folder(p)
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def resolve_files(entries: list[str]) -> list[Path]:
+    """Expand `files` entries, in order, without duplicates.
+
+    An entry is "@stdlib", a file (any suffix), a folder (its data and text files, see
+    `_folder_files`), or a glob (`**` recurses; a folder it matches is expanded as a folder).
+    """
+    out: dict[Path, None] = {}
+    for entry in entries:
+        if entry == STDLIB:
+            found = stdlib_files()
+        else:
+            path = Path(entry).expanduser()
+            if path.is_file():
+                found = [path]
+            elif path.is_dir():
+                found = _folder_files(path)
+                if not found:
+                    raise DataError(
+                        f"folder {entry!r} holds no text file ({', '.join(sorted(TEXT_SUFFIXES))}) nor "
+                        f"data file ({', '.join(JSON_SUFFIXES + PARQUET_SUFFIXES)}); name the files or a "
+                        "glob in --data.files")
+            else:
+                found = []
+                for match in sorted(glob.glob(os.path.expanduser(entry), recursive=True)):
+                    p = Path(match)
+                    found.extend([p] if p.is_file() else _folder_files(p) if p.is_dir() else [])
+        if not found:
+            raise DataError(f"no file matches {entry!r}; check the path or glob in --data.files")
+        for p in found:
+            out.setdefault(p.resolve(), None)
+    return list(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# Content hashes, remembered by file identity
+
+
+def _blocks(f: BinaryIO, size: int = 1 << 20) -> Iterator[bytes]:
+    while block := f.read(size):
+        yield block
+
+
+def _scan(path: Path) -> tuple[str, bool]:
+    """(sha256 of the file's bytes, whether it holds anything but whitespace)."""
+    sha, has_text = hashlib.sha256(), False
+    with open(path, "rb") as f:
+        for block in _blocks(f):
+            sha.update(block)
+            has_text = has_text or bool(block.strip())
+    return sha.hexdigest(), has_text
+
+
+def scan_files(paths: list[Path], memo: Path | None = None) -> tuple[list[str], list[bool]]:
+    """The sha256 of each file and whether it holds text, reading each file once.
+
+    With `memo` (a JSON file), a file whose path, size, modification time and inode are unchanged
+    since it was hashed is not read again: a 100 GB corpus costs one read, not one per start and
+    rank. A file modified less than 2 s before it was hashed is not remembered, since a write in
+    the same clock tick could leave its modification time unchanged.
+    """
+    known: dict[str, list] = {}
+    if memo is not None and memo.is_file():
+        try:
+            known = json.loads(memo.read_text())
+        except (OSError, ValueError):
+            known = {}
+    hashes, has_text, remember, changed = [], [], {}, False
+    for path in paths:
+        st = path.stat()
+        ident = [st.st_size, st.st_mtime_ns, st.st_ino]
+        entry = known.get(str(path))
+        if entry is not None and entry[:3] == ident:
+            sha, text = entry[3], entry[4]
+        else:
+            started = time.time_ns()
+            sha, text = _scan(path)
+            changed = True
+            if st.st_mtime_ns > started - 2_000_000_000:
+                ident = None
+        hashes.append(sha)
+        has_text.append(text)
+        if ident is not None:
+            remember[str(path)] = [*ident, sha, text]
+    if memo is not None and changed:
+        try:
+            write_json_atomic(memo, remember)
+        except OSError:
+            pass  # only a shortcut: the next start hashes again
+    return hashes, has_text
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temporary file beside `path`, flush it to disk, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Text files, in pieces that tokenize as the whole file does
+
+# Where a piece may end so that the pieces tokenize exactly as the whole text does, for a
+# byte-level BPE (GPT-2, SmolLM2, Llama 3): its pre-tokenizer never joins a visible character to
+# the whitespace after it, and reads the text left to right, so a cut between a visible ASCII
+# character and a line break or space splits no pre-token. So is a cut after a line break
+# between two visible characters.
+_LOOK_BACK = 64 << 10  # look for such a cut in the last 64 KB of a piece
+
+
+def _visible(byte: int) -> bool:
+    return 0x21 <= byte <= 0x7E
+
+
+def _cut(data: bytes) -> int:
+    """Where to end a piece of `data` (0 < cut <= len(data)): at the last safe line break (see
+    above), else before the last space after a visible character, else after the last line break,
+    else before the last character (never inside a UTF-8 character)."""
+    lo = max(1, len(data) - _LOOK_BACK)
+    for sep in (b"\n", b" "):
+        i = len(data) - 1
+        while (i := data.rfind(sep, lo, i)) > 0:
+            if _visible(data[i - 1]):
+                return i + 1 if sep == b"\n" and _visible(data[i + 1]) else i
+    if (cut := data.rfind(b"\n") + 1) > 0:
+        return cut
+    cut = len(data) - 1
+    while cut > 0 and data[cut] & 0xC0 == 0x80:  # 10xxxxxx: a continuation byte
+        cut -= 1
+    return cut or len(data)
+
+
+def read_pieces(path: Path, size: int | None = None, start: int = 0) -> Iterator[tuple[int, bytes, bool]]:
+    """(byte offset, bytes, is_last) pieces of `path` of at most `size` bytes each, from `start`.
+
+    A piece ends where cutting changes no token of a byte-level BPE (see `_cut`), else at a line
+    break, and never inside a UTF-8 character. Each piece depends only on the file's bytes from
+    its own offset, so reading from a piece's offset gives the same pieces again. Memory stays at
+    about 2 * size.
+    """
+    size = size or PIECE_BYTES
+    total = path.stat().st_size
+    with open(path, "rb") as f:
+        f.seek(start)
+        offset, buf = start, b""
+        while True:
+            if len(buf) < size:
+                buf += f.read(size - len(buf))
+            if not buf:
+                return
+            end = offset + len(buf)
+            if end >= total and len(buf) <= size:
+                yield offset, buf, True
+                return
+            cut = _cut(buf[:size])
+            yield offset, buf[:cut], False
+            offset, buf = offset + cut, buf[cut:]
+
+
+# ------------------------------------------------------------------------------------------------
+# Files: text, JSON Lines, parquet
+
+
+def _open_binary(path: Path) -> tuple[BinaryIO, tuple[type[Exception], ...]]:
+    """The file's decompressed bytes, and the errors that reading them may raise."""
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        return gzip.open(path, "rb"), (OSError, EOFError, zlib.error)
+    if name.endswith(".zst"):
+        import zstandard
+
+        reader = io.BufferedReader(zstandard.open(path, "rb"))  # BufferedReader: line iteration
+        return reader, (OSError, EOFError, zstandard.ZstdError)
+    return open(path, "rb"), (OSError,)
+
+
+class FileSource:
+    """The files of --data.files, in order, as one source. Call `resolve` and `scan` first."""
+
+    def __init__(self, entries: list[str], text_key: str = "text", encoding_errors: str = "strict") -> None:
+        self.entries, self.text_key, self.encoding_errors = entries, text_key, encoding_errors
+        self.paths: list[Path] = []
+        self.hashes: list[str] = []  # sha256 of each file of `paths`
+        self.docs: list[Path] = []  # the files that hold text, in order: what `units` reads
+        self._doc_hashes: list[str] = []
+        self.empty: list[Path] = []
+
+    def resolve(self) -> None:
+        """Expand the entries into files (see `resolve_files`)."""
+        self.paths = resolve_files(self.entries)
+
+    def scan(self, memo: Path | None = None) -> None:
+        """Hash every file; files with nothing but whitespace are left out (`empty`)."""
+        if not self.paths:
+            self.resolve()
+        self.hashes, has_text = scan_files(self.paths, memo)
+        self.docs = [p for p, t in zip(self.paths, has_text) if t]
+        self.empty = [p for p, t in zip(self.paths, has_text) if not t]
+        self._doc_hashes = [h for h, t in zip(self.hashes, has_text) if t]
+
+    def spec(self) -> dict[str, Any]:
+        """What decides this source's tokens: each file's format and content hash, in order."""
+        return {"files": [[file_format(p), h] for p, h in zip(self.docs, self._doc_hashes)]}
+
+    def describe(self) -> str:
+        kinds: dict[str, int] = {}
+        for p in self.docs:
+            kinds[file_format(p)] = kinds.get(file_format(p), 0) + 1
+        what = ", ".join(f"{n} {k}" for k, n in kinds.items())
+        return f"{len(self.docs)} files ({what}) from {', '.join(self.entries)}"
+
+    def units(self, start: Position = (0, 0, 0)) -> Iterator[Unit]:
+        for i in range(start[0], len(self.docs)):
+            at = start if i == start[0] else (i, 0, 0)
+            path = self.docs[i]
+            kind = file_format(path)
+            if kind == "text":
+                yield from self._text(i, path, at[1])
+            elif kind == "jsonl":
+                yield from self._jsonl(i, path, at[1], at[2])
+            else:
+                yield from self._parquet(i, path, at[1])
+
+    def _text(self, i: int, path: Path, offset: int) -> Iterator[Unit]:
+        for at, data, last in read_pieces(path, start=offset):
+            try:
+                text = data.decode("utf-8", errors=self.encoding_errors)
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path} is not UTF-8 at byte {at + e.start} ({e.reason}); convert it "
+                                "to UTF-8, drop it, or set --data.encoding_errors replace") from None
+            yield (i, at, 0), text, last
+
+    def _jsonl(self, i: int, path: Path, offset: int, line_no: int) -> Iterator[Unit]:
+        key = self.text_key
+        f, read_errors = _open_binary(path)
+        try:
+            with f:
+                if offset:
+                    if read_errors == (OSError,):  # not compressed: seek
+                        f.seek(offset)
+                    else:  # compressed: decompress and drop what was already read
+                        left = offset
+                        while left and (block := f.read(min(left, 1 << 20))):
+                            left -= len(block)
+                for raw in f:
+                    at, offset, line_no = offset, offset + len(raw), line_no + 1
+                    if not raw.strip():
+                        continue
+                    where = f"{path} line {line_no}"
+                    try:
+                        record = json.loads(raw.decode("utf-8", errors=self.encoding_errors))
+                    except UnicodeDecodeError as e:
+                        raise DataError(f"{where} is not UTF-8 ({e.reason}); convert the file to UTF-8 "
+                                        "or set --data.encoding_errors replace") from None
+                    except ValueError as e:
+                        raise DataError(f"{where} is not valid JSON ({first_line(e)}); each line must be "
+                                        'one JSON object such as {"text": "..."}') from None
+                    if not isinstance(record, dict):
+                        raise DataError(f"{where} is a JSON {type(record).__name__}, not an object; each "
+                                        'line must be one JSON object such as {"text": "..."}')
+                    if key not in record:
+                        fields = ", ".join(map(repr, list(record)[:8])) or "none"
+                        raise DataError(f"{where} has no field {key!r} (its fields: {fields}); set "
+                                        "--data.text_key to the field that holds the text")
+                    text = record[key]
+                    if not isinstance(text, str):
+                        raise DataError(f"{where}: field {key!r} is {_json_type(text)}, not a string; "
+                                        "fix that record or set --data.text_key")
+                    yield (i, at, line_no - 1), text, True
+        except read_errors as e:  # a truncated or damaged .gz/.zst, an unreadable file
+            raise DataError(f"cannot read {path} ({first_line(e)}); check or recompress the file") from None
+
+    def _parquet(self, i: int, path: Path, row: int) -> Iterator[Unit]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        key = self.text_key
+        try:
+            pf = pq.ParquetFile(path)
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{path} is not a readable parquet file ({first_line(e)})") from None
+        names = pf.schema_arrow.names
+        if key not in names:
+            raise DataError(f"{path} has no column {key!r} (its columns: {', '.join(map(repr, names[:8]))}); "
+                            "set --data.text_key to the column that holds the text")
+        kind = pf.schema_arrow.field(key).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
+                or getattr(pa.types, "is_string_view", lambda _: False)(kind)):
+            raise DataError(f"{path}: column {key!r} holds {kind}, not strings; set --data.text_key to "
+                            "the column that holds the text")
+        # Skip whole row groups before `row`, then rows inside the first one read.
+        groups, first = [], 0
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if first + n > row:
+                groups.append(g)
+            else:
+                first += n
+        if not groups:
+            return
+        try:
+            for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=groups, columns=[key]):
+                texts = batch.column(0).to_pylist()
+                for j, text in enumerate(texts):
+                    r = first + j
+                    if r < row:
+                        continue
+                    if text is None:
+                        raise DataError(f"{path} row {r}: {key!r} is null, not a string; drop that row "
+                                        "(rows count from 0)")
+                    yield (i, r, 0), text, True
+                first += len(texts)
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"cannot read {path} ({first_line(e)}); check the file") from None
+
+
+def _json_type(value: Any) -> str:
+    return {type(None): "null", bool: "a boolean", int: "a number", float: "a number",
+            list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hugging Face datasets
+
+
+def _is_saved_dataset(folder: Path) -> bool:
+    """A folder written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
+    return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
+
+
+class DatasetSource:
+    """One split of a Hugging Face dataset: a hub name (streamed) or a folder saved with
+    `datasets` (`save_to_disk`, memory-mapped, never loaded whole). Call `open` first.
+
+    A hub dataset's fingerprint is the commit its revision points to, asked of the hub in one
+    quick request; a `revision` that is already a full commit sha needs no request, so a cache
+    built elsewhere is found on a machine without hub access. The stream itself is opened only
+    to tokenize.
+    """
+
+    def __init__(self, name: str, subset: str | None, split: str, revision: str | None,
+                 text_key: str = "text") -> None:
+        self.name, self.subset, self.split, self.revision = name, subset, split, revision
+        self.text_key = text_key
+        self.local = Path(name).expanduser().is_dir()
+        self.fingerprint: str | None = None
+        self._data: Any = None
+        self._asked_hub = False
+
+    @property
+    def streaming(self) -> bool:
+        return not self.local
+
+    def describe(self) -> str:
+        subset = f" {self.subset}" if self.subset else ""
+        at = f" @ {self.fingerprint}" if self.streaming and self.fingerprint else ""
+        return f"{self.name}{subset} ({self.split}{at})"
+
+    def open(self) -> None:
+        """Find the data's fingerprint: the saved dataset's own, or the hub commit's sha."""
+        if self.fingerprint is not None:
+            return
+        if self.local:
+            self._open_saved()
+        elif self.name.startswith((".", "/", "~")):
+            raise DataError(f"--data.dataset {self.name!r}: no such folder; give a folder saved with "
+                            "datasets' save_to_disk, or a Hugging Face dataset name")
+        elif self.revision and re.fullmatch(r"[0-9a-f]{40}", self.revision):
+            self.fingerprint = self.revision
+        else:
+            self.fingerprint = self._ask_hub()
+
+    def spec(self) -> dict[str, Any]:
+        return {"dataset": self.name if not self.local else str(Path(self.name).expanduser().resolve()),
+                "subset": self.subset, "split": self.split, "revision": self.revision,
+                "fingerprint": self.fingerprint}
+
+    def _open_saved(self) -> None:
+        import datasets
+
+        folder = Path(self.name).expanduser()
+        if not _is_saved_dataset(folder):
+            raise DataError(f"--data.dataset {self.name!r} is a folder but not one saved with datasets' "
+                            "save_to_disk; pass its .parquet or .jsonl files with --data.files instead")
+        if self.subset:
+            raise DataError(f"--data.subset {self.subset!r} names a hub dataset's configuration; "
+                            f"{self.name!r} is a saved dataset folder, which has none: leave it out")
+        try:
+            data = datasets.load_from_disk(str(folder))
+        except Exception as e:  # noqa: BLE001  the library's own errors vary; the user needs the folder
+            raise DataError(f"cannot load the saved dataset {self.name!r} ({first_line(e)})") from None
+        if isinstance(data, datasets.DatasetDict):
+            if self.split not in data:
+                raise DataError(f"the saved dataset {self.name!r} has no split {self.split!r} (its splits: "
+                                f"{', '.join(data)}); set --data.split")
+            data = data[self.split]
+        self._check_column(data.column_names)
+        feature = data.features[self.text_key]
+        if getattr(feature, "dtype", None) not in ("string", "large_string"):
+            raise DataError(f"dataset {self.name!r}: column {self.text_key!r} holds {feature}, not strings; "
+                            "set --data.text_key to the column that holds the text")
+        self._data, self.fingerprint = data, data._fingerprint
+
+    def _ask_hub(self) -> str:
+        """The commit sha of the dataset's revision. One quick request, not retried: it fails at
+        once when the hub is unreachable, where `load_dataset` alone retries for a long while."""
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+        self._asked_hub = True
+        try:
+            return HfApi().dataset_info(self.name, revision=self.revision, timeout=HUB_TIMEOUT_S).sha
+        except RevisionNotFoundError:
+            raise DataError(f"dataset {self.name!r} has no revision {self.revision!r}; check "
+                            "--data.revision") from None
+        except RepositoryNotFoundError:
+            raise DataError(f"no dataset {self.name!r} on the Hugging Face hub (or it is private and no "
+                            "token is set); check --data.dataset") from None
+        except Exception as e:  # noqa: BLE001  any network failure reads the same to the user
+            raise DataError(f"cannot reach the Hugging Face hub for dataset {self.name!r} ({first_line(e)}); "
+                            "check the network, or save the data with datasets' save_to_disk (or as "
+                            ".parquet/.jsonl files) and pass that folder or those files") from None
+
+    def _stream(self) -> Any:
+        """The split as an IterableDataset at the pinned commit (`load_dataset(streaming=True)`)."""
+        import datasets
+
+        if not self._asked_hub:
+            self._ask_hub()  # fail at once, not after load_dataset's retries
+        try:
+            return datasets.load_dataset(self.name, self.subset, split=self.split, revision=self.fingerprint,
+                                         streaming=True)
+        except Exception as e:  # noqa: BLE001  a wrong subset or split: the library says which exist
+            raise DataError(f"cannot stream dataset {self.describe()} ({first_line(e)}); check "
+                            "--data.subset and --data.split") from None
+
+    def _check_column(self, columns: list[str] | None) -> None:
+        if columns is not None and self.text_key not in columns:
+            raise DataError(f"dataset {self.describe()} has no column {self.text_key!r} (its columns: "
+                            f"{', '.join(map(repr, columns[:8]))}); set --data.text_key")
+
+    def units(self, start: Position = (0, 0, 0)) -> Iterator[Unit]:
+        self.open()
+        if self._data is None:
+            self._data = self._stream()
+        row, key = start[1], self.text_key
+        if self.local:
+            table = self._data.with_format("arrow")
+            batches = (table[i:i + DATASET_BATCH_ROWS].column(key).to_pylist()
+                       for i in range(row, len(self._data), DATASET_BATCH_ROWS))
+        else:
+            stream = self._data.skip(row) if row else self._data
+            batches = self._hub_batches(stream)
+        for texts in batches:
+            for text in texts:
+                if not isinstance(text, str):
+                    raise DataError(f"dataset {self.describe()} row {row}: {key!r} is {_json_type(text)}, "
+                                    "not a string (rows count from 0); set --data.text_key")
+                yield (0, row, 0), text, True
+                row += 1
+
+    def _hub_batches(self, stream: Any) -> Iterator[list]:
+        try:
+            for batch in stream.iter(batch_size=DATASET_BATCH_ROWS):
+                if self.text_key not in batch:
+                    self._check_column(list(batch))
+                yield batch[self.text_key]
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001  a stream that breaks mid-way: the build resumes later
+            raise DataError(f"reading dataset {self.describe()} failed ({first_line(e)}); run again to "
+                            "resume from the last complete shard") from None

@@ -1,0 +1,275 @@
+"""The sharded token cache: shards of bounded size read as one stream, windows across shard
+boundaries, the cache key (reused and rebuilt when it should be), a build killed with SIGKILL
+resumed from its last complete shard, one process building while another waits, and a bad
+record that harms nothing already saved."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import smollm.data as data
+from helpers_data import documents, make_tokenizer, write_records
+from smollm.data import DataError, TextDataModule, TokenCache
+
+SEQ = 16
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory) -> str:
+    return make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    """A jsonl and a parquet file and a text file: about 9,000 tokens."""
+    write_records(tmp_path / "corpus" / "a.jsonl", documents(60, seed=1))
+    write_records(tmp_path / "corpus" / "b.parquet", documents(50, seed=2))
+    (tmp_path / "corpus" / "c.txt").write_text("".join(documents(30, seed=3)))
+    return tmp_path / "corpus"
+
+
+def make(tmp_path, tok_dir, corpus, cache="cache", **kw) -> TextDataModule:
+    args = dict(files=str(corpus), tokenizer=tok_dir, seq_len=SEQ, batch_size=4, val_fraction=0.05,
+                num_workers=0, cache_dir=str(tmp_path / cache))
+    return TextDataModule(**{**args, **kw})
+
+
+def ready(dm: TextDataModule) -> TextDataModule:
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def stream(dm: TextDataModule) -> np.ndarray:
+    return dm.token_cache.read(0, dm.n_tokens)
+
+
+def shard_files(dm: TextDataModule) -> dict[str, tuple[int, int]]:
+    """Each shard's name -> (inode, modification time): what rewriting it would change."""
+    folder = dm._corpus["folder"]
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(folder.glob("shard-*.bin"))}
+
+
+# -- shards, one stream ---------------------------------------------------------------------------
+
+
+def test_shards_hold_the_same_stream_windows_and_order_as_one_file(tmp_path, tok_dir, corpus, monkeypatch):
+    one = ready(make(tmp_path, tok_dir, corpus, cache="one"))
+    monkeypatch.setattr(data.cache, "SHARD_TOKENS", 100)
+    monkeypatch.setattr(data.cache, "BATCH_BYTES", 500)
+    many = ready(make(tmp_path, tok_dir, corpus, cache="many"))
+    assert len(one.token_cache.shards) == 1
+    sizes = [n for _, n in many.token_cache.shards]
+    assert len(sizes) == -(-one.n_tokens // 100) and set(sizes[:-1]) == {100} and 0 < sizes[-1] <= 100
+    assert [p.stat().st_size for p in sorted(many._corpus["folder"].glob("shard-*.bin"))] == [2 * n for n in sizes]
+    whole = stream(one)
+    assert np.array_equal(stream(many), whole)
+    assert (many.n_documents, many.n_train_windows, many.n_val_windows, many.val_start) == \
+           (one.n_documents, one.n_train_windows, one.n_val_windows, one.val_start)
+    crossing = [i for i in range(many.n_train_windows) if (i * SEQ) // 100 != (i * SEQ + SEQ) // 100]
+    assert len(crossing) > 10
+    for i in crossing:
+        assert many.train_dataset[i]["input_ids"].tolist() == whole[i * SEQ:i * SEQ + SEQ + 1].tolist()
+    for j in range(len(many.val_dataset)):
+        assert torch.equal(many.val_dataset[j]["input_ids"], one.val_dataset[j]["input_ids"])
+    for a, b in zip(itertools.islice(one.train_dataloader(), 30), itertools.islice(many.train_dataloader(), 30)):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["index"], b["index"])
+    cache = many.token_cache
+    for start, stop in ((0, 0), (95, 105), (99, 301), (0, many.n_tokens), (many.n_tokens - 3, many.n_tokens + 9)):
+        assert np.array_equal(cache.read(start, stop), whole[start:stop])
+        assert np.array_equal(cache[start:stop], whole[start:stop])
+
+
+def test_a_damaged_shard_is_refused_in_one_line(tmp_path, tok_dir, corpus, monkeypatch):
+    monkeypatch.setattr(data.cache, "SHARD_TOKENS", 1000)
+    dm = ready(make(tmp_path, tok_dir, corpus))
+    shard = dm._corpus["folder"] / "shard-000001.bin"
+    shard.write_bytes(shard.read_bytes()[:-2])
+    with pytest.raises(DataError, match=r"shard-000001.bin is missing or damaged; delete .* and run again"):
+        TokenCache(dm._corpus["folder"])
+
+
+# -- the cache key --------------------------------------------------------------------------------
+
+
+def test_the_cache_is_reused_or_rebuilt_as_its_key_says(tmp_path, tok_dir, corpus, monkeypatch):
+    base = ready(make(tmp_path, tok_dir, corpus))
+    before = shard_files(base)
+    built = []
+    real = data.module.build_cache
+    monkeypatch.setattr(data.module, "build_cache", lambda *a, **k: (built.append(1), real(*a, **k)))
+
+    (corpus / "c.txt").touch()  # a new modification time, the same content
+    same = ready(make(tmp_path, tok_dir, corpus, num_workers=1, seed=3, seq_len=8, batch_size=2))
+    assert not built and same._corpus["folder"] == base._corpus["folder"] and shard_files(same) == before
+
+    folders = {base._corpus["folder"]}
+    for kw in (dict(max_tokens=5000), dict(encoding_errors="replace"),
+               dict(tokenizer=make_tokenizer(tmp_path / "tok2", vocab_size=300, seed=1))):
+        folders.add(ready(make(tmp_path, tok_dir, corpus, **kw))._corpus["folder"])
+    assert len(built) == 3 and len(folders) == 4
+    # The text key: the same text under two names is still two caches.
+    (tmp_path / "both.jsonl").write_text("".join(json.dumps({"text": t, "body": t}) + "\n"
+                                                 for t in documents(60, seed=1)))
+    by_text = ready(make(tmp_path, tok_dir, tmp_path / "both.jsonl"))
+    by_body = ready(make(tmp_path, tok_dir, tmp_path / "both.jsonl", text_key="body"))
+    assert by_text._corpus["folder"] != by_body._corpus["folder"]
+    assert np.array_equal(stream(by_text), stream(by_body))
+    write_records(corpus / "a.jsonl", documents(61, seed=1))  # one more record
+    assert ready(make(tmp_path, tok_dir, corpus))._corpus["folder"] not in folders
+    assert shard_files(base) == before  # the earlier caches are untouched
+
+
+def test_a_saved_dataset_is_keyed_by_its_fingerprint(tmp_path, tok_dir):
+    import datasets
+
+    datasets.Dataset.from_dict({"text": documents(40, seed=4)}).save_to_disk(str(tmp_path / "ds"))
+    first = ready(make(tmp_path, tok_dir, None, files=None, dataset=str(tmp_path / "ds")))
+    again = ready(make(tmp_path, tok_dir, None, files=None, dataset=str(tmp_path / "ds")))
+    assert again._corpus["folder"] == first._corpus["folder"]
+    datasets.Dataset.from_dict({"text": documents(40, seed=5)}).save_to_disk(str(tmp_path / "ds2"))
+    os.rename(tmp_path / "ds", tmp_path / "old")
+    os.rename(tmp_path / "ds2", tmp_path / "ds")  # other data at the same path
+    changed = ready(make(tmp_path, tok_dir, None, files=None, dataset=str(tmp_path / "ds")))
+    assert changed._corpus["spec"]["sources"][0]["fingerprint"] != first._corpus["spec"]["sources"][0]["fingerprint"]
+    assert changed._corpus["folder"] != first._corpus["folder"]
+    assert not np.array_equal(stream(changed)[:50], stream(first)[:50])
+
+
+def test_file_hashes_are_remembered_until_a_file_changes(tmp_path, tok_dir, corpus, monkeypatch):
+    old = time.time() - 60
+    for p in corpus.iterdir():
+        os.utime(p, (old, old))  # written long enough ago to be remembered
+    first = ready(make(tmp_path, tok_dir, corpus))
+    read = []
+    real = data.sources._scan
+    monkeypatch.setattr(data.sources, "_scan", lambda p: (read.append(p.name), real(p))[1])
+    assert ready(make(tmp_path, tok_dir, corpus))._corpus["folder"] == first._corpus["folder"]
+    assert read == []  # nothing read again
+    (corpus / "c.txt").write_text("other text\n" * 500)
+    changed = ready(make(tmp_path, tok_dir, corpus))
+    assert read == ["c.txt"] and changed._corpus["folder"] != first._corpus["folder"]
+
+
+# -- interrupted builds ---------------------------------------------------------------------------
+
+
+def build_process(spec: dict) -> subprocess.Popen:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS.parent), str(TESTS), env.get("PYTHONPATH", "")])
+    return subprocess.Popen([sys.executable, str(TESTS / "cachebuild.py"), json.dumps(spec)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_shards(folder_parent: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> Path:
+    """The cache folder once its index lists at least n shards."""
+    deadline = time.time() + timeout
+    while True:
+        for index in folder_parent.glob("*/index.json"):
+            with_shards = json.loads(index.read_text())
+            if len(with_shards["shards"]) >= n:
+                return index.parent
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, "the build never wrote its shards"
+        time.sleep(0.05)
+
+
+def test_a_build_killed_with_sigkill_resumes_from_its_last_complete_shard(tmp_path, tok_dir, monkeypatch):
+    import psutil
+
+    write_records(tmp_path / "corpus" / "a.jsonl.gz", documents(150, seed=6))
+    write_records(tmp_path / "corpus" / "b.parquet", documents(150, seed=7))
+    args = dict(files=str(tmp_path / "corpus"), tokenizer=tok_dir, seq_len=SEQ, val_fraction=0.05,
+                cache_dir=str(tmp_path / "cache"))
+    proc = build_process({**args, "shard_tokens": 500, "batch_bytes": 200, "delay": 0.05})
+    try:
+        folder = wait_for_shards(tmp_path / "cache" / "tokens", 3, proc)
+        workers = psutil.Process(proc.pid).children()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert workers and psutil.wait_procs(workers, timeout=10)[1] == []  # the workers died with it
+    index = json.loads((folder / "index.json").read_text())
+    assert not index["complete"] and len(index["shards"]) >= 3
+    done = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.glob("shard-*.bin")}
+    done = {s["file"]: done[s["file"]] for s in index["shards"]}
+    committed = sum(s["tokens"] for s in index["shards"])
+
+    monkeypatch.setattr(data.cache, "SHARD_TOKENS", 500)
+    appended = []
+    real = data.cache._ShardWriter.append
+    monkeypatch.setattr(data.cache._ShardWriter, "append",
+                        lambda self, tokens, state_at: (appended.append(len(tokens)), real(self, tokens, state_at)))
+    resumed = ready(TextDataModule(**args, num_workers=0))
+    assert resumed._corpus["folder"] == folder
+    assert sum(appended) == resumed.n_tokens - committed  # only what was not in a complete shard
+    assert all(((folder / p).stat().st_ino, (folder / p).stat().st_mtime_ns) == done[p] for p in done)
+    assert not list(folder.glob("*.tmp"))
+
+    straight = ready(TextDataModule(**{**args, "cache_dir": str(tmp_path / "straight")}, num_workers=0))
+    assert np.array_equal(stream(resumed), stream(straight))
+    a, b = resumed.token_cache.index, straight.token_cache.index
+    assert (a["shards"], a["n_docs"], a["sources"]) == (b["shards"], b["n_docs"], b["sources"])
+
+
+def test_one_process_builds_while_another_waits_for_it(tmp_path, tok_dir):
+    write_records(tmp_path / "corpus" / "a.jsonl", documents(150, seed=8))
+    args = dict(files=str(tmp_path / "corpus"), tokenizer=tok_dir, seq_len=SEQ, val_fraction=0.05,
+                cache_dir=str(tmp_path / "cache"), shard_tokens=500, batch_bytes=200)
+    hold = tmp_path / "hold"
+    hold.touch()
+    builder = build_process({**args, "hold": str(hold)})  # stops after its first shard
+    waiter = None
+    try:
+        wait_for_shards(tmp_path / "cache" / "tokens", 1, builder)
+        waiter = build_process(args)
+        seen = []
+        for line in waiter.stderr:  # until it says it waits (it blocks there: the lock is taken)
+            seen.append(line)
+            if "waiting for another process to finish tokenizing" in line:
+                break
+        hold.unlink()  # let the builder finish
+        out_w, err_w = waiter.communicate(timeout=240)
+        out_b, err_b = builder.communicate(timeout=240)
+    finally:
+        builder.kill()
+        if waiter is not None:
+            waiter.kill()
+    assert builder.returncode == 0 and waiter.returncode == 0, err_b[-2000:] + err_w[-2000:]
+    assert "waiting for another process" in seen[-1], "".join(seen)[-2000:]
+    n_tokens = out_b.splitlines()[-1]
+    assert out_w.splitlines() == ["built 0", n_tokens]  # it tokenized nothing and found the whole cache
+    assert int(out_b.splitlines()[0].split()[1]) == int(n_tokens.split()[1])
+
+
+def test_a_bad_record_mid_build_keeps_the_complete_shards(tmp_path, tok_dir, monkeypatch):
+    monkeypatch.setattr(data.cache, "SHARD_TOKENS", 500)
+    monkeypatch.setattr(data.cache, "BATCH_BYTES", 300)
+    texts = documents(120, seed=9)
+    lines = [json.dumps({"text": t}) for t in texts]
+    lines[100] = json.dumps({"text": None})
+    (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
+    dm = make(tmp_path, tok_dir, tmp_path / "c.jsonl")
+    with pytest.raises(DataError, match="c.jsonl line 101: field 'text' is null"):
+        dm.prepare_data()
+    folder = dm._corpus["folder"]
+    index = json.loads((folder / "index.json").read_text())
+    assert not index["complete"] and index["shards"] and not list(folder.glob("*.tmp"))
+    kept = {p.name: p.read_bytes() for p in folder.glob("shard-*.bin")}
+    assert sorted(kept) == [s["file"] for s in index["shards"]]
+    with pytest.raises(DataError, match="line 101"):  # the same again: resumed, and stopped at the same record
+        make(tmp_path, tok_dir, tmp_path / "c.jsonl").prepare_data()
+    assert {p.name: p.read_bytes() for p in folder.glob("shard-*.bin")} == kept

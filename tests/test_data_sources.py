@@ -1,0 +1,323 @@
+"""Sources: every format alone and mixed gives each document's own tokens plus EOS; a bad record
+stops with one line naming the file and line or row; Hugging Face datasets from a saved folder and
+as a stream; a hub name fails at once offline; --data.max_tokens."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+import smollm.data as data
+from helpers_data import documents, make_tokenizer, sentences, write_records
+from smollm.data import DataError, DatasetSource, TextDataModule
+
+SEQ = 16
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
+
+@pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory) -> str:
+    return make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tok_dir):
+    return data.load_tokenizer(tok_dir)
+
+
+def ready(dm: TextDataModule) -> TextDataModule:
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def make(tmp_path, tok_dir, **kw) -> TextDataModule:
+    args = dict(tokenizer=tok_dir, seq_len=SEQ, batch_size=2, val_fraction=0.05, num_workers=0,
+                cache_dir=str(tmp_path / "cache"))
+    return TextDataModule(**{**args, **kw})
+
+
+def expected(tokenizer, texts: list[str]) -> list[int]:
+    """Each document tokenized on its own, EOS after each: what the cache must hold."""
+    out = []
+    for text in texts:
+        out += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return out
+
+
+def stream(dm: TextDataModule) -> list[int]:
+    return dm.token_cache.read(0, dm.n_tokens).tolist()
+
+
+# -- each format, and a mix -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["c.jsonl", "c.json", "c.jsonl.gz", "c.json.zst", "c.parquet"])
+def test_each_record_format_is_one_document_per_record(tmp_path, tok_dir, tokenizer, name):
+    texts = documents(40, seed=1)
+    path = write_records(tmp_path / name, texts)
+    dm = ready(make(tmp_path, tok_dir, files=str(path)))
+    assert stream(dm) == expected(tokenizer, texts)
+    assert dm.n_documents == 40
+
+
+def test_a_mix_of_formats_in_a_folder_and_globs_keeps_their_order(tmp_path, tok_dir, tokenizer):
+    corpus = tmp_path / "corpus"
+    a, b, c = documents(9, seed=2), documents(11, seed=3), documents(5, seed=4)
+    write_records(corpus / "a.jsonl", a)
+    write_records(corpus / "b.parquet", b)
+    write_records(corpus / "sub" / "c.jsonl.zst", c)
+    (corpus / "d.md").write_text(sentences(30, seed=5))
+    (corpus / "notes.bin").write_bytes(b"\0\1")  # neither text nor data: a folder leaves it out
+    dm = ready(make(tmp_path, tok_dir, files=str(corpus)))
+    assert [p.name for p in dm._corpus["docs"]] == ["a.jsonl", "b.parquet", "d.md", "c.jsonl.zst"]
+    text_doc = (corpus / "d.md").read_text()
+    assert stream(dm) == expected(tokenizer, a + b + [text_doc] + c)
+    assert dm.n_documents == 9 + 11 + 1 + 5
+    assert "4 files (2 jsonl, 1 parquet, 1 text)" in dm.describe()
+
+    again = ready(make(tmp_path, tok_dir, files=[str(corpus / "*.parquet"), str(corpus / "**" / "*.zst")]))
+    assert stream(again) == expected(tokenizer, b + c)
+
+
+def test_a_large_text_file_is_read_in_pieces_that_tokenize_as_the_whole(tmp_path, tok_dir, tokenizer, monkeypatch):
+    # Indented lines, long lines without a break, trailing spaces: the cuts must change no token.
+    lines = [("    " * (i % 4)) + sentences(1, seed=i).strip() + ("  " if i % 5 == 0 else "")
+             for i in range(300)]
+    text = "\n".join(lines) + "\n" + " ".join(sentences(40, seed=9).split()) + "\n"
+    (tmp_path / "big.txt").write_text(text)
+    monkeypatch.setattr(data.sources, "PIECE_BYTES", 256)
+    pieces = list(data.read_pieces(tmp_path / "big.txt"))
+    assert len(pieces) > 30
+    dm = ready(make(tmp_path, tok_dir, files=str(tmp_path / "big.txt")))
+    assert stream(dm) == expected(tokenizer, [text])
+
+
+def test_text_key_names_the_field_or_column(tmp_path, tok_dir, tokenizer):
+    texts = documents(20, seed=6)
+    write_records(tmp_path / "c.jsonl", texts, key="content")
+    write_records(tmp_path / "c.parquet", texts, key="content")
+    for name in ("c.jsonl", "c.parquet"):
+        dm = ready(make(tmp_path, tok_dir, files=str(tmp_path / name), text_key="content"))
+        assert stream(dm) == expected(tokenizer, texts)
+
+
+def test_blank_lines_and_an_empty_text_in_jsonl(tmp_path, tok_dir, tokenizer):
+    texts = documents(20, seed=7)
+    lines = [json.dumps({"text": t}) for t in texts[:10]] + ["", "   "] + [json.dumps({"text": ""})] + \
+            [json.dumps({"text": t}) for t in texts[10:]]
+    (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
+    dm = ready(make(tmp_path, tok_dir, files=str(tmp_path / "c.jsonl")))
+    assert stream(dm) == expected(tokenizer, texts[:10] + [""] + texts[10:])
+
+
+# -- a bad record: one line naming the file and the line or row -----------------------------------
+
+
+def bad_jsonl(tmp_path, line: str, name: str = "bad.jsonl") -> Path:
+    good = [json.dumps({"text": t}) for t in documents(30, seed=8)]
+    path = tmp_path / name
+    path.write_text("\n".join(good[:4] + [line] + good[4:]) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("line, match", [
+    ('{"txt": "no text field"}', r"bad.jsonl line 5 has no field 'text' \(its fields: 'txt'\); set --data.text_key"),
+    ('{"text": 42}', r"bad.jsonl line 5: field 'text' is a number, not a string"),
+    ('{"text": null}', r"bad.jsonl line 5: field 'text' is null, not a string"),
+    ('{"text": ["a", "b"]}', r"bad.jsonl line 5: field 'text' is an array, not a string"),
+    ('{"text": "unterminated', r"bad.jsonl line 5 is not valid JSON"),
+    ('["text", "a list"]', r"bad.jsonl line 5 is a JSON list, not an object"),
+])
+def test_a_bad_jsonl_record_names_the_file_and_line(tmp_path, tok_dir, line, match):
+    path = bad_jsonl(tmp_path, line)
+    with pytest.raises(DataError, match=match) as e:
+        ready(make(tmp_path, tok_dir, files=str(path)))
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+
+
+def test_a_bad_record_in_a_compressed_file_names_its_line(tmp_path, tok_dir):
+    texts = documents(12, seed=9)
+    records = [{"text": t} for t in texts]
+    records[8] = {"body": "x"}
+    import zstandard
+
+    path = tmp_path / "c.jsonl.zst"
+    path.write_bytes(zstandard.ZstdCompressor().compress("".join(json.dumps(r) + "\n" for r in records).encode()))
+    with pytest.raises(DataError, match=r"c.jsonl.zst line 9 has no field 'text'"):
+        ready(make(tmp_path, tok_dir, files=str(path)))
+    (tmp_path / "broken.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00 not really gzip")
+    with pytest.raises(DataError, match=r"cannot read .*broken.jsonl.gz"):
+        ready(make(tmp_path, tok_dir, files=str(tmp_path / "broken.jsonl.gz")))
+
+
+def test_bad_parquet_records_name_the_file_and_row(tmp_path, tok_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = documents(30, seed=10)
+    write_records(tmp_path / "other.parquet", texts, key="body")
+    with pytest.raises(DataError, match=r"other.parquet has no column 'text' \(its columns: 'body', 'id'\); "
+                                        "set --data.text_key"):
+        ready(make(tmp_path, tok_dir, files=str(tmp_path / "other.parquet")))
+    with pytest.raises(DataError, match=r"other.parquet: column 'id' holds int64, not strings"):
+        ready(make(tmp_path, tok_dir, files=str(tmp_path / "other.parquet"), text_key="id"))
+    with_null = texts[:17] + [None] + texts[17:]
+    pq.write_table(pa.table({"text": with_null}), tmp_path / "null.parquet", row_group_size=5)
+    with pytest.raises(DataError, match=r"null.parquet row 17: 'text' is null, not a string.*rows count from 0"):
+        ready(make(tmp_path, tok_dir, files=str(tmp_path / "null.parquet")))
+    (tmp_path / "fake.parquet").write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(DataError, match=r"fake.parquet is not a readable parquet file"):
+        ready(make(tmp_path, tok_dir, files=str(tmp_path / "fake.parquet")))
+
+
+def test_a_bad_record_through_the_command_line_is_one_line(tmp_path, tok_dir):
+    import fitutil
+
+    path = bad_jsonl(tmp_path, '{"text": 3.5}')
+    args = fitutil.fit_args(tmp_path / "run", tmp_path, Path(tok_dir), 1) + ["--data.files", json.dumps([str(path)])]
+    result = fitutil.run_fit(args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {path} line 5: field 'text' is a number, not a string; fix that record or set --data.text_key")
+
+
+# -- Hugging Face datasets ------------------------------------------------------------------------
+
+
+def test_a_dataset_saved_with_datasets(tmp_path, tok_dir, tokenizer):
+    import datasets
+
+    train, test = documents(30, seed=11), documents(8, seed=12)
+    datasets.Dataset.from_dict({"text": train, "n": list(range(30))}).save_to_disk(str(tmp_path / "one"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": train}),
+                          "test": datasets.Dataset.from_dict({"text": test})}).save_to_disk(str(tmp_path / "two"))
+    dm = ready(make(tmp_path, tok_dir, dataset=str(tmp_path / "one")))
+    assert dm.files == [] and stream(dm) == expected(tokenizer, train)
+    dm = ready(make(tmp_path, tok_dir, dataset=str(tmp_path / "two"), split="test", val_fraction=0.2))
+    assert stream(dm) == expected(tokenizer, test)
+    with pytest.raises(DataError, match=r"has no split 'valid' \(its splits: train, test\); set --data.split"):
+        make(tmp_path, tok_dir, dataset=str(tmp_path / "two"), split="valid").prepare_data()
+    with pytest.raises(DataError, match=r"no column 'content'.*set --data.text_key"):
+        make(tmp_path, tok_dir, dataset=str(tmp_path / "one"), text_key="content").prepare_data()
+    with pytest.raises(DataError, match=r"is a folder but not one saved with datasets"):
+        make(tmp_path, tok_dir, dataset=str(tmp_path)).prepare_data()
+    with pytest.raises(DataError, match=r"no such folder"):
+        make(tmp_path, tok_dir, dataset=str(tmp_path / "nope")).prepare_data()
+
+
+def test_files_and_datasets_together_in_order(tmp_path, tok_dir, tokenizer):
+    import datasets
+
+    a, b = documents(10, seed=13), documents(12, seed=14)
+    write_records(tmp_path / "a.jsonl", a)
+    datasets.Dataset.from_dict({"text": b}).save_to_disk(str(tmp_path / "b"))
+    dm = ready(make(tmp_path, tok_dir, files=str(tmp_path / "a.jsonl"), dataset=str(tmp_path / "b")))
+    assert stream(dm) == expected(tokenizer, a + b)
+    line = dm.describe()
+    assert "1 files (1 jsonl)" in line and f"{tmp_path / 'b'} (train)" in line
+
+
+def streamed(monkeypatch, texts: list, opened: list | None = None) -> None:
+    """Make DatasetSource stream `texts` as an IterableDataset, as load_dataset(streaming=True)
+    does for a hub name, without a hub; `opened` counts the streams opened."""
+    import datasets
+
+    def stream(self):
+        if opened is not None:
+            opened.append(self.name)
+        return datasets.Dataset.from_dict({"text": texts}).to_iterable_dataset(num_shards=3)
+    monkeypatch.setattr(DatasetSource, "_ask_hub", lambda self: "c0ffee" * 6 + "c0ff")
+    monkeypatch.setattr(DatasetSource, "_stream", stream)
+
+
+def test_a_streamed_dataset_resumes_at_any_row(monkeypatch, tokenizer):
+    texts = documents(25, seed=15)
+    streamed(monkeypatch, texts)
+    source = DatasetSource("someone/corpus", "sub", "train", None)
+    units = list(source.units())
+    assert [t for _, t, _ in units] == texts and all(eos for _, _, eos in units)
+    for k in (1, 9, 24):
+        again = list(DatasetSource("someone/corpus", "sub", "train", None).units(units[k][0]))
+        assert again == units[k:]
+
+
+def test_a_pinned_commit_finds_a_built_cache_without_the_hub(tmp_path, tok_dir, tokenizer, monkeypatch):
+    texts, opened = documents(30, seed=19), []
+    streamed(monkeypatch, texts, opened)
+
+    def no_hub(self):
+        raise AssertionError("asked the hub")
+    sha = "0123456789abcdef" * 2 + "01234567"
+    first = ready(make(tmp_path, tok_dir, dataset="someone/corpus", revision=sha, max_tokens=10_000))
+    assert stream(first) == expected(tokenizer, texts) and opened == ["someone/corpus"]
+    monkeypatch.setattr(DatasetSource, "_ask_hub", no_hub)
+    again = ready(make(tmp_path, tok_dir, dataset="someone/corpus", revision=sha, max_tokens=10_000))
+    assert again._corpus["folder"] == first._corpus["folder"] and opened == ["someone/corpus"]
+    assert first._corpus["spec"]["sources"][0]["fingerprint"] == sha
+
+
+def test_max_tokens_takes_the_first_n_tokens_of_each_source(tmp_path, tok_dir, tokenizer, monkeypatch):
+    a, b = documents(40, seed=16), documents(40, seed=17)
+    write_records(tmp_path / "a.parquet", a)
+    streamed(monkeypatch, b)
+    whole_a, whole_b = expected(tokenizer, a), expected(tokenizer, b)
+    dm = ready(make(tmp_path, tok_dir, files=str(tmp_path / "a.parquet"), dataset="someone/corpus",
+                    max_tokens=[301, 257]))
+    assert stream(dm) == whole_a[:301] + whole_b[:257]
+    index = dm.token_cache.index
+    assert [s["tokens"] for s in index["sources"]] == [301, 257]
+    assert dm.n_documents == whole_a[:301].count(tokenizer.eos_token_id) + whole_b[:257].count(tokenizer.eos_token_id)
+    assert "(first 301 tokens)" in dm.describe()
+    assert "someone/corpus (train @ " + "c0ffee" * 6 + "c0ff) (first 257 tokens)" in dm.describe()
+    one = ready(make(tmp_path, tok_dir, files=str(tmp_path / "a.parquet"), dataset="someone/corpus",
+                     max_tokens=200))
+    assert stream(one) == whole_a[:200] + whole_b[:200]
+    with pytest.raises(DataError, match="max_tokens has 3 values for 2 sources"):
+        make(tmp_path, tok_dir, files="x.jsonl", dataset="someone/corpus", max_tokens=[1, 2, 3])
+
+
+def test_a_streamed_dataset_without_max_tokens_warns(tmp_path, tok_dir, monkeypatch):
+    streamed(monkeypatch, documents(40, seed=18))
+    with pytest.warns(UserWarning, match="streamed without --data.max_tokens: all of it is tokenized"):
+        make(tmp_path, tok_dir, dataset="someone/corpus").prepare_data()
+
+
+def test_dataset_options_take_one_value_or_one_per_source():
+    dm = TextDataModule(dataset="HuggingFaceTB/smollm-corpus", subset=["fineweb-edu-dedup", "cosmopedia-v2"],
+                        max_tokens=[700, 300])
+    assert dm.datasets == [("HuggingFaceTB/smollm-corpus", "fineweb-edu-dedup", "train", None),
+                           ("HuggingFaceTB/smollm-corpus", "cosmopedia-v2", "train", None)]
+    assert dm.files == [] and dm.max_tokens == [700, 300]
+    with pytest.raises(DataError, match="--data.split has 2 values but another option has 3"):
+        TextDataModule(dataset=["a/b", "c/d", "e/f"], split=["train", "test"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:{port}"}],
+                         ids=["offline", "hub-unreachable"])
+def test_a_hub_name_without_a_hub_fails_in_one_line_at_once(tmp_path, tok_dir, env):
+    import fitutil
+
+    env = {k: v.format(port=free_port()) for k, v in env.items()}
+    args = fitutil.fit_args(tmp_path / "run", tmp_path, Path(tok_dir), 1) + [
+        "--data.files", "null", "--data.dataset", "HuggingFaceTB/smollm-corpus", "--data.subset", "cosmopedia-v2",
+        "--data.max_tokens", "1000"]
+    started = time.monotonic()
+    result = fitutil.run_fit(args, timeout=120, env=env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "Retrying" not in result.stderr  # no retry loop before the error
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot reach the Hugging Face hub for dataset 'HuggingFaceTB/smollm-corpus'")
+    assert "save_to_disk" in last
+    assert time.monotonic() - started < 120
