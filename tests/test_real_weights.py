@@ -185,3 +185,33 @@ def test_llama_cpp_continues_the_export_as_we_do(exported, ours, reference):
             assert theirs == expected, (prompt, tokenizer.decode(theirs), tokenizer.decode(expected))
     finally:
         llm.close()
+
+
+def test_evaluate_scores_the_real_weights_as_transformers_does(converted, reference, tmp_path):
+    import json
+    import math
+
+    import torch.nn.functional as F
+
+    from smollm.evaluate import main as evaluate_main
+
+    text = "\n\n".join(PROMPTS[:3] + PROMPTS[4:]) * 3
+    (tmp_path / "held_out.txt").write_text(text)
+    out = tmp_path / "scores.json"
+    assert evaluate_main(["--checkpoint", str(converted), "--data.files", str(tmp_path / "held_out.txt"),
+                          "--data.tokenizer", "smollm2", "--data.seq_len", "64",
+                          "--data.cache_dir", str(tmp_path / "cache"), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    tokenizer = load_tokenizer("smollm2")
+    ids = torch.tensor(tokenizer.encode(text) + [tokenizer.eos_token_id])
+    model, _ = reference
+    nats = 0.0
+    with torch.no_grad():
+        for start in range(0, len(ids) - 1, 64):  # the same windows: every token but the first, once
+            window = ids[start:start + 65][None]
+            logits = model(input_ids=window[:, :-1]).logits
+            nats += F.cross_entropy(logits[0], window[0, 1:], reduction="sum").item()
+    first = len(tokenizer.decode(ids[:1]).encode("utf-8"))  # the first token is context, never a target
+    assert report["tokens"] == len(ids) - 1 and report["bytes"] == len(text.encode("utf-8")) - first
+    assert report["loss"] == pytest.approx(nats / report["tokens"], rel=1e-3)
+    assert report["bits_per_byte"] == pytest.approx(nats / math.log(2) / report["bytes"], rel=1e-3)
