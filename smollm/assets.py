@@ -76,6 +76,22 @@ def smollm2_gguf(cache_dir: str | os.PathLike | None = None) -> Path:
     return target
 
 
+def _ask_hub(name: str, timeout: float = 10.0) -> None:
+    """One quick, unretried request for a hub model: an unreachable hub or an unknown name fails
+    here at once, where transformers alone retries for about a minute."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        HfApi().model_info(name, timeout=timeout)
+    except RepositoryNotFoundError:
+        raise TokenizerLoadError(f"cannot load tokenizer {name!r}: no such model on the Hugging Face hub (or "
+                                 "it is private and no token is set); use 'smollm2' or a local folder") from None
+    except Exception as e:  # noqa: BLE001  any network failure reads the same to the user
+        raise TokenizerLoadError(f"cannot load tokenizer {name!r}: the Hugging Face hub cannot be reached "
+                                 f"({first_line(e)}); use 'smollm2' (no hub needed) or a local folder") from None
+
+
 def load_tokenizer(name: str, cache_dir: str | None = None) -> Any:
     """A tokenizer by name or directory; "smollm2" is the real SmolLM2 tokenizer, offline.
 
@@ -121,8 +137,11 @@ def load_tokenizer(name: str, cache_dir: str | None = None) -> Any:
             return AutoTokenizer.from_pretrained(str(Path(name).expanduser()))
         try:  # a hub name already in the local cache needs no network
             return AutoTokenizer.from_pretrained(name, local_files_only=True)
-        except Exception:  # noqa: BLE001  not cached: ask the hub
+        except Exception:  # noqa: BLE001  not cached: ask the hub, once, before transformers retries
+            _ask_hub(name)
             return AutoTokenizer.from_pretrained(name)
+    except TokenizerLoadError:
+        raise
     except Exception as e:  # noqa: BLE001  whatever failed, the user needs the name and a fix
         first = first_line(e)
         raise TokenizerLoadError(

@@ -229,3 +229,20 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_a_hub_tokenizer_with_the_hub_unreachable_fails_at_once(tmp_path):
+    # A closed local port stands for an unreachable hub: one request, no minute of retries.
+    import time
+
+    code = ("from smollm.assets import load_tokenizer\n"
+            "try:\n    load_tokenizer('nobody/no-such-tokenizer')\n"
+            "except Exception as e:\n    print(type(e).__name__, e)\n")
+    env = {**__import__("os").environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(tmp_path)}
+    env.pop("HF_HUB_OFFLINE", None)
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+                         timeout=120).stdout
+    assert time.perf_counter() - t0 < 30
+    assert out.startswith("TokenizerLoadError cannot load tokenizer 'nobody/no-such-tokenizer'")
+    assert "hub cannot be reached" in out
