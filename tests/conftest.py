@@ -40,3 +40,19 @@ def data(tmp_path_factory):
     base = tmp_path_factory.mktemp("data")
     corpus = fitutil.write_corpus(base / "corpus")
     return corpus, fitutil.build_tokenizer(base / "tok", corpus)
+
+
+@pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory) -> str:
+    """A 600-token byte-level BPE tokenizer folder (helpers_data.make_tokenizer)."""
+    from helpers_data import make_tokenizer
+
+    return make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tok_dir):
+    """That tokenizer, loaded and checked as the data package loads one."""
+    import smollm.data as data
+
+    return data.load_tokenizer(tok_dir)

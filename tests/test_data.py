@@ -23,16 +23,6 @@ SEQ = 16
 BATCH = 4
 
 
-@pytest.fixture(scope="session")
-def tok_dir(tmp_path_factory) -> str:
-    return make_tokenizer(tmp_path_factory.mktemp("tok"))
-
-
-@pytest.fixture(scope="session")
-def tokenizer(tok_dir):
-    return data.load_tokenizer(tok_dir)
-
-
 @pytest.fixture
 def corpus(tmp_path) -> Path:
     write_corpus(tmp_path / "corpus")

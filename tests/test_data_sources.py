@@ -12,22 +12,12 @@ from pathlib import Path
 import pytest
 
 import smollm.data as data
-from helpers_data import documents, make_tokenizer, sentences, write_records
+from helpers_data import documents, sentences, write_records
 from smollm.data import DataError, DatasetSource, TextDataModule
 
 SEQ = 16
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
-
-
-@pytest.fixture(scope="session")
-def tok_dir(tmp_path_factory) -> str:
-    return make_tokenizer(tmp_path_factory.mktemp("tok"))
-
-
-@pytest.fixture(scope="session")
-def tokenizer(tok_dir):
-    return data.load_tokenizer(tok_dir)
 
 
 def ready(dm: TextDataModule) -> TextDataModule:
