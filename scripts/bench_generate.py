@@ -22,7 +22,8 @@ def bench_generate(new_tokens: int = 64, repeats: int = 3, prompt: str = PROMPT)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from smollm.generate import generate
-    from smollm.hf import config_from_hf, model_from_state, smollm2_gguf
+    from smollm.assets import smollm2_gguf
+    from smollm.hf import config_from_hf, model_from_state
 
     gguf = smollm2_gguf()
     theirs = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from smollm.config import ModelConfig
 from smollm.generate import generate
 from smollm.model import SmolLM, chunked_cross_entropy
-from smollm.module import PEAK_BF16_FLOPS, LitSmolLM
+from smollm.module import LitSmolLM, peak_flops
 
 SIDES = ("smollm", "transformers")
 # The optimizer and loss settings of the real training run: LitSmolLM's defaults.
@@ -275,7 +275,7 @@ def train(args, device: torch.device) -> dict:
     result["batch_size"] = sizes
     peak = args.peak_flops
     if peak is None and device.type == "cuda" and args.dtype == "bf16-mixed":
-        peak = next((f for k, f in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None)
+        peak = peak_flops(device)
     for side in SIDES:
         r = result[side]
         r["tokens_per_s"] = sizes[side] * args.seq_len / r["median_s"]
