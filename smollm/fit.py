@@ -251,6 +251,9 @@ def _setup_output() -> None:
     warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")  # main(args) in-process
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    # A resume with another --checkpoint.every_n_train_steps: Lightning keys the callback's state
+    # by its settings and says so; the new interval simply applies.
+    warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks used to create")
     if torch.cuda.is_available():  # TF32 for the float32 matmuls left under bf16 autocast
         torch.set_float32_matmul_precision("high")
 
