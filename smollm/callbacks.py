@@ -244,10 +244,11 @@ class Console(Callback):
         value = getattr(pl_module, "last_val_loss", None)
         if value is None:
             return
-        self.val.append((trainer.global_step, value, math.exp(min(value, 50.0))))
+        perplexity = math.exp(min(value, 50.0))
+        self.val.append((trainer.global_step, value, perplexity))
         if trainer.is_global_zero:
             when = "at the start" if trainer.sanity_checking else f"at step {trainer.global_step}"
-            line = f"validation {when}: loss {value:.4f}, perplexity {math.exp(min(value, 50.0)):,.2f}"
+            line = f"validation {when}: loss {value:.4f}, perplexity {perplexity:,.2f}"
             if self.bar is not None:
                 self.bar.write(line, file=sys.stderr)
             else:

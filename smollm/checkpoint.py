@@ -21,14 +21,15 @@ import glob
 import os
 import random
 import re
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from smollm.config import ModelConfig
-from smollm.errors import SmolLMError
-from smollm.hf import HFFormatError, UnsafeFileError, load_torch_file, model_from_state
+from smollm.errors import MissingPathError, SmolLMError, UsageError
+from smollm.hf import HFFormatError, UnsafeFileError, load_hf, load_torch_file, model_from_state
 from smollm.model import SmolLM
 
 STEP_FILE = re.compile(r"^step=(\d+)\.ckpt$")
@@ -91,6 +92,21 @@ def model_from_checkpoint(path: str | os.PathLike) -> tuple[SmolLM, str | None]:
     except HFFormatError as e:
         raise CheckpointError(f"checkpoint {path}: {e}") from None
     return model, checkpoint["smollm"].get("tokenizer")
+
+
+def load_model(path: str | os.PathLike) -> tuple[SmolLM, str | None]:
+    """A .ckpt of smollm.fit or a Hugging Face model folder -> (float32 SmolLM in eval mode, its
+    tokenizer: the one the run trained with, or the folder itself when it holds tokenizer files,
+    else None)."""
+    p = Path(path)
+    if p.is_dir():
+        has_tokenizer = (p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file()
+        return load_hf(p), str(p) if has_tokenizer else None
+    if not p.exists():
+        raise MissingPathError(f"{path}: no such file or directory")
+    if p.suffix != ".ckpt":
+        raise UsageError(f"{path}: expected a .ckpt of smollm.fit or a Hugging Face model folder")
+    return model_from_checkpoint(p)
 
 
 def step_files(dirpath: str | os.PathLike) -> list[tuple[int, str]]:

@@ -16,11 +16,11 @@ import sys
 from pathlib import Path
 
 from smollm.assets import load_tokenizer
-from smollm.checkpoint import model_from_checkpoint
+from smollm.checkpoint import load_model, model_from_checkpoint
 from smollm.cli import fail_on
 from smollm.errors import MissingPathError, SmolLMError, UsageError
 from smollm.gguf import EXPORT_DTYPES, load_gguf, save_gguf
-from smollm.hf import check_output_dir, load_hf, save_hf
+from smollm.hf import check_output_dir, save_hf
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
@@ -50,7 +50,7 @@ def convert_to_gguf(path: str | Path, out: str | Path, dtype: str = "f32", token
     trained with, or the one in the Hugging Face directory. Returns each tensor's GGML type.
     """
     path, out = Path(path), Path(out)
-    if not path.exists():
+    if not path.exists():  # before the checks on OUT, as before loading anything
         raise MissingPathError(f"{path}: no such file or directory")
     if out.is_dir():
         raise UsageError(f"{out}: is a directory; give the .gguf file to write")
@@ -58,18 +58,11 @@ def convert_to_gguf(path: str | Path, out: str | Path, dtype: str = "f32", token
         raise UsageError(f"{out} already exists; add --overwrite to replace it")
     if not out.parent.is_dir():
         raise MissingPathError(f"{out.parent}: no such directory to write {out.name} into")
-    if path.is_dir():
-        model = load_hf(path)
-        has_tokenizer = (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
-        if tokenizer is None and not has_tokenizer:
-            raise UsageError(f"{path} holds no tokenizer and a GGUF needs one; add --tokenizer NAME_OR_DIR")
-        tokenizer = tokenizer or str(path)
-    else:
-        model, trained_with = model_from_checkpoint(path)
-        tokenizer = tokenizer or trained_with
-        if tokenizer is None:
-            raise UsageError(f"{path} does not name the tokenizer it was trained with and a GGUF needs one; "
-                             "add --tokenizer NAME_OR_DIR")
+    model, own = load_model(path)
+    tokenizer = tokenizer or own
+    if tokenizer is None:
+        what = "holds no tokenizer" if path.is_dir() else "does not name the tokenizer it was trained with"
+        raise UsageError(f"{path} {what} and a GGUF needs one; add --tokenizer NAME_OR_DIR")
     return save_gguf(model, out, load_tokenizer(tokenizer), dtype=dtype, name=path.stem or path.name)
 
 

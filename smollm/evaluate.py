@@ -119,12 +119,10 @@ def to_transformers(model: SmolLM, tokenizer: Any = None):
     """The same weights as a transformers LlamaForCausalLM, in memory."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from smollm.hf import config_to_hf
+    from smollm.hf import config_to_hf, hf_state_dict
 
     hf = LlamaForCausalLM(LlamaConfig(**config_to_hf(model.config, tokenizer)))
-    state = {("lm_head.weight" if k == "lm_head.weight" else "model." + k): v
-             for k, v in model.state_dict().items()}
-    hf.load_state_dict(state, strict=False)
+    hf.load_state_dict(hf_state_dict(model), strict=not model.config.tie_word_embeddings)
     hf.tie_weights()
     return hf.to(next(model.parameters()).device).eval()
 
@@ -161,20 +159,10 @@ def run_tasks(model: SmolLM, tokenizer: Any, tasks: list[str], include_path: str
 
 def load_model(path: str) -> tuple[SmolLM, dict[str, Any] | None, str | None]:
     """(model, the training run's data settings or None, a tokenizer name or folder or None)."""
-    from smollm.checkpoint import model_from_checkpoint, read_checkpoint
-    from smollm.errors import MissingPathError
-    from smollm.hf import load_hf
+    from smollm.checkpoint import load_model, read_checkpoint
 
-    p = Path(path)
-    if p.is_dir():
-        has_tokenizer = (p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file()
-        return load_hf(p), None, str(p) if has_tokenizer else None
-    if not p.exists():
-        raise MissingPathError(f"{path}: no such file or folder")
-    if p.suffix != ".ckpt":
-        raise UsageError(f"{path}: expected a .ckpt of smollm.fit or a Hugging Face model folder")
-    model, tokenizer = model_from_checkpoint(p)
-    data = read_checkpoint(p).get("datamodule_hyper_parameters")
+    model, tokenizer = load_model(path)
+    data = read_checkpoint(path).get("datamodule_hyper_parameters") if Path(path).is_file() else None
     return model, dict(data) if data else None, tokenizer
 
 

@@ -195,9 +195,8 @@ def print_summary(cli: SmolLMCLI, console: Console, args: list[str], show: bool 
     ckpt = next((c for c in trainer.callbacks if isinstance(c, StepCheckpoint)), None)
     last = find_last_checkpoint(ckpt.dirpath) if ckpt is not None else None
     prompt = model.hparams.sample_prompt
-    text, new = complete(model.model, dm.tokenizer, prompt, max_new_tokens=1)
-    lines.append(f"next token after {prompt!r}: {dm.tokenizer.decode(new)!r} (id {new[0]})")
-    sample, _ = complete(model.model, dm.tokenizer, prompt, max_new_tokens=model.hparams.sample_tokens)
+    sample, new = complete(model.model, dm.tokenizer, prompt, max_new_tokens=max(1, model.hparams.sample_tokens))
+    lines.append(f"next token after {prompt!r}: {dm.tokenizer.decode(new[:1])!r} (id {new[0]})")  # greedy: the same
     lines.append(f"greedy sample: {prompt + sample!r}")
     if last is not None:
         lines.append(f"checkpoint: {_rel(last)} (and {_rel(os.path.join(ckpt.dirpath, 'last.ckpt'))})")

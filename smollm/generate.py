@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from smollm.cli import fail_on
-from smollm.errors import MissingPathError, SmolLMError, UsageError
+from smollm.errors import SmolLMError, UsageError
 from smollm.model import KVCache, SmolLM, compute_dtype
 
 
@@ -142,17 +142,11 @@ def complete(model: SmolLM, tokenizer: Any, prompt: str, max_new_tokens: int,
 def load_for_generation(path: str | Path) -> tuple[SmolLM, Any]:
     """(model, tokenizer) from an HF directory or a .ckpt of smollm.fit."""
     from smollm.assets import load_tokenizer
-    from smollm.checkpoint import model_from_checkpoint
-    from smollm.hf import load_hf
+    from smollm.checkpoint import load_model
 
-    path = Path(path)
-    if path.is_dir():
-        return load_hf(path), load_tokenizer(str(path))
-    if not path.exists():
-        raise MissingPathError(f"{path}: no such file or directory")
-    if path.suffix != ".ckpt":
-        raise UsageError(f"{path}: expected a .ckpt checkpoint or a Hugging Face model directory")
-    model, tokenizer_name = model_from_checkpoint(path)
+    model, tokenizer_name = load_model(path)
+    if Path(path).is_dir():
+        return model, load_tokenizer(str(path))  # a folder without one says so in one line
     if tokenizer_name is None:
         raise UsageError(f"{path}: the checkpoint names no tokenizer; convert it with "
                          "`python -m smollm.convert ckpt` and add tokenizer files to the directory")

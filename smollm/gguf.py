@@ -24,7 +24,7 @@ import torch
 
 from smollm.config import ModelConfig
 from smollm.errors import MissingPathError, SmolLMError
-from smollm.hf import HFFormatError, config_from_hf, model_from_state
+from smollm.hf import HFFormatError, config_from_hf, hf_state_dict, model_from_state
 from smollm.model import SmolLM
 
 
@@ -97,18 +97,14 @@ def gguf_tensors(model: SmolLM) -> dict[str, np.ndarray]:
     config = model.config
     names = get_tensor_name_map(MODEL_ARCH.LLAMA, config.num_hidden_layers)
     out = {}
-    for key, value in getattr(model, "_orig_mod", model).state_dict().items():
-        if key == "lm_head.weight" and config.tie_word_embeddings:
-            continue
-        value = value.detach().to("cpu", torch.float32)
-        if key.endswith("self_attn.q_proj.weight"):
+    for hf_key, value in hf_state_dict(model).items():
+        if hf_key.endswith("self_attn.q_proj.weight"):
             value = permute_for_llama_cpp(value, config.num_attention_heads)
-        elif key.endswith("self_attn.k_proj.weight"):
+        elif hf_key.endswith("self_attn.k_proj.weight"):
             value = permute_for_llama_cpp(value, config.num_key_value_heads)
-        hf_key = key if key == "lm_head.weight" else "model." + key
         name = names.get_name(hf_key, try_suffixes=(".weight",))
         if name is None:
-            raise GGUFExportError(f"weight {key} has no llama.cpp name")
+            raise GGUFExportError(f"weight {hf_key} has no llama.cpp name")
         out[name] = value.contiguous().numpy()
     return out
 

@@ -237,6 +237,15 @@ def load_hf(path: str | os.PathLike) -> SmolLM:
     return model_from_state(config, _read_weights(path))
 
 
+def hf_state_dict(model: SmolLM) -> dict[str, torch.Tensor]:
+    """The model's weights under Hugging Face Llama names ("model." + ours), float32 on the CPU;
+    a tied head is left out (stored once, as model.embed_tokens.weight, as transformers does)."""
+    model = getattr(model, "_orig_mod", model)
+    tied = model.config.tie_word_embeddings
+    return {(key if key == "lm_head.weight" else "model." + key): value.detach().to("cpu", torch.float32).contiguous()
+            for key, value in model.state_dict().items() if not (tied and key == "lm_head.weight")}
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -270,17 +279,7 @@ def save_hf(model: SmolLM, path: str | os.PathLike, tokenizer: Any = None, overw
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd model: save the model inside
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tied = model.config.tie_word_embeddings
-    tensors = {}
-    for key, value in model.state_dict().items():
-        if key == "lm_head.weight":
-            if tied:
-                continue
-            hf_key = key
-        else:
-            hf_key = "model." + key
-        tensors[hf_key] = value.detach().to("cpu", torch.float32).contiguous()
-    save_file(tensors, str(path / SAFETENSORS), metadata={"format": "pt"})
+    save_file(hf_state_dict(model), str(path / SAFETENSORS), metadata={"format": "pt"})
     os.chmod(path / SAFETENSORS, 0o666 & ~_umask())
     (path / "config.json").write_text(json.dumps(config_to_hf(model.config, tokenizer), indent=2) + "\n")
     if tokenizer is not None:

@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric, SumMetric
 
-from smollm.checkpoint import (CheckpointError, model_from_checkpoint, rng_state, set_rng_state,
+from smollm.checkpoint import (CheckpointError, load_model, rng_state, set_rng_state,
                                strip_compile_prefix)
 from smollm.config import ModelConfig
 from smollm.errors import SmolLMError, UsageError
@@ -351,14 +351,10 @@ def load_weights(path: str) -> SmolLM:
     only; the optimizer and step start afresh)."""
     from pathlib import Path
 
-    from smollm.hf import load_hf
-
-    if Path(path).is_file() and path.endswith(".ckpt"):
-        return model_from_checkpoint(path)[0]
     if not Path(path).exists():
         raise CheckpointError(f"--model.init_from {path}: no such folder; give a Hugging Face model folder "
                               "(python -m smollm.convert writes one) or a .ckpt of smollm.fit")
-    return load_hf(path)
+    return load_model(path)[0]
 
 
 class NonFiniteGuard:
