@@ -221,8 +221,9 @@ def _fsync_dir(folder: Path) -> None:
 class _ShardWriter:
     """Appends tokens to the open shard; commits each full one (fsync, rename, index)."""
 
-    def __init__(self, folder: Path, index: dict[str, Any]) -> None:
-        self.folder, self.index = folder, index
+    def __init__(self, folder: Path, index: dict[str, Any],
+                 on_commit: Callable[[dict[str, Any], str | None], None] | None = None) -> None:
+        self.folder, self.index, self.on_commit = folder, index, on_commit
         self.dtype = np.dtype(index["dtype"])
         self.shard_tokens = index["shard_tokens"]
         self.total = sum(s["tokens"] for s in index["shards"])  # tokens appended so far
@@ -248,7 +249,7 @@ class _ShardWriter:
 
     def commit(self, state: dict[str, Any], complete: bool = False) -> None:
         """Make the open shard durable and list it, with the resume `state` for what follows."""
-        index = self.index
+        index, name = self.index, None
         if self.file is not None:
             self.file.flush()
             os.fsync(self.file.fileno())
@@ -263,6 +264,8 @@ class _ShardWriter:
                      sources=state["sources"], resume=None if complete else state["resume"],
                      complete=complete)
         write_json_atomic(self.folder / INDEX, index)
+        if self.on_commit is not None:  # e.g. upload the shard, then this index (smollm.data.remote)
+            self.on_commit(index, name)
 
     def discard(self) -> None:
         """Drop the open shard (an error or an interrupt): the listed shards stay as they are."""
@@ -289,12 +292,14 @@ def _batches(units: Iterator[Unit], size: int) -> Iterator[tuple[list[Position],
 
 
 def build_cache(folder: Path, sources: list[Any], tokenizer: Any, meta: dict[str, Any],
-                max_tokens: list[int | None], workers: int | None = None, progress: bool = True) -> None:
+                max_tokens: list[int | None], workers: int | None = None, progress: bool = True,
+                on_commit: Callable[[dict[str, Any], str | None], None] | None = None) -> None:
     """Tokenize `sources` in order into the cache `folder`, each document followed by EOS, source
     i cut at its first max_tokens[i] tokens; resume from the last complete shard if an earlier
     build was interrupted. The caller holds the cache's lock.
 
-    `meta` goes into the index as it is (key, spec, tokenizer name, ...).
+    `meta` goes into the index as it is (key, spec, tokenizer name, ...). `on_commit(index, shard)`
+    runs after each commit of the index: `shard` is the file just listed, None for the final commit.
     """
     from tqdm import tqdm
 
@@ -316,7 +321,7 @@ def build_cache(folder: Path, sources: list[Any], tokenizer: Any, meta: dict[str
     resume = index["resume"]
     counts = [dict(s) for s in index["sources"]]  # tokens and documents per source so far
     n_docs = index["n_docs"]
-    writer = _ShardWriter(folder, index)
+    writer = _ShardWriter(folder, index, on_commit)
     workers = workers or cpu_count()
     if index["shards"]:
         print(f"resuming the tokenization at shard {len(index['shards'])} ({writer.total:,} tokens "

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Sampler
 from smollm import assets
 from smollm.data.cache import (INDEX, TokenCache, build_cache, cache_key, is_complete, load_tokenizer,
                                token_dtype, tokenizer_fingerprint)
+from smollm.data.remote import Remote, is_url
 from smollm.data.sources import STDLIB, DataError, DatasetSource, FileSource
 from smollm.data.windows import ResumableSampler, TokenWindows, split_windows
 
@@ -40,7 +41,8 @@ class TextDataModule(L.LightningDataModule):
     `max_steps`. Validation is the held-out tail of the token stream, the same windows every time.
 
     With several processes, one builds the cache while the others wait for it (a file lock in
-    the cache folder); on several machines, put `cache_dir` on a shared file system.
+    the cache folder); on several machines, put `cache_dir` on a shared file system, or make it an
+    object-storage URL that each node mirrors into its local cache (smollm.data.remote).
 
     For evaluation, after `setup()`: `tokenizer`, `token_cache` (every token, one stream),
     `val_windows()`, `heldout_windows()` and `corpus_windows()`.
@@ -60,7 +62,7 @@ class TextDataModule(L.LightningDataModule):
         max_val_windows: Validate on at most this many held-out windows (the first ones), so validation stays quick; None for all.
         num_workers: DataLoader worker processes per device; the batch order does not depend on it.
         seed: Seed of the training order; the order is a pure function of (seed, step).
-        cache_dir: Cache root (default $SMOLLM_CACHE or ~/.cache/smollm); token caches go to its "tokens" folder.
+        cache_dir: Cache root (default $SMOLLM_CACHE or ~/.cache/smollm); token caches go to its "tokens" folder. An object-storage URL (s3://bucket/prefix, or another fsspec URL) is a remote mirror: the cache is built once and uploaded there, and each node downloads it into its local cache ($SMOLLM_CACHE) instead of tokenizing.
         encoding_errors: "strict" stops at bytes that are not UTF-8, naming the file and offset; "replace" turns them into U+FFFD.
     """
 
@@ -117,8 +119,9 @@ class TextDataModule(L.LightningDataModule):
         self.tokenizer_name, self.seq_len = tokenizer, seq_len
         self.batch_size, self.val_fraction, self.max_val_windows = batch_size, val_fraction, max_val_windows
         self.num_workers, self.seed, self.encoding_errors = num_workers, seed, encoding_errors
-        self.cache_dir = cache_dir
-        self.token_dir = assets.cache_dir_path(cache_dir) / "tokens"
+        self.remote = Remote(cache_dir) if is_url(cache_dir) else None
+        self.cache_dir = None if self.remote else cache_dir  # the local root
+        self.token_dir = assets.cache_dir_path(self.cache_dir) / "tokens"
         self._tokenizer: Any = None
         self._corpus: dict[str, Any] | None = None  # the sources and the cache's name, found once
         # Set by setup():
@@ -262,7 +265,8 @@ class TextDataModule(L.LightningDataModule):
         return (f"data: {sources}{skipped}; {self.n_documents:,} documents, {self.n_tokens:,} tokens "
                 f"({self.tokenizer_name}, vocab {self.vocab_size}) in {shards} shard{'s' * (shards != 1)}; "
                 f"seq_len {self.seq_len}: {self.n_train_windows:,} train windows, {self.n_val_windows} of "
-                f"{self.n_heldout_windows} held-out windows validated; {self._passes()}; cache {c['folder']}")
+                f"{self.n_heldout_windows} held-out windows validated; {self._passes()}; cache {c['folder']}"
+                + (f" (mirror of {self.remote.where(c['folder'].name)})" if self.remote else ""))
 
     # -- helpers --
 
@@ -327,12 +331,15 @@ class TextDataModule(L.LightningDataModule):
 
     def _ensure_cache(self) -> dict[str, Any]:
         """The cache complete on disk: found, or built (or resumed) by this process while it holds
-        the cache's lock; a process that finds the lock taken waits for the one building."""
+        the cache's lock; a process that finds the lock taken waits for the one building. With a
+        remote mirror, both copies end complete: downloaded, uploaded, or built and uploaded."""
         from filelock import FileLock, Timeout
 
+        if self.remote is not None:
+            self.remote.check()  # bad input in one line before any data work
         corpus = self._find_corpus()
         folder = corpus["folder"]
-        if is_complete(folder):
+        if is_complete(folder) and (self.remote is None or self.remote.is_complete(folder.name)):
             return corpus
         folder.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(folder) + ".lock")
@@ -342,13 +349,15 @@ class TextDataModule(L.LightningDataModule):
             print(f"waiting for another process to finish tokenizing into {folder}", file=sys.stderr, flush=True)
             lock.acquire()
         try:
-            if not is_complete(folder):
+            if self.remote is not None:
+                self.remote.sync(folder, lambda on_commit: self._build(corpus, on_commit))
+            elif not is_complete(folder):
                 self._build(corpus)
         finally:
             lock.release()
         return corpus
 
-    def _build(self, corpus: dict[str, Any]) -> None:
+    def _build(self, corpus: dict[str, Any], on_commit: Any = None) -> None:
         tokenizer, sources = self.tokenizer, corpus["sources"]
         rank_zero_info(f"tokenizing {'; '.join(s.describe() for s in sources)} with {self.tokenizer_name} "
                        f"into {corpus['folder']}")
@@ -357,7 +366,7 @@ class TextDataModule(L.LightningDataModule):
                 "dtype": token_dtype(len(tokenizer)).name, "text_key": self.text_key,
                 "files": [str(p) for p in corpus["docs"]],
                 "skipped_empty": [str(p) for p in corpus["empty"]]}
-        build_cache(Path(corpus["folder"]), sources, tokenizer, meta, self.max_tokens)
+        build_cache(Path(corpus["folder"]), sources, tokenizer, meta, self.max_tokens, on_commit=on_commit)
         cache = TokenCache(corpus["folder"])
         rank_zero_info(f"tokenized {cache.n_tokens:,} tokens, {cache.n_documents:,} documents, into "
                        f"{len(cache.shards)} shard(s) in {cache.index.get('seconds', 0):.1f} s")

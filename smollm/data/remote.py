@@ -1,0 +1,414 @@
+"""The token cache's mirror on object storage: tokenize once, train on any node.
+
+`--data.cache_dir s3://bucket/prefix` (or any fsspec URL: gs://, az://, ...) names a remote cache
+root. The remote holds, for each cache, exactly what the local folder holds, under the same names:
+`URL/tokens/<key>/shard-000000.bin ...` and `index.json`, which is written last. Nodes never read
+the remote while training: a node downloads the shards into its local cache ($SMOLLM_CACHE/tokens/
+<key>) and memory-maps them there as always; the remote is only ever downloaded from or uploaded to.
+
+- Building: each shard is made durable locally, uploaded, and only then listed in the uploaded
+  index, so a reader never sees a half-written cache and a build stopped at any point resumes from
+  its last uploaded shard. One process builds per cache: it holds `URL/tokens/<key>.lock`, an
+  object created with a conditional write (S3's If-None-Match; MinIO and R2 honour it too).
+- Reading: shards are downloaded in parallel into `.part` files that a later run continues, each
+  checked against its digest where the index has one before it is renamed into place; the local
+  index is written last.
+- Bad input (an unreachable endpoint, no credentials, a missing bucket, no permission) is one line
+  within seconds: the first request is made with one attempt and short timeouts.
+
+fsspec and its backends do all the talking; endpoint and credentials are the backend's own
+(for S3: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION or the
+AWS config files).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+from smollm.data.cache import INDEX, is_complete, read_index
+from smollm.data.sources import DataError, write_json_atomic
+from smollm.digest import file_digest
+from smollm.errors import first_line
+
+CHUNK = 1 << 24  # 16 MiB per ranged read of a download
+TRANSFERS = 8  # shards downloaded or uploaded at once
+POLL_S = 10.0  # how often a process waiting for another node's build looks again
+# What the first request may cost: one attempt, short timeouts, so that bad input fails in seconds
+# instead of after minutes of retries. Transfers use the backend's usual retries.
+QUICK_S3 = {"connect_timeout": 3, "read_timeout": 10, "retries": {"max_attempts": 1, "mode": "standard"}}
+S3 = {"connect_timeout": 10, "read_timeout": 120, "retries": {"max_attempts": 5, "mode": "standard"}}
+
+
+class RemoteError(DataError):
+    """The remote cache cannot be used as asked: one line naming the URL and what to do."""
+
+
+def is_url(cache_dir: Any) -> bool:
+    """Whether `--data.cache_dir` names a remote root (`scheme://...`) rather than a folder."""
+    return isinstance(cache_dir, str) and "://" in cache_dir and not cache_dir.startswith("file://")
+
+
+class Remote:
+    """A remote cache root (`s3://bucket/prefix`): checks, transfers and the build lock."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        self.protocol = self.url.split("://", 1)[0]
+        self._fs: Any = None
+        self._checked = False
+
+    def __getstate__(self) -> dict[str, Any]:  # a filesystem client is not sent to other processes
+        return {**self.__dict__, "_fs": None, "_checked": False}
+
+    # -- the filesystem and its errors --
+
+    def _filesystem(self, quick: bool = False) -> Any:
+        import fsspec
+
+        # A fresh client (not fsspec's shared instance, made under other settings), and no cached
+        # listings: other nodes change the remote while this one looks at it.
+        options: dict[str, Any] = {"skip_instance_cache": True, "use_listings_cache": False}
+        if self.protocol in ("s3", "s3a"):
+            options["config_kwargs"] = QUICK_S3 if quick else S3
+        try:
+            fs, _ = fsspec.core.url_to_fs(self.url, **options)
+        except ImportError as e:
+            raise RemoteError(f"--data.cache_dir {self.url} needs fsspec's {self.protocol}:// backend "
+                              f"({first_line(e)}); for s3:// run pip install s3fs (the [s3] extra)") from e
+        except ValueError as e:
+            raise RemoteError(f"--data.cache_dir {self.url}: {first_line(e)}; give s3://bucket/prefix or "
+                              "another fsspec URL, or a local folder") from e
+        if quick and hasattr(fs, "retries"):
+            fs.retries = 1  # s3fs's own retry loop, around botocore's
+        return fs
+
+    @property
+    def fs(self) -> Any:
+        if self._fs is None:
+            self._fs = self._filesystem()
+        return self._fs
+
+    def _path(self, *parts: str) -> str:
+        """A path under the root as the filesystem names it (no scheme)."""
+        root = self.fs._strip_protocol(self.url)
+        return "/".join([root.rstrip("/"), *parts])
+
+    def _endpoint(self) -> str:
+        return os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3") or "its default endpoint"
+
+    def explain(self, e: BaseException, doing: str) -> RemoteError:
+        """One line for a failed request: what failed, why, and what to do."""
+        name, why = type(e).__name__, first_line(e)
+        where = f"{self.url} ({self.protocol}:// at {self._endpoint()})" if self.protocol.startswith("s3") \
+            else self.url
+        if name in ("NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError"):
+            return RemoteError(f"no credentials to {doing} {where}: set AWS_ACCESS_KEY_ID and "
+                               "AWS_SECRET_ACCESS_KEY, or a profile in ~/.aws/credentials")
+        if isinstance(e, PermissionError):
+            return RemoteError(f"access denied to {doing} {where} ({why}); check that the credentials may "
+                               "read it (and, to build the cache, write it)")
+        if isinstance(e, FileNotFoundError):
+            return RemoteError(f"cannot {doing} {where}: not found ({why}); check the bucket's name, or "
+                               "create it")
+        if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError",
+                    "ReadTimeoutError", "FSTimeoutError") or isinstance(e, (ConnectionError, TimeoutError)):
+            return RemoteError(f"cannot reach {where} to {doing} it ({why}); check AWS_ENDPOINT_URL and "
+                               "the network")
+        return RemoteError(f"cannot {doing} {where} ({name}: {why}); run again, or check the URL")
+
+    def call(self, doing: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        """`fn(*args, **kwargs)`, its expected failures turned into one line."""
+        try:
+            return fn(*args, **kwargs)
+        except RemoteError:
+            raise
+        except (OSError, ValueError) as e:
+            raise self.explain(e, doing) from e
+        except Exception as e:  # noqa: BLE001  botocore's own classes, without importing botocore
+            if type(e).__module__.split(".")[0] in ("botocore", "aiobotocore", "google", "fsspec", "s3fs"):
+                raise self.explain(e, doing) from e
+            raise
+
+    def check(self) -> None:
+        """One quick request (no retries): the endpoint answers, the credentials are accepted and
+        the bucket exists. Runs once per process, before any data work."""
+        if self._checked:
+            return
+        fs = self._filesystem(quick=True)
+        bucket = fs._strip_protocol(self.url).split("/")[0]
+        try:
+            fs.info(bucket)
+        except FileNotFoundError as e:
+            raise RemoteError(f"bucket {bucket!r} of --data.cache_dir {self.url} does not exist at "
+                              f"{self._endpoint()}; create it, or fix the URL") from e
+        except Exception as e:  # noqa: BLE001  turned into one line, or re-raised, by call()
+            self.call("read", _raise, e)
+        self._checked = True
+
+    # -- one cache: <root>/tokens/<name>/ --
+
+    def where(self, name: str) -> str:
+        return f"{self.url}/tokens/{name}"
+
+    def read_index(self, name: str) -> dict[str, Any] | None:
+        path = self._path("tokens", name, INDEX)
+        try:
+            raw = self.call("read the index of", self.fs.cat_file, path)
+        except RemoteError as e:
+            if isinstance(e.__cause__, FileNotFoundError):
+                return None
+            raise
+        try:
+            return json.loads(raw)
+        except ValueError as e:
+            raise RemoteError(f"{self.where(name)}/{INDEX} is not JSON; delete it (the build resumes from "
+                              "its shards' local copies or starts again)") from e
+
+    def is_complete(self, name: str) -> bool:
+        index = self.read_index(name)
+        return bool(index and index.get("complete"))
+
+    def sync(self, folder: Path, build: Callable[[Callable[[dict, str | None], None]], None]) -> None:
+        """Make both the local `folder` and its remote mirror complete: download a complete remote
+        cache, upload a complete local one, or take the remote lock and `build(on_commit)`, where
+        `on_commit(index, shard)` uploads each committed shard and then the index. The caller
+        holds the local cache's lock."""
+        name = folder.name
+        index = self.read_index(name)
+        if not (index and index.get("complete")):
+            lock = RemoteLock(self, name)
+            if lock.acquire(until=lambda: self.is_complete(name)):
+                try:
+                    index = self.read_index(name)
+                    if not (index and index.get("complete")):
+                        self._build_or_upload(folder, index, build)
+                        return
+                finally:
+                    lock.release()
+            else:
+                index = self.read_index(name)
+        if not is_complete(folder):
+            self.download(name, folder, index)
+
+    def _build_or_upload(self, folder: Path, remote_index: dict | None,
+                         build: Callable[[Callable[[dict, str | None], None]], None]) -> None:
+        name = folder.name
+        local = read_index(folder)
+        if local and local.get("complete"):
+            print(f"uploading the token cache {folder} to {self.where(name)}", file=sys.stderr, flush=True)
+            self.upload(name, folder, local)
+            return
+        if remote_index and remote_index.get("shards"):  # resume from the last uploaded shard
+            print(f"resuming the build of {self.where(name)} after its {len(remote_index['shards'])} "
+                  "uploaded shard(s)", file=sys.stderr, flush=True)
+            self.download(name, folder, remote_index)
+        elif (folder / INDEX).exists():  # nothing uploaded: start afresh, locally too
+            (folder / INDEX).unlink()
+
+        def on_commit(index: dict[str, Any], shard: str | None) -> None:
+            if shard is not None:
+                self.put(folder / shard, name, shard)
+            self.put_index(name, index)
+
+        build(on_commit)
+
+    # -- transfers --
+
+    def put(self, local: Path, name: str, file: str) -> None:
+        self.call("upload to", self.fs.put_file, str(local), self._path("tokens", name, file))
+
+    def put_index(self, name: str, index: dict[str, Any]) -> None:
+        self.call("upload to", self.fs.pipe_file, self._path("tokens", name, INDEX),
+                  json.dumps(index, indent=1).encode())
+
+    def upload(self, name: str, folder: Path, index: dict[str, Any], progress: bool = True) -> int:
+        """Upload the shards that the remote lacks (or holds at another size), in parallel, then
+        the index. Returns the bytes uploaded."""
+        from tqdm import tqdm
+
+        itemsize = _itemsize(index)
+        there = {Path(p["name"]).name: p.get("size") for p in
+                 self.call("list", self.fs.ls, self._path("tokens", name), detail=True)} \
+            if self.call("list", self.fs.exists, self._path("tokens", name)) else {}
+        todo = [s for s in index["shards"] if there.get(s["file"]) != s["tokens"] * itemsize]
+        total = sum(s["tokens"] * itemsize for s in todo)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="uploading", file=sys.stderr,
+                  disable=not progress, mininterval=2.0) as bar:
+            def one(entry: dict[str, Any]) -> None:
+                self.put(folder / entry["file"], name, entry["file"])
+                bar.update(entry["tokens"] * itemsize)
+
+            _parallel(one, todo)
+        self.put_index(name, index)
+        return total
+
+    def download(self, name: str, folder: Path, index: dict[str, Any], progress: bool = True) -> int:
+        """Download the shards of `index` that `folder` lacks, in parallel, each resumed from its
+        `.part` file and checked against its digest where it has one; then write the index (last).
+        Returns the bytes downloaded."""
+        from tqdm import tqdm
+
+        folder.mkdir(parents=True, exist_ok=True)
+        itemsize = _itemsize(index)
+        todo = [s for s in index["shards"] if not _present(folder / s["file"], s["tokens"] * itemsize)]
+        done = {s["file"]: _part(folder / s["file"]).stat().st_size
+                for s in todo if _part(folder / s["file"]).is_file()}
+        total = sum(s["tokens"] * itemsize for s in todo)
+        fetched = [0]
+        if todo:
+            print(f"downloading {len(todo)} shard(s) of {self.where(name)} into {folder}", file=sys.stderr,
+                  flush=True)
+        with tqdm(total=total, initial=sum(done.values()), unit="B", unit_scale=True, desc="downloading",
+                  file=sys.stderr, disable=not progress, mininterval=2.0) as bar:
+            def one(entry: dict[str, Any]) -> None:
+                n = self._fetch(name, folder, entry, entry["tokens"] * itemsize, bar.update)
+                fetched[0] += n
+
+            _parallel(one, todo)
+        write_json_atomic(folder / INDEX, index)
+        return fetched[0]
+
+    def _fetch(self, name: str, folder: Path, entry: dict[str, Any], size: int,
+               advance: Callable[[int], Any]) -> int:
+        """One shard into `<file>.part` from where an earlier try stopped, checked, renamed."""
+        target = folder / entry["file"]
+        part = _part(target)
+        offset = part.stat().st_size if part.is_file() else 0
+        if offset > size:
+            part.unlink()
+            offset = 0
+        remote = self._path("tokens", name, entry["file"])
+        fetched = 0
+        with open(part, "ab") as out:
+            while offset < size:
+                end = min(offset + CHUNK, size)
+                data = self.call("download from", self.fs.cat_file, remote, start=offset, end=end)
+                if len(data) != end - offset:
+                    raise RemoteError(f"{self.where(name)}/{entry['file']} is shorter than its index says; "
+                                      "rebuild the remote cache (delete its index.json and run again)")
+                out.write(data)
+                offset, fetched = end, fetched + len(data)
+                advance(len(data))
+            out.flush()
+            os.fsync(out.fileno())
+        expected = entry.get("digest")
+        if expected is not None and file_digest(part) != expected:
+            part.unlink()
+            raise RemoteError(f"{self.where(name)}/{entry['file']} does not match its digest in index.json "
+                              f"(damaged in storage or in transit); run again to download it afresh, and if "
+                              f"it fails again rebuild the remote cache")
+        os.replace(part, target)
+        return fetched
+
+
+class RemoteLock:
+    """`<root>/tokens/<name>.lock`: created only if absent (a conditional write), so one process
+    in the world builds a cache. It names its holder; a lock left by a dead process of this host
+    (a SIGKILLed build) is taken over, any other is waited for."""
+
+    def __init__(self, remote: Remote, name: str) -> None:
+        self.remote, self.name = remote, name
+        self.path = remote._path("tokens", f"{name}.lock")
+        self.url = f"{remote.where(name)}.lock"
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    def _create(self) -> bool:
+        try:
+            self.remote.call("write the lock", self.remote.fs.pipe_file, self.path,
+                             json.dumps(self.me).encode(), mode="create")
+            return True
+        except RemoteError as e:
+            if isinstance(e.__cause__, FileExistsError):
+                return False
+            raise
+
+    def _holder(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.remote.call("read the lock", self.remote.fs.cat_file, self.path))
+        except RemoteError as e:
+            if isinstance(e.__cause__, FileNotFoundError):
+                return None
+            raise
+        except ValueError:
+            return {}
+
+    def acquire(self, until: Callable[[], bool]) -> bool:
+        """Take the lock (True), or wait until `until()` is true, the cache built elsewhere (False)."""
+        said = False
+        while True:
+            if self._create():
+                return True
+            holder = self._holder()
+            if holder is not None and holder.get("host") == self.me["host"] and not _alive(holder.get("pid")):
+                print(f"taking over {self.url}: its process {holder.get('pid')} on this host is gone",
+                      file=sys.stderr, flush=True)
+                self.remote.call("remove the lock", self.remote.fs.rm_file, self.path)
+                continue
+            if until():
+                return False
+            if not said and holder is not None:
+                print(f"waiting for {holder.get('host')} pid {holder.get('pid')} (since {holder.get('since')}) to "
+                      f"finish building {self.remote.where(self.name)}; if no process is building it, delete "
+                      f"{self.url}", file=sys.stderr, flush=True)
+                said = True
+            time.sleep(POLL_S)
+
+    def release(self) -> None:
+        try:
+            self.remote.fs.rm_file(self.path)
+        except Exception:  # noqa: BLE001  a lock left behind names its dead holder; it is taken over
+            pass
+
+
+def _raise(e: BaseException) -> None:
+    raise e
+
+
+def _itemsize(index: dict[str, Any]) -> int:
+    import numpy as np
+
+    return np.dtype(index["dtype"]).itemsize
+
+
+def _part(target: Path) -> Path:
+    return target.with_name(target.name + ".part")
+
+
+def _present(path: Path, size: int) -> bool:
+    """A shard under its final name was checked when it arrived (downloads are renamed into place
+    only after their check; a local build renames after fsync): its size is enough here."""
+    return path.is_file() and path.stat().st_size == size
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int):
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _parallel(fn: Callable[[Any], None], items: list) -> None:
+    """`fn` on each item, TRANSFERS at a time; the first error stops the rest and is raised."""
+    if not items:
+        return
+    with ThreadPoolExecutor(min(TRANSFERS, len(items))) as pool:
+        futures = [pool.submit(fn, item) for item in items]
+        try:
+            for f in futures:
+                f.result()
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise

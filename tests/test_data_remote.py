@@ -1,0 +1,366 @@
+"""The token cache on object storage, against a real S3-compatible server started here (moto's
+server mode on 127.0.0.1, never another address): two nodes with their own local caches train from
+one remote cache and the second never tokenizes; the remote mirrors the local folder; downloads
+resume and are checked against their digests; a build stopped part way resumes from its last
+uploaded shard; one process builds per cache; bad input is one line within seconds."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import re
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import smollm.data as data
+from helpers_data import documents, make_tokenizer, write_records
+from smollm.data import TextDataModule
+from smollm.data import remote as remote_mod
+from smollm.data.remote import Remote, RemoteError
+from smollm.digest import file_digest
+
+pytest.importorskip("s3fs")
+pytest.importorskip("moto.server")
+
+SEQ = 16
+SHARD = 400  # tokens per shard: the corpus below (3,193 tokens) makes eight
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A local S3-compatible server for this module's tests."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    port = free_port()
+    srv = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    srv.start()
+    yield f"http://127.0.0.1:{port}"
+    srv.stop()
+
+
+def aws_env(endpoint: str, home: Path) -> dict[str, str]:
+    """Endpoint and credentials as a user sets them; no config files, no instance metadata."""
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_CONFIG_FILE": str(home / "no-aws-config"), "AWS_SHARED_CREDENTIALS_FILE": str(home / "no-aws-creds")}
+
+
+@pytest.fixture
+def s3(server, tmp_path, monkeypatch):
+    """A fresh bucket; the standard variables point at the local server."""
+    import s3fs
+
+    env = aws_env(server, tmp_path)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    bucket = f"smollm-{uuid.uuid4().hex[:12]}"
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir(bucket)
+    return SimpleNamespace(url=f"s3://{bucket}/runs", bucket=bucket, env=env, endpoint=server, fs=fs)
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory) -> str:
+    return make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    write_records(tmp_path / "corpus" / "a.jsonl", documents(60, seed=1))
+    (tmp_path / "corpus" / "c.txt").write_text("".join(documents(30, seed=3)))
+    return tmp_path / "corpus"
+
+
+@pytest.fixture
+def small_shards(monkeypatch):
+    monkeypatch.setattr(data.cache, "SHARD_TOKENS", SHARD)
+    monkeypatch.setattr(data.cache, "BATCH_BYTES", 500)
+
+
+def node(tmp_path, monkeypatch, name, tok_dir, corpus, cache_dir, **kw) -> TextDataModule:
+    """A TextDataModule as a node runs it: its own local cache ($SMOLLM_CACHE), the shared URL."""
+    monkeypatch.setenv("SMOLLM_CACHE", str(tmp_path / name))
+    return TextDataModule(files=str(corpus), tokenizer=tok_dir, seq_len=SEQ, batch_size=4, val_fraction=0.05,
+                          num_workers=0, cache_dir=cache_dir, **kw)
+
+
+def ready(dm: TextDataModule) -> TextDataModule:
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def no_tokenizing(monkeypatch) -> None:
+    def refuse(*a, **k):
+        raise AssertionError("this node tokenized")
+
+    monkeypatch.setattr(data.module, "build_cache", refuse)
+
+
+def counted_tokens(monkeypatch) -> list[int]:
+    """Tokens that this process tokenizes from now on (appended to shards)."""
+    counted = [0]
+    append = data.cache._ShardWriter.append
+
+    def counting(self, tokens, state_at):
+        counted[0] += len(tokens)
+        return append(self, tokens, state_at)
+
+    monkeypatch.setattr(data.cache._ShardWriter, "append", counting)
+    return counted
+
+
+def remote_files(s3, key: str) -> dict[str, bytes]:
+    prefix = f"{s3.bucket}/runs/tokens/{key}"
+    return {Path(p).name: s3.fs.cat_file(p) for p in s3.fs.ls(prefix, detail=False, refresh=True)}
+
+
+# -- two nodes, one remote cache ------------------------------------------------------------------
+
+
+def test_two_nodes_train_from_one_remote_cache_and_the_second_never_tokenizes(
+        tmp_path, tok_dir, corpus, s3, small_shards, monkeypatch, capsys):
+    one = ready(node(tmp_path, monkeypatch, "node1", tok_dir, corpus, s3.url))
+    folder1 = one._corpus["folder"]
+    assert folder1.parent == tmp_path / "node1" / "tokens"  # the local copy is where it always is
+    local = {p.name: p.read_bytes() for p in folder1.iterdir()}
+    assert len([n for n in local if n.startswith("shard-")]) >= 5
+    assert remote_files(s3, folder1.name) == local  # the mirror: same files, same index.json
+    s3.fs.invalidate_cache()
+    assert not s3.fs.exists(f"{s3.bucket}/runs/tokens/{folder1.name}.lock")  # released
+
+    no_tokenizing(monkeypatch)
+    two = ready(node(tmp_path, monkeypatch, "node2", tok_dir, corpus, s3.url))
+    folder2 = two._corpus["folder"]
+    assert folder2 == tmp_path / "node2" / "tokens" / folder1.name
+    assert {p.name: p.read_bytes() for p in folder2.iterdir()} == local
+    assert isinstance(two.token_cache._shard(0), np.memmap)  # training reads the local copy
+    assert np.array_equal(two.token_cache.read(0, two.n_tokens), one.token_cache.read(0, one.n_tokens))
+    for a, b in zip(itertools.islice(one.train_dataloader(), 20), itertools.islice(two.train_dataloader(), 20)):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["index"], b["index"])
+    assert "downloading" in capsys.readouterr().err
+    assert f"(mirror of {s3.url}/tokens/{folder1.name})" in two.describe()
+
+    # A node whose local cache is complete uploads it to an empty remote without tokenizing.
+    other = f"s3://{s3.bucket}/elsewhere"
+    three = ready(node(tmp_path, monkeypatch, "node2", tok_dir, corpus, other))
+    assert Remote(other).read_index(folder1.name) == json.loads(local["index.json"])
+    assert three.n_tokens == one.n_tokens
+
+
+# -- downloads ------------------------------------------------------------------------------------
+
+
+def built_remote(tmp_path, monkeypatch, tok_dir, corpus, s3) -> tuple[Remote, str, dict, Path]:
+    """A remote cache built by node 1, its index given a digest per shard; (remote, name, index,
+    node 1's folder)."""
+    dm = ready(node(tmp_path, monkeypatch, "node1", tok_dir, corpus, s3.url))
+    folder = dm._corpus["folder"]
+    remote = Remote(s3.url)
+    index = remote.read_index(folder.name)
+    for entry in index["shards"]:
+        entry["digest"] = file_digest(folder / entry["file"])
+    remote.put_index(folder.name, index)
+    return remote, folder.name, index, folder
+
+
+def test_a_download_resumes_its_part_files_and_writes_the_index_last(
+        tmp_path, tok_dir, corpus, s3, small_shards, monkeypatch):
+    remote, name, index, built = built_remote(tmp_path, monkeypatch, tok_dir, corpus, s3)
+    target = tmp_path / "fresh" / name
+    target.mkdir(parents=True)
+    whole = (built / "shard-000001.bin").read_bytes()
+    (target / "shard-000001.bin.part").write_bytes(whole[:300])  # an earlier download, stopped
+    total = sum(s["tokens"] * 2 for s in index["shards"])
+    assert remote.download(name, target, index, progress=False) == total - 300
+    assert json.loads((target / "index.json").read_text()) == index
+    assert sorted(p.name for p in target.iterdir()) == sorted([s["file"] for s in index["shards"]] + ["index.json"])
+    for entry in index["shards"]:
+        assert (target / entry["file"]).read_bytes() == (built / entry["file"]).read_bytes()
+    assert remote.download(name, target, index, progress=False) == 0  # complete: nothing fetched
+
+
+def test_a_shard_damaged_in_storage_is_refused_and_fetched_afresh_once_mended(
+        tmp_path, tok_dir, corpus, s3, small_shards, monkeypatch):
+    remote, name, index, built = built_remote(tmp_path, monkeypatch, tok_dir, corpus, s3)
+    path = f"{s3.bucket}/runs/tokens/{name}/shard-000003.bin"
+    good = s3.fs.cat_file(path)
+    s3.fs.pipe_file(path, bytes([good[0] ^ 1]) + good[1:])  # same size, one bit flipped
+    target = tmp_path / "fresh" / name
+    with pytest.raises(RemoteError, match=r"shard-000003.bin does not match its digest in index.json .*run "
+                                          r"again to download it afresh"):
+        remote.download(name, target, index, progress=False)
+    assert not (target / "index.json").exists()  # no reader takes it for a complete cache
+    assert not (target / "shard-000003.bin").exists() and not (target / "shard-000003.bin.part").exists()
+    present = sum(s["tokens"] * 2 for s in index["shards"] if (target / s["file"]).is_file())
+
+    s3.fs.pipe_file(path, good)
+    total = sum(s["tokens"] * 2 for s in index["shards"])
+    assert remote.download(name, target, index, progress=False) == total - present
+    for entry in index["shards"]:
+        assert file_digest(target / entry["file"]) == entry["digest"]
+
+
+# -- building -------------------------------------------------------------------------------------
+
+
+def test_a_build_stopped_part_way_resumes_from_its_last_uploaded_shard(
+        tmp_path, tok_dir, corpus, s3, small_shards, monkeypatch, capsys):
+    reference = ready(node(tmp_path, monkeypatch, "alone", tok_dir, corpus, str(tmp_path / "alone")))
+    uploads = []
+    put = Remote.put
+
+    def stop_at_the_fourth_shard(self, local, name, file):
+        if len(uploads) == 3:
+            raise KeyboardInterrupt  # as a Ctrl-C or a kill would stop it, between two uploads
+        uploads.append(file)
+        return put(self, local, name, file)
+
+    monkeypatch.setattr(Remote, "put", stop_at_the_fourth_shard)
+    with pytest.raises(KeyboardInterrupt):
+        ready(node(tmp_path, monkeypatch, "node1", tok_dir, corpus, s3.url))
+    name = reference._corpus["folder"].name
+    partial = Remote(s3.url).read_index(name)
+    assert not partial["complete"] and [s["file"] for s in partial["shards"]] == uploads
+    s3.fs.invalidate_cache()
+    assert not s3.fs.exists(f"{s3.bucket}/runs/tokens/{name}.lock")  # released
+
+    monkeypatch.setattr(Remote, "put", put)
+    tokenized = counted_tokens(monkeypatch)
+    capsys.readouterr()
+    two = ready(node(tmp_path, monkeypatch, "node2", tok_dir, corpus, s3.url))  # another node resumes it
+    assert f"after its 3 uploaded shard(s)" in capsys.readouterr().err
+    assert tokenized[0] == reference.n_tokens - 3 * SHARD
+    assert np.array_equal(two.token_cache.read(0, two.n_tokens), reference.token_cache.read(0, reference.n_tokens))
+    assert remote_files(s3, name)["index.json"] == (two._corpus["folder"] / "index.json").read_bytes()
+
+
+def test_a_lock_left_by_a_dead_build_on_this_host_is_taken_over(
+        tmp_path, tok_dir, corpus, s3, small_shards, monkeypatch, capsys):
+    dm = node(tmp_path, monkeypatch, "node1", tok_dir, corpus, s3.url)
+    name = dm._find_corpus()["folder"].name
+    dead = 2 ** 22 + 12345  # above any pid this machine hands out
+    s3.fs.pipe_file(f"{s3.bucket}/runs/tokens/{name}.lock",
+                    json.dumps({"host": socket.gethostname(), "pid": dead, "since": "then"}).encode())
+    ready(dm)
+    assert f"its process {dead} on this host is gone" in capsys.readouterr().err
+    assert Remote(s3.url).is_complete(name)
+
+
+def test_one_process_builds_and_a_node_that_finds_the_lock_taken_waits_then_downloads(
+        tmp_path, tok_dir, corpus, s3, small_shards, monkeypatch, capsys):
+    built = ready(node(tmp_path, monkeypatch, "node1", tok_dir, corpus, s3.url))
+    name = built._corpus["folder"].name
+    other = f"{s3.bucket}/other/tokens"
+    for file, raw in remote_files(s3, name).items():  # another node's build, under way: no index yet
+        if file != "index.json":
+            s3.fs.pipe_file(f"{other}/{name}/{file}", raw)
+    s3.fs.pipe_file(f"{other}/{name}.lock", json.dumps({"host": "gpu-node-7", "pid": 1, "since": "now"}).encode())
+    monkeypatch.setattr(remote_mod, "POLL_S", 0.05)
+    no_tokenizing(monkeypatch)
+    waiting = node(tmp_path, monkeypatch, "node2", tok_dir, corpus, f"s3://{s3.bucket}/other")
+    errors = []
+    thread = threading.Thread(target=lambda: errors.append(None) if ready(waiting) else None)
+    thread.start()
+    time.sleep(1.0)
+    assert thread.is_alive() and not (tmp_path / "node2" / "tokens" / name / "index.json").exists()
+    s3.fs.pipe_file(f"{other}/{name}/index.json", remote_files(s3, name)["index.json"])  # the build ends
+    thread.join(60)
+    assert not thread.is_alive() and errors == [None]
+    assert "waiting for gpu-node-7 pid 1" in capsys.readouterr().err
+    assert waiting.n_tokens == built.n_tokens
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+
+def iam_user_without_permissions(s3) -> dict[str, str]:
+    import boto3
+
+    iam = boto3.client("iam", endpoint_url=s3.endpoint)
+    user = f"nobody-{uuid.uuid4().hex[:8]}"
+    iam.create_user(UserName=user)
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    return {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+
+
+@pytest.mark.parametrize("case", ["unreachable endpoint", "missing credentials", "missing bucket",
+                                  "no permission", "unknown scheme"])
+def test_bad_input_is_one_line_within_seconds_and_harms_nothing(tmp_path, tok_dir, corpus, s3, monkeypatch, case):
+    import contextlib
+
+    from moto.core.authorization import enable_iam_authentication
+
+    url, auth = s3.url, contextlib.nullcontext()
+    if case == "unreachable endpoint":
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+        expected = r"cannot reach s3://.* at http://127\.0\.0\.1:\d+\) to read it .*check AWS_ENDPOINT_URL"
+    elif case == "missing credentials":
+        monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+        monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+        expected = r"no credentials to read s3://.*set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+    elif case == "missing bucket":
+        url = "s3://no-such-bucket-here/runs"
+        expected = r"bucket 'no-such-bucket-here' of --data.cache_dir s3://no-such-bucket-here/runs does not exist"
+    elif case == "no permission":
+        for k, v in iam_user_without_permissions(s3).items():
+            monkeypatch.setenv(k, v)
+        auth = enable_iam_authentication()
+        expected = r"access denied to read s3://.*check that the credentials may read it"
+    else:
+        url = "nosuchscheme://bucket/runs"
+        expected = r"--data.cache_dir nosuchscheme://bucket/runs"
+    dm = node(tmp_path, monkeypatch, "node", tok_dir, corpus, url)
+    started = time.perf_counter()
+    with auth, pytest.raises(RemoteError) as caught:
+        dm.prepare_data()
+    assert time.perf_counter() - started < 15  # one attempt, not minutes of retries
+    message = str(caught.value)
+    assert re.search(expected, message) and "\n" not in message, message
+    assert not (tmp_path / "node" / "tokens").exists()  # stopped before any data work
+
+
+# -- end to end, as users run it ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_fit_on_two_nodes_from_one_bucket_and_a_missing_bucket_in_one_line(tmp_path, data, s3):
+    import fitutil
+
+    corpus, tokenizer = data
+    runs = {}
+    for name in ("node1", "node2"):
+        args = fitutil.fit_args(tmp_path / name, corpus, tokenizer, max_steps=4,
+                                extra=["--data.cache_dir", s3.url])
+        runs[name] = fitutil.run_fit(args, env={**s3.env, "SMOLLM_CACHE": str(tmp_path / name / "local")})
+        assert runs[name].returncode == 0, runs[name].stderr[-3000:]
+    assert "tokenizing" in runs["node1"].stderr and "tokenizing" not in runs["node2"].stderr
+    assert "downloading" in runs["node2"].stderr
+
+    def trained(run):
+        return re.search(r"train loss [\d.]+ -> [\d.]+", run.stdout + run.stderr).group(0)
+
+    assert trained(runs["node1"]) == trained(runs["node2"])  # the same tokens, the same order
+
+    args = fitutil.fit_args(tmp_path / "bad", corpus, tokenizer, max_steps=4,
+                            extra=["--data.cache_dir", "s3://no-such-bucket-here/runs"])
+    bad = fitutil.run_fit(args, env={**s3.env, "SMOLLM_CACHE": str(tmp_path / "bad" / "local")})
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: bucket 'no-such-bucket-here' of --data.cache_dir")
