@@ -276,15 +276,19 @@ def test_one_process_builds_and_a_node_that_finds_the_lock_taken_waits_then_down
     monkeypatch.setattr(remote_mod, "POLL_S", 0.05)
     no_tokenizing(monkeypatch)
     waiting = node(tmp_path, monkeypatch, "node2", tok_dir, corpus, f"s3://{s3.bucket}/other")
-    errors = []
-    thread = threading.Thread(target=lambda: errors.append(None) if ready(waiting) else None)
+    finished = []
+    thread = threading.Thread(target=lambda: finished.append(ready(waiting)))
     thread.start()
-    time.sleep(1.0)
+    said, deadline = "", time.time() + 60
+    while "waiting for gpu-node-7 pid 1 (since now) to finish building" not in said:
+        assert thread.is_alive() and time.time() < deadline, said
+        time.sleep(0.05)
+        said += capsys.readouterr().err
+    time.sleep(0.3)  # it keeps waiting
     assert thread.is_alive() and not (tmp_path / "node2" / "tokens" / name / "index.json").exists()
     s3.fs.pipe_file(f"{other}/{name}/index.json", remote_files(s3, name)["index.json"])  # the build ends
     thread.join(60)
-    assert not thread.is_alive() and errors == [None]
-    assert "waiting for gpu-node-7 pid 1" in capsys.readouterr().err
+    assert not thread.is_alive() and finished == [waiting]  # it ended without an error
     assert waiting.n_tokens == built.n_tokens
 
 

@@ -124,17 +124,12 @@ class Remote:
         return RemoteError(f"cannot {doing} {where} ({name}: {why}); run again, or check the URL")
 
     def call(self, doing: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
-        """`fn(*args, **kwargs)`, its expected failures turned into one line."""
+        """`fn(*args, **kwargs)`, its expected failures turned into one line (the original is the
+        RemoteError's __cause__)."""
         try:
             return fn(*args, **kwargs)
-        except RemoteError:
-            raise
-        except (OSError, ValueError) as e:
+        except _request_errors() as e:
             raise self.explain(e, doing) from e
-        except Exception as e:  # noqa: BLE001  botocore's own classes, without importing botocore
-            if type(e).__module__.split(".")[0] in ("botocore", "aiobotocore", "google", "fsspec", "s3fs"):
-                raise self.explain(e, doing) from e
-            raise
 
     def check(self) -> None:
         """One quick request (no retries): the endpoint answers, the credentials are accepted and
@@ -144,12 +139,12 @@ class Remote:
         fs = self._filesystem(quick=True)
         bucket = fs._strip_protocol(self.url).split("/")[0]
         try:
-            fs.info(bucket)
-        except FileNotFoundError as e:
-            raise RemoteError(f"bucket {bucket!r} of --data.cache_dir {self.url} does not exist at "
-                              f"{self._endpoint()}; create it, or fix the URL") from e
-        except Exception as e:  # noqa: BLE001  turned into one line, or re-raised, by call()
-            self.call("read", _raise, e)
+            self.call("read", fs.info, bucket)
+        except RemoteError as e:
+            if _missing(e):
+                raise RemoteError(f"bucket {bucket!r} of --data.cache_dir {self.url} does not exist at "
+                                  f"{self._endpoint()}; create it, or fix the URL") from e.__cause__
+            raise
         self._checked = True
 
     # -- one cache: <root>/tokens/<name>/ --
@@ -162,7 +157,7 @@ class Remote:
         try:
             raw = self.call("read the index of", self.fs.cat_file, path)
         except RemoteError as e:
-            if isinstance(e.__cause__, FileNotFoundError):
+            if _missing(e):
                 return None
             raise
         try:
@@ -234,20 +229,24 @@ class Remote:
         from tqdm import tqdm
 
         itemsize = _itemsize(index)
-        there = {Path(p["name"]).name: p.get("size") for p in
-                 self.call("list", self.fs.ls, self._path("tokens", name), detail=True)} \
-            if self.call("list", self.fs.exists, self._path("tokens", name)) else {}
+        try:
+            listing = self.call("list", self.fs.ls, self._path("tokens", name), detail=True)
+        except RemoteError as e:
+            if not _missing(e):
+                raise
+            listing = []
+        there = {Path(p["name"]).name: p.get("size") for p in listing}
         todo = [s for s in index["shards"] if there.get(s["file"]) != s["tokens"] * itemsize]
-        total = sum(s["tokens"] * itemsize for s in todo)
-        with tqdm(total=total, unit="B", unit_scale=True, desc="uploading", file=sys.stderr,
-                  disable=not progress, mininterval=2.0) as bar:
-            def one(entry: dict[str, Any]) -> None:
+        with tqdm(total=sum(s["tokens"] * itemsize for s in todo), unit="B", unit_scale=True, desc="uploading",
+                  file=sys.stderr, disable=not progress, mininterval=2.0) as bar:
+            def one(entry: dict[str, Any]) -> int:
                 self.put(folder / entry["file"], name, entry["file"])
                 bar.update(entry["tokens"] * itemsize)
+                return entry["tokens"] * itemsize
 
-            _parallel(one, todo)
+            sent = sum(_parallel(one, todo))
         self.put_index(name, index)
-        return total
+        return sent
 
     def download(self, name: str, folder: Path, index: dict[str, Any], progress: bool = True) -> int:
         """Download the shards of `index` that `folder` lacks, in parallel, each resumed from its
@@ -258,22 +257,17 @@ class Remote:
         folder.mkdir(parents=True, exist_ok=True)
         itemsize = _itemsize(index)
         todo = [s for s in index["shards"] if not _present(folder / s["file"], s["tokens"] * itemsize)]
-        done = {s["file"]: _part(folder / s["file"]).stat().st_size
-                for s in todo if _part(folder / s["file"]).is_file()}
-        total = sum(s["tokens"] * itemsize for s in todo)
-        fetched = [0]
+        parts = [_part(folder / s["file"]) for s in todo]
+        already = sum(p.stat().st_size for p in parts if p.is_file())  # stopped downloads, continued
         if todo:
             print(f"downloading {len(todo)} shard(s) of {self.where(name)} into {folder}", file=sys.stderr,
                   flush=True)
-        with tqdm(total=total, initial=sum(done.values()), unit="B", unit_scale=True, desc="downloading",
-                  file=sys.stderr, disable=not progress, mininterval=2.0) as bar:
-            def one(entry: dict[str, Any]) -> None:
-                n = self._fetch(name, folder, entry, entry["tokens"] * itemsize, bar.update)
-                fetched[0] += n
-
-            _parallel(one, todo)
+        with tqdm(total=sum(s["tokens"] * itemsize for s in todo), initial=already, unit="B", unit_scale=True,
+                  desc="downloading", file=sys.stderr, disable=not progress, mininterval=2.0) as bar:
+            fetched = sum(_parallel(lambda entry: self._fetch(name, folder, entry, entry["tokens"] * itemsize,
+                                                              bar.update), todo))
         write_json_atomic(folder / INDEX, index)
-        return fetched[0]
+        return fetched
 
     def _fetch(self, name: str, folder: Path, entry: dict[str, Any], size: int,
                advance: Callable[[int], Any]) -> int:
@@ -325,7 +319,7 @@ class RemoteLock:
                              json.dumps(self.me).encode(), mode="create")
             return True
         except RemoteError as e:
-            if isinstance(e.__cause__, FileExistsError):
+            if isinstance(e.__cause__, FileExistsError):  # taken
                 return False
             raise
 
@@ -333,10 +327,10 @@ class RemoteLock:
         try:
             return json.loads(self.remote.call("read the lock", self.remote.fs.cat_file, self.path))
         except RemoteError as e:
-            if isinstance(e.__cause__, FileNotFoundError):
+            if _missing(e):
                 return None
             raise
-        except ValueError:
+        except ValueError:  # not written by smollm: wait for it all the same
             return {}
 
     def acquire(self, until: Callable[[], bool]) -> bool:
@@ -362,13 +356,25 @@ class RemoteLock:
 
     def release(self) -> None:
         try:
-            self.remote.fs.rm_file(self.path)
-        except Exception:  # noqa: BLE001  a lock left behind names its dead holder; it is taken over
-            pass
+            self.remote.call("remove the lock", self.remote.fs.rm_file, self.path)
+        except RemoteError as e:  # the build itself is done; say what is left behind
+            print(f"warning: {e}; delete {self.url} by hand", file=sys.stderr, flush=True)
 
 
-def _raise(e: BaseException) -> None:
-    raise e
+def _request_errors() -> tuple[type[BaseException], ...]:
+    """What a failed request raises: OSError and its kin (fsspec's translations: FileNotFoundError,
+    PermissionError, FileExistsError, TimeoutError), and botocore's own (no credentials, no
+    connection), which are not OSErrors."""
+    try:
+        from botocore.exceptions import BotoCoreError
+    except ImportError:
+        return (OSError,)
+    return (OSError, BotoCoreError)
+
+
+def _missing(e: RemoteError) -> bool:
+    """Whether the request failed because the object (or bucket) does not exist."""
+    return isinstance(e.__cause__, FileNotFoundError)
 
 
 def _itemsize(index: dict[str, Any]) -> int:
@@ -399,15 +405,15 @@ def _alive(pid: Any) -> bool:
     return True
 
 
-def _parallel(fn: Callable[[Any], None], items: list) -> None:
-    """`fn` on each item, TRANSFERS at a time; the first error stops the rest and is raised."""
+def _parallel(fn: Callable[[Any], int], items: list) -> list[int]:
+    """`fn` on each item, TRANSFERS at a time, its results in order; the first error cancels what
+    has not started and is raised."""
     if not items:
-        return
+        return []
     with ThreadPoolExecutor(min(TRANSFERS, len(items))) as pool:
         futures = [pool.submit(fn, item) for item in items]
         try:
-            for f in futures:
-                f.result()
+            return [f.result() for f in futures]
         except BaseException:
             for f in futures:
                 f.cancel()
