@@ -9,8 +9,12 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -32,6 +36,7 @@ pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
 SEQ = 16
+TESTS = Path(__file__).resolve().parent
 SHARD = 400  # tokens per shard: the corpus below (3,193 tokens) makes eight
 
 
@@ -250,6 +255,40 @@ def test_a_build_stopped_part_way_resumes_from_its_last_uploaded_shard(
     assert tokenized[0] == reference.n_tokens - 3 * SHARD
     assert np.array_equal(two.token_cache.read(0, two.n_tokens), reference.token_cache.read(0, reference.n_tokens))
     assert remote_files(s3, name)["index.json"] == (two._corpus["folder"] / "index.json").read_bytes()
+
+
+def test_a_build_killed_with_sigkill_is_resumed_by_another_node_after_its_last_uploaded_shard(
+        tmp_path, tok_dir, corpus, s3, small_shards, monkeypatch, capsys):
+    monkeypatch.setenv("SMOLLM_CACHE", str(tmp_path / "node1"))
+    spec = dict(files=str(corpus), tokenizer=tok_dir, seq_len=SEQ, val_fraction=0.05, cache_dir=s3.url,
+                shard_tokens=SHARD, batch_bytes=200, delay=0.1)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)])}
+    proc = subprocess.Popen([sys.executable, str(TESTS / "cachebuild.py"), json.dumps(spec)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    name = node(tmp_path, monkeypatch, "node2", tok_dir, corpus, s3.url)._find_corpus()["folder"].name
+    remote = Remote(s3.url)
+    try:
+        deadline = time.time() + 120
+        while len((remote.read_index(name) or {"shards": []})["shards"]) < 3:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.time() < deadline, "the build never uploaded its shards"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    uploaded = remote.read_index(name)
+    assert not uploaded["complete"] and s3.fs.exists(f"{s3.bucket}/runs/tokens/{name}.lock")  # left behind
+
+    tokenized = counted_tokens(monkeypatch)
+    two = ready(node(tmp_path, monkeypatch, "node2", tok_dir, corpus, s3.url))
+    err = capsys.readouterr().err
+    assert f"its process {proc.pid} on this host is gone" in err  # the dead builder's lock, taken over
+    assert f"after its {len(uploaded['shards'])} uploaded shard(s)" in err
+    assert tokenized[0] == two.n_tokens - sum(s["tokens"] for s in uploaded["shards"])
+    straight = ready(node(tmp_path, monkeypatch, "straight", tok_dir, corpus, str(tmp_path / "straight")))
+    assert np.array_equal(two.token_cache.read(0, two.n_tokens), straight.token_cache.read(0, straight.n_tokens))
+    assert remote.is_complete(name)
 
 
 def test_a_lock_left_by_a_dead_build_on_this_host_is_taken_over(
