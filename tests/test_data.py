@@ -210,7 +210,7 @@ def ids(sampler, n):
 def test_sampler_started_at_step_k_is_the_tail_of_the_one_started_at_zero():
     whole = ids(ResumableSampler(37, 4, seed=1), 4 * 50)
     for k in (1, 9, 10, 23):
-        assert ids(ResumableSampler(37, 4, seed=1, start_batch=k), 4 * 10) == whole[4 * k:4 * k + 40]
+        assert ids(ResumableSampler(37, 4, seed=1, start=4 * k), 4 * 10) == whole[4 * k:4 * k + 40]
 
 
 def test_sampler_is_endless_without_len_and_each_epoch_is_a_permutation():
