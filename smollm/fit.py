@@ -37,8 +37,7 @@ from smollm.checkpoint import (RunLock, check_config, check_writable, find_last_
                                read_checkpoint, step_files)
 from smollm.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_PREEMPTED, fail, fail_on
 from smollm.config import ModelConfig
-from smollm.data import TextDataModule
-from smollm.data.windows import accumulation
+from smollm.data import TextDataModule, accumulation
 from smollm.errors import SmolLMError, UsageError
 from smollm.generate import complete
 from smollm.module import LitSmolLM

@@ -51,7 +51,9 @@ def build_tokenizer(folder: Path, corpus: Path) -> Path:
 
 def fit_args(root: Path, corpus: Path, tokenizer: Path, max_steps: int, every: int = 1000,
              extra: list[str] | None = None) -> list[str]:
-    """Command-line arguments of a tiny CPU run: ~300-token vocabulary, 16-token windows."""
+    """Command-line arguments of a tiny CPU run: ~300-token vocabulary, 16-token windows. The
+    global batch is not set (tiny.yaml's is), so it is batch_size x processes unless `extra`
+    sets it."""
     return [
         "--config", str(ROOT / "configs" / "tiny.yaml"),
         "--trainer.default_root_dir", str(root),
@@ -70,6 +72,7 @@ def fit_args(root: Path, corpus: Path, tokenizer: Path, max_steps: int, every: i
         "--data.cache_dir", str(root / "cache"),
         "--data.seq_len", "16",
         "--data.batch_size", "4",
+        "--data.global_batch_size", "null",  # micro-batch x processes: the tests set the split
         "--data.val_fraction", "0.1",
         "--checkpoint.every_n_train_steps", str(every),
         *(extra or []),

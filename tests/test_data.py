@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import smollm.data as data
-from smollm.data import DataError, ResumableSampler, TextDataModule, read_pieces, split_windows
+from smollm.data import DataError, ResumableSampler, TextDataModule, accumulation, read_pieces, split_windows
 from helpers_data import make_tokenizer, sentences, write_corpus
 
 SEQ = 16
@@ -233,6 +233,41 @@ def test_ranks_are_disjoint_and_cover_what_one_rank_with_a_bigger_batch_sees():
         assert a + b == both
         if s * 6 % 50 <= 44:  # a step inside one epoch: no window twice
             assert not set(a) & set(b)
+
+
+def test_any_split_of_the_global_batch_trains_the_same_samples_at_each_step():
+    """12 windows per step as 1 x 12, 2 micro-batches of 6, 2 processes x 2 of 3, 3 x 2 of 2 and
+    4 x 3 of 1: the same windows at every step, from the start and from sample 36 (a resume)."""
+    def steps(batch, world, accumulate, start, n_steps):
+        samplers = [iter(ResumableSampler(50, batch, seed=5, rank=r, world_size=world, start=start))
+                    for r in range(world)]
+        out = []
+        for _ in range(n_steps):
+            step = []
+            for _ in range(accumulate):
+                for sampler in samplers:
+                    step += [next(sampler) for _ in range(batch)]
+            out.append(sorted(step))
+        return out
+
+    for start in (0, 36):
+        reference = steps(12, 1, 1, start, 8)
+        for batch, world in ((6, 1), (3, 2), (2, 3), (1, 4)):
+            accumulate = accumulation(12, batch, world)
+            assert batch * world * accumulate == 12
+            assert steps(batch, world, accumulate, start, 8) == reference, (batch, world)
+    assert steps(12, 1, 1, 36, 5) == steps(12, 1, 1, 0, 8)[3:]  # a resume at step 3 continues the order
+
+
+def test_an_indivisible_global_batch_names_the_nearest_choices():
+    assert accumulation(32, 4, 8) == 1 and accumulation(32, 16, 1) == 2 and accumulation(32, 8, 1) == 4
+    with pytest.raises(DataError) as e:
+        accumulation(32, 32, 8)  # 135m.yaml on 8 GPUs without a smaller micro-batch
+    assert str(e.value) == ("--data.global_batch_size 32 windows per step cannot be split into micro-batches of 32 "
+                            "on 8 processes (256 windows per micro-step); use --data.batch_size 4, or "
+                            "--data.global_batch_size 256")
+    with pytest.raises(DataError, match=r"use --data.global_batch_size 24 or 36$"):
+        accumulation(32, 4, 3)  # no micro-batch divides: the global batches on either side
 
 
 def test_loader_batches_do_not_depend_on_num_workers(make_dm):

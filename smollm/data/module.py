@@ -418,7 +418,9 @@ class TextDataModule(L.LightningDataModule):
                 "dtype": token_dtype(len(tokenizer)).name, "text_key": self.text_key,
                 "files": [str(p) for p in corpus["docs"]],
                 "skipped_empty": [str(p) for p in corpus["empty"]]}
-        build_cache(Path(corpus["folder"]), sources, tokenizer, meta, self.max_tokens)
+        # The bar on rank 0 only: another node building its own copy would print its own bar.
+        build_cache(Path(corpus["folder"]), sources, tokenizer, meta, self.max_tokens,
+                    progress=self._rank_world()[0] == 0)
         cache = TokenCache(corpus["folder"])
         rank_zero_info(f"tokenized {cache.n_tokens:,} tokens, {cache.n_documents:,} documents, into "
                        f"{len(cache.shards)} shard(s) in {cache.index.get('seconds', 0):.1f} s")

@@ -121,11 +121,10 @@ def accumulation(global_batch_size: int, batch_size: int, world_size: int) -> in
         return global_batch_size // per_micro_step
     micro = [b for b in range(batch_size, 0, -1) if global_batch_size % (b * world_size) == 0]
     below = global_batch_size // per_micro_step * per_micro_step
-    choices = [f"--data.global_batch_size {g}" for g in (below, below + per_micro_step) if g > 0]
+    choices = ["--data.global_batch_size " + " or ".join(str(g) for g in (below, below + per_micro_step) if g > 0)]
     if micro:
         choices.insert(0, f"--data.batch_size {micro[0]}")
     processes = f"{world_size} process{'es' * (world_size != 1)}"
     raise DataError(
         f"--data.global_batch_size {global_batch_size} windows per step cannot be split into micro-batches of "
-        f"{batch_size} on {processes} ({per_micro_step} windows per micro-step); use "
-        + " or ".join(choices))
+        f"{batch_size} on {processes} ({per_micro_step} windows per micro-step); use " + ", or ".join(choices))
