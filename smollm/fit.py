@@ -316,8 +316,12 @@ class _LightningNoise(logging.Filter):
              "`Trainer.fit` stopped", "Using bfloat16", "Using 16bit", "Seed set to",
              "Detected KeyboardInterrupt", "Initializing distributed", "-" * 100 + "\ndistributed_backend=")
 
+    ONCE = ("SLURM auto-requeueing",)  # said by every rank: rank 0 says it
+
     def filter(self, record: logging.LogRecord) -> bool:
         message = re.sub(r"^\[rank: \d+\] ", "", str(record.getMessage()).lstrip())  # once per rank
+        if message.startswith(self.ONCE):
+            return _launched_rank() == 0
         return not message.startswith(self.NOISE)
 
 
@@ -332,7 +336,8 @@ class _StderrHandler(logging.StreamHandler):
 
 def _setup_output() -> None:
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
-                 "lightning.fabric.utilities.seed", "lightning.fabric.utilities.distributed"):
+                 "lightning.fabric.utilities.seed", "lightning.fabric.utilities.distributed",
+                 "lightning.pytorch.trainer.connectors.signal_connector"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _LightningNoise) for f in logger.filters):
             logger.addFilter(_LightningNoise())
