@@ -87,7 +87,8 @@ class SmolLMCLI(LightningCLI):
             check_config(path, checkpoint, model_config)
             self.resume_from, self.resume_step = path, int(checkpoint.get("global_step", 0))
             version = checkpoint["smollm"].get("logger_version")
-            self.data_state = keep_global_batch(cfg.data, checkpoint.get(TextDataModule.__qualname__), self.resume_step)
+            self.data_state = keep_global_batch(cfg.data, checkpoint.get(TextDataModule.__qualname__),
+                                                self.resume_step)
             del checkpoint
             if trainer.max_steps is not None and 0 <= trainer.max_steps <= self.resume_step:
                 raise UsageError(f"checkpoint {path} is at step {self.resume_step} and --trainer.max_steps is "
@@ -266,7 +267,8 @@ def command(args: list[str], drop: tuple[str, ...], add: list[str]) -> str:
     return shlex.join(["python", "-m", "smollm.fit", *kept, *add])
 
 
-def resume_command(cli: SmolLMCLI | None, args: list[str], add: list[str], drop: tuple[str, ...] = ("--ckpt_path",)) -> str:
+def resume_command(cli: SmolLMCLI | None, args: list[str], add: list[str],
+                   drop: tuple[str, ...] = ("--ckpt_path",)) -> str:
     """The command that continues the run: as it was started, with `add`. Under torchrun or srun,
     or on several nodes, it says to relaunch the same way, on every node."""
     plain = command(args, drop, add)
@@ -310,7 +312,8 @@ def print_summary(cli: SmolLMCLI, console: Console, args: list[str], show: bool 
 
 class _LightningNoise(logging.Filter):
     """Drop Lightning's start-up and end lines that the console block replaces or a user cannot
-    act on (device availability, the litlogger tip, `Trainer.fit` stopped)."""
+    act on (device availability, the litlogger tip, `Trainer.fit` stopped, each rank's
+    process-group lines); a line that every rank says is kept on rank 0."""
 
     NOISE = ("GPU available", "TPU available", "HPU available", "LOCAL_RANK", "💡 Tip",
              "`Trainer.fit` stopped", "Using bfloat16", "Using 16bit", "Seed set to",
@@ -345,6 +348,7 @@ def _setup_output() -> None:
     if not ours.handlers:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.addFilter(lambda record: _launched_rank() == 0)  # under torchrun or srun: once, not per rank
         ours.addHandler(handler)
         ours.setLevel(logging.INFO)
         ours.propagate = False

@@ -288,6 +288,26 @@ def test_loader_starts_at_the_trainers_micro_batch(make_dm):
     assert [b["index"].tolist() for b in take(resumed, 2)] == [b["index"].tolist() for b in fresh[6:]]
 
 
+def test_a_resume_continues_from_the_checkpoints_sample_whatever_the_split(make_dm):
+    """The checkpoint records the global samples trained on; a resume starts there, on any
+    number of processes and with any global batch."""
+    fresh = [b["index"].tolist() for b in take(ready(make_dm()).train_dataloader(), 12)]  # 4 a step
+    saved = ready(make_dm(global_batch_size=4), fake_trainer(step=3)).state_dict()
+    assert (saved["global_batch_size"], saved["tokens_per_step"], saved["samples_seen"]) == (4, 4 * SEQ, 12)
+    # the same 4 windows a step on 2 processes of 2 windows each: rank 1 takes the second half
+    resumed = make_dm(global_batch_size=4, batch_size=2)
+    resumed.resumed = saved
+    rank1 = ready(resumed, fake_trainer(rank=1, world=2, step=3)).train_dataloader()
+    assert [b["index"].tolist() for b in take(rank1, 2)] == [fresh[3][2:], fresh[4][2:]]
+    # a larger global batch from step 3 on: 8 windows a step, from sample 12
+    larger = make_dm(global_batch_size=8)
+    larger.resumed = saved
+    loader = ready(larger, fake_trainer(step=3, accumulate=2)).train_dataloader()
+    assert [b["index"].tolist() for b in take(loader, 4)] == fresh[3:7]
+    larger.trainer.global_step = 5
+    assert larger.state_dict()["samples_seen"] == 12 + 2 * 8
+
+
 def test_resume_with_other_order_settings_warns(make_dm):
     saved = ready(make_dm()).state_dict()
     ready(make_dm()).load_state_dict(saved)  # same settings: silent

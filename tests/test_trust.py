@@ -528,7 +528,8 @@ def test_two_nodes_with_torchrun_train_resume_exactly_and_share_or_not_the_token
     run = tmp_path / "run"
 
     def node_args(steps: int, more: list[str]) -> list[str]:
-        argv = run_args(run, small, steps, every=3, record=run / "rec.jsonl", extra=["--trainer.accelerator", "cpu", *more])
+        argv = run_args(run, small, steps, every=3, record=run / "rec.jsonl",
+                        extra=["--trainer.accelerator", "cpu", *more])
         i = argv.index("--data.cache_dir")
         return argv[:i] + argv[i + 2:]  # $SMOLLM_CACHE: each node's, or the shared one
 

@@ -335,7 +335,8 @@ class TextDataModule(L.LightningDataModule):
         split = f"{_plural(accumulate, 'micro-batch', 'es')} of {self.batch_size}"
         was = (self.resumed or {}).get("world_size")
         if was is not None and was != world:
-            return line + f", as in the checkpoint; resumed on {_plural(world, 'process', 'es')} (was {was}): {split} per step"
+            return (line + f", as in the checkpoint; resumed on {_plural(world, 'process', 'es')} (was {was}): "
+                    f"{split} per step")
         return line + f" = {split} x {_plural(world, 'process', 'es')}"
 
     def _need_setup(self) -> None:
