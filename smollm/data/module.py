@@ -43,7 +43,8 @@ class TextDataModule(L.LightningDataModule):
     `use_distributed_sampler=False` (this module splits data across ranks itself) and stopped by
     `max_steps`. An optimizer step takes the next `global_batch_size` samples, split into
     accumulate_grad_batches micro-batches of batch_size on each process: the same samples per
-    step whatever the number of processes, so a run can resume on another number of them. Validation is the held-out tail of the token stream, the same windows every time.
+    step whatever the number of processes, so a run can resume on another number of them.
+    Validation is the held-out tail of the token stream, the same windows every time.
 
     With several processes, one builds the cache while the others wait for it (a file lock in
     the cache folder); on several machines, put `cache_dir` on a shared file system.
