@@ -425,6 +425,7 @@ def ddp_straight(tmp_path_factory, small):
     result = fitutil.run_fit(run_args(straight, small, 6, every=3, record=straight / "rec.jsonl", extra=DDP))
     assert result.returncode == 0, result.stderr[-3000:]
     (straight / "stderr.txt").write_text(result.stderr)
+    (straight / "stdout.txt").write_text(result.stdout)
     return straight, [fitutil.read_records(Path(f"{straight / 'rec.jsonl'}.rank{r}")) for r in (0, 1)]
 
 
@@ -472,6 +473,8 @@ def test_ddp_output_is_as_clean_as_one_process(ddp_straight):
     assert_clean_output(stderr)
     assert stderr.count("smollm: tiny model") == 1 and stderr.count("validation at the start") == 1
     assert "batch: 4 windows x 16 = 64 tokens per step = 1 micro-batch of 2 x 2 processes" in stderr
+    # the end summary counts every process's tokens: 6 steps x 2 processes x 2 windows x 16 tokens
+    assert "done: trained 6 steps (384 tokens)" in (straight / "stdout.txt").read_text()
 
 
 @pytest.mark.slow
