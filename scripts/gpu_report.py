@@ -212,7 +212,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300, help="steps of configs/135m.yaml through fit")
     p.add_argument("--parts", default="tests,benchmark,fit,profile")
     p.add_argument("--profile-batch", type=int, default=None, help="default: configs/135m.yaml's micro-batch")
-    p.add_argument("--fit-args", default="", help="extra options for fit, e.g. '--data.batch_size 32'")
+    p.add_argument("--fit-args", default="", help="extra options for fit, e.g. '--data.batch_size 48 --data.global_batch_size 48' (the global batch must be a multiple of the micro-batch)")
     a = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("error: scripts/gpu_report.py needs a CUDA GPU; this machine has none")

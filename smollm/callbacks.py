@@ -6,6 +6,7 @@
 - `CtrlC`: the first Ctrl-C saves the last finished step and stops; the second stops at once.
 - `Console`: the start block, progress (a bar, or a line per logging interval when not on a
   terminal), validation lines and the end summary.
+- `KeepGlobalBatch`: a resume on another number of processes counts Lightning's micro-batches anew.
 """
 
 from __future__ import annotations
@@ -191,9 +192,12 @@ class Console(Callback):
                  + f"; training to step {trainer.max_steps}"]
         if dm is not None and hasattr(dm, "describe"):
             lines.append(f"  {dm.describe()}")
+        if dm is not None and hasattr(dm, "describe_batch"):
+            lines.append(f"  {dm.describe_batch()}")
         device = trainer.strategy.root_device
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-        lines.append(f"  device: {trainer.world_size} x {device.type} ({name}), precision "
+        nodes = f" on {trainer.num_nodes} nodes" if trainer.num_nodes > 1 else ""
+        lines.append(f"  device: {trainer.world_size} x {device.type} ({name}){nodes}, precision "
                      f"{trainer.precision}{', torch.compile' if model.hparams.compile else ''}")
         if ckpt is not None:
             lines.append(f"  checkpoints: {ckpt.dirpath} (every {ckpt._every_n_train_steps} steps and at the end)")
@@ -284,3 +288,24 @@ class Console(Callback):
             change = f"{first[1]:.4f} (step {first[0]}) -> " if len(self.val) > 1 else ""
             out.append(f"validation loss {change}{last[1]:.4f} (step {last[0]}), perplexity {last[2]:,.2f}")
         return out
+
+
+class KeepGlobalBatch(Callback):
+    """A resume on another number of processes keeps the global batch, so each process
+    accumulates another number of micro-batches per step (smollm.fit derives it). Lightning
+    decides where a step ends from its count of micro-batches (`batch_progress`, restored from
+    the checkpoint): counted with the checkpoint's accumulation, a step would end after too
+    few or too many. This rewrites that count as if the run had always used the new one, before
+    Lightning restores its loops. Optimizer steps, the schedule and the data position are
+    counted in steps and samples, and stay as they are.
+    """
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        data = checkpoint.get(type(trainer.datamodule).__qualname__) if trainer.datamodule is not None else None
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
+        if not isinstance(data, dict) or "accumulate_grad_batches" not in data or progress is None:
+            return
+        shift = checkpoint.get("global_step", 0) * (trainer.accumulate_grad_batches - data["accumulate_grad_batches"])
+        for part in ("total", "current"):
+            for counter in progress.get(part, {}):
+                progress[part][counter] += shift

@@ -7,6 +7,11 @@ LightningCLI (no subcommand) turns LitSmolLM's and TextDataModule's __init__ arg
   fresh run never writes into a folder that holds another run's checkpoints, `--ckpt_path last`
   finds the newest checkpoint or stops, and the estimated memory fits the device;
 - a resumed run logs into the same TensorBoard run; config.yaml is rewritten, not refused;
+- the global batch (`--data.global_batch_size`) is the recipe: gradient accumulation is derived
+  from it and the number of processes, so a run resumes on any number of them with the same
+  tokens per step and the same samples at each step;
+- under torchrun or srun, the launcher says how many processes and nodes (Lightning's
+  TorchElasticEnvironment and SLURMEnvironment do the rest);
 - the console (smollm.callbacks.Console), Ctrl-C and SIGTERM keep the last finished step;
 - every foreseeable failure is one line on stderr and a non-zero exit; a bug keeps its traceback.
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
 import sys
 import warnings
@@ -26,12 +32,12 @@ from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from smollm.callbacks import AtomicCheckpointIO, Console, CtrlC, Interrupted, StepCheckpoint
+from smollm.callbacks import AtomicCheckpointIO, Console, CtrlC, Interrupted, KeepGlobalBatch, StepCheckpoint
 from smollm.checkpoint import (RunLock, check_config, check_writable, find_last_checkpoint,
                                read_checkpoint, step_files)
-from smollm.cli import EXIT_INTERRUPTED, EXIT_PREEMPTED, fail, fail_on
+from smollm.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_PREEMPTED, fail, fail_on
 from smollm.config import ModelConfig
-from smollm.data import TextDataModule
+from smollm.data import TextDataModule, accumulation
 from smollm.errors import SmolLMError, UsageError
 from smollm.generate import complete
 from smollm.module import LitSmolLM
@@ -41,6 +47,10 @@ GiB = 2**30
 
 
 class SmolLMCLI(LightningCLI):
+    def __init__(self, *args, **kwargs) -> None:
+        self.argv = list(kwargs.get("args") or [])  # what was given on the command line
+        super().__init__(*args, **kwargs)
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--ckpt_path", type=str | None, default=None,
                             help="Resume from this checkpoint, or 'last' for the newest one of earlier runs")
@@ -57,6 +67,7 @@ class SmolLMCLI(LightningCLI):
             raise UsageError(f"trainer.accelerator is {accelerator!r} but this machine has no CUDA GPU; "
                              "use configs/tiny.yaml, or add --trainer.accelerator cpu --trainer.precision 32-true")
         model_config = ModelConfig.from_name(cfg.model.preset, **(cfg.model.config_overrides or {}))
+        self.launcher = take_processes_from_launcher(trainer, self.argv)
         check_size_fits(trainer, model_config)
         root = trainer.default_root_dir or os.getcwd()
         name = cfg.name or cfg.model.preset
@@ -64,7 +75,7 @@ class SmolLMCLI(LightningCLI):
             cfg.checkpoint.dirpath = os.path.join(root, "checkpoints", name)
         self.logs_root = os.path.join(root, "lightning_logs")
 
-        self.resume_from, version, self.resume_step = None, None, 0
+        self.resume_from, version, self.resume_step, self.data_state = None, None, 0, None
         if cfg.ckpt_path:
             path = cfg.ckpt_path
             if path == "last":
@@ -76,6 +87,8 @@ class SmolLMCLI(LightningCLI):
             check_config(path, checkpoint, model_config)
             self.resume_from, self.resume_step = path, int(checkpoint.get("global_step", 0))
             version = checkpoint["smollm"].get("logger_version")
+            self.data_state = keep_global_batch(cfg.data, checkpoint.get(TextDataModule.__qualname__),
+                                                self.resume_step)
             del checkpoint
             if trainer.max_steps is not None and 0 <= trainer.max_steps <= self.resume_step:
                 raise UsageError(f"checkpoint {path} is at step {self.resume_step} and --trainer.max_steps is "
@@ -96,6 +109,79 @@ class SmolLMCLI(LightningCLI):
             # so its TensorBoard curve is continuous.
             trainer.logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                               "init_args": {"save_dir": self.logs_root, "name": name, "version": version}}
+
+
+def launcher() -> tuple[str, int, int] | None:
+    """(name, processes per node, nodes) when torchrun or srun started this process, as
+    Lightning's TorchElasticEnvironment and SLURMEnvironment detect them; else None."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    if TorchElasticEnvironment.detect():
+        local, world = int(os.environ["LOCAL_WORLD_SIZE"]), int(os.environ["WORLD_SIZE"])
+        return "torchrun", local, world // local
+    if SLURMEnvironment.detect():
+        nodes, tasks = int(os.environ.get("SLURM_NNODES", "1")), int(os.environ["SLURM_NTASKS"])
+        return "srun", tasks // nodes, nodes
+    return None
+
+
+def take_processes_from_launcher(trainer, argv: list[str]) -> str | None:
+    """Under torchrun or srun the launcher has started the processes: `--trainer.devices` and
+    `--trainer.num_nodes` are its numbers (a config's one-GPU `devices: 1` gives way), so the
+    same command runs on one GPU or many. A number given on the command line that disagrees is
+    an error. Returns the launcher's name, or None."""
+    found = launcher()
+    if found is None:
+        return None
+    name, per_node, nodes = found
+    for option, wanted in (("devices", per_node), ("num_nodes", nodes)):
+        value = getattr(trainer, option)
+        if str(value) == str(wanted):
+            continue
+        if any(a == f"--trainer.{option}" or a.startswith(f"--trainer.{option}=") for a in argv):
+            raise UsageError(f"--trainer.{option} {value} but {name} started {wanted} "
+                             f"{'processes per node' if option == 'devices' else 'nodes'}; drop "
+                             f"--trainer.{option} (smollm takes it from {name}) or relaunch with matching numbers")
+        setattr(trainer, option, wanted)
+    return name
+
+
+def keep_global_batch(data, state: dict | None, step: int) -> dict | None:
+    """On resume: the checkpoint's global batch, unless --data.global_batch_size sets another
+    (said in one line); the order then continues from the checkpoint's sample count. Returns
+    the checkpoint's data state (None for a checkpoint without one)."""
+    if not state or not state.get("global_batch_size"):
+        return state
+    saved = state["global_batch_size"]
+    if data.global_batch_size is None:
+        data.global_batch_size = saved
+    elif data.global_batch_size != saved:
+        logging.getLogger("smollm").info(
+            f"global batch changed from {saved} to {data.global_batch_size} windows per step, from step "
+            f"{step + 1} on; the sample order continues where the checkpoint stopped")
+    return state
+
+
+def apply_global_batch(cli: SmolLMCLI) -> None:
+    """Derive gradient accumulation from the global batch: global / (micro-batch x processes),
+    before training, in one line if it does not divide or disagrees with a hand-set
+    --trainer.accumulate_grad_batches. `--trainer.val_check_interval` counts optimizer steps
+    (Lightning counts micro-batches), so validation keeps its place whatever the split."""
+    trainer, dm = cli.trainer, cli.datamodule
+    world, by_hand = trainer.world_size, trainer.accumulate_grad_batches
+    if dm.global_batch_size is None:  # the batch as set: micro-batch x processes x accumulation
+        dm.global_batch_size = dm.batch_size * world * by_hand
+    accumulate = accumulation(dm.global_batch_size, dm.batch_size, world)
+    if by_hand not in (1, accumulate):
+        raise UsageError(
+            f"--trainer.accumulate_grad_batches {by_hand} disagrees with --data.global_batch_size "
+            f"{dm.global_batch_size} = {accumulate} micro-batch(es) of {dm.batch_size} on {world} process(es); drop "
+            "--trainer.accumulate_grad_batches (smollm derives it) or change --data.global_batch_size")
+    cli.config.data.global_batch_size = dm.global_batch_size  # config.yaml records the recipe
+    trainer.accumulate_grad_batches = accumulate
+    if isinstance(trainer.val_check_interval, int):
+        trainer.val_check_interval *= accumulate
+    dm.resumed = cli.data_state  # the start block can say what the checkpoint's split was
 
 
 def check_size_fits(trainer, config: ModelConfig) -> None:
@@ -143,7 +229,7 @@ def configure_trainer(trainer) -> tuple[Console, CtrlC]:
         trainer.callbacks.remove(bar)
     checkpoint = next((c for c in trainer.callbacks if isinstance(c, StepCheckpoint)), None)
     console, ctrl_c = Console(show_progress=bool(bars)), CtrlC(checkpoint)
-    trainer.callbacks.extend([console, ctrl_c])
+    trainer.callbacks.extend([console, ctrl_c, KeepGlobalBatch()])
     return console, ctrl_c
 
 
@@ -181,6 +267,20 @@ def command(args: list[str], drop: tuple[str, ...], add: list[str]) -> str:
     return shlex.join(["python", "-m", "smollm.fit", *kept, *add])
 
 
+def resume_command(cli: SmolLMCLI | None, args: list[str], add: list[str],
+                   drop: tuple[str, ...] = ("--ckpt_path",)) -> str:
+    """The command that continues the run: as it was started, with `add`. Under torchrun or srun,
+    or on several nodes, it says to relaunch the same way, on every node."""
+    plain = command(args, drop, add)
+    name = getattr(cli, "launcher", None) if cli is not None else None
+    nodes = getattr(getattr(cli, "trainer", None), "num_nodes", 1) if cli is not None else 1
+    if name is not None:
+        return f"relaunch the same way ({name}{', on every node' if nodes > 1 else ''}) with: {plain}"
+    if nodes > 1:
+        return f"relaunch the same way on every node with: {plain}"
+    return plain
+
+
 def _rel(path: str) -> str:
     rel = os.path.relpath(path)
     return rel if not rel.startswith("..") else path
@@ -190,7 +290,7 @@ def print_summary(cli: SmolLMCLI, console: Console, args: list[str], show: bool 
     """The end of a run: what was trained, the model's next token and a greedy sample, and the
     commands to continue, generate and look. Under FSDP every rank generates; rank 0 prints."""
     trainer, model, dm = cli.trainer, cli.model, cli.datamodule
-    tokens_per_step = dm.batch_size * dm.seq_len * trainer.world_size * trainer.accumulate_grad_batches
+    tokens_per_step = dm.global_batch() * dm.seq_len
     lines = ["", "done: " + "; ".join(console.summary(trainer, tokens_per_step))]
     ckpt = next((c for c in trainer.callbacks if isinstance(c, StepCheckpoint)), None)
     last = find_last_checkpoint(ckpt.dirpath) if ckpt is not None else None
@@ -200,8 +300,9 @@ def print_summary(cli: SmolLMCLI, console: Console, args: list[str], show: bool 
     lines.append(f"greedy sample: {prompt + sample!r}")
     if last is not None:
         lines.append(f"checkpoint: {_rel(last)} (and {_rel(os.path.join(ckpt.dirpath, 'last.ckpt'))})")
-        lines.append("continue:    " + command(args, ("--ckpt_path", "--trainer.max_steps"),
-                                               ["--ckpt_path", "last", "--trainer.max_steps", str(2 * trainer.max_steps)]))
+        lines.append("continue:    " + resume_command(cli, args, ["--ckpt_path", "last", "--trainer.max_steps",
+                                                                  str(2 * trainer.max_steps)],
+                                                      ("--ckpt_path", "--trainer.max_steps")))
         lines.append("generate:    " + shlex.join(["python", "-m", "smollm.generate", "--checkpoint",
                                                    _rel(os.path.join(ckpt.dirpath, "last.ckpt")), "--prompt", prompt]))
     lines.append("TensorBoard: " + shlex.join(["tensorboard", "--logdir", _rel(cli.logs_root)]))
@@ -211,14 +312,20 @@ def print_summary(cli: SmolLMCLI, console: Console, args: list[str], show: bool 
 
 class _LightningNoise(logging.Filter):
     """Drop Lightning's start-up and end lines that the console block replaces or a user cannot
-    act on (device availability, the litlogger tip, `Trainer.fit` stopped)."""
+    act on (device availability, the litlogger tip, `Trainer.fit` stopped, each rank's
+    process-group lines); a line that every rank says is kept on rank 0."""
 
     NOISE = ("GPU available", "TPU available", "HPU available", "LOCAL_RANK", "💡 Tip",
              "`Trainer.fit` stopped", "Using bfloat16", "Using 16bit", "Seed set to",
-             "Detected KeyboardInterrupt")
+             "Detected KeyboardInterrupt", "Initializing distributed", "-" * 100 + "\ndistributed_backend=")
+
+    ONCE = ("SLURM auto-requeueing",)  # said by every rank: rank 0 says it
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.getMessage()).lstrip().startswith(self.NOISE)
+        message = re.sub(r"^\[rank: \d+\] ", "", str(record.getMessage()).lstrip())  # once per rank
+        if message.startswith(self.ONCE):
+            return _launched_rank() == 0
+        return not message.startswith(self.NOISE)
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -232,7 +339,8 @@ class _StderrHandler(logging.StreamHandler):
 
 def _setup_output() -> None:
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
-                 "lightning.fabric.utilities.seed"):
+                 "lightning.fabric.utilities.seed", "lightning.fabric.utilities.distributed",
+                 "lightning.pytorch.trainer.connectors.signal_connector"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _LightningNoise) for f in logger.filters):
             logger.addFilter(_LightningNoise())
@@ -240,6 +348,7 @@ def _setup_output() -> None:
     if not ours.handlers:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.addFilter(lambda record: _launched_rank() == 0)  # under torchrun or srun: once, not per rank
         ours.addHandler(handler)
         ours.setLevel(logging.INFO)
         ours.propagate = False
@@ -260,7 +369,7 @@ def _setup_output() -> None:
 def main(args: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if args is None else args)
     _setup_output()
-    lock, ctrl_c = None, None
+    lock, ctrl_c, cli, started = None, None, None, False
     try:
         _check_unquoted_glob(args)
         cli = SmolLMCLI(
@@ -277,10 +386,12 @@ def main(args: list[str] | None = None) -> int:
                                           "Start with --config configs/tiny.yaml (CPU) or configs/135m.yaml (GPU)."},
         )
         console, ctrl_c = configure_trainer(cli.trainer)
+        apply_global_batch(cli)
         if cli.trainer.global_rank == 0:
             lock = RunLock(cli.config.checkpoint.dirpath)
             lock.acquire()
         check_memory(cli.model, cli.datamodule, cli.trainer)
+        started = True
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.resume_from, weights_only=True)
         if cli.trainer.is_global_zero or is_fsdp(cli.trainer):  # FSDP: every rank runs the model
             with full_model(cli.trainer):
@@ -288,7 +399,7 @@ def main(args: list[str] | None = None) -> int:
         return 0
     except Interrupted as e:
         print(f"stopped by Ctrl-C; step {e.step} is saved. Resume with:\n  "
-              + command(args, ("--ckpt_path",), ["--ckpt_path", "last"]), file=sys.stderr)
+              + resume_command(cli, args, ["--ckpt_path", "last"]), file=sys.stderr)
         return EXIT_INTERRUPTED
     except SIGTERMException:
         print("stopped by SIGTERM; a checkpoint of the last finished step was saved. "
@@ -299,19 +410,24 @@ def main(args: list[str] | None = None) -> int:
         if isinstance(e, SystemExit) and not (ctrl_c is not None and ctrl_c.stopped_at_once):
             raise
         print("stopped at once by a second Ctrl-C; the newest checkpoint is kept. Resume with:\n  "
-              + command(args, ("--ckpt_path",), ["--ckpt_path", "last"]), file=sys.stderr)
+              + resume_command(cli, args, ["--ckpt_path", "last"]), file=sys.stderr)
         return EXIT_INTERRUPTED
-    except SmolLMError as e:
-        return fail_on(e)
-    except ArgumentError as e:
-        return fail(str(e)[:500] + " (see --help)")
-    except MisconfigurationException as e:
-        return fail(str(e))
+    except (SmolLMError, ArgumentError, MisconfigurationException) as e:
+        if not started and _launched_rank() > 0:  # every rank found the same mistake: rank 0 says it
+            return EXIT_ERROR
+        if isinstance(e, SmolLMError):
+            return fail_on(e)
+        return fail(str(e)[:500] + " (see --help)" if isinstance(e, ArgumentError) else str(e))
     finally:
         if ctrl_c is not None:
             ctrl_c.restore()
         if lock is not None:
             lock.release()
+
+
+def _launched_rank() -> int:
+    """This process's global rank when torchrun or srun started it (0 otherwise)."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
 
 
 def _check_unquoted_glob(args: list[str]) -> None:

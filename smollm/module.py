@@ -183,11 +183,14 @@ class LitSmolLM(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()  # before Lightning resets it; validation syncs anyway
         self.last_val_loss = float(loss)  # for the console, also after the sanity check
-        self.log("val/perplexity", loss.exp())
+        # Perplexity and bits per byte come from metrics already reduced over all processes, so
+        # every rank holds the same value: the max across them is that value, exactly.
+        same_on_every_rank = {"sync_dist": True, "reduce_fx": "max"}
+        self.log("val/perplexity", loss.exp(), **same_on_every_rank)
         self.log("val/loss", self.val_loss)
         if self._byte_table is not None:  # bits per UTF-8 byte: comparable across tokenizers
             tokens, n_bytes = self.val_tokens.compute(), self.val_bytes.compute()
-            self.log("val/bpb", loss * tokens / math.log(2) / n_bytes.clamp(min=1))
+            self.log("val/bpb", loss * tokens / math.log(2) / n_bytes.clamp(min=1), **same_on_every_rank)
             self.val_tokens.reset()
             self.val_bytes.reset()
         self._log_sample()

@@ -51,7 +51,9 @@ def build_tokenizer(folder: Path, corpus: Path) -> Path:
 
 def fit_args(root: Path, corpus: Path, tokenizer: Path, max_steps: int, every: int = 1000,
              extra: list[str] | None = None) -> list[str]:
-    """Command-line arguments of a tiny CPU run: ~300-token vocabulary, 16-token windows."""
+    """Command-line arguments of a tiny CPU run: ~300-token vocabulary, 16-token windows. The
+    global batch is not set (tiny.yaml's is), so it is batch_size x processes unless `extra`
+    sets it."""
     return [
         "--config", str(ROOT / "configs" / "tiny.yaml"),
         "--trainer.default_root_dir", str(root),
@@ -70,6 +72,7 @@ def fit_args(root: Path, corpus: Path, tokenizer: Path, max_steps: int, every: i
         "--data.cache_dir", str(root / "cache"),
         "--data.seq_len", "16",
         "--data.batch_size", "4",
+        "--data.global_batch_size", "null",  # micro-batch x processes: the tests set the split
         "--data.val_fraction", "0.1",
         "--checkpoint.every_n_train_steps", str(every),
         *(extra or []),
@@ -80,6 +83,62 @@ def run_fit(args: list[str], timeout: float = 300, env: dict | None = None) -> s
     """`python -m smollm.fit ARGS` in a fresh process, as a user runs it."""
     return subprocess.run([sys.executable, "-m", "smollm.fit", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env=subprocess_env(env))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(commands: list[tuple[list[str], dict]], timeout: float = 400) -> list[subprocess.CompletedProcess]:
+    """Start every (argv, environment) at once, as a cluster starts its nodes, and wait for all."""
+    procs = [subprocess.Popen(argv, cwd=ROOT, env=subprocess_env(env), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for argv, env in commands]
+    results = []
+    for (argv, _), proc in zip(commands, procs):
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for other in procs:
+                other.kill()
+            raise
+        results.append(subprocess.CompletedProcess(argv, proc.returncode, out, err))
+    return results
+
+
+def torchrun(args: list[str], caches: list[Path], rendezvous: str = "static") -> list[subprocess.CompletedProcess]:
+    """`torchrun --nnodes N --nproc_per_node 1 ... -m smollm.fit ARGS` once per "node" on this
+    machine, node i with $SMOLLM_CACHE caches[i] (its local disk, or a shared one). "static" is
+    the rendezvous of --node_rank with --master_addr/--master_port; "c10d" that of --rdzv_endpoint."""
+    port, nodes = free_port(), len(caches)
+    commands = []
+    for node, cache in enumerate(caches):
+        if rendezvous == "static":
+            where = ["--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port)]
+        else:
+            where = ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "smollm-test"]
+        argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--nproc_per_node", "1",
+                *where, "-m", "smollm.fit", *args]
+        # torchrun sets 1 thread (and says so) unless told: the threads of a run started without it
+        commands.append((argv, {"SMOLLM_CACHE": str(cache), "OMP_NUM_THREADS": str(torch.get_num_threads())}))
+    return launch(commands)
+
+
+def srun(args: list[str], nodes: int) -> list[subprocess.CompletedProcess]:
+    """`python -m smollm.fit ARGS` as `srun --nodes N --ntasks-per-node 1` starts it: one process
+    per "node" with SLURM's variables, which Lightning's SLURMEnvironment reads (no SLURM here)."""
+    port = free_port()
+    commands = []
+    for rank in range(nodes):
+        env = {"SLURM_NTASKS": str(nodes), "SLURM_NNODES": str(nodes), "SLURM_NTASKS_PER_NODE": "1",
+               "SLURM_PROCID": str(rank), "SLURM_LOCALID": "0", "SLURM_NODEID": str(rank),
+               "SLURM_JOB_NAME": "smollm", "SLURM_JOB_ID": "4242", "SLURM_NODELIST": "127.0.0.1",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        commands.append(([sys.executable, "-m", "smollm.fit", *args], env))
+    return launch(commands)
 
 
 def start_fit(args: list[str]) -> subprocess.Popen:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import smollm.data as data
-from smollm.data import DataError, ResumableSampler, TextDataModule, read_pieces, split_windows
+from smollm.data import DataError, ResumableSampler, TextDataModule, accumulation, read_pieces, split_windows
 from helpers_data import make_tokenizer, sentences, write_corpus
 
 SEQ = 16
@@ -210,7 +210,7 @@ def ids(sampler, n):
 def test_sampler_started_at_step_k_is_the_tail_of_the_one_started_at_zero():
     whole = ids(ResumableSampler(37, 4, seed=1), 4 * 50)
     for k in (1, 9, 10, 23):
-        assert ids(ResumableSampler(37, 4, seed=1, start_batch=k), 4 * 10) == whole[4 * k:4 * k + 40]
+        assert ids(ResumableSampler(37, 4, seed=1, start=4 * k), 4 * 10) == whole[4 * k:4 * k + 40]
 
 
 def test_sampler_is_endless_without_len_and_each_epoch_is_a_permutation():
@@ -235,6 +235,41 @@ def test_ranks_are_disjoint_and_cover_what_one_rank_with_a_bigger_batch_sees():
             assert not set(a) & set(b)
 
 
+def test_any_split_of_the_global_batch_trains_the_same_samples_at_each_step():
+    """12 windows per step as 1 x 12, 2 micro-batches of 6, 2 processes x 2 of 3, 3 x 2 of 2 and
+    4 x 3 of 1: the same windows at every step, from the start and from sample 36 (a resume)."""
+    def steps(batch, world, accumulate, start, n_steps):
+        samplers = [iter(ResumableSampler(50, batch, seed=5, rank=r, world_size=world, start=start))
+                    for r in range(world)]
+        out = []
+        for _ in range(n_steps):
+            step = []
+            for _ in range(accumulate):
+                for sampler in samplers:
+                    step += [next(sampler) for _ in range(batch)]
+            out.append(sorted(step))
+        return out
+
+    for start in (0, 36):
+        reference = steps(12, 1, 1, start, 8)
+        for batch, world in ((6, 1), (3, 2), (2, 3), (1, 4)):
+            accumulate = accumulation(12, batch, world)
+            assert batch * world * accumulate == 12
+            assert steps(batch, world, accumulate, start, 8) == reference, (batch, world)
+    assert steps(12, 1, 1, 36, 5) == steps(12, 1, 1, 0, 8)[3:]  # a resume at step 3 continues the order
+
+
+def test_an_indivisible_global_batch_names_the_nearest_choices():
+    assert accumulation(32, 4, 8) == 1 and accumulation(32, 16, 1) == 2 and accumulation(32, 8, 1) == 4
+    with pytest.raises(DataError) as e:
+        accumulation(32, 32, 8)  # 135m.yaml on 8 GPUs without a smaller micro-batch
+    assert str(e.value) == ("--data.global_batch_size 32 windows per step cannot be split into micro-batches of 32 "
+                            "on 8 processes (256 windows per micro-step); use --data.batch_size 4, or "
+                            "--data.global_batch_size 256")
+    with pytest.raises(DataError, match=r"use --data.global_batch_size 24 or 36$"):
+        accumulation(32, 4, 3)  # no micro-batch divides: the global batches on either side
+
+
 def test_loader_batches_do_not_depend_on_num_workers(make_dm):
     zero = take(ready(make_dm(num_workers=0)).train_dataloader(), 12)
     two = take(ready(make_dm(num_workers=2)).train_dataloader(), 12)
@@ -251,6 +286,26 @@ def test_loader_starts_at_the_trainers_micro_batch(make_dm):
     with pytest.raises(TypeError):
         len(resumed)  # endless: Lightning stops at max_steps
     assert [b["index"].tolist() for b in take(resumed, 2)] == [b["index"].tolist() for b in fresh[6:]]
+
+
+def test_a_resume_continues_from_the_checkpoints_sample_whatever_the_split(make_dm):
+    """The checkpoint records the global samples trained on; a resume starts there, on any
+    number of processes and with any global batch."""
+    fresh = [b["index"].tolist() for b in take(ready(make_dm()).train_dataloader(), 12)]  # 4 a step
+    saved = ready(make_dm(global_batch_size=4), fake_trainer(step=3)).state_dict()
+    assert (saved["global_batch_size"], saved["tokens_per_step"], saved["samples_seen"]) == (4, 4 * SEQ, 12)
+    # the same 4 windows a step on 2 processes of 2 windows each: rank 1 takes the second half
+    resumed = make_dm(global_batch_size=4, batch_size=2)
+    resumed.resumed = saved
+    rank1 = ready(resumed, fake_trainer(rank=1, world=2, step=3)).train_dataloader()
+    assert [b["index"].tolist() for b in take(rank1, 2)] == [fresh[3][2:], fresh[4][2:]]
+    # a larger global batch from step 3 on: 8 windows a step, from sample 12
+    larger = make_dm(global_batch_size=8)
+    larger.resumed = saved
+    loader = ready(larger, fake_trainer(step=3, accumulate=2)).train_dataloader()
+    assert [b["index"].tolist() for b in take(loader, 4)] == fresh[3:7]
+    larger.trainer.global_step = 5
+    assert larger.state_dict()["samples_seen"] == 12 + 2 * 8
 
 
 def test_resume_with_other_order_settings_warns(make_dm):

@@ -335,3 +335,52 @@ def test_a_tokenizer_far_smaller_than_the_vocabulary_gets_a_warning(tmp_path, da
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "has 300 tokens but the model's vocabulary is 49,152" in err
+
+
+def test_the_global_batch_sets_the_accumulation_and_a_bad_split_is_one_line(tmp_path, data, capsys):
+    rec = tmp_path / "rec.jsonl"
+    # 8 windows per step in micro-batches of 4 on one process: 2 micro-batches per optimizer step;
+    # validation every 2 optimizer steps (Lightning alone would count micro-batches)
+    extra = ["--data.global_batch_size", "8", "--trainer.val_check_interval", "2", *recorder(rec)]
+    assert main(args(tmp_path, data, 2, extra=extra)) == 0
+    captured = capsys.readouterr()
+    assert "batch: 8 windows x 16 = 128 tokens per step = 2 micro-batches of 4 x 1 process" in captured.err
+    assert "validation at step 2" in captured.err and "validation at step 1" not in captured.err
+    assert "done: trained 2 steps (256 tokens)" in captured.out
+    assert [r["step"] for r in fitutil.read_records(rec)] == [0, 1, 1, 2]  # two micro-batches a step
+    config = (tmp_path / "run" / "lightning_logs" / "tiny" / "version_0" / "config.yaml").read_text()
+    assert "global_batch_size: 8" in config  # the recipe is recorded
+
+    err = one_line(capsys, main(args(tmp_path / "b", data, 1, extra=["--data.global_batch_size", "6"])))
+    assert err == ("error: --data.global_batch_size 6 windows per step cannot be split into micro-batches of 4 on "
+                   "1 process (4 windows per micro-step); use --data.batch_size 3, or --data.global_batch_size 4 or 8")
+    err = one_line(capsys, main(args(tmp_path / "b", data, 1, extra=["--data.global_batch_size", "8",
+                                                                      "--trainer.accumulate_grad_batches", "4"])))
+    assert err.startswith("error: --trainer.accumulate_grad_batches 4 disagrees with --data.global_batch_size 8 = "
+                          "2 micro-batch(es) of 4 on 1 process(es)")
+    assert not (tmp_path / "b" / "run" / "checkpoints").exists() or not list((tmp_path / "b").rglob("*.ckpt"))
+
+
+def test_under_torchrun_or_srun_the_launcher_sets_the_processes(tmp_path, data, capsys, monkeypatch):
+    """torchrun (TORCHELASTIC_RUN_ID, as torch's is_torchelastic_launched reads it) with 2 x 2
+    processes: a disagreeing --trainer.devices on the command line is one line, said by rank 0
+    only; srun's 3 nodes against --trainer.num_nodes 2 likewise. Nothing is built first."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    err = one_line(capsys, main(args(tmp_path, data, 1, extra=["--trainer.devices", "1"])))
+    assert err == ("error: --trainer.devices 1 but torchrun started 2 processes per node; drop --trainer.devices "
+                   "(smollm takes it from torchrun) or relaunch with matching numbers")
+    monkeypatch.setenv("RANK", "1")  # every rank finds the same mistake; rank 0 says it
+    assert main(args(tmp_path, data, 1, extra=["--trainer.devices", "1"])) == 2
+    assert capsys.readouterr().err == ""
+    for name in ("TORCHELASTIC_RUN_ID", "LOCAL_WORLD_SIZE", "WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(name)
+
+    monkeypatch.setenv("SLURM_NTASKS", "3")
+    monkeypatch.setenv("SLURM_NNODES", "3")
+    monkeypatch.setenv("SLURM_JOB_NAME", "smollm")
+    err = one_line(capsys, main(args(tmp_path, data, 1, extra=["--trainer.num_nodes", "2"])))
+    assert err.startswith("error: --trainer.num_nodes 2 but srun started 3 nodes")
+    assert not (tmp_path / "run" / "lightning_logs").exists()

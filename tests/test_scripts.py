@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,3 +28,30 @@ def test_every_script_imports(tmp_path):
         proc = subprocess.run([sys.executable, str(script), "--help"], cwd=ROOT, capture_output=True, text=True,
                               timeout=120, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
         assert proc.returncode == 0, f"{script.name}: {proc.stderr[-1500:]}"
+
+
+def test_the_slurm_batch_script_runs_fit_under_srun(tmp_path, data):
+    """scripts/slurm_train.sh as sbatch runs it on one node, with a stand-in `srun` that starts
+    its one task with the variables srun sets (no SLURM here): Lightning's SLURMEnvironment
+    takes over, and the end summary says to relaunch the same way."""
+    import fitutil
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    srun = bin_dir / "srun"
+    srun.write_text("#!/bin/bash\nwhile [[ \"$1\" == --* ]]; do shift; done\n"
+                    "export SLURM_NTASKS=1 SLURM_NNODES=1 SLURM_NTASKS_PER_NODE=1 SLURM_PROCID=0 SLURM_LOCALID=0 "
+                    f"SLURM_NODEID=0 SLURM_NODELIST=127.0.0.1 MASTER_ADDR=127.0.0.1 MASTER_PORT={fitutil.free_port()}\n"
+                    "exec \"$@\"\n")
+    srun.chmod(0o755)
+    corpus, tok = data
+    argv = fitutil.fit_args(tmp_path / "run", corpus, tok, 2, extra=["--trainer.accelerator", "cpu"])
+    env = fitutil.subprocess_env({"PATH": os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable),
+                                                           os.environ["PATH"]]),
+                                  "SLURM_JOB_NAME": "smollm", "SLURM_JOB_ID": "4242", "SLURM_SUBMIT_DIR": str(ROOT)})
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "slurm_train.sh"), *argv], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "device: 1 x cpu (CPU)" in proc.stderr
+    assert "continue:    relaunch the same way (srun) with: python -m smollm.fit" in proc.stdout
+    assert (tmp_path / "run" / "checkpoints" / "tiny" / "step=000002.ckpt").exists()

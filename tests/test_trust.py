@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -423,6 +424,8 @@ def ddp_straight(tmp_path_factory, small):
     straight = tmp_path_factory.mktemp("ddp") / "straight"
     result = fitutil.run_fit(run_args(straight, small, 6, every=3, record=straight / "rec.jsonl", extra=DDP))
     assert result.returncode == 0, result.stderr[-3000:]
+    (straight / "stderr.txt").write_text(result.stderr)
+    (straight / "stdout.txt").write_text(result.stdout)
     return straight, [fitutil.read_records(Path(f"{straight / 'rec.jsonl'}.rank{r}")) for r in (0, 1)]
 
 
@@ -435,6 +438,127 @@ def test_ddp_on_two_processes_splits_data_saves_once_and_resumes_exactly(tmp_pat
         "last.ckpt", "step=000003.ckpt", "step=000006.ckpt"]
 
     assert_two_process_resume_is_exact(tmp_path / "resumed", small, DDP, straight, ranks)
+
+
+def assert_clean_output(stderr: str) -> None:
+    """What two processes print is what one prints: no line per rank, no warning to act on."""
+    for noise in ("sync_dist", "[rank: 1]", "Initializing distributed", "distributed_backend", "MEMBER: 2/2",
+                  "Traceback"):
+        assert noise not in stderr, (noise, stderr[-3000:])
+    assert stderr.count("waiting for another process") <= 1  # rank 0 waiting for the one that builds
+
+
+def windows_per_step(records: list[dict], micro_batches: int) -> list[list[int]]:
+    """The windows of each optimizer step, sorted, from one process's records (one a micro-batch)."""
+    return [sorted(sum((r["windows"] for r in records[i:i + micro_batches]), []))
+            for i in range(0, len(records), micro_batches)]
+
+
+def ranks_per_step(path: Path, n_ranks: int) -> list[list[int]]:
+    """The windows of each optimizer step, all ranks together, sorted (one micro-batch a step)."""
+    ranks = [fitutil.read_records(Path(f"{path}.rank{r}")) for r in range(n_ranks)]
+    return [sorted(sum((rank[i]["windows"] for rank in ranks), [])) for i in range(len(ranks[0]))]
+
+
+def assert_close_state(a: dict, b: dict, atol: float) -> None:
+    assert a["global_step"] == b["global_step"] and a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], atol=atol, rtol=0, msg=key)
+
+
+@pytest.mark.slow
+def test_ddp_output_is_as_clean_as_one_process(ddp_straight):
+    straight, _ = ddp_straight
+    stderr = (straight / "stderr.txt").read_text()
+    assert_clean_output(stderr)
+    assert stderr.count("smollm: tiny model") == 1 and stderr.count("validation at the start") == 1
+    assert "batch: 4 windows x 16 = 64 tokens per step = 1 micro-batch of 2 x 2 processes" in stderr
+    # the end summary counts every process's tokens: 6 steps x 2 processes x 2 windows x 16 tokens
+    assert "done: trained 6 steps (384 tokens)" in (straight / "stdout.txt").read_text()
+
+
+@pytest.mark.slow
+def test_resume_on_another_number_of_processes_keeps_the_global_batch(tmp_path, small, ddp_straight):
+    """2 -> 1 and 1 -> 2 processes, 4 windows per step throughout: each step trains on the windows
+    of the uninterrupted two-process run, and the final weights are its own within 1e-4 (the
+    float sums of a gradient run in another order). The 1 -> 2 resume is started as srun starts
+    it, through Lightning's SLURMEnvironment."""
+    straight, ranks = ddp_straight
+    per_step = ranks_per_step(straight / "rec.jsonl", 2)
+    assert all(len(w) == 4 for w in per_step)
+
+    # 2 -> 1: the two-process run's step 3, resumed on one process: 2 micro-batches of 2 per step
+    one = tmp_path / "one"
+    (one / "checkpoints" / "tiny").mkdir(parents=True)
+    shutil.copy(straight / "checkpoints" / "tiny" / "step=000003.ckpt", one / "checkpoints" / "tiny")
+    result = fitutil.run_fit(run_args(one, small, 6, every=3, record=one / "rec.jsonl", extra=["--ckpt_path", "last"]))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("batch: 4 windows x 16 = 64 tokens per step, as in the checkpoint; resumed on 1 process (was 2): "
+            "2 micro-batches of 2 per step") in result.stderr
+    assert windows_per_step(fitutil.read_records(one / "rec.jsonl"), 2) == per_step[3:]
+    assert_close_state(checkpoint_at(one, 6), checkpoint_at(straight, 6), atol=1e-4)
+
+    # 1 -> 2: three steps on one process (the global batch set: 2 micro-batches of 2), then
+    # resumed on two "nodes" of one process each, under SLURM
+    two = tmp_path / "two"
+    result = fitutil.run_fit(run_args(two, small, 3, every=3, record=two / "rec.jsonl",
+                                      extra=["--data.global_batch_size", "4"]))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert windows_per_step(fitutil.read_records(two / "rec.jsonl"), 2) == per_step[:3]
+    results = fitutil.srun(run_args(two, small, 6, every=3, record=two / "resumed.jsonl",
+                                    extra=["--trainer.accelerator", "cpu", "--ckpt_path", "last"]), nodes=2)
+    for result in results:
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed on 2 processes (was 1): 1 micro-batch of 2 per step" in results[0].stderr
+    assert "device: 2 x cpu (CPU) on 2 nodes" in results[0].stderr
+    assert ranks_per_step(two / "resumed.jsonl", 2) == per_step[3:]
+    assert_close_state(checkpoint_at(two, 6), checkpoint_at(straight, 6), atol=1e-4)
+    continue_line = next(line for line in results[0].stdout.splitlines() if line.startswith("continue:"))
+    assert "relaunch the same way (srun, on every node) with: python -m smollm.fit" in continue_line
+    assert "--ckpt_path last" in continue_line
+    assert_clean_output(results[0].stderr + results[1].stderr)
+    assert results[1].stderr.strip() == "" and results[1].stdout.strip() == ""  # rank 1 says nothing
+
+
+@pytest.mark.slow
+def test_two_nodes_with_torchrun_train_resume_exactly_and_share_or_not_the_token_cache(tmp_path, small, ddp_straight):
+    """2 "nodes" x 1 process on this machine, started by torchrun as on a cluster: 3 steps with
+    each node's own local cache (each builds its copy), then resumed to 6 with one shared cache
+    (one copy, built once under its lock; the lock itself is tested in test_data_cache). Each
+    rank trains on the windows of the two-process run started by Lightning, and ends with its
+    weights, optimizer and schedule exactly."""
+    straight, ranks = ddp_straight
+    run = tmp_path / "run"
+
+    def node_args(steps: int, more: list[str]) -> list[str]:
+        argv = run_args(run, small, steps, every=3, record=run / "rec.jsonl",
+                        extra=["--trainer.accelerator", "cpu", *more])
+        i = argv.index("--data.cache_dir")
+        return argv[:i] + argv[i + 2:]  # $SMOLLM_CACHE: each node's, or the shared one
+
+    local = [tmp_path / "node0", tmp_path / "node1"]
+    results = fitutil.torchrun(node_args(3, []), local, rendezvous="static")
+    for result in results:
+        assert result.returncode == 0, result.stderr[-3000:]
+    built = [list((cache / "tokens").glob("*/index.json")) for cache in local]
+    assert [len(b) for b in built] == [1, 1]
+    assert json.loads(built[0][0].read_text())["n_tokens"] == json.loads(built[1][0].read_text())["n_tokens"]
+    assert "device: 2 x cpu (CPU) on 2 nodes" in results[0].stderr
+    continue_line = next(line for line in results[0].stdout.splitlines() if line.startswith("continue:"))
+    assert "relaunch the same way (torchrun, on every node) with: python -m smollm.fit" in continue_line
+    assert "--ckpt_path last" in continue_line
+    assert_clean_output(results[0].stderr + results[1].stderr)
+
+    shared = tmp_path / "shared"
+    results = fitutil.torchrun(node_args(6, ["--ckpt_path", "last"]), [shared, shared], rendezvous="c10d")
+    for result in results:
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list((shared / "tokens").glob("*/index.json"))) == 1
+    assert_clean_output(results[0].stderr + results[1].stderr)
+    for r in (0, 1):
+        trained = fitutil.read_records(Path(f"{run / 'rec.jsonl'}.rank{r}"))
+        assert [x["windows"] for x in trained] == [x["windows"] for x in ranks[r]]
+    assert_same_state(checkpoint_at(run, 6), checkpoint_at(straight, 6))
 
 
 @pytest.mark.slow

@@ -5,7 +5,8 @@
 - `cache.py`: documents -> a sharded token cache on disk (built in parallel, atomic shards,
   resumed after a kill), read back as one token stream (`TokenCache`).
 - `windows.py`: the stream -> fixed-length windows, the held-out validation tail, and the
-  training order, a pure function of (seed, step) (`ResumableSampler`).
+  training order, a pure function of (seed, global sample index) (`ResumableSampler`), and how a
+  global batch splits into micro-batches on each process (`accumulation`).
 - `module.py`: `TextDataModule`, whose __init__ arguments are the `--data.*` options.
 """
 
@@ -14,11 +15,11 @@ from smollm.data.cache import (TokenCache, build_cache, cache_key, load_tokenize
 from smollm.data.module import TextDataModule
 from smollm.data.sources import (STDLIB, DataError, DatasetSource, FileSource, file_format, read_pieces,
                                  resolve_files, stdlib_files)
-from smollm.data.windows import ResumableSampler, TokenWindows, split_windows
+from smollm.data.windows import ResumableSampler, TokenWindows, accumulation, split_windows
 
 __all__ = [
     "STDLIB", "DataError", "DatasetSource", "FileSource", "ResumableSampler", "TextDataModule",
-    "TokenCache", "TokenWindows", "build_cache", "cache_key", "file_format", "load_tokenizer",
+    "TokenCache", "TokenWindows", "accumulation", "build_cache", "cache_key", "file_format", "load_tokenizer",
     "read_pieces", "resolve_files", "split_windows", "stdlib_files", "token_dtype",
     "tokenizer_fingerprint",
 ]

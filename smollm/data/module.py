@@ -21,7 +21,11 @@ from smollm.data.cache import (INDEX, TokenCache, build_cache, cache_key, is_com
                                token_dtype, tokenizer_fingerprint)
 from smollm.data.remote import Remote, is_url
 from smollm.data.sources import STDLIB, DataError, DatasetSource, FileSource
-from smollm.data.windows import ResumableSampler, TokenWindows, split_windows
+from smollm.data.windows import ResumableSampler, TokenWindows, accumulation, split_windows
+
+
+def _plural(n: int, word: str, suffix: str) -> str:
+    return f"{n} {word}{suffix * (n != 1)}"
 
 
 def _as_list(value: Any) -> list:
@@ -36,9 +40,12 @@ class TextDataModule(L.LightningDataModule):
     {"input_ids": LongTensor (B, seq_len + 1), "index": LongTensor (B,)}: inputs are
     input_ids[:, :-1], targets input_ids[:, 1:], and index holds the window ids (to check that a
     resume neither repeats nor skips a window). Training batches come in an endless order that is a
-    pure function of (seed, step) and of the rank, so the Trainer must be built with
+    pure function of (seed, global sample index), so the Trainer must be built with
     `use_distributed_sampler=False` (this module splits data across ranks itself) and stopped by
-    `max_steps`. Validation is the held-out tail of the token stream, the same windows every time.
+    `max_steps`. An optimizer step takes the next `global_batch_size` samples, split into
+    accumulate_grad_batches micro-batches of batch_size on each process: the same samples per
+    step whatever the number of processes, so a run can resume on another number of them.
+    Validation is the held-out tail of the token stream, the same windows every time.
 
     With several processes, one builds the cache while the others wait for it (a file lock in
     the cache folder); on several machines, put `cache_dir` on a shared file system, or make it an
@@ -58,6 +65,7 @@ class TextDataModule(L.LightningDataModule):
         tokenizer: Tokenizer name for smollm.assets.load_tokenizer: "smollm2", a tokenizer directory or a Hugging Face name.
         seq_len: Tokens per training sequence; each window holds seq_len + 1 tokens (inputs and shifted targets).
         batch_size: Sequences per micro-batch on each device.
+        global_batch_size: Windows per optimizer step, all processes together (tokens per step = global_batch_size x seq_len). Gradient accumulation follows: global_batch_size / (batch_size x processes). None: batch_size x processes x trainer.accumulate_grad_batches, or on resume the checkpoint's.
         val_fraction: Fraction of the token stream held out at its end for validation, in whole windows (at least one).
         max_val_windows: Validate on at most this many held-out windows (the first ones), so validation stays quick; None for all.
         num_workers: DataLoader worker processes per device; the batch order does not depend on it.
@@ -78,6 +86,7 @@ class TextDataModule(L.LightningDataModule):
         tokenizer: str = "smollm2",
         seq_len: int = 2048,
         batch_size: int = 8,
+        global_batch_size: int | None = None,
         val_fraction: float = 0.005,
         max_val_windows: int | None = 128,
         num_workers: int = 2,
@@ -103,6 +112,8 @@ class TextDataModule(L.LightningDataModule):
             (isinstance(seq_len, int) and seq_len > 0, f"seq_len must be a positive integer, got {seq_len!r}"),
             (isinstance(batch_size, int) and batch_size > 0,
              f"batch_size must be a positive integer, got {batch_size!r}"),
+            (global_batch_size is None or (isinstance(global_batch_size, int) and global_batch_size > 0),
+             f"global_batch_size must be a positive integer (windows per optimizer step), got {global_batch_size!r}"),
             (0 < val_fraction < 1, f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction!r}"),
             (max_val_windows is None or max_val_windows > 0,
              f"max_val_windows must be positive or None, got {max_val_windows!r}"),
@@ -119,6 +130,8 @@ class TextDataModule(L.LightningDataModule):
         self.tokenizer_name, self.seq_len = tokenizer, seq_len
         self.batch_size, self.val_fraction, self.max_val_windows = batch_size, val_fraction, max_val_windows
         self.num_workers, self.seed, self.encoding_errors = num_workers, seed, encoding_errors
+        self.global_batch_size = global_batch_size
+        self.resumed: dict[str, Any] | None = None  # the checkpoint's data state, on resume
         self.remote = Remote(cache_dir) if is_url(cache_dir) else None
         self.cache_dir = None if self.remote else cache_dir  # the local root
         self.token_dir = assets.cache_dir_path(self.cache_dir) / "tokens"
@@ -198,35 +211,75 @@ class TextDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
-        start_batch = 0
-        if trainer is not None:
-            if getattr(getattr(trainer, "_accelerator_connector", None), "use_distributed_sampler",
-                       False) and trainer.world_size > 1:
-                raise DataError("TextDataModule splits data across ranks itself; build the Trainer "
-                                "with use_distributed_sampler=False")
-            # Resume: Lightning 2.6.6's Trainer._run calls _checkpoint_connector.
-            # restore_training_state() (which restores the fit loop, hence global_step) before
-            # _run_stage() -> fit_loop.run() -> fit_loop.setup_data() -> train_dataloader(). So
-            # here global_step is the restored optimizer step, and global_step *
-            # accumulate_grad_batches micro-batches have been consumed already.
-            start_batch = trainer.global_step * trainer.accumulate_grad_batches
+        if trainer is not None and getattr(getattr(trainer, "_accelerator_connector", None),
+                                           "use_distributed_sampler", False) and trainer.world_size > 1:
+            raise DataError("TextDataModule splits data across ranks itself; build the Trainer "
+                            "with use_distributed_sampler=False")
         rank, world = self._rank_world()
+        accumulate = self.accumulate_grad_batches()
+        if trainer is not None and accumulate != trainer.accumulate_grad_batches:
+            raise DataError(
+                f"--data.global_batch_size {self.global_batch_size} needs {accumulate} micro-batch(es) of "
+                f"{self.batch_size} per step on {world} process(es), but the Trainer accumulates "
+                f"{trainer.accumulate_grad_batches}; leave accumulate_grad_batches to smollm.fit, or set it to "
+                f"{accumulate}")
         sampler = ResumableSampler(self.n_train_windows, self.batch_size, self.seed, rank, world,
-                                   start_batch)
+                                   self.samples_seen())
         return self._loader(self.train_dataset, sampler)
+
+    def global_batch(self) -> int:
+        """Windows per optimizer step: the option, or batch_size x processes x accumulation."""
+        if self.global_batch_size is not None:
+            return self.global_batch_size
+        world = self._rank_world()[1]
+        return self.batch_size * world * getattr(self.trainer, "accumulate_grad_batches", 1)
+
+    def accumulate_grad_batches(self) -> int:
+        """Micro-batches per optimizer step on each process (DataError if it does not divide)."""
+        return accumulation(self.global_batch(), self.batch_size, self._rank_world()[1])
+
+    def samples_seen(self) -> int:
+        """Global samples trained on before the current step: the checkpoint's count at its step,
+        plus one global batch for each step since.
+
+        Resume: Lightning 2.6.6's Trainer._run restores the datamodule (load_state_dict) and then
+        the fit loop (hence global_step) before _run_stage() -> fit_loop.setup_data() ->
+        train_dataloader(), so here global_step is the restored optimizer step."""
+        step = getattr(self.trainer, "global_step", 0) if self.trainer is not None else 0
+        saved = self.resumed or {}
+        if "samples_seen" in saved and "step" in saved:
+            return saved["samples_seen"] + (step - saved["step"]) * self.global_batch()
+        if saved:  # a checkpoint from before the global batch was recorded: its own batch throughout
+            return step * saved.get("batch_size", self.batch_size) * saved.get("world_size", 1) * \
+                getattr(self.trainer, "accumulate_grad_batches", 1)
+        return step * self.global_batch()
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset, None)
 
+    # What the training order depends on: a resume with other values warns. The batch split
+    # (micro-batch, processes, accumulation) is not among them: the order is per global sample.
+    ORDER = ("seed", "seq_len", "n_train_windows", "cache_key")
+
     def state_dict(self) -> dict[str, Any]:
-        """What the training order depends on, so a resume with other settings can warn."""
-        return {"seed": self.seed, "seq_len": self.seq_len, "batch_size": self.batch_size,
-                "world_size": self._rank_world()[1], "n_train_windows": self.n_train_windows,
-                "cache_key": self._corpus["key"] if self._corpus else None}
+        """The order's settings, the global batch (windows and tokens per step), how this run split
+        it, and how many global samples were trained on: a resume on any number of processes
+        keeps the tokens per step and continues from that sample."""
+        world = self._rank_world()[1]
+        state = {"seed": self.seed, "seq_len": self.seq_len, "n_train_windows": self.n_train_windows,
+                 "cache_key": self._corpus["key"] if self._corpus else None,
+                 "batch_size": self.batch_size, "world_size": world}
+        if self.trainer is not None:
+            state.update(global_batch_size=self.global_batch(), tokens_per_step=self.global_batch() * self.seq_len,
+                         accumulate_grad_batches=self.trainer.accumulate_grad_batches,
+                         step=self.trainer.global_step, samples_seen=self.samples_seen())
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        changed = [f"{k}: {v} -> {now}" for k, now in self.state_dict().items()
-                   if (v := state.get(k)) is not None and now is not None and v != now]
+        self.resumed = dict(state)
+        now = self.state_dict()
+        changed = [f"{k}: {v} -> {now[k]}" for k in self.ORDER
+                   if (v := state.get(k)) is not None and now[k] is not None and v != now[k]]
         if changed:
             rank_zero_warn("data changed since the checkpoint (" + "; ".join(changed) + "); the "
                            "resumed run does not continue the same sample order")
@@ -276,11 +329,21 @@ class TextDataModule(L.LightningDataModule):
         max_steps = getattr(trainer, "max_steps", -1) if trainer is not None else -1
         if max_steps is None or max_steps < 0:
             return "no max_steps, so no count of passes"
-        world = self._rank_world()[1]
-        accumulate = getattr(trainer, "accumulate_grad_batches", 1)
-        windows = max_steps * accumulate * self.batch_size * world
-        return (f"max_steps {max_steps:,} x {accumulate * self.batch_size * world} windows = "
-                f"{windows / self.n_train_windows:.3g} passes over the training windows")
+        per_step = self.global_batch()
+        return (f"max_steps {max_steps:,} x {per_step} windows = "
+                f"{max_steps * per_step / self.n_train_windows:.3g} passes over the training windows")
+
+    def describe_batch(self) -> str:
+        """The batch line: windows and tokens per step, and how this run splits them; on a resume
+        on another number of processes, that too."""
+        world, accumulate, per_step = self._rank_world()[1], self.accumulate_grad_batches(), self.global_batch()
+        line = f"batch: {per_step} windows x {self.seq_len} = {per_step * self.seq_len:,} tokens per step"
+        split = f"{_plural(accumulate, 'micro-batch', 'es')} of {self.batch_size}"
+        was = (self.resumed or {}).get("world_size")
+        if was is not None and was != world:
+            return (line + f", as in the checkpoint; resumed on {_plural(world, 'process', 'es')} (was {was}): "
+                    f"{split} per step")
+        return line + f" = {split} x {_plural(world, 'process', 'es')}"
 
     def _need_setup(self) -> None:
         if self.token_cache is None:
@@ -345,8 +408,9 @@ class TextDataModule(L.LightningDataModule):
         lock = FileLock(str(folder) + ".lock")
         try:
             lock.acquire(timeout=0)
-        except Timeout:
-            print(f"waiting for another process to finish tokenizing into {folder}", file=sys.stderr, flush=True)
+        except Timeout:  # said once, by rank 0, not by every rank that waits
+            if self._rank_world()[0] == 0:
+                print(f"waiting for another process to finish tokenizing into {folder}", file=sys.stderr, flush=True)
             lock.acquire()
         try:
             if self.remote is not None:
@@ -366,7 +430,9 @@ class TextDataModule(L.LightningDataModule):
                 "dtype": token_dtype(len(tokenizer)).name, "text_key": self.text_key,
                 "files": [str(p) for p in corpus["docs"]],
                 "skipped_empty": [str(p) for p in corpus["empty"]]}
-        build_cache(Path(corpus["folder"]), sources, tokenizer, meta, self.max_tokens, on_commit=on_commit)
+        # The bar on rank 0 only: another node building its own copy would print its own bar.
+        build_cache(Path(corpus["folder"]), sources, tokenizer, meta, self.max_tokens, on_commit=on_commit,
+                    progress=self._rank_world()[0] == 0)
         cache = TokenCache(corpus["folder"])
         rank_zero_info(f"tokenized {cache.n_tokens:,} tokens, {cache.n_documents:,} documents, into "
                        f"{len(cache.shards)} shard(s) in {cache.index.get('seconds', 0):.1f} s")

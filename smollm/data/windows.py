@@ -1,5 +1,5 @@
 """The token stream -> fixed-length windows, the held-out validation tail, and the training order,
-a pure function of (seed, step).
+a pure function of (seed, global sample index), and how one optimizer step splits over processes.
 
 Window i of a split spans tokens [start + i*L, start + i*L + L] of the stream (L = seq_len): the
 model's inputs and the shifted targets in one row of L + 1 tokens. The stream is the token cache
@@ -71,23 +71,25 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 
 class ResumableSampler(Sampler[int]):
-    """Endless window ids for one rank; the order depends only on (seed, micro-batch index).
+    """Endless window ids for one rank; the order depends only on (seed, global sample index).
 
     Global sample g is window perm_e[g % n_windows] of epoch e = g // n_windows, where perm_e is
     torch.randperm(n_windows) seeded by (seed, e): every window once per epoch, a fresh shuffle
-    each epoch. Micro-batch s of rank r (of world_size ranks, batch_size each) is global samples
-    s*B*W + r*B ... + B-1, so ranks never share a sample and together they cover what one rank with
-    batch W*B would. Iteration starts at micro-batch `start_batch` and never ends; there is no
-    __len__ on purpose, so Lightning trains until max_steps.
+    each epoch. Iteration starts at global sample `start`; the k-th micro-batch after it, on rank
+    r of world_size ranks (batch_size each), is global samples start + (k*W + r)*B ... + B-1. So
+    ranks never share a sample, and an optimizer step of A micro-batches takes the next A*B*W
+    samples in a block: with the same global batch, any (world size, micro-batch, accumulation)
+    trains on the same samples at each step, which is what lets a run resume on another number
+    of processes. There is no __len__ on purpose, so Lightning trains until max_steps.
     """
 
     def __init__(self, n_windows: int, batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1, start_batch: int = 0) -> None:
-        if n_windows <= 0 or batch_size <= 0 or not 0 <= rank < world_size or start_batch < 0:
+                 world_size: int = 1, start: int = 0) -> None:
+        if n_windows <= 0 or batch_size <= 0 or not 0 <= rank < world_size or start < 0:
             raise ValueError(f"bad sampler arguments: n_windows={n_windows} batch_size={batch_size} "
-                             f"rank={rank} world_size={world_size} start_batch={start_batch}")
+                             f"rank={rank} world_size={world_size} start={start}")
         self.n_windows, self.batch_size, self.seed = n_windows, batch_size, seed
-        self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
+        self.rank, self.world_size, self.start = rank, world_size, start
         self._epoch, self._perm = -1, []
 
     def window(self, g: int) -> int:
@@ -100,9 +102,29 @@ class ResumableSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         B, W = self.batch_size, self.world_size
-        step = self.start_batch
+        first = self.start + self.rank * B
         while True:
-            first = step * B * W + self.rank * B
             for g in range(first, first + B):
                 yield self.window(g)
-            step += 1
+            first += B * W
+
+
+def accumulation(global_batch_size: int, batch_size: int, world_size: int) -> int:
+    """Micro-batches per optimizer step on each process: global / (micro-batch x processes).
+
+    A combination that does not divide raises DataError naming the nearest valid choices: the
+    largest micro-batch at or below batch_size that divides, and the global batches on either
+    side that batch_size x world_size divides.
+    """
+    per_micro_step = batch_size * world_size
+    if global_batch_size % per_micro_step == 0:
+        return global_batch_size // per_micro_step
+    micro = [b for b in range(batch_size, 0, -1) if global_batch_size % (b * world_size) == 0]
+    below = global_batch_size // per_micro_step * per_micro_step
+    choices = ["--data.global_batch_size " + " or ".join(str(g) for g in (below, below + per_micro_step) if g > 0)]
+    if micro:
+        choices.insert(0, f"--data.batch_size {micro[0]}")
+    processes = f"{world_size} process{'es' * (world_size != 1)}"
+    raise DataError(
+        f"--data.global_batch_size {global_batch_size} windows per step cannot be split into micro-batches of "
+        f"{batch_size} on {processes} ({per_micro_step} windows per micro-step); use " + ", or ".join(choices))
