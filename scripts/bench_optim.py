@@ -1,6 +1,6 @@
 """Which optimizer and learning rate for a token budget: Muon beside AdamW against AdamW alone.
 
-    nice python scripts/bench_optim.py [--steps 160] [--seeds 0 1] [--lrs 3e-3 1e-2 3e-2]
+    nice python scripts/bench_optim.py [--steps 120] [--seeds 0 1] [--lrs 3e-3 1e-2 3e-2]
         [--corpora stdlib prose] [--json FILE]
 
 Both sides train the same model from the same initialization (per seed) on the same windows in
@@ -11,7 +11,7 @@ embedding/head and norms (one learning rate for both groups, as `--model.muon_lr
 Held-out loss is smollm.evaluate.score over the corpus's held-out windows, at several points.
 
 The model is this architecture at reduced size: width 128, 4 layers, MLP 384 (SmolLM2's 8/3
-ratio), 4 query / 2 key-value heads of 32, windows of 128 tokens, batch 8. With SmolLM2's 49,152-
+ratio), 4 query / 2 key-value heads of 32, windows of 128 tokens, batch 16. With SmolLM2's 49,152-
 token vocabulary the embedding would be 6.3M of 7.1M parameters and Muon would train a ninth of
 the model; a byte-level BPE of 2,048 tokens trained on each corpus (the `tokenizers` library)
 keeps the embedding at 262k of 1.05M, so the decoder matrices Muon takes are three quarters.
@@ -182,7 +182,7 @@ def run(corpus: str, optimizer: str, lr: float, seed: int, dm, args) -> dict:
     return {"corpus": corpus, "optimizer": optimizer, "lr": lr, "seed": seed,
             "tokens": [s * tokens_per_step for s, _ in evals], "loss": [v for _, v in evals],
             "s_per_step": statistics.median(step_times[5:] or step_times),
-            "train_loss": float(loss)}
+            "train_loss": loss.item()}
 
 
 def time_steps(dm, args) -> dict[str, float]:
@@ -267,7 +267,7 @@ def summarize(runs: list[dict], corpus: str, out) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=160, help="optimizer steps per run (the token budget)")
+    parser.add_argument("--steps", type=int, default=120, help="optimizer steps per run (the token budget)")
     parser.add_argument("--points", type=int, default=8, help="held-out evaluations per run")
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -276,15 +276,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpora", nargs="+", default=["stdlib", "prose"], choices=["stdlib", "prose"])
     parser.add_argument("--timing-steps", type=int, default=20, help="paired steps timed per corpus")
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--eval-windows", type=int, default=64, help="held-out windows scored at each point")
     parser.add_argument("--val-fraction", type=float, default=0.02)
     parser.add_argument("--max-tokens", type=int, default=3_000_000, help="tokens of each corpus to cache")
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("SMOLLM_CACHE", Path.home() / ".cache" / "smollm"))
                         / "bench_optim", help="folder for the prose text, tokenizers and token caches")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads; 1 keeps small matmuls from stalling on a shared machine")
     parser.add_argument("--json", type=Path, default=None, help="also write every run and the summary here")
     args = parser.parse_args(argv)
 
+    torch.set_num_threads(args.threads)
     runs, summaries, timings = [], [], {}
     started = time.time()
     print(f"model {MODEL}; {args.steps} steps of {args.batch_size} x {args.seq_len} tokens; lrs {args.lrs}; "

@@ -128,8 +128,9 @@ def apply_settings(optimizer: torch.optim.Optimizer, scheduler: Any, h: Mapping[
     factor = lr_lambda(scheduler.last_epoch, h["warmup_steps"], h["decay_steps"], h["min_lr_ratio"],
                        h["schedule"])
     base_lrs = []
-    for group in optimizer.param_groups:
-        values = settings[group.get("name", "decay" if group["weight_decay"] else "no_decay")]
+    for i, group in enumerate(optimizer.param_groups):
+        # Groups carry their names; a checkpoint from before they did has AdamW's two, in order.
+        values = settings[group.get("name") or ("decay", "no_decay")[i]]
         group.update({k: v for k, v in values.items() if k != "lr"})
         group["initial_lr"] = values["lr"]
         group["lr"] = values["lr"] * factor
