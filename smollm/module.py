@@ -1,8 +1,8 @@
 """LitSmolLM: the LightningModule that trains SmolLM.
 
 Loss (chunked cross entropy, one `_step` for train and validation), gradient clipping with a
-non-finite guard, metrics and throughput; the optimizer and its schedule come from smollm.optim. Its typed, documented
-__init__ arguments are the `--model.*` options of `python -m smollm.fit`.
+non-finite guard, metrics and throughput; the optimizer and its schedule come from smollm.optim.
+Its typed, documented __init__ arguments are the `--model.*` options of `python -m smollm.fit`.
 """
 
 from __future__ import annotations
@@ -260,14 +260,14 @@ class LitSmolLM(L.LightningModule):
         if not saved:
             return
         h = self.hparams
-        changed = [k for k in OPTIMIZER_SETTINGS + SCHEDULE_SETTINGS
-                   if _plain(saved.get(k, DEFAULTS.get(k))) != _plain(h[k])]
+        before = {k: _plain(saved.get(k, DEFAULTS.get(k))) for k in OPTIMIZER_SETTINGS + SCHEDULE_SETTINGS}
+        changed = [k for k, v in before.items() if v != _plain(h[k])]
         if not changed:
             return
         apply_settings(self.trainer.optimizers[0], self.lr_schedulers(), h)
         if self.global_rank == 0:
             log.info(f"resuming with changed settings, applied from step {self.trainer.global_step + 1} on: "
-                     + ", ".join(f"{k} {_plain(saved[k])} -> {_plain(h[k])}" for k in changed))
+                     + ", ".join(f"{k} {before[k]} -> {_plain(h[k])}" for k in changed))
 
     def estimate_memory(self, batch_size: int, seq_len: int, bf16: bool) -> int:
         """Rough peak bytes of a training step: float32 weights, gradients and AdamW's two moments
