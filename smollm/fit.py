@@ -41,6 +41,7 @@ from smollm.data import TextDataModule, accumulation
 from smollm.errors import SmolLMError, UsageError
 from smollm.generate import complete
 from smollm.module import LitSmolLM
+from smollm.optim import check_same_optimizer, check_strategy
 from smollm.sharding import full_model, is_fsdp
 
 GiB = 2**30
@@ -68,6 +69,7 @@ class SmolLMCLI(LightningCLI):
                              "use configs/tiny.yaml, or add --trainer.accelerator cpu --trainer.precision 32-true")
         model_config = ModelConfig.from_name(cfg.model.preset, **(cfg.model.config_overrides or {}))
         self.launcher = take_processes_from_launcher(trainer, self.argv)
+        check_strategy(cfg.model.optimizer, trainer.strategy)
         check_size_fits(trainer, model_config)
         root = trainer.default_root_dir or os.getcwd()
         name = cfg.name or cfg.model.preset
@@ -85,6 +87,7 @@ class SmolLMCLI(LightningCLI):
                                      "start without --ckpt_path, or give the checkpoint's path")
             checkpoint = read_checkpoint(path)
             check_config(path, checkpoint, model_config)
+            check_same_optimizer(path, checkpoint, cfg.model.optimizer)
             self.resume_from, self.resume_step = path, int(checkpoint.get("global_step", 0))
             version = checkpoint["smollm"].get("logger_version")
             self.data_state = keep_global_batch(cfg.data, checkpoint.get(TextDataModule.__qualname__),

@@ -1,12 +1,13 @@
 """LitSmolLM: the LightningModule that trains SmolLM.
 
-Loss (chunked cross entropy, one `_step` for train and validation), AdamW and its learning-rate
-schedule, gradient clipping with a non-finite guard, metrics and throughput. Its typed, documented
-__init__ arguments are the `--model.*` options of `python -m smollm.fit`.
+Loss (chunked cross entropy, one `_step` for train and validation), gradient clipping with a
+non-finite guard, metrics and throughput; the optimizer and its schedule come from smollm.optim.
+Its typed, documented __init__ arguments are the `--model.*` options of `python -m smollm.fit`.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -23,37 +24,15 @@ from smollm.errors import SmolLMError, UsageError
 from smollm.evaluate import token_bytes
 from smollm.generate import complete
 from smollm.model import SmolLM, chunked_cross_entropy
-from smollm.sharding import clip_grad_norm, full_model, shard_by_layer
+from smollm.optim import (OPTIMIZER_SETTINGS, SCHEDULE_SETTINGS, apply_settings, check_strategy,
+                          configure_optimizers, learning_rates, skips_on_device)
+from smollm.sharding import clip_grad_norm, full_model, is_fsdp, shard_by_layer
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteError(SmolLMError, RuntimeError):
     """The loss or the gradient norm is NaN or infinite; the optimizer step was not applied."""
-
-
-def lr_lambda(step: int, warmup_steps: int, decay_steps: int, min_lr_ratio: float,
-              schedule: str) -> float:
-    """Learning-rate multiplier at optimizer step `step` (0-based).
-
-    Linear warmup over `warmup_steps`, then
-      cosine: cosine decay from 1 to `min_lr_ratio` at step `decay_steps`;
-      wsd:    stable at 1 until the last 20% of `decay_steps`, then linear decay to `min_lr_ratio`
-              (warmup-stable-decay, as SmolLM2 was trained).
-    After `decay_steps` the multiplier stays at `min_lr_ratio`. The rule depends only on the step,
-    never on `trainer.max_steps`, so extending a run never makes the learning rate jump.
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if step >= decay_steps:
-        return min_lr_ratio
-    if schedule == "cosine":
-        progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    decay_start = max(warmup_steps, int(0.8 * decay_steps))
-    if step < decay_start:
-        return 1.0
-    return 1.0 - (1 - min_lr_ratio) * (step - decay_start) / max(1, decay_steps - decay_start)
 
 
 class LitSmolLM(L.LightningModule):
@@ -71,6 +50,13 @@ class LitSmolLM(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         grad_clip: float = 1.0,
         fused_adamw: bool | None = None,
+        optimizer: Literal["adamw", "muon"] = "adamw",
+        muon_lr: float | None = None,
+        muon_adjust_lr: Literal["match_rms_adamw", "original"] = "match_rms_adamw",
+        muon_momentum: float = 0.95,
+        muon_nesterov: bool = True,
+        muon_ns_steps: int = 5,
+        muon_weight_decay: float | None = None,
         compile: bool = False,
         loss_chunk_size: int = 8192,
         check_finite: bool = True,
@@ -85,7 +71,8 @@ class LitSmolLM(L.LightningModule):
             config_overrides: ModelConfig fields to change, e.g. {num_hidden_layers: 4}.
             init_from: A Hugging Face Llama directory to start from (e.g. the converted real
                 SmolLM2) instead of a random init; its configuration must match the model's.
-            learning_rate: Peak learning rate of AdamW.
+            learning_rate: Peak learning rate of AdamW (with optimizer muon: of the AdamW group,
+                the embedding/head and the norms).
             min_lr_ratio: Final learning rate as a fraction of the peak.
             warmup_steps: Linear warmup length in optimizer steps.
             decay_steps: Step at which the decay reaches min_lr_ratio; independent of
@@ -96,6 +83,17 @@ class LitSmolLM(L.LightningModule):
             grad_clip: Clip the global gradient norm to this value (0 disables clipping).
             fused_adamw: Use the fused AdamW kernel (CPU and CUDA); None means yes. The
                 non-finite guard skips a bad step inside it without a host-device sync.
+            optimizer: "adamw" (SmolLM2's recipe) or "muon": Muon on the decoder layers' projection
+                matrices, AdamW (the options above) on the embedding/head and the norms.
+            muon_lr: Peak learning rate of Muon; None means learning_rate. With muon_adjust_lr
+                match_rms_adamw, Muon's update has AdamW's size, so AdamW's rate carries over.
+            muon_adjust_lr: How Muon scales its rate per matrix shape: "match_rms_adamw"
+                (0.2 * sqrt(max(rows, cols)), Moonlight's) or "original" (sqrt(max(1, rows/cols)),
+                Keller Jordan's; wants a rate near 0.02).
+            muon_momentum: Muon's momentum.
+            muon_nesterov: Nesterov momentum for Muon.
+            muon_ns_steps: Newton-Schulz iterations per Muon step.
+            muon_weight_decay: Muon's decoupled weight decay; None means weight_decay.
             compile: torch.compile the model (checkpoints still load into a plain model).
             loss_chunk_size: Rows of logits computed at a time by the chunked cross entropy.
             check_finite: Never apply a step whose loss or gradient norm is NaN or infinite, and
@@ -198,20 +196,9 @@ class LitSmolLM(L.LightningModule):
     # ---- optimization ----
 
     def configure_optimizers(self) -> dict[str, Any]:
-        # Matrices decay (every projection, and the tied embedding/lm head as nanoGPT and
-        # SmolLM2 do); vectors (RMSNorm weights) don't.
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": self.hparams.weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        fused = self.hparams.fused_adamw is not False
-        optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate,
-                                      betas=tuple(self.hparams.betas), fused=fused)
-        h = self.hparams
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_lambda(step, h.warmup_steps, h.decay_steps, h.min_lr_ratio, h.schedule))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        if self._trainer is not None and is_fsdp(self.trainer):  # fit refuses it earlier; a Trainer made in code
+            check_strategy(self.hparams.optimizer, "fsdp")
+        return configure_optimizers(self.model, self.hparams)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # Clipping is done here with torch directly rather than through the Trainer's
@@ -225,7 +212,7 @@ class LitSmolLM(L.LightningModule):
             loss = norm.new_zeros(()) if loss is None else loss.to(norm.device, torch.float32)
             bad = (~torch.isfinite(norm) | ~torch.isfinite(loss)).float()
             torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps it
-            on_device = bool(torch_optimizer.defaults.get("fused"))
+            on_device = skips_on_device(torch_optimizer)
             if on_device:  # the fused step skips its update (and its step count) where found_inf is 1
                 torch_optimizer.found_inf = bad
             self.guard.push(self.trainer.global_step + 1, torch.stack([bad, loss, norm.float()]))
@@ -250,7 +237,10 @@ class LitSmolLM(L.LightningModule):
             tokens_per_sec = tokens * self.trainer.world_size / (now - t0)
             self.log("train/tokens_per_sec", tokens_per_sec, rank_zero_only=True)
             # Logged here, at logging steps only: logging a float makes a device tensor (a sync).
-            self.log("train/lr", self.lr_schedulers().get_last_lr()[0], rank_zero_only=True)
+            lrs = learning_rates(self.trainer.optimizers[0])
+            self.log("train/lr", lrs["adamw"], rank_zero_only=True)
+            if "muon" in lrs:
+                self.log("train/lr_muon", lrs["muon"], rank_zero_only=True)
             if self.device.type == "cuda":  # the allocator's own count: no device sync
                 self.log("train/peak_memory_gib", torch.cuda.max_memory_allocated(self.device) / 2**30,
                          rank_zero_only=True)
@@ -265,11 +255,6 @@ class LitSmolLM(L.LightningModule):
         self._window_start = None
         self._apply_changed_settings()
 
-    # Settings whose values a resume takes from the checkpoint's optimizer and scheduler state
-    # unless they are applied again here; the schedule's shape is rebuilt from the current ones.
-    OPTIMIZER_SETTINGS = ("learning_rate", "betas", "weight_decay")
-    SCHEDULE_SETTINGS = ("warmup_steps", "decay_steps", "min_lr_ratio", "schedule")
-
     def _apply_changed_settings(self) -> None:
         """On resume, apply optimizer and schedule settings that differ from the checkpoint's,
         from the resumed step on, and say so: the run never records a value it does not use."""
@@ -278,22 +263,14 @@ class LitSmolLM(L.LightningModule):
         if not saved:
             return
         h = self.hparams
-        changed = [k for k in self.OPTIMIZER_SETTINGS + self.SCHEDULE_SETTINGS
-                   if k in saved and _plain(saved[k]) != _plain(h[k])]
+        before = {k: _plain(saved.get(k, DEFAULTS.get(k))) for k in OPTIMIZER_SETTINGS + SCHEDULE_SETTINGS}
+        changed = [k for k, v in before.items() if v != _plain(h[k])]
         if not changed:
             return
-        optimizer = self.trainer.optimizers[0]
-        scheduler = self.lr_schedulers()
-        scheduler.base_lrs = [h.learning_rate] * len(optimizer.param_groups)
-        factor = lr_lambda(scheduler.last_epoch, h.warmup_steps, h.decay_steps, h.min_lr_ratio, h.schedule)
-        for group, decay in zip(optimizer.param_groups, (h.weight_decay, 0.0)):
-            group["initial_lr"] = h.learning_rate
-            group["lr"] = h.learning_rate * factor
-            group["betas"] = tuple(h.betas)
-            group["weight_decay"] = decay
+        apply_settings(self.trainer.optimizers[0], self.lr_schedulers(), h)
         if self.global_rank == 0:
             log.info(f"resuming with changed settings, applied from step {self.trainer.global_step + 1} on: "
-                     + ", ".join(f"{k} {_plain(saved[k])} -> {_plain(h[k])}" for k in changed))
+                     + ", ".join(f"{k} {before[k]} -> {_plain(h[k])}" for k in changed))
 
     def estimate_memory(self, batch_size: int, seq_len: int, bf16: bool) -> int:
         """Rough peak bytes of a training step: float32 weights, gradients and AdamW's two moments
@@ -400,6 +377,11 @@ class NonFiniteGuard:
                     f"step {step}: the loss is {loss:.4g} and the gradient norm is {norm:.4g}; the "
                     "step was not applied and training stopped. Lower --model.learning_rate or "
                     "resume from an earlier checkpoint")
+
+
+# A checkpoint from before an option existed ran with its default.
+DEFAULTS = {k: v.default for k, v in inspect.signature(LitSmolLM.__init__).parameters.items()
+            if v.default is not inspect.Parameter.empty}
 
 
 def _plain(value: Any) -> Any:

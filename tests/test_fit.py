@@ -13,7 +13,7 @@ import torch
 import fitutil
 from smollm.fit import main
 from smollm.checkpoint import model_from_checkpoint as load_checkpoint_model
-from smollm.module import lr_lambda
+from smollm.optim import lr_lambda
 
 
 def args(tmp_path: Path, data, max_steps: int, every: int = 1000, extra=()) -> list[str]:
