@@ -26,9 +26,9 @@ from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from smollm.callbacks import AtomicCheckpointIO, Console, CtrlC, Interrupted, StepCheckpoint
-from smollm.checkpoint import (RunLock, check_config, check_writable, find_last_checkpoint,
-                               read_checkpoint, step_files)
+from smollm.callbacks import AtomicCheckpointIO, Console, CtrlC, Interrupted, StepCheckpoint, ValidateAtEnd
+from smollm.checkpoint import (DamagedCheckpointError, RunLock, check_config, check_writable,
+                               find_last_checkpoint, read_checkpoint, step_files)
 from smollm.cli import EXIT_INTERRUPTED, EXIT_PREEMPTED, fail, fail_on
 from smollm.config import ModelConfig
 from smollm.data import TextDataModule
@@ -72,7 +72,17 @@ class SmolLMCLI(LightningCLI):
                 if path is None:
                     raise UsageError(f"--ckpt_path last: no checkpoint to resume in {cfg.checkpoint.dirpath}; "
                                      "start without --ckpt_path, or give the checkpoint's path")
-            checkpoint = read_checkpoint(path)
+            try:
+                checkpoint = read_checkpoint(path)
+            except DamagedCheckpointError as e:
+                if cfg.ckpt_path != "last" or e.intact is None:
+                    raise
+                # Pre-empted jobs restart with `last`: carry on from the newest intact step, saying so.
+                logging.getLogger("smollm").warning(
+                    f"warning: checkpoint {path} is damaged (its bytes do not match its digest); --ckpt_path "
+                    f"last resumes from {e.intact}, the newest intact checkpoint of this run")
+                path = e.intact
+                checkpoint = read_checkpoint(path)
             check_config(path, checkpoint, model_config)
             self.resume_from, self.resume_step = path, int(checkpoint.get("global_step", 0))
             version = checkpoint["smollm"].get("logger_version")
@@ -134,8 +144,8 @@ def available_memory() -> int | None:
 
 def configure_trainer(trainer) -> tuple[Console, CtrlC]:
     """What the CLI cannot express as a default: atomic, safe checkpoint IO (unless a subclass
-    was given with --trainer.plugins), our console in place of Lightning's progress bar, and
-    Ctrl-C handling."""
+    was given with --trainer.plugins), our console in place of Lightning's progress bar, Ctrl-C
+    handling, and a validation at the last step."""
     if not isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO):
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
     bars = [c for c in trainer.callbacks if isinstance(c, ProgressBar)]
@@ -143,7 +153,7 @@ def configure_trainer(trainer) -> tuple[Console, CtrlC]:
         trainer.callbacks.remove(bar)
     checkpoint = next((c for c in trainer.callbacks if isinstance(c, StepCheckpoint)), None)
     console, ctrl_c = Console(show_progress=bool(bars)), CtrlC(checkpoint)
-    trainer.callbacks.extend([console, ctrl_c])
+    trainer.callbacks.extend([console, ctrl_c, ValidateAtEnd()])
     return console, ctrl_c
 
 

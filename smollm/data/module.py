@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Sampler
 
 from smollm import assets
-from smollm.data.cache import (INDEX, TokenCache, build_cache, cache_key, is_complete, load_tokenizer,
-                               token_dtype, tokenizer_fingerprint)
+from smollm.data.cache import (INDEX, TokenCache, build_cache, cache_key, check_shards, is_complete,
+                               load_tokenizer, read_index, rebuild_shard, stamp_verified, token_dtype,
+                               tokenizer_fingerprint, verified_in_this_launch)
 from smollm.data.sources import STDLIB, DataError, DatasetSource, FileSource
 from smollm.data.windows import ResumableSampler, TokenWindows, split_windows
 
@@ -326,27 +328,53 @@ class TextDataModule(L.LightningDataModule):
         return self._corpus
 
     def _ensure_cache(self) -> dict[str, Any]:
-        """The cache complete on disk: found, or built (or resumed) by this process while it holds
-        the cache's lock; a process that finds the lock taken waits for the one building."""
+        """The cache complete on disk and verified: found, or built (or resumed) by this process
+        while it holds the cache's lock; a process that finds the lock taken waits for the one
+        building or verifying.
+
+        Every shard is checked against its digest once per launch on each machine: the first
+        process there to take the lock verifies (and rebuilds a damaged shard), the others find
+        its stamp and read nothing. A new run verifies again.
+        """
         from filelock import FileLock, Timeout
 
         corpus = self._find_corpus()
         folder = corpus["folder"]
-        if is_complete(folder):
+        if self._verified_here(folder):
             return corpus
         folder.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(folder) + ".lock")
         try:
             lock.acquire(timeout=0)
         except Timeout:
-            print(f"waiting for another process to finish tokenizing into {folder}", file=sys.stderr, flush=True)
+            print(f"waiting for another process to finish tokenizing or verifying {folder}", file=sys.stderr,
+                  flush=True)
             lock.acquire()
         try:
+            began = time.time()
             if not is_complete(folder):
-                self._build(corpus)
+                self._build(corpus)  # each shard hashed as it is written: nothing to read again
+            elif not self._verified_here(folder):
+                self._verify(corpus)
+            stamp_verified(folder, read_index(folder), began)
         finally:
             lock.release()
         return corpus
+
+    @staticmethod
+    def _verified_here(folder: Path) -> bool:
+        index = read_index(folder)
+        return bool(index and index.get("complete")) and verified_in_this_launch(folder, index)
+
+    def _verify(self, corpus: dict[str, Any]) -> None:
+        """Check every shard against its digest; rebuild the damaged ones from their sources."""
+        folder = Path(corpus["folder"])
+        index = read_index(folder)
+        for k in check_shards(folder, index):
+            name = index["shards"][k]["file"]
+            print(f"warning: token cache shard {folder / name} is damaged (its bytes do not match its digest); "
+                  "rebuilding it from its sources", file=sys.stderr, flush=True)
+            rebuild_shard(folder, index, k, corpus["sources"], self.tokenizer, self.max_tokens)
 
     def _build(self, corpus: dict[str, Any]) -> None:
         tokenizer, sources = self.tokenizer, corpus["sources"]
