@@ -236,10 +236,11 @@ def test_resume_from_last_never_takes_a_damaged_file_silently(run, data, tmp_pat
     shutil.copytree(run / "lightning_logs", tmp_path / "lightning_logs")
     capsys.readouterr()
     assert fit(fitutil.fit_args(tmp_path, corpus, tok, 5, every=2, extra=["--ckpt_path", "last"])) == 0
-    err = capsys.readouterr().err
-    warned = [line for line in err.splitlines() if "damaged" in line]
+    captured = capsys.readouterr()
+    warned = [line for line in captured.err.splitlines() if "damaged" in line]
     assert len(warned) == 1 and str(path) in warned[0] and str(intact) in warned[0]
-    assert "resuming at step 2" in err
+    assert "done: trained 3 steps" in captured.out  # from step 2 to 5
+    read_checkpoint(path)  # step 4 written again, whole, with its digest
 
 
 def test_a_checkpoint_without_digest_loads_with_one_note(run, tmp_path, capsys):
@@ -267,14 +268,16 @@ def test_a_run_and_its_resume_end_on_a_validation_of_their_last_step(run, data, 
     root = tmp_path / "r"
     shutil.copytree(run, root, symlinks=True)
     capsys.readouterr()
-    assert fit(fitutil.fit_args(root, corpus, tok, 6, every=2, extra=[
+    assert fit(fitutil.fit_args(root, corpus, tok, 7, every=2, extra=[
         "--ckpt_path", "last", "--trainer.val_check_interval", "3"])) == 0
     captured = capsys.readouterr()
-    # The first run (4 steps, interval 3) validated at 3 and 4; the resume at its start, 6 and the end, 6, once.
-    assert validations(captured.err) == ["validation at the start", "validation at step 6"]
+    # The first run (4 steps, interval 3) validated at steps 3 and 4; the resume at 6 and at its end, 7.
+    assert validations(captured.err) == ["validation at step 6", "validation at step 7"]
     final = next(line for line in captured.out.splitlines() if line.startswith("done:"))
-    assert "(step 6)" in final
+    assert "(step 7)" in final
     acc = EventAccumulator(str(root / "lightning_logs" / "tiny" / "version_0"))
     acc.Reload()
-    steps = [e.step for e in acc.Scalars("val/loss")]
-    assert 3 in steps and 4 in steps and steps[-1] == 6
+    logged = acc.Scalars("val/loss")  # steps 3, 4, 6, 7 (Lightning labels them 2, 3, 5, 6)
+    assert len(logged) == 4 and logged[-1].step == max(e.step for e in logged)
+    last = float(captured.err.split("validation at step 7: loss ")[1].split(",")[0])
+    assert logged[-1].value == pytest.approx(last, abs=1e-4)
