@@ -281,3 +281,21 @@ def test_a_run_and_its_resume_end_on_a_validation_of_their_last_step(run, data, 
     assert len(logged) == 4 and logged[-1].step == max(e.step for e in logged)
     last = float(captured.err.split("validation at step 7: loss ")[1].split(",")[0])
     assert logged[-1].value == pytest.approx(last, abs=1e-4)
+
+
+# ---- evaluate says what it scores
+
+
+def test_evaluate_scores_at_the_trained_seq_len_and_describes_those_windows(run, data, tmp_path, capsys):
+    from smollm.evaluate import main as evaluate
+
+    corpus, _ = data
+    out = tmp_path / "s.json"
+    capsys.readouterr()
+    assert evaluate(["--checkpoint", str(run / "checkpoints" / "tiny" / "last.ckpt"), "--data.files",
+                     str(corpus / "doc1.txt"), "--data.cache_dir", str(tmp_path / "cache"), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["seq_len"] == 16  # what the run trained on (fitutil: --data.seq_len 16), not the 2048 default
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line == report["data"] and "train windows" not in line
+    assert f"scoring all of its text: {report['windows']:,} windows of 16 tokens" in line

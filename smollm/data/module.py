@@ -252,8 +252,9 @@ class TextDataModule(L.LightningDataModule):
         n = -(-(self.n_tokens - 1) // L_)  # ceil((n_tokens - 1) / L)
         return TokenWindows(self.token_cache, L_, 0, range(n), stop=self.n_tokens)
 
-    def describe(self) -> str:
-        """The data line: sources, documents, tokens, shards, windows, passes, cache."""
+    def describe(self, windows: str | None = None) -> str:
+        """The data line: sources, documents, tokens, shards, windows, passes, cache. `windows`
+        replaces the part about training windows (evaluate says what it scores)."""
         c = self._corpus
         if c is None or self.n_tokens is None:
             return f"TextDataModule({', '.join(self.files + [d[0] for d in self.datasets])}): not set up yet"
@@ -261,10 +262,11 @@ class TextDataModule(L.LightningDataModule):
                             for s, cap in zip(c["sources"], self.max_tokens))
         skipped = f" ({len(c['empty'])} empty skipped)" if c["empty"] else ""
         shards = len(self.token_cache.shards)
+        windows = windows or (f"seq_len {self.seq_len}: {self.n_train_windows:,} train windows, {self.n_val_windows} "
+                              f"of {self.n_heldout_windows} held-out windows validated; {self._passes()}")
         return (f"data: {sources}{skipped}; {self.n_documents:,} documents, {self.n_tokens:,} tokens "
                 f"({self.tokenizer_name}, vocab {self.vocab_size}) in {shards} shard{'s' * (shards != 1)}; "
-                f"seq_len {self.seq_len}: {self.n_train_windows:,} train windows, {self.n_val_windows} of "
-                f"{self.n_heldout_windows} held-out windows validated; {self._passes()}; cache {c['folder']}")
+                f"{windows}; cache {c['folder']}")
 
     # -- helpers --
 
