@@ -71,11 +71,11 @@ def digest_path(path: str | os.PathLike) -> str:
 
 
 _verified: dict[tuple, bool | None] = {}  # (file, size, mtime, inode) -> matches its digest (None: none)
+_noted: set[str] = set()  # files without a digest, said once per process
 
 
 def check_digest(path: str | os.PathLike) -> bool | None:
-    """Whether `path` matches its digest: True, False, or None when it has none (said once, as a
-    note). Each file is read once per process while it is unchanged (fit reads its checkpoint
+    """Whether `path` matches its digest: True, False, or None when it has none. Each file is read once per process while it is unchanged (fit reads its checkpoint
     twice: to check it, then through Lightning)."""
     real = os.path.realpath(str(path))
     st = os.stat(real)
@@ -84,8 +84,6 @@ def check_digest(path: str | os.PathLike) -> bool | None:
         return _verified[key]
     sidecar = digest_path(real)
     if not os.path.isfile(sidecar):
-        log.warning(f"note: checkpoint {path} has no digest ({os.path.basename(sidecar)}: written before "
-                    "smollm checked them, or elsewhere), so it is loaded unverified")
         ok = None
     else:
         try:
@@ -136,7 +134,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} does not exist")
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"checkpoint {path} is empty; resume from an earlier checkpoint")
-    verify_checkpoint(path)
+    verified = verify_checkpoint(path)
     try:
         checkpoint = load_torch_file(path, mmap=True)
     except UnsafeFileError as e:
@@ -146,6 +144,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                               f"({type(e).__name__}); resume from an earlier checkpoint") from None
     if not isinstance(checkpoint, dict) or "smollm" not in checkpoint or "state_dict" not in checkpoint:
         raise CheckpointError(f"checkpoint {path} was not written by smollm.fit (no model config in it)")
+    if verified is None and os.path.realpath(path) not in _noted:
+        _noted.add(os.path.realpath(path))
+        log.warning(f"note: checkpoint {path} has no digest ({os.path.basename(digest_path(path))}: written "
+                    "before smollm checked them, or elsewhere), so it is loaded unverified")
     return checkpoint
 
 
