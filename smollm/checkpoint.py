@@ -75,8 +75,9 @@ _noted: set[str] = set()  # files without a digest, said once per process
 
 
 def check_digest(path: str | os.PathLike) -> bool | None:
-    """Whether `path` matches its digest: True, False, or None when it has none. Each file is read once per process while it is unchanged (fit reads its checkpoint
-    twice: to check it, then through Lightning)."""
+    """Whether `path` matches its digest: True, False, or None when it has none. Each file is
+    read once per process while it is unchanged (fit reads its checkpoint twice: to check it,
+    then through Lightning)."""
     real = os.path.realpath(str(path))
     st = os.stat(real)
     key = (real, st.st_size, st.st_mtime_ns, st.st_ino)

@@ -74,7 +74,7 @@ def test_each_shard_carries_its_digest_and_largest_id(shards):
         path = folder / entry["file"]
         assert entry["digest"] == file_digest(path)
         assert entry["max_id"] == int(np.fromfile(path, dtype=index["dtype"]).max())
-        assert cache.verify_shard(folder, entry, index["dtype"])
+        assert cache.verify_shard(folder, entry)
 
 
 @pytest.mark.parametrize("k", [1, -1])  # one that starts inside a document; the last, of the second source

@@ -189,11 +189,13 @@ def scan_shard(path: Path, dtype: np.dtype) -> tuple[str, int]:
     return hasher.digest(), largest
 
 
-def verify_shard(folder: str | os.PathLike, entry: dict[str, Any], dtype: str = "uint16") -> bool:
+def verify_shard(folder: str | os.PathLike, entry: dict[str, Any], dtype: str | None = None) -> bool:
     """Whether shard `entry` of index.json (its "file", "tokens", "digest") is intact in `folder`:
-    the right size and the recorded digest. An entry without a digest (a cache built before
-    shards had one) checks the size only."""
+    the right size and the recorded digest, in one streaming read. An entry without a digest (a
+    cache built before shards had one) checks the size only. `dtype` defaults to the index's."""
     path = Path(folder) / entry["file"]
+    if dtype is None:
+        dtype = (read_index(Path(folder)) or {}).get("dtype", "uint16")
     size = entry["tokens"] * np.dtype(dtype).itemsize
     if not path.is_file() or path.stat().st_size != size:
         return False
