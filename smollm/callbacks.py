@@ -4,6 +4,7 @@
   always a link to the newest, one more at the end of every run and one on SIGTERM.
 - `AtomicCheckpointIO`: writes through `smollm.checkpoint.save_atomic`, reads only safely.
 - `CtrlC`: the first Ctrl-C saves the last finished step and stops; the second stops at once.
+- `ValidateAtEnd`: a run validates at its last step, whatever val_check_interval is.
 - `Console`: the start block, progress (a bar, or a line per logging interval when not on a
   terminal), validation lines and the end summary.
 - `KeepGlobalBatch`: a resume on another number of processes counts Lightning's micro-batches anew.
@@ -23,12 +24,13 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from smollm.checkpoint import read_checkpoint, save_atomic
+from smollm.checkpoint import read_checkpoint, remove_checkpoint, save_atomic
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint IO, but atomic on write (fsync + rename: a crash mid-write never
-    leaves a truncated checkpoint) and safe on read (weights_only: a checkpoint runs no code)."""
+    leaves a truncated checkpoint) with a digest of the bytes beside them, and safe on read (the
+    digest verified, then weights_only: a checkpoint runs no code)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any = None) -> None:
         save_atomic(checkpoint, path, write=self._write)
@@ -38,6 +40,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         return read_checkpoint(path)
+
+    def remove_checkpoint(self, path) -> None:
+        remove_checkpoint(path)
 
 
 class StepCheckpoint(ModelCheckpoint):
@@ -90,6 +95,21 @@ class StepCheckpoint(ModelCheckpoint):
         # (which then raises): the last finished step is saved here in that case.
         if isinstance(exception, SIGTERMException):
             self.save_now(trainer)
+
+
+class ValidateAtEnd(Callback):
+    """Validate at the last step, whatever val_check_interval is, so that the end summary and
+    TensorBoard hold the held-out loss of the weights saved at the end (a run of 300 steps that
+    validates every 120 would otherwise end on step 240's figure, and a resume for 20 steps on
+    none).
+
+    At the last step it sets `trainer.should_stop`, which Lightning's training loop answers with
+    a validation at that step (once, also when the step is a validation step anyway).
+    """
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
 
 
 class Interrupted(Exception):

@@ -12,12 +12,21 @@ Everything in it is tensors and plain Python values, so it is read with `weights
 a file whose pickle asks for anything else (code to run) is refused, never executed. Files are
 written atomically (`save_atomic`) and named `step=NNNNNN.ckpt`; `find_last_checkpoint` picks the
 newest of a run. `model_from_checkpoint` rebuilds a plain SmolLM without Lightning.
+
+Every checkpoint written here carries a digest of its bytes in a sidecar, `step=NNNNNN.ckpt.digest`
+(`{"digest": "xxh3_128:...", "size": N}`), hashed while torch.save writes (no second read) and
+put in place inside the atomic save, so a digest never describes other bytes than its file's.
+`read_checkpoint` verifies it (one streaming read) before torch sees a byte: a damaged file is
+one line naming it and the newest intact checkpoint of its run; a file without a sidecar (older,
+or from elsewhere) loads with one note line.
 """
 
 from __future__ import annotations
 
 import errno
 import glob
+import json
+import logging
 import os
 import random
 import re
@@ -28,20 +37,93 @@ import numpy as np
 import torch
 
 from smollm.config import ModelConfig
+from smollm.digest import HashingWriter, file_digest
 from smollm.errors import MissingPathError, SmolLMError, UsageError
 from smollm.hf import HFFormatError, UnsafeFileError, load_hf, load_torch_file, model_from_state
 from smollm.model import SmolLM
 
 STEP_FILE = re.compile(r"^step=(\d+)\.ckpt$")
+DIGEST_SUFFIX = ".digest"
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(SmolLMError, ValueError):
     """A checkpoint that cannot be used: missing, unreadable, unsafe, not ours, or of another model."""
 
 
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint whose bytes differ from the digest written with it; `intact` is the newest
+    checkpoint of the same run that verifies, or None."""
+
+    def __init__(self, path: str, intact: str | None) -> None:
+        self.path, self.intact = path, intact
+        where = os.path.dirname(os.path.realpath(path))
+        fix = (f"the newest intact checkpoint of this run is {intact} (--ckpt_path {intact})" if intact
+               else f"no intact checkpoint of this run is left in {where}")
+        super().__init__(f"checkpoint {path} is damaged: its bytes do not match the digest written with it "
+                         f"({os.path.basename(digest_path(path))}); {fix}")
+
+
+def digest_path(path: str | os.PathLike) -> str:
+    """The sidecar holding the digest of checkpoint `path` (of the file a link points to)."""
+    return os.path.realpath(str(path)) + DIGEST_SUFFIX
+
+
+_verified: dict[tuple, bool | None] = {}  # (file, size, mtime, inode) -> matches its digest (None: none)
+_noted: set[str] = set()  # files without a digest, said once per process
+
+
+def check_digest(path: str | os.PathLike) -> bool | None:
+    """Whether `path` matches its digest: True, False, or None when it has none. Each file is
+    read once per process while it is unchanged (fit reads its checkpoint twice: to check it,
+    then through Lightning)."""
+    real = os.path.realpath(str(path))
+    st = os.stat(real)
+    key = (real, st.st_size, st.st_mtime_ns, st.st_ino)
+    if key in _verified:
+        return _verified[key]
+    sidecar = digest_path(real)
+    if not os.path.isfile(sidecar):
+        ok = None
+    else:
+        try:
+            with open(sidecar) as f:
+                recorded = json.load(f)
+            ok = recorded["size"] == st.st_size and file_digest(real) == recorded["digest"]
+        except (OSError, ValueError, KeyError, TypeError):  # an unreadable sidecar proves nothing good
+            ok = False
+    _verified[key] = ok
+    return ok
+
+
+def verify_checkpoint(path: str | os.PathLike) -> bool | None:
+    """`check_digest`, with a mismatch raised as DamagedCheckpointError (naming the newest intact
+    checkpoint of the same run)."""
+    ok = check_digest(path)
+    if ok is False:
+        real = os.path.realpath(str(path))
+        raise DamagedCheckpointError(str(path), newest_intact(os.path.dirname(real), exclude=real))
+    return ok
+
+
+def newest_intact(dirpath: str | os.PathLike, exclude: str | None = None) -> str | None:
+    """The newest `step=N.ckpt` of a run's folder that matches its digest (or has none), or None."""
+    for _, candidate in reversed(step_files(dirpath)):
+        if exclude is not None and os.path.realpath(candidate) == exclude:
+            continue
+        try:
+            if check_digest(candidate) is not False:
+                return candidate
+        except OSError:
+            continue
+    return None
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """torch.load a training checkpoint safely (weights_only, memory-mapped): every way it can be
-    broken, or unsafe, is one CheckpointError naming the file."""
+    """Verify a training checkpoint's digest, then torch.load it safely (weights_only,
+    memory-mapped): every way it can be damaged, broken or unsafe is one CheckpointError naming
+    the file."""
     path = str(path)
     if os.path.isdir(path):
         # What FSDP writes with state_dict_type="sharded" (or torch.distributed.checkpoint): its
@@ -53,6 +135,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} does not exist")
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"checkpoint {path} is empty; resume from an earlier checkpoint")
+    verified = verify_checkpoint(path)
     try:
         checkpoint = load_torch_file(path, mmap=True)
     except UnsafeFileError as e:
@@ -62,6 +145,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                               f"({type(e).__name__}); resume from an earlier checkpoint") from None
     if not isinstance(checkpoint, dict) or "smollm" not in checkpoint or "state_dict" not in checkpoint:
         raise CheckpointError(f"checkpoint {path} was not written by smollm.fit (no model config in it)")
+    if verified is None and os.path.realpath(path) not in _noted:
+        _noted.add(os.path.realpath(path))
+        log.warning(f"note: checkpoint {path} has no digest ({os.path.basename(digest_path(path))}: written "
+                    "before smollm checked them, or elsewhere), so it is loaded unverified")
     return checkpoint
 
 
@@ -128,26 +215,62 @@ def find_last_checkpoint(dirpath: str | os.PathLike) -> str | None:
 
 def save_atomic(checkpoint: dict[str, Any], path: str | os.PathLike,
                 write: Callable[[dict[str, Any], Any], None] = torch.save) -> None:
-    """`write` (torch.save) to a temporary file, fsync, then rename into place.
+    """`write` (torch.save) to a temporary file, hashing every byte on its way, fsync, then
+    rename into place, with the digest in its sidecar.
 
     A process killed mid-write (SIGKILL, power loss) or a full disk leaves at worst a stray
-    `*.tmp` file, never a truncated checkpoint; the checkpoints already saved are untouched.
+    `*.tmp` file, never a truncated checkpoint; the checkpoints already saved are untouched. The
+    old sidecar goes before the new file comes and the new one after it, so at any moment a
+    sidecar describes its file's bytes or is absent (a note on reading, never a false alarm).
     """
     path = str(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
+    sidecar = path + DIGEST_SUFFIX
+    sidecar_tmp = f"{sidecar}.{os.getpid()}.tmp"
     try:
         with open(tmp, "wb") as f:
-            write(checkpoint, f)
+            writer = HashingWriter(f)
+            write(checkpoint, writer)
             f.flush()
             os.fsync(f.fileno())
+        with open(sidecar_tmp, "w") as f:
+            json.dump({"digest": writer.digest(), "size": writer.size}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.lexists(sidecar):
+            os.remove(sidecar)
         os.replace(tmp, path)
+        os.replace(sidecar_tmp, sidecar)
+        _fsync_dir(folder)
     except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for leftover in (tmp, sidecar_tmp):
+            if os.path.exists(leftover):
+                os.remove(leftover)
         hint = "free some space" if e.errno == errno.ENOSPC else "check the folder"
         raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}; {hint} "
                               "and resume with --ckpt_path last (earlier checkpoints are intact)") from None
+
+
+def remove_checkpoint(path: str | os.PathLike) -> None:
+    """Delete a checkpoint and its digest."""
+    for p in (str(path), str(path) + DIGEST_SUFFIX):
+        if os.path.lexists(p):
+            os.remove(p)
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 # ---- random number generators: Lightning saves none, so a resume would draw other numbers

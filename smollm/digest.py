@@ -50,6 +50,9 @@ class HashingWriter:
     def flush(self) -> None:
         self.f.flush()
 
+    def fileno(self) -> int:  # for os.fsync by whoever writes through it
+        return self.f.fileno()
+
     def tell(self) -> int:
         return self.size
 

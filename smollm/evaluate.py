@@ -210,6 +210,8 @@ def evaluate(argv: list[str]) -> tuple[dict[str, Any], str | None]:
         for name in options:  # ...unless given on this command line
             if _given(argv, f"--data.{name}"):
                 options[name] = getattr(cfg.data, name)
+    if run_data and run_data.get("seq_len") and not _given(argv, "--data.seq_len"):
+        options["seq_len"] = run_data["seq_len"]  # the context the model was trained on, on any text
     if not _given(argv, "--data.tokenizer") and not (run_data and not data_given) and tokenizer_name:
         options["tokenizer"] = tokenizer_name
     dm = TextDataModule(**options)
@@ -217,9 +219,13 @@ def evaluate(argv: list[str]) -> tuple[dict[str, Any], str | None]:
     dm.setup("validate")
     split = "all" if data_given else "validation"
     windows = dm.corpus_windows() if data_given else dm.val_windows()
+    dm.token_cache.check_ids(model.config.vocab_size)
     result = score(model, batches(windows, dm.batch_size), token_bytes(dm.tokenizer), cfg.max_windows)
+    scored = (f"scoring all of its text: {result.windows:,} windows of {dm.seq_len} tokens" if data_given else
+              f"scoring the held-out validation split: {result.windows:,} of its {dm.n_heldout_windows:,} windows "
+              f"of {dm.seq_len} tokens")
     report: dict[str, Any] = {"checkpoint": cfg.checkpoint, "split": split, "seq_len": dm.seq_len,
-                              "data": dm.describe(), **asdict(result)}
+                              "data": dm.describe(scored), **asdict(result)}
     if cfg.tasks:
         tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
         results = run_tasks(model, dm.tokenizer, tasks, cfg.include_path, cfg.eval_batch_size, cfg.limit,
@@ -248,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail_on(e)
     except ArgumentError as e:
         return fail(str(e)[:500] + " (see --help)")
+    print(report["data"])
     print(f"{report['checkpoint']}: {report['split']} split, {report['windows']:,} windows of {report['seq_len']} "
           f"tokens ({report['tokens']:,} tokens, {report['bytes']:,} bytes)")
     print(f"loss {report['loss']:.4f} nats/token   perplexity {report['perplexity']:,.3f}   "

@@ -32,9 +32,10 @@ from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from smollm.callbacks import AtomicCheckpointIO, Console, CtrlC, Interrupted, KeepGlobalBatch, StepCheckpoint
-from smollm.checkpoint import (RunLock, check_config, check_writable, find_last_checkpoint,
-                               read_checkpoint, step_files)
+from smollm.callbacks import (AtomicCheckpointIO, Console, CtrlC, Interrupted, KeepGlobalBatch, StepCheckpoint,
+                              ValidateAtEnd)
+from smollm.checkpoint import (RunLock, check_config, check_writable,
+                               find_last_checkpoint, read_checkpoint, step_files)
 from smollm.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_PREEMPTED, fail, fail_on
 from smollm.config import ModelConfig
 from smollm.data import TextDataModule, accumulation
@@ -85,6 +86,8 @@ class SmolLMCLI(LightningCLI):
                 if path is None:
                     raise UsageError(f"--ckpt_path last: no checkpoint to resume in {cfg.checkpoint.dirpath}; "
                                      "start without --ckpt_path, or give the checkpoint's path")
+            # A damaged file (also the newest, under `last`) stops the run with one line naming it and
+            # the newest intact checkpoint of the run: resuming from an older step is the user's call.
             checkpoint = read_checkpoint(path)
             check_config(path, checkpoint, model_config)
             check_same_optimizer(path, checkpoint, cfg.model.optimizer)
@@ -223,8 +226,8 @@ def available_memory() -> int | None:
 
 def configure_trainer(trainer) -> tuple[Console, CtrlC]:
     """What the CLI cannot express as a default: atomic, safe checkpoint IO (unless a subclass
-    was given with --trainer.plugins), our console in place of Lightning's progress bar, and
-    Ctrl-C handling."""
+    was given with --trainer.plugins), our console in place of Lightning's progress bar, Ctrl-C
+    handling, and a validation at the last step."""
     if not isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO):
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
     bars = [c for c in trainer.callbacks if isinstance(c, ProgressBar)]
@@ -232,7 +235,7 @@ def configure_trainer(trainer) -> tuple[Console, CtrlC]:
         trainer.callbacks.remove(bar)
     checkpoint = next((c for c in trainer.callbacks if isinstance(c, StepCheckpoint)), None)
     console, ctrl_c = Console(show_progress=bool(bars)), CtrlC(checkpoint)
-    trainer.callbacks.extend([console, ctrl_c, KeepGlobalBatch()])
+    trainer.callbacks.extend([console, ctrl_c, KeepGlobalBatch(), ValidateAtEnd()])
     return console, ctrl_c
 
 

@@ -132,6 +132,9 @@ class LitSmolLM(L.LightningModule):
                 f"tokenizer {dm.hparams.get('tokenizer')!r} has {vocab} tokens but the model's vocabulary "
                 f"is {self.config.vocab_size}; use a matching tokenizer or --model.config_overrides "
                 f"'{{\"vocab_size\": {vocab}}}'")
+        cache = getattr(dm, "token_cache", None) if dm is not None else None
+        if cache is not None:
+            cache.check_ids(self.config.vocab_size)  # ids the embedding has no row for: one line, not a crash
         tokenizer = getattr(dm, "tokenizer", None) if dm is not None else None
         if tokenizer is not None:
             self._byte_table = token_bytes(tokenizer)

@@ -110,7 +110,7 @@ def test_last_is_the_newest_after_resuming_from_the_first_checkpoint(tmp_path, d
     assert links(folder) == {"last.ckpt": "step=000008.ckpt"}
     assert main(args(root, data, 12, every=5, extra=["--ckpt_path", "last"])) == 0
     assert links(folder) == {"last.ckpt": "step=000012.ckpt"}
-    assert sorted(p.name for p in folder.glob("step=*")) == [
+    assert sorted(p.name for p in folder.glob("step=*.ckpt")) == [
         "step=000005.ckpt", "step=000008.ckpt", "step=000010.ckpt", "step=000012.ckpt"]
 
 

@@ -374,7 +374,8 @@ def test_a_full_disk_while_writing_a_checkpoint(tmp_path, small, capsys, monkeyp
     monkeypatch.setattr(AtomicCheckpointIO, "_write", full)
     err = one_line_error(capsys, main(run_args(root, small, 4, every=2, extra=["--ckpt_path", "last"])))
     assert "step=000004.ckpt" in err and "No space left" in err
-    assert sorted(p.name for p in (root / "checkpoints" / "tiny").iterdir()) == ["last.ckpt", "step=000002.ckpt"]
+    assert sorted(p.name for p in (root / "checkpoints" / "tiny").iterdir()) == ["last.ckpt", "step=000002.ckpt",
+                                                                             "step=000002.ckpt.digest"]
     assert (root / "checkpoints" / "tiny" / "step=000002.ckpt").read_bytes() == good
 
 
@@ -435,7 +436,7 @@ def test_ddp_on_two_processes_splits_data_saves_once_and_resumes_exactly(tmp_pat
     for a, b in zip(*ranks):
         assert a["step"] == b["step"] and not set(a["windows"]) & set(b["windows"])
     assert sorted(p.name for p in (straight / "checkpoints" / "tiny").iterdir()) == [
-        "last.ckpt", "step=000003.ckpt", "step=000006.ckpt"]
+        "last.ckpt", "step=000003.ckpt", "step=000003.ckpt.digest", "step=000006.ckpt", "step=000006.ckpt.digest"]
 
     assert_two_process_resume_is_exact(tmp_path / "resumed", small, DDP, straight, ranks)
 
@@ -578,7 +579,8 @@ def test_fsdp_on_two_processes_shards_by_layer_trains_as_ddp_resumes_exactly_and
     # one unit per decoder layer; embedding, final norm and the tied head in the root unit
     assert json.loads((tmp_path / "units.json").read_text()) == ["", "model.layers.0", "model.layers.1"]
     assert sorted(p.name for p in (straight / "checkpoints" / "tiny").iterdir()) == [
-        "last.ckpt", "step=000003.ckpt", "step=000006.ckpt"]  # one full file each, written by rank 0
+        "last.ckpt", "step=000003.ckpt", "step=000003.ckpt.digest", "step=000006.ckpt",
+        "step=000006.ckpt.digest"]  # one full file each (and its digest), written by rank 0
     ranks = [fitutil.read_records(Path(f"{straight / 'rec.jsonl'}.rank{r}")) for r in (0, 1)]
 
     for r in (0, 1):

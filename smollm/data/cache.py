@@ -7,6 +7,13 @@ to a temporary file, flushed to disk and renamed into place, and only then liste
 index records where the next shard starts in the sources, so a build killed at any moment starts
 again from its last complete shard.
 
+Each shard's index entry also holds its digest (`smollm.digest`, computed as the shard is written:
+no second read), its largest token id, and where the sources stood when it began. Opening the
+cache verifies every shard (`check_shards`: one streaming read, on threads); a damaged one is
+rebuilt from that start if its sources still give the same bytes (`rebuild_shard`), else it is one
+line naming the shard. `verify_shard` is the one check of a shard against its entry, for whoever
+copies shards (downloads included).
+
 Tokenizing runs in one worker process per core (the tokenizer's Rust code, the conversion of its
 output to arrays and the pickling, all in parallel), fed with batches of about BATCH_BYTES of text
 by the main process, which reads the sources and writes the shards. At most two batches per worker
@@ -19,12 +26,15 @@ import collections
 import contextlib
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -32,7 +42,10 @@ import numpy as np
 
 from smollm import assets
 from smollm.data.sources import DataError, Position, Unit, write_json_atomic
+from smollm.digest import CHUNK, Hasher, HashingWriter
 from smollm.errors import SmolLMError, first_line
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # bump when the cache layout or the tokenization rule changes
 SHARD_TOKENS = 1 << 27  # 134M tokens: 256 MB of uint16; a kill loses at most one shard of work
@@ -106,6 +119,16 @@ class TokenCache:
     def __len__(self) -> int:
         return self.n_tokens
 
+    def check_ids(self, vocab_size: int) -> None:
+        """Refuse a cache holding a token id the model has no embedding for (on CUDA it would be a
+        device-side assert that brings down every process), naming the shard."""
+        for entry in self.index["shards"]:
+            if entry.get("max_id", -1) >= vocab_size:
+                raise DataError(f"token cache shard {self.folder / entry['file']} holds token id {entry['max_id']}, "
+                                f"outside the model's vocabulary of {vocab_size}; train with the tokenizer this "
+                                f"cache was built with (and a vocab_size above {entry['max_id']}), or delete "
+                                f"{self.folder} and run again")
+
     def _shard(self, k: int) -> np.ndarray:
         if k not in self._maps:
             name, n = self.shards[k]
@@ -150,6 +173,107 @@ def is_complete(folder: Path) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------
+# Verifying: every shard against the digest written with it
+
+
+def scan_shard(path: Path, dtype: np.dtype) -> tuple[str, int]:
+    """(digest, largest token id) of a shard file, in one streaming read."""
+    hasher, largest = Hasher(), -1
+    buf = bytearray(CHUNK - CHUNK % dtype.itemsize)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            hasher.update(view[:n])
+            if n >= dtype.itemsize:
+                largest = max(largest, int(np.frombuffer(buf, dtype, n // dtype.itemsize).max()))
+    return hasher.digest(), largest
+
+
+def verify_shard(folder: str | os.PathLike, entry: dict[str, Any], dtype: str | None = None) -> bool:
+    """Whether shard `entry` of index.json (its "file", "tokens", "digest") is intact in `folder`:
+    the right size and the recorded digest, in one streaming read. An entry without a digest (a
+    cache built before shards had one) checks the size only. `dtype` defaults to the index's."""
+    path = Path(folder) / entry["file"]
+    if dtype is None:
+        dtype = (read_index(Path(folder)) or {}).get("dtype", "uint16")
+    size = entry["tokens"] * np.dtype(dtype).itemsize
+    if not path.is_file() or path.stat().st_size != size:
+        return False
+    return "digest" not in entry or scan_shard(path, np.dtype(dtype))[0] == entry["digest"]
+
+
+def check_shards(folder: str | os.PathLike, index: dict[str, Any], threads: int | None = None) -> list[int]:
+    """Verify every shard of a complete cache (one streaming read each, `threads` at a time: the
+    hash and the reads release the GIL); return the positions of the damaged ones. Shards listed
+    without a digest get one recorded here (and their largest id), once, with a note: what they
+    hold now is trusted from then on."""
+    folder, dtype = Path(folder), np.dtype(index["dtype"])
+    shards = index["shards"]
+
+    def check(k: int) -> bool:
+        entry = shards[k]
+        path = folder / entry["file"]
+        if not path.is_file() or path.stat().st_size != entry["tokens"] * dtype.itemsize:
+            return False
+        if "digest" in entry:
+            return scan_shard(path, dtype)[0] == entry["digest"]
+        entry["digest"], entry["max_id"] = scan_shard(path, dtype)
+        return True
+
+    legacy = [k for k, e in enumerate(shards) if "digest" not in e]
+    workers = max(1, min(threads or min(8, cpu_count()), len(shards)))
+    with ThreadPoolExecutor(workers) as pool:
+        ok = list(pool.map(check, range(len(shards))))
+    if legacy:
+        log.warning(f"note: token cache {folder} was built before shards carried digests; recorded them now "
+                    "for the shards as they are")
+        write_json_atomic(folder / INDEX, index)
+    return [k for k, good in enumerate(ok) if not good]
+
+
+def _process_start() -> float:
+    """When this process started (wall clock), from Linux's /proc; else when this module loaded."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _LOADED
+
+
+_LOADED = time.time()
+
+
+def _stamp_path(folder: Path) -> Path:
+    return folder / f".verified-{socket.gethostname()}.json"
+
+
+def _stat_signature(folder: Path, index: dict[str, Any]) -> dict[str, list[int]]:
+    signature = {}
+    for entry in index["shards"]:
+        st = (folder / entry["file"]).stat()
+        signature[entry["file"]] = [st.st_size, st.st_mtime_ns, st.st_ino]
+    return signature
+
+
+def verified_in_this_launch(folder: Path, index: dict[str, Any]) -> bool:
+    """Whether a process of this launch on this machine has verified the cache already: its stamp
+    began after this process started and the shards are the same files. The ranks of one node
+    then read the shards once, not once each; a new run verifies again."""
+    try:
+        stamp = json.loads(_stamp_path(folder).read_text())
+        return stamp["began"] >= _process_start() - 1.0 and stamp["shards"] == _stat_signature(folder, index)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def stamp_verified(folder: Path, index: dict[str, Any], began: float) -> None:
+    write_json_atomic(_stamp_path(folder), {"began": began, "shards": _stat_signature(folder, index)})
+
+
+# ------------------------------------------------------------------------------------------------
 # Workers: text -> token ids
 
 
@@ -169,7 +293,7 @@ def _init_worker(tokenizer_json: str, eos: int, dtype: str) -> None:
     _worker.update(tokenizer=Tokenizer.from_str(tokenizer_json), eos=eos, dtype=np.dtype(dtype))
 
 
-def _tokenize(texts: list[str], eos: list[bool]) -> tuple[np.ndarray, np.ndarray]:
+def _tokenize_batch(texts: list[str], eos: list[bool]) -> tuple[np.ndarray, np.ndarray]:
     """The token ids of `texts` concatenated, EOS after each text whose flag is set, and the
     number of tokens that each text contributed."""
     encodings = _worker["tokenizer"].encode_batch_fast(texts, add_special_tokens=False)
@@ -219,7 +343,8 @@ def _fsync_dir(folder: Path) -> None:
 
 
 class _ShardWriter:
-    """Appends tokens to the open shard; commits each full one (fsync, rename, index)."""
+    """Appends tokens to the open shard, hashing them as they are written; commits each full one
+    (fsync, rename, index with its digest, largest id and where the sources stood at its start)."""
 
     def __init__(self, folder: Path, index: dict[str, Any],
                  on_commit: Callable[[dict[str, Any], str | None], None] | None = None) -> None:
@@ -229,6 +354,9 @@ class _ShardWriter:
         self.total = sum(s["tokens"] for s in index["shards"])  # tokens appended so far
         self.in_shard = 0
         self.file: Any = None
+        self.writer: HashingWriter | None = None
+        self.max_id = -1
+        self.start: dict[str, Any] | None = None
 
     def _tmp(self) -> Path:
         return self.folder / f"shard-{len(self.index['shards']):06d}.bin.tmp"
@@ -239,27 +367,39 @@ class _ShardWriter:
         while len(tokens):
             if self.file is None:
                 self.file = open(self._tmp(), "wb")
+                self.writer, self.max_id = HashingWriter(self.file), -1
+                index = self.index  # the state after the last commit: where this shard begins
+                self.start = {"n_docs": index["n_docs"], "sources": [dict(c) for c in index["sources"]],
+                              "resume": index["resume"]}
             take = tokens[:self.shard_tokens - self.in_shard]
-            self.file.write(take.tobytes())
+            self.writer.write(np.ascontiguousarray(take))
+            self.max_id = max(self.max_id, int(take.max()))
             self.in_shard += len(take)
             self.total += len(take)
             tokens = tokens[len(take):]
             if self.in_shard == self.shard_tokens:
                 self.commit(state_at(self.total))
 
+    def _close(self) -> dict[str, Any]:
+        """Make the open shard durable; its index entry (not yet listed)."""
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        self.file = None
+        entry = {"file": f"shard-{len(self.index['shards']):06d}.bin", "tokens": self.in_shard,
+                 "digest": self.writer.digest(), "max_id": self.max_id, "start": self.start}
+        self.in_shard = 0
+        return entry
+
     def commit(self, state: dict[str, Any], complete: bool = False) -> None:
         """Make the open shard durable and list it, with the resume `state` for what follows."""
         index, name = self.index, None
         if self.file is not None:
-            self.file.flush()
-            os.fsync(self.file.fileno())
-            self.file.close()
-            self.file = None
-            name = f"shard-{len(index['shards']):06d}.bin"
+            entry = self._close()
+            name = entry["file"]
             os.replace(self._tmp(), self.folder / name)
             _fsync_dir(self.folder)
-            index["shards"].append({"file": name, "tokens": self.in_shard})
-            self.in_shard = 0
+            index["shards"].append(entry)
         index.update(n_tokens=sum(s["tokens"] for s in index["shards"]), n_docs=state["n_docs"],
                      sources=state["sources"], resume=None if complete else state["resume"],
                      complete=complete)
@@ -274,6 +414,38 @@ class _ShardWriter:
             self.file = None
         with contextlib.suppress(FileNotFoundError):
             self._tmp().unlink()
+
+
+class _Rebuilt(Exception):
+    """The shard being rebuilt is complete and in place."""
+
+
+class _RebuildWriter(_ShardWriter):
+    """Writes shard k again, from where the sources stood at its start, and puts it in place only
+    if its digest is the one recorded: the index is never touched."""
+
+    def __init__(self, folder: Path, index: dict[str, Any], k: int) -> None:
+        self.expected = index["shards"][k]
+        start = self.expected["start"]
+        view = {**index, "shards": index["shards"][:k], "n_docs": start["n_docs"],
+                "sources": start["sources"], "resume": start["resume"]}
+        super().__init__(folder, view)
+
+    def _tmp(self) -> Path:
+        return self.folder / f"{self.expected['file']}.rebuild.tmp"
+
+    def commit(self, state: dict[str, Any], complete: bool = False) -> None:
+        if self.file is None:
+            raise DataError("nothing to rebuild")
+        entry = self._close()
+        if (entry["tokens"], entry["digest"]) != (self.expected["tokens"], self.expected["digest"]):
+            self._tmp().unlink()
+            raise DataError(f"token cache shard {self.folder / self.expected['file']} is damaged, and its sources "
+                            "no longer give the same tokens, so it cannot be rebuilt; delete "
+                            f"{self.folder} and run again to tokenize them afresh")
+        os.replace(self._tmp(), self.folder / self.expected["file"])
+        _fsync_dir(self.folder)
+        raise _Rebuilt
 
 
 def _batches(units: Iterator[Unit], size: int) -> Iterator[tuple[list[Position], list[str], list[bool]]]:
@@ -301,8 +473,6 @@ def build_cache(folder: Path, sources: list[Any], tokenizer: Any, meta: dict[str
     `meta` goes into the index as it is (key, spec, tokenizer name, ...). `on_commit(index, shard)`
     runs after each commit of the index: `shard` is the file just listed, None for the final commit.
     """
-    from tqdm import tqdm
-
     folder.mkdir(parents=True, exist_ok=True)
     index = read_index(folder)
     if index is not None and index.get("key") != meta.get("key"):
@@ -318,16 +488,54 @@ def build_cache(folder: Path, sources: list[Any], tokenizer: Any, meta: dict[str
     for stray in folder.glob("shard-*"):  # a shard renamed but not yet listed, a temporary file
         if stray.name not in listed:
             stray.unlink()
-    resume = index["resume"]
-    counts = [dict(s) for s in index["sources"]]  # tokens and documents per source so far
-    n_docs = index["n_docs"]
     writer = _ShardWriter(folder, index, on_commit)
-    workers = workers or cpu_count()
     if index["shards"]:
         print(f"resuming the tokenization at shard {len(index['shards'])} ({writer.total:,} tokens "
               f"done) in {folder}", file=sys.stderr, flush=True)
     start_time = time.perf_counter()
+    n_docs, counts = _tokenize(writer, sources, tokenizer, max_tokens, workers, progress, "tokenizing")
+    index["seconds"] = round(index.get("seconds", 0) + time.perf_counter() - start_time, 2)
+    try:
+        writer.commit({"n_docs": n_docs, "sources": counts, "resume": None}, complete=True)
+    except BaseException:
+        writer.discard()
+        raise
 
+
+def rebuild_shard(folder: Path, index: dict[str, Any], k: int, sources: list[Any], tokenizer: Any,
+                  max_tokens: list[int | None], workers: int | None = None) -> None:
+    """Tokenize shard k of a complete cache again from where its sources stood when it was built,
+    and put it in place if it comes out with the recorded digest; else one DataError naming the
+    shard. The caller holds the cache's lock."""
+    entry = index["shards"][k]
+    if "start" not in entry:
+        raise DataError(f"token cache shard {folder / entry['file']} is damaged, and the cache is too old to say "
+                        f"where its sources start; delete {folder} and run again")
+    writer = _RebuildWriter(folder, index, k)
+    try:
+        _tokenize(writer, sources, tokenizer, max_tokens, workers, False, f"rebuilding {entry['file']}")
+        writer.commit({})  # the sources ended: the last shard, or sources that have shrunk
+    except _Rebuilt:
+        return
+    except DataError as e:
+        if str(e).startswith("token cache shard"):
+            raise
+        raise DataError(f"token cache shard {folder / entry['file']} is damaged and cannot be rebuilt: "
+                        f"{first_line(e)}; copy the cache again from where it was built, or delete {folder} "
+                        "and run where the sources can be read") from None
+
+
+def _tokenize(writer: _ShardWriter, sources: list[Any], tokenizer: Any, max_tokens: list[int | None],
+              workers: int | None, progress: bool, desc: str) -> tuple[int, list[dict[str, Any]]]:
+    """Tokenize the sources from where the writer's index says they resume, into `writer`:
+    (documents, per-source counts) when the sources end. `writer` may stop it earlier by raising."""
+    from tqdm import tqdm
+
+    index = writer.index
+    resume = index["resume"]
+    counts = [dict(s) for s in index["sources"]]  # tokens and documents per source so far
+    n_docs = index["n_docs"]
+    workers = workers or cpu_count()
     # Workers are forked where that is possible: they start at once and share the parent's pages.
     # They use only the tokenizer and numpy, never a thread the parent started, so Python 3.12's
     # warning about forking a multi-threaded process does not apply to them.
@@ -337,7 +545,7 @@ def build_cache(folder: Path, sources: list[Any], tokenizer: Any, meta: dict[str
         pool = context.Pool(workers, initializer=_init_worker,
                             initargs=(tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token_id,
                                       index["dtype"]))
-    bar = tqdm(initial=writer.total, unit="tok", unit_scale=True, desc="tokenizing", file=sys.stderr,
+    bar = tqdm(initial=writer.total, unit="tok", unit_scale=True, desc=desc, file=sys.stderr,
                disable=not progress, mininterval=2.0)
     try:
         for s in range(resume["source"], len(sources)):
@@ -353,7 +561,7 @@ def build_cache(folder: Path, sources: list[Any], tokenizer: Any, meta: dict[str
             try:
                 while not done:
                     for positions, texts, eos in batches:
-                        pending.append((positions, eos, pool.apply_async(_tokenize, (texts, eos))))
+                        pending.append((positions, eos, pool.apply_async(_tokenize_batch, (texts, eos))))
                         if len(pending) >= 2 * workers:
                             break
                     else:
@@ -391,8 +599,7 @@ def build_cache(folder: Path, sources: list[Any], tokenizer: Any, meta: dict[str
                         bar.update(len(tokens))
             finally:
                 batches.close()
-        index["seconds"] = round(index.get("seconds", 0) + time.perf_counter() - start_time, 2)
-        writer.commit({"n_docs": n_docs, "sources": counts, "resume": None}, complete=True)
+        return n_docs, counts
     except BaseException:
         writer.discard()
         raise

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Sampler
 
 from smollm import assets
-from smollm.data.cache import (INDEX, TokenCache, build_cache, cache_key, is_complete, load_tokenizer,
-                               token_dtype, tokenizer_fingerprint)
+from smollm.data.cache import (INDEX, TokenCache, build_cache, cache_key, check_shards, is_complete,
+                               load_tokenizer, read_index, rebuild_shard, stamp_verified, token_dtype,
+                               tokenizer_fingerprint, verified_in_this_launch)
 from smollm.data.remote import Remote, is_url
 from smollm.data.sources import STDLIB, DataError, DatasetSource, FileSource
 from smollm.data.windows import ResumableSampler, TokenWindows, accumulation, split_windows
@@ -306,8 +308,9 @@ class TextDataModule(L.LightningDataModule):
         n = -(-(self.n_tokens - 1) // L_)  # ceil((n_tokens - 1) / L)
         return TokenWindows(self.token_cache, L_, 0, range(n), stop=self.n_tokens)
 
-    def describe(self) -> str:
-        """The data line: sources, documents, tokens, shards, windows, passes, cache."""
+    def describe(self, windows: str | None = None) -> str:
+        """The data line: sources, documents, tokens, shards, windows, passes, cache. `windows`
+        replaces the part about training windows (evaluate says what it scores)."""
         c = self._corpus
         if c is None or self.n_tokens is None:
             return f"TextDataModule({', '.join(self.files + [d[0] for d in self.datasets])}): not set up yet"
@@ -315,10 +318,11 @@ class TextDataModule(L.LightningDataModule):
                             for s, cap in zip(c["sources"], self.max_tokens))
         skipped = f" ({len(c['empty'])} empty skipped)" if c["empty"] else ""
         shards = len(self.token_cache.shards)
+        windows = windows or (f"seq_len {self.seq_len}: {self.n_train_windows:,} train windows, {self.n_val_windows} "
+                              f"of {self.n_heldout_windows} held-out windows validated; {self._passes()}")
         return (f"data: {sources}{skipped}; {self.n_documents:,} documents, {self.n_tokens:,} tokens "
                 f"({self.tokenizer_name}, vocab {self.vocab_size}) in {shards} shard{'s' * (shards != 1)}; "
-                f"seq_len {self.seq_len}: {self.n_train_windows:,} train windows, {self.n_val_windows} of "
-                f"{self.n_heldout_windows} held-out windows validated; {self._passes()}; cache {c['folder']}"
+                f"{windows}; cache {c['folder']}"
                 + (f" (mirror of {self.remote.where(c['folder'].name)})" if self.remote else ""))
 
     # -- helpers --
@@ -393,16 +397,23 @@ class TextDataModule(L.LightningDataModule):
         return self._corpus
 
     def _ensure_cache(self) -> dict[str, Any]:
-        """The cache complete on disk: found, or built (or resumed) by this process while it holds
-        the cache's lock; a process that finds the lock taken waits for the one building. With a
-        remote mirror, both copies end complete: downloaded, uploaded, or built and uploaded."""
+        """The cache complete on disk and verified: found, or built (or resumed) by this process
+        while it holds the cache's lock; a process that finds the lock taken waits for the one
+        building or verifying. With a remote mirror, both copies end complete: downloaded,
+        uploaded, or built and uploaded.
+
+        Every shard is checked against its digest once per launch on each machine: the first
+        process there to take the lock verifies (and rebuilds a damaged shard), the others find
+        its stamp and read nothing. A new run verifies again. Shards built or downloaded here were
+        hashed as they were written or fetched: nothing is read twice.
+        """
         from filelock import FileLock, Timeout
 
         if self.remote is not None:
             self.remote.check()  # bad input in one line before any data work
         corpus = self._find_corpus()
         folder = corpus["folder"]
-        if is_complete(folder) and (self.remote is None or self.remote.is_complete(folder.name)):
+        if self._verified_here(folder) and (self.remote is None or self.remote.is_complete(folder.name)):
             return corpus
         folder.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(folder) + ".lock")
@@ -410,16 +421,37 @@ class TextDataModule(L.LightningDataModule):
             lock.acquire(timeout=0)
         except Timeout:  # said once, by rank 0, not by every rank that waits
             if self._rank_world()[0] == 0:
-                print(f"waiting for another process to finish tokenizing into {folder}", file=sys.stderr, flush=True)
+                print(f"waiting for another process to finish tokenizing or verifying {folder}", file=sys.stderr,
+                      flush=True)
             lock.acquire()
         try:
+            began = time.time()
+            was_complete = is_complete(folder)
+            if was_complete and not self._verified_here(folder):
+                self._verify(corpus)  # before anything reads it, or uploads it
             if self.remote is not None:
                 self.remote.sync(folder, lambda on_commit: self._build(corpus, on_commit))
-            elif not is_complete(folder):
-                self._build(corpus)
+            elif not was_complete:
+                self._build(corpus)  # each shard hashed as it is written: nothing to read again
+            stamp_verified(folder, read_index(folder), began)
         finally:
             lock.release()
         return corpus
+
+    @staticmethod
+    def _verified_here(folder: Path) -> bool:
+        index = read_index(folder)
+        return bool(index and index.get("complete")) and verified_in_this_launch(folder, index)
+
+    def _verify(self, corpus: dict[str, Any]) -> None:
+        """Check every shard against its digest; rebuild the damaged ones from their sources."""
+        folder = Path(corpus["folder"])
+        index = read_index(folder)
+        for k in check_shards(folder, index):
+            name = index["shards"][k]["file"]
+            print(f"warning: token cache shard {folder / name} is damaged (its bytes do not match its digest); "
+                  "rebuilding it from its sources", file=sys.stderr, flush=True)
+            rebuild_shard(folder, index, k, corpus["sources"], self.tokenizer, self.max_tokens)
 
     def _build(self, corpus: dict[str, Any], on_commit: Any = None) -> None:
         tokenizer, sources = self.tokenizer, corpus["sources"]
