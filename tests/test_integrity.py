@@ -64,7 +64,7 @@ def shards(tmp_path, tok_dir, monkeypatch):
 
 def new_launch(folder: Path) -> None:
     """What a new run finds: no record that this launch verified the cache."""
-    for stamp in folder.glob(".verified-*"):
+    for stamp in folder.parent.glob(f"{folder.name}.verified-*"):
         stamp.unlink()
 
 

@@ -247,7 +247,8 @@ _LOADED = time.time()
 
 
 def _stamp_path(folder: Path) -> Path:
-    return folder / f".verified-{socket.gethostname()}.json"
+    """Beside the cache folder, as its lock is: the folder holds only what its mirror holds."""
+    return folder.parent / f"{folder.name}.verified-{socket.gethostname()}.json"
 
 
 def _stat_signature(folder: Path, index: dict[str, Any]) -> dict[str, list[int]]:
