@@ -137,6 +137,12 @@ def counted_tokens(monkeypatch) -> list[int]:
     return counted
 
 
+def mirrored(folder: Path) -> dict[str, bytes]:
+    """A local cache folder's files that the remote mirrors: its shards and index.json, not this
+    host's verification stamp (.verified-HOST.json)."""
+    return {p.name: p.read_bytes() for p in folder.iterdir() if not p.name.startswith(".")}
+
+
 def remote_files(s3, key: str) -> dict[str, bytes]:
     prefix = f"{s3.bucket}/runs/tokens/{key}"
     return {Path(p).name: s3.fs.cat_file(p) for p in s3.fs.ls(prefix, detail=False, refresh=True)}
@@ -150,7 +156,7 @@ def test_two_nodes_train_from_one_remote_cache_and_the_second_never_tokenizes(
     one = ready(node(tmp_path, monkeypatch, "node1", tok_dir, corpus, s3.url))
     folder1 = one._corpus["folder"]
     assert folder1.parent == tmp_path / "node1" / "tokens"  # the local copy is where it always is
-    local = {p.name: p.read_bytes() for p in folder1.iterdir()}
+    local = mirrored(folder1)
     assert len([n for n in local if n.startswith("shard-")]) >= 5
     assert remote_files(s3, folder1.name) == local  # the mirror: same files, same index.json
     s3.fs.invalidate_cache()
@@ -160,7 +166,7 @@ def test_two_nodes_train_from_one_remote_cache_and_the_second_never_tokenizes(
     two = ready(node(tmp_path, monkeypatch, "node2", tok_dir, corpus, s3.url))
     folder2 = two._corpus["folder"]
     assert folder2 == tmp_path / "node2" / "tokens" / folder1.name
-    assert {p.name: p.read_bytes() for p in folder2.iterdir()} == local
+    assert mirrored(folder2) == local
     assert isinstance(two.token_cache._shard(0), np.memmap)  # training reads the local copy
     assert np.array_equal(two.token_cache.read(0, two.n_tokens), one.token_cache.read(0, one.n_tokens))
     for a, b in zip(itertools.islice(one.train_dataloader(), 20), itertools.islice(two.train_dataloader(), 20)):
@@ -198,8 +204,7 @@ def test_a_node_without_the_sources_trains_from_the_url_the_build_prints_and_nev
     folder = tmp_path / "node2" / "tokens" / one._corpus["folder"].name
     assert two._corpus["folder"] == folder and isinstance(two.token_cache._shard(0), np.memmap)
     assert "downloading" in capsys.readouterr().err
-    assert {p.name: p.read_bytes() for p in folder.iterdir() if not p.name.startswith(".")} == \
-        {p.name: p.read_bytes() for p in one._corpus["folder"].iterdir() if not p.name.startswith(".")}
+    assert mirrored(folder) == mirrored(one._corpus["folder"])
     for a, b in zip(itertools.islice(one.train_dataloader(), 20), itertools.islice(two.train_dataloader(), 20)):
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["index"], b["index"])
     assert two.state_dict()["cache_key"] == one.state_dict()["cache_key"]  # a resume sees the same data
