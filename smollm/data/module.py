@@ -479,7 +479,8 @@ class TextDataModule(L.LightningDataModule):
         """The cache complete on disk and verified: found, or built (or resumed) by this process
         while it holds the cache's lock; a process that finds the lock taken waits for the one
         building or verifying. With a remote mirror, both copies end complete: downloaded,
-        uploaded, or built and uploaded.
+        uploaded, or built and uploaded. A cache named by `--data.cache_dir` is never built: a
+        URL's is downloaded, a local folder is read in place.
 
         Every shard is checked against its digest once per launch on each machine: the first
         process there to take the lock verifies (and rebuilds a damaged shard), the others find
