@@ -40,6 +40,11 @@ TESTS = Path(__file__).resolve().parent
 SHARD = 400  # tokens per shard: the corpus below (3,193 tokens) makes eight
 
 
+def recorder(path: Path) -> list[str]:
+    """fit's option that records each step's windows and loss (fitutil.Recorder) into `path`."""
+    return ["--trainer.callbacks+=" + json.dumps({"class_path": "fitutil.Recorder", "init_args": {"path": str(path)}})]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -132,6 +137,12 @@ def counted_tokens(monkeypatch) -> list[int]:
     return counted
 
 
+def mirrored(folder: Path) -> dict[str, bytes]:
+    """A local cache folder's files that the remote mirrors: its shards and index.json, not this
+    host's verification stamp (.verified-HOST.json)."""
+    return {p.name: p.read_bytes() for p in folder.iterdir() if not p.name.startswith(".")}
+
+
 def remote_files(s3, key: str) -> dict[str, bytes]:
     prefix = f"{s3.bucket}/runs/tokens/{key}"
     return {Path(p).name: s3.fs.cat_file(p) for p in s3.fs.ls(prefix, detail=False, refresh=True)}
@@ -145,7 +156,7 @@ def test_two_nodes_train_from_one_remote_cache_and_the_second_never_tokenizes(
     one = ready(node(tmp_path, monkeypatch, "node1", tok_dir, corpus, s3.url))
     folder1 = one._corpus["folder"]
     assert folder1.parent == tmp_path / "node1" / "tokens"  # the local copy is where it always is
-    local = {p.name: p.read_bytes() for p in folder1.iterdir()}
+    local = mirrored(folder1)
     assert len([n for n in local if n.startswith("shard-")]) >= 5
     assert remote_files(s3, folder1.name) == local  # the mirror: same files, same index.json
     s3.fs.invalidate_cache()
@@ -155,7 +166,7 @@ def test_two_nodes_train_from_one_remote_cache_and_the_second_never_tokenizes(
     two = ready(node(tmp_path, monkeypatch, "node2", tok_dir, corpus, s3.url))
     folder2 = two._corpus["folder"]
     assert folder2 == tmp_path / "node2" / "tokens" / folder1.name
-    assert {p.name: p.read_bytes() for p in folder2.iterdir()} == local
+    assert mirrored(folder2) == local
     assert isinstance(two.token_cache._shard(0), np.memmap)  # training reads the local copy
     assert np.array_equal(two.token_cache.read(0, two.n_tokens), one.token_cache.read(0, one.n_tokens))
     for a, b in zip(itertools.islice(one.train_dataloader(), 20), itertools.islice(two.train_dataloader(), 20)):
@@ -168,6 +179,105 @@ def test_two_nodes_train_from_one_remote_cache_and_the_second_never_tokenizes(
     three = ready(node(tmp_path, monkeypatch, "node2", tok_dir, corpus, other))
     assert Remote(other).read_index(folder1.name) == json.loads(local["index.json"])
     assert three.n_tokens == one.n_tokens
+
+
+# -- nodes without the sources: one cache named by its URL -----------------------------------------
+
+
+def gpu_node(tmp_path, monkeypatch, name, tok_dir, cache_dir, **kw) -> TextDataModule:
+    """A node with its own empty local cache and no copy of the sources."""
+    monkeypatch.setenv("SMOLLM_CACHE", str(tmp_path / name))
+    return TextDataModule(tokenizer=tok_dir, seq_len=SEQ, batch_size=4, val_fraction=0.05, num_workers=0,
+                          cache_dir=cache_dir, **kw)
+
+
+def test_a_node_without_the_sources_trains_from_the_url_the_build_prints_and_never_tokenizes(
+        tmp_path, tok_dir, corpus, s3, small_shards, monkeypatch, capsys, caplog):
+    one = ready(node(tmp_path, monkeypatch, "node1", tok_dir, corpus, s3.url))
+    said = re.findall(r"GPU nodes: --data.cache_dir (\S+)", capsys.readouterr().err)
+    url = f"{s3.url}/tokens/{one._corpus['folder'].name}"
+    assert said == [url]  # the build says once which URL the GPU nodes take
+
+    no_tokenizing(monkeypatch)
+    monkeypatch.setattr(data.module.FileSource, "resolve", lambda self: pytest.fail("a source was read"))
+    two = ready(gpu_node(tmp_path, monkeypatch, "node2", tok_dir, url))  # no --data.files at all
+    folder = tmp_path / "node2" / "tokens" / one._corpus["folder"].name
+    assert two._corpus["folder"] == folder and isinstance(two.token_cache._shard(0), np.memmap)
+    assert "downloading" in capsys.readouterr().err
+    assert mirrored(folder) == mirrored(one._corpus["folder"])
+    for a, b in zip(itertools.islice(one.train_dataloader(), 20), itertools.islice(two.train_dataloader(), 20)):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["index"], b["index"])
+    assert two.state_dict()["cache_key"] == one.state_dict()["cache_key"]  # a resume sees the same data
+    assert two.describe().split("; cache ")[0] == one.describe().split("; cache ")[0]  # the sources, from the index
+    assert two.describe().endswith(f"cache {folder} (mirror of {url})")
+
+    # --data.files naming files this node lacks: ignored, in one note.
+    caplog.clear()
+    three = ready(gpu_node(tmp_path, monkeypatch, "node2", tok_dir, url, files=str(tmp_path / "not-here")))
+    notes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("note:")]
+    assert len(notes) == 1 and notes[0].startswith(f"note: --data.files ignored: --data.cache_dir names one built "
+                                                   f"cache, {url}")
+    assert three.n_tokens == one.n_tokens
+
+    # The local copy damaged: the next launch downloads that shard again.
+    shard = folder / "shard-000002.bin"
+    raw = bytearray(shard.read_bytes())
+    raw[5] ^= 1
+    shard.write_bytes(bytes(raw))
+    for stamp in folder.glob(".verified-*"):
+        stamp.unlink()  # as a new launch finds it
+    four = ready(gpu_node(tmp_path, monkeypatch, "node2", tok_dir, url + "/"))
+    assert f"token cache shard {shard} is damaged" in capsys.readouterr().err
+    assert np.array_equal(four.token_cache.read(0, four.n_tokens), one.token_cache.read(0, one.n_tokens))
+
+    # A local cache folder is named the same way, and read in place.
+    five = ready(gpu_node(tmp_path, monkeypatch, "node5", tok_dir, str(one._corpus["folder"])))
+    assert five.token_cache.folder == one._corpus["folder"] and not (tmp_path / "node5" / "tokens").exists()
+    assert np.array_equal(five.token_cache.read(0, five.n_tokens), one.token_cache.read(0, one.n_tokens))
+
+
+def test_names_one_cache_tells_a_cache_from_a_root(tmp_path):
+    from smollm.data.module import names_one_cache
+
+    key = "0123456789abcdef01234567"
+    assert names_one_cache(f"s3://b/p/tokens/{key}") and names_one_cache(f"s3://b/p/tokens/{key}/")
+    assert names_one_cache(f"{tmp_path}/tokens/{key}")  # even before it exists: then it is one line
+    assert not names_one_cache("s3://b/p") and not names_one_cache(f"s3://b/p/{key}")
+    assert not names_one_cache(f"s3://b/p/tokens/{key[:-1]}") and not names_one_cache(str(tmp_path))
+    (tmp_path / "copied").mkdir()
+    (tmp_path / "copied" / "index.json").write_text("{}")
+    assert names_one_cache(str(tmp_path / "copied")) and not names_one_cache(None)
+
+
+def test_a_wrong_tokenizer_or_a_url_without_a_complete_cache_is_one_line_and_harms_nothing(
+        tmp_path, tok_dir, corpus, s3, small_shards, monkeypatch):
+    from helpers_data import make_tokenizer
+
+    remote, name, index, built = built_remote(tmp_path, monkeypatch, tok_dir, corpus, s3)
+    url = f"{s3.url}/tokens/{name}"
+    other_tok = make_tokenizer(tmp_path / "other-tok", seed=7)
+    missing = f"{s3.url}/tokens/{'0' * 24}"
+    remote.put_index("f" * 24, {**index, "complete": False, "shards": index["shards"][:2]})
+    partial = f"{s3.url}/tokens/{'f' * 24}"
+    remote.put_index("e" * 24, index)  # another cache's index under this name
+    cases = [
+        (url, other_tok, rf"--data.cache_dir {url} was built with tokenizer '{re.escape(tok_dir)}', whose token ids "
+                         rf"differ from those of --data.tokenizer '{re.escape(other_tok)}'; pass --data.tokenizer "
+                         rf"'{re.escape(tok_dir)}'"),
+        (missing, tok_dir, rf"--data.cache_dir {missing} holds no token cache \(no readable index.json\); give the "
+                           r"cache that the building run's data line names"),
+        (partial, tok_dir, rf"--data.cache_dir {partial} is not complete \(2 shard\(s\) listed so far\)"),
+        (f"{s3.url}/tokens/{'e' * 24}", tok_dir, r"its index.json is that of another cache"),
+        (str(tmp_path / "nowhere" / "tokens" / name), tok_dir, r"holds no token cache"),
+    ]
+    for cache_dir, tokenizer, expected in cases:
+        dm = gpu_node(tmp_path, monkeypatch, "gpu", tok_dir, cache_dir)
+        dm.tokenizer_name = tokenizer
+        with pytest.raises(data.DataError) as caught:
+            dm.prepare_data()
+        message = str(caught.value)
+        assert re.search(expected, message) and "\n" not in message, message
+        assert not (tmp_path / "gpu" / "tokens").exists()  # nothing downloaded, nothing written
 
 
 # -- downloads ------------------------------------------------------------------------------------
@@ -391,7 +501,7 @@ def test_fit_on_two_nodes_from_one_bucket_and_a_missing_bucket_in_one_line(tmp_p
     runs = {}
     for name in ("node1", "node2"):
         args = fitutil.fit_args(tmp_path / name, corpus, tokenizer, max_steps=4,
-                                extra=["--data.cache_dir", s3.url])
+                                extra=["--data.cache_dir", s3.url, *recorder(tmp_path / f"{name}.jsonl")])
         runs[name] = fitutil.run_fit(args, env={**s3.env, "SMOLLM_CACHE": str(tmp_path / name / "local")})
         assert runs[name].returncode == 0, runs[name].stderr[-3000:]
     assert "tokenizing" in runs["node1"].stderr and "tokenizing" not in runs["node2"].stderr
@@ -401,6 +511,32 @@ def test_fit_on_two_nodes_from_one_bucket_and_a_missing_bucket_in_one_line(tmp_p
         return re.search(r"train loss [\d.]+ -> [\d.]+", run.stdout + run.stderr).group(0)
 
     assert trained(runs["node1"]) == trained(runs["node2"])  # the same tokens, the same order
+
+    # A GPU node with no copy of the sources trains from the URL the build printed, stopped after
+    # 2 steps and resumed: the same windows and losses as node 1's straight run.
+    (url,) = re.findall(r"GPU nodes: --data.cache_dir (\S+)", runs["node1"].stderr)
+    gone = tmp_path / "not-on-this-node"
+    env3 = {**s3.env, "SMOLLM_CACHE": str(tmp_path / "node3" / "local")}
+    for steps, resume in ((2, []), (4, ["--ckpt_path", "last"])):
+        args = fitutil.fit_args(tmp_path / "node3", gone, tokenizer, max_steps=steps, extra=[
+            "--data.cache_dir", url, *resume, *recorder(tmp_path / "node3.jsonl")])
+        run = fitutil.run_fit(args, env=env3)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert "tokenizing" not in run.stderr and "note: --data.files ignored" in run.stderr
+        assert ("downloading" in run.stderr) == (not resume)  # once; the resumed run finds its copy
+        assert f"(mirror of {url})" in run.stdout + run.stderr  # the data line
+    straight, resumed = fitutil.read_records(tmp_path / "node1.jsonl"), fitutil.read_records(tmp_path / "node3.jsonl")
+    assert [r["windows"] for r in resumed] == [r["windows"] for r in straight]
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight], abs=1e-4)
+
+    # Evaluate that run on a fourth node, also without the sources: from the checkpoint's data options.
+    ckpt = tmp_path / "node3" / "checkpoints" / "tiny" / "last.ckpt"
+    scored = subprocess.run([sys.executable, "-m", "smollm.evaluate", "--checkpoint", str(ckpt)], capture_output=True,
+                            text=True, timeout=300, cwd=TESTS.parent, env=fitutil.subprocess_env(
+                                {**s3.env, "SMOLLM_CACHE": str(tmp_path / "node4")}))
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    assert "downloading" in scored.stderr and "tokenizing" not in scored.stderr
+    assert f"(mirror of {url})" in scored.stdout and re.search(r"perplexity [\d.,]+", scored.stdout)
 
     args = fitutil.fit_args(tmp_path / "bad", corpus, tokenizer, max_steps=4,
                             extra=["--data.cache_dir", "s3://no-such-bucket-here/runs"])

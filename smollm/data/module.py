@@ -6,6 +6,8 @@ what it trains on.
 from __future__ import annotations
 
 import hashlib
+import logging
+import re
 import signal
 import sys
 import time
@@ -18,12 +20,16 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Sampler
 
 from smollm import assets
-from smollm.data.cache import (INDEX, TokenCache, build_cache, cache_key, check_shards, is_complete,
-                               load_tokenizer, read_index, rebuild_shard, stamp_verified, token_dtype,
-                               tokenizer_fingerprint, verified_in_this_launch)
+from smollm.data.cache import (FORMAT_VERSION, INDEX, TokenCache, build_cache, cache_key, check_shards,
+                               is_complete, load_tokenizer, read_index, rebuild_shard, stamp_verified,
+                               token_dtype, tokenizer_fingerprint, verified_in_this_launch)
 from smollm.data.remote import Remote, is_url
 from smollm.data.sources import STDLIB, DataError, DatasetSource, FileSource
 from smollm.data.windows import ResumableSampler, TokenWindows, accumulation, split_windows
+
+log = logging.getLogger(__name__)
+
+NAME = re.compile(r"[0-9a-f]{24}")  # a cache folder's name: the first 24 hex digits of its key
 
 
 def _plural(n: int, word: str, suffix: str) -> str:
@@ -32,6 +38,19 @@ def _plural(n: int, word: str, suffix: str) -> str:
 
 def _as_list(value: Any) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def names_one_cache(cache_dir: str | None) -> bool:
+    """Whether `--data.cache_dir` names one built cache rather than a cache root: its last two
+    parts are `tokens/<24 hex digits>` (what the data line prints after "cache" or "mirror of"),
+    or it is a local folder that holds an index.json. A node given one cache needs no sources: it
+    takes the cache as it is, so the key need not be computed from their content."""
+    if not cache_dir:
+        return False
+    parent, _, name = cache_dir.rstrip("/").rpartition("/")
+    if parent.rpartition("/")[2] == "tokens" and NAME.fullmatch(name):
+        return True
+    return not is_url(cache_dir) and (Path(cache_dir).expanduser() / INDEX).is_file()
 
 
 class TextDataModule(L.LightningDataModule):
@@ -72,7 +91,7 @@ class TextDataModule(L.LightningDataModule):
         max_val_windows: Validate on at most this many held-out windows (the first ones), so validation stays quick; None for all.
         num_workers: DataLoader worker processes per device; the batch order does not depend on it.
         seed: Seed of the training order; the order is a pure function of (seed, step).
-        cache_dir: Cache root (default $SMOLLM_CACHE or ~/.cache/smollm); token caches go to its "tokens" folder. An object-storage URL (s3://bucket/prefix, or another fsspec URL) is a remote mirror: the cache is built once and uploaded there, and each node downloads it into its local cache ($SMOLLM_CACHE) instead of tokenizing.
+        cache_dir: Cache root (default $SMOLLM_CACHE or ~/.cache/smollm); token caches go to its "tokens" folder. An object-storage URL (s3://bucket/prefix, or another fsspec URL) is a remote mirror: the cache is built once and uploaded there, and each node downloads it into its local cache ($SMOLLM_CACHE) instead of tokenizing. One built cache, named as the data line prints it (s3://bucket/prefix/tokens/KEY, or a local .../tokens/KEY or any folder holding an index.json), is used as it is, without its sources: files, dataset and the options that shape the cache are then ignored, with a note, and the tokenizer must be the one it was built with.
         encoding_errors: "strict" stops at bytes that are not UTF-8, naming the file and offset; "replace" turns them into U+FFFD.
     """
 
@@ -97,6 +116,15 @@ class TextDataModule(L.LightningDataModule):
         encoding_errors: str = "strict",
     ) -> None:
         super().__init__()
+        named = names_one_cache(cache_dir)
+        # With one cache named, what it was built from is its index's to say: the options that
+        # shape a cache are ignored (said once, when the cache is opened).
+        self._ignored = [f"--data.{k}" for k, v, default in (
+            ("files", files, None), ("dataset", dataset, None), ("subset", subset, None), ("split", split, "train"),
+            ("revision", revision, None), ("max_tokens", max_tokens, None), ("text_key", text_key, "text"),
+            ("encoding_errors", encoding_errors, "strict")) if named and v != default]
+        if named:
+            files, dataset, max_tokens = [], None, None
         files = ([STDLIB] if dataset is None else []) if files is None else _as_list(files)
         datasets = self._dataset_specs(dataset, subset, split, revision)
         n_sources = (1 if files else 0) + len(datasets)
@@ -104,7 +132,7 @@ class TextDataModule(L.LightningDataModule):
         if len(caps) == 1:
             caps = caps * n_sources
         checks = [
-            (len(files) > 0 or len(datasets) > 0,
+            (named or len(files) > 0 or len(datasets) > 0,
              "files is empty; name at least one file, glob or folder, '@stdlib', or a --data.dataset"),
             (isinstance(text_key, str) and text_key != "", f"text_key must be a field name, got {text_key!r}"),
             (len(caps) == n_sources, f"max_tokens has {len(caps)} values for {n_sources} sources (files, then "
@@ -136,6 +164,16 @@ class TextDataModule(L.LightningDataModule):
         self.resumed: dict[str, Any] | None = None  # the checkpoint's data state, on resume
         self.remote = Remote(cache_dir) if is_url(cache_dir) else None
         self.cache_dir = None if self.remote else cache_dir  # the local root
+        self.named: str | None = cache_dir.rstrip("/") if named else None  # one built cache, as given
+        self.named_folder: Path | None = None  # where it is read: in place, or the local copy of a URL
+        if self.named and self.remote:
+            root, name = self.named.rsplit("/tokens/", 1)
+            self.remote = Remote(root)
+            self.named_folder = assets.cache_dir_path(None) / "tokens" / name
+        elif self.named:
+            self.named_folder = Path(self.named).expanduser()
+            if self.named_folder.parent.name == "tokens":  # the root it lies in holds the tokenizer, too
+                self.cache_dir = str(self.named_folder.parent.parent)
         self.token_dir = assets.cache_dir_path(self.cache_dir) / "tokens"
         self._tokenizer: Any = None
         self._corpus: dict[str, Any] | None = None  # the sources and the cache's name, found once
@@ -313,9 +351,13 @@ class TextDataModule(L.LightningDataModule):
         replaces the part about training windows (evaluate says what it scores)."""
         c = self._corpus
         if c is None or self.n_tokens is None:
-            return f"TextDataModule({', '.join(self.files + [d[0] for d in self.datasets])}): not set up yet"
-        sources = "; ".join(s.describe() + (f" (first {cap:,} tokens)" if cap else "")
-                            for s, cap in zip(c["sources"], self.max_tokens))
+            return f"TextDataModule({self.named or ', '.join(self.files + [d[0] for d in self.datasets])}): not set up yet"
+        if c["sources"] is None:  # a named cache: its sources as its index recorded them
+            described = [s["source"] for s in c["index"]["sources"]]
+            caps = c["spec"].get("max_tokens") or [None] * len(described)
+        else:
+            described, caps = [s.describe() for s in c["sources"]], self.max_tokens
+        sources = "; ".join(d + (f" (first {cap:,} tokens)" if cap else "") for d, cap in zip(described, caps))
         skipped = f" ({len(c['empty'])} empty skipped)" if c["empty"] else ""
         shards = len(self.token_cache.shards)
         windows = windows or (f"seq_len {self.seq_len}: {self.n_train_windows:,} train windows, {self.n_val_windows} "
@@ -362,6 +404,9 @@ class TextDataModule(L.LightningDataModule):
         """Resolve and hash the sources, load the tokenizer, and name the cache (once per process)."""
         if self._corpus is not None:
             return self._corpus
+        if self.named is not None:
+            self._corpus = self._open_named()
+            return self._corpus
         sources: list[Any] = []
         files = None
         if self.files:
@@ -396,11 +441,46 @@ class TextDataModule(L.LightningDataModule):
                         "docs": files.docs if files else [], "empty": files.empty if files else []}
         return self._corpus
 
+    def _open_named(self) -> dict[str, Any]:
+        """The cache that `--data.cache_dir` names, as its index describes it: complete, of this
+        smollm's format, built with this run's tokenizer. No source is read; a URL's index is read
+        from the remote (its shards are downloaded by `_ensure_cache`)."""
+        url, folder = self.named, self.named_folder
+        assert url is not None and folder is not None
+        index = self.remote.read_index(folder.name) if self.remote is not None else read_index(folder)
+        if index is None:
+            raise DataError(f"--data.cache_dir {url} holds no token cache (no readable {INDEX}); give the cache that "
+                            "the building run's data line names (after 'mirror of', or after 'cache'), or build it "
+                            "first")
+        if not index.get("complete"):
+            raise DataError(f"--data.cache_dir {url} is not complete ({len(index.get('shards', []))} shard(s) listed "
+                            "so far): its build is under way or was stopped; run the build again until it ends, "
+                            "then start this run")
+        if index.get("format") != FORMAT_VERSION or "tokenizer" not in index.get("spec", {}):
+            raise DataError(f"--data.cache_dir {url} is a token cache of format {index.get('format')!r}, which this "
+                            f"smollm (format {FORMAT_VERSION}) does not read; build it again with this version")
+        if self.remote is not None and not str(index.get("key", "")).startswith(folder.name):
+            raise DataError(f"--data.cache_dir {url}: its {INDEX} is that of another cache "
+                            f"({str(index.get('key'))[:24]}); copy that cache to its own folder, or build this one again")
+        built_with = index.get("tokenizer")
+        if tokenizer_fingerprint(self.tokenizer) != index["spec"]["tokenizer"]:
+            raise DataError(f"--data.cache_dir {url} was built with tokenizer {built_with!r}, whose token ids differ "
+                            f"from those of --data.tokenizer {self.tokenizer_name!r}; pass --data.tokenizer "
+                            f"{built_with!r} (or that tokenizer, copied to this node)")
+        if self._ignored:
+            built_from = "; ".join(s["source"] for s in index.get("sources", []))
+            log.warning(f"note: {', '.join(self._ignored)} ignored: --data.cache_dir names one built cache, "
+                        f"{url}, which is used as it is (built from {built_from})")
+        return {"key": index["key"], "spec": index["spec"], "sources": None, "index": index, "folder": folder,
+                "meta_path": folder / INDEX, "bin_path": folder / "shard-000000.bin",
+                "docs": [Path(p) for p in index.get("files", [])], "empty": index.get("skipped_empty", [])}
+
     def _ensure_cache(self) -> dict[str, Any]:
         """The cache complete on disk and verified: found, or built (or resumed) by this process
         while it holds the cache's lock; a process that finds the lock taken waits for the one
         building or verifying. With a remote mirror, both copies end complete: downloaded,
-        uploaded, or built and uploaded.
+        uploaded, or built and uploaded. A cache named by `--data.cache_dir` is never built: a
+        URL's is downloaded, a local folder is read in place.
 
         Every shard is checked against its digest once per launch on each machine: the first
         process there to take the lock verifies (and rebuilds a damaged shard), the others find
@@ -412,8 +492,8 @@ class TextDataModule(L.LightningDataModule):
         if self.remote is not None:
             self.remote.check()  # bad input in one line before any data work
         corpus = self._find_corpus()
-        folder = corpus["folder"]
-        if self._verified_here(folder) and (self.remote is None or self.remote.is_complete(folder.name)):
+        folder, named = corpus["folder"], corpus["sources"] is None
+        if self._verified_here(folder) and (self.remote is None or named or self.remote.is_complete(folder.name)):
             return corpus
         folder.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(folder) + ".lock")
@@ -429,7 +509,11 @@ class TextDataModule(L.LightningDataModule):
             was_complete = is_complete(folder)
             if was_complete and not self._verified_here(folder):
                 self._verify(corpus)  # before anything reads it, or uploads it
-            if self.remote is not None:
+            if named and self.remote is not None and not is_complete(folder):  # a copy of the named cache
+                self.remote.download(folder.name, folder, corpus["index"])
+            elif named:  # read in place: complete, as _open_named found it
+                pass
+            elif self.remote is not None:
                 self.remote.sync(folder, lambda on_commit: self._build(corpus, on_commit))
             elif not was_complete:
                 self._build(corpus)  # each shard hashed as it is written: nothing to read again
@@ -444,10 +528,27 @@ class TextDataModule(L.LightningDataModule):
         return bool(index and index.get("complete")) and verified_in_this_launch(folder, index)
 
     def _verify(self, corpus: dict[str, Any]) -> None:
-        """Check every shard against its digest; rebuild the damaged ones from their sources."""
+        """Check every shard against its digest; rebuild the damaged ones from their sources. A
+        named cache has no sources here: a damaged shard of a URL's copy is downloaded again (its
+        index removed first, so that no reader takes the copy for complete), one of a folder read
+        in place is one line."""
         folder = Path(corpus["folder"])
         index = read_index(folder)
-        for k in check_shards(folder, index):
+        damaged = check_shards(folder, index)
+        if damaged and corpus["sources"] is None:
+            shard = folder / index["shards"][damaged[0]]["file"]
+            if self.remote is None:
+                raise DataError(f"token cache shard {shard} is damaged (its bytes do not match its digest), and "
+                                f"--data.cache_dir names this cache without its sources; copy {folder} again from "
+                                "where it was built")
+            more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+            print(f"warning: token cache shard {shard}{more} is damaged (its bytes do not match its digest); "
+                  f"downloading it again from {self.named}", file=sys.stderr, flush=True)
+            (folder / INDEX).unlink()
+            for k in damaged:
+                (folder / index["shards"][k]["file"]).unlink(missing_ok=True)
+            return
+        for k in damaged:
             name = index["shards"][k]["file"]
             print(f"warning: token cache shard {folder / name} is damaged (its bytes do not match its digest); "
                   "rebuilding it from its sources", file=sys.stderr, flush=True)

@@ -13,6 +13,8 @@ the remote while training: a node downloads the shards into its local cache ($SM
 - Reading: shards are downloaded in parallel into `.part` files that a later run continues, each
   checked against its digest where the index has one before it is renamed into place; the local
   index is written last.
+- One cache named by its URL (`URL/tokens/<key>`, what the build prints when it ends) is read
+  the same way by nodes that have no copy of the sources (smollm.data.module, `names_one_cache`).
 - Bad input (an unreachable endpoint, no credentials, a missing bucket, no permission) is one line
   within seconds: the first request is made with one attempt and short timeouts.
 
@@ -184,6 +186,10 @@ class Remote:
                     index = self.read_index(name)
                     if not (index and index.get("complete")):
                         self._build_or_upload(folder, index, build)
+                        # What nodes without the sources give to train from this cache (said once, by
+                        # the process that built or uploaded it).
+                        print(f"GPU nodes: --data.cache_dir {self.where(name)} (this cache, complete; no "
+                              "sources needed)", file=sys.stderr, flush=True)
                         return
                 finally:
                     lock.release()
