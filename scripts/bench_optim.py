@@ -149,7 +149,6 @@ def data_module(corpus: str, work: Path, seed: int, args):
 def run(corpus: str, optimizer: str, lr: float, seed: int, dm, args) -> dict:
     """Train one model; return its held-out loss at each evaluation step and its step times."""
     from smollm.evaluate import batches, score, token_bytes
-    from smollm.model import chunked_cross_entropy
     from smollm.module import LitSmolLM
 
     torch.manual_seed(seed)
@@ -164,13 +163,7 @@ def run(corpus: str, optimizer: str, lr: float, seed: int, dm, args) -> dict:
     every = max(1, args.steps // args.points)
     for step, batch in enumerate(dm.train_dataloader(), start=1):
         start = time.perf_counter()
-        ids = batch["input_ids"]
-        loss = chunked_cross_entropy(model.hidden_states(ids[:, :-1]), model.lm_head.weight, ids[:, 1:], 8192)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        scheduler.step()
-        opt.zero_grad(set_to_none=True)
+        loss = train_step(model, opt, scheduler, batch["input_ids"])
         step_times.append(time.perf_counter() - start)
         if step % every == 0 or step == args.steps:
             held_out = score(model, batches(dm.val_windows(), args.batch_size), byte_table).loss
@@ -185,10 +178,22 @@ def run(corpus: str, optimizer: str, lr: float, seed: int, dm, args) -> dict:
             "train_loss": loss.item()}
 
 
+def train_step(model, opt, scheduler, ids: torch.Tensor) -> torch.Tensor:
+    """One optimizer step as smollm.fit takes it (chunked loss, clipping at 1.0, the schedule)."""
+    from smollm.model import chunked_cross_entropy
+
+    loss = chunked_cross_entropy(model.hidden_states(ids[:, :-1]), model.lm_head.weight, ids[:, 1:], 8192)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    scheduler.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
 def time_steps(dm, args) -> dict[str, float]:
     """Median seconds per training step of each side, measured step by step in alternation on
     the same batches, so that load from other processes falls on both alike."""
-    from smollm.model import chunked_cross_entropy
     from smollm.module import LitSmolLM
 
     sides = {}
@@ -203,12 +208,7 @@ def time_steps(dm, args) -> dict[str, float]:
         ids = batch["input_ids"]
         for optimizer, (model, opt, scheduler) in sides.items():
             start = time.perf_counter()
-            loss = chunked_cross_entropy(model.hidden_states(ids[:, :-1]), model.lm_head.weight, ids[:, 1:], 8192)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            scheduler.step()
-            opt.zero_grad(set_to_none=True)
+            train_step(model, opt, scheduler, ids)
             if i >= 3:  # after warm-up
                 times[optimizer].append(time.perf_counter() - start)
         if i >= args.timing_steps + 2:
