@@ -197,6 +197,8 @@ class Console(Callback):
         self.first_loss: float | None = None
         self.last_loss: float | None = None
         self.val: list[tuple[int, float, float]] = []  # (step, loss, perplexity), the first at the start
+        self._seen_step = 0  # the last optimizer step whose end was handled
+        self._window: tuple[float, int] | None = None  # (time, step) where the tokens/s window began
 
     # -- the start block
 
@@ -227,6 +229,7 @@ class Console(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.start_step, self.start_time = trainer.global_step, time.perf_counter()
+        self._seen_step, self._window = trainer.global_step, None
         if trainer.is_global_zero and self.show_progress and self.interactive:
             from tqdm import tqdm
 
@@ -238,6 +241,11 @@ class Console(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
+        if self._window is None:  # throughput is timed from the end of the first micro-batch on
+            self._window = (time.perf_counter(), step)
+        if step == self._seen_step:  # a micro-batch inside an accumulated step: the step is not done
+            return
+        self._seen_step = step
         at_log = step % trainer.log_every_n_steps == 0 or step >= trainer.max_steps
         if self.first_loss is None or at_log:  # the first step's loss too: where the run starts
             loss = trainer.callback_metrics.get("train/loss")
@@ -246,11 +254,17 @@ class Console(Callback):
                 if self.first_loss is None:
                     self.first_loss = self.last_loss
         if at_log and trainer.is_global_zero and self.show_progress:
-            self._progress(trainer, step)
+            tokens_per_step = batch["input_ids"][:, 1:].numel() * trainer.accumulate_grad_batches * trainer.world_size
+            self._progress(trainer, step, tokens_per_step)
 
-    def _progress(self, trainer, step: int) -> None:
-        metrics = trainer.callback_metrics
-        tps, lr = metrics.get("train/tokens_per_sec"), metrics.get("train/lr")
+    def _progress(self, trainer, step: int, tokens_per_step: int) -> None:
+        # Tokens/s and the learning rate of this very step, from host time and the optimizer's
+        # own (Python) value: the module's logged figures arrive only after callbacks have run.
+        now = time.perf_counter()
+        t0, s0 = self._window
+        tps = (step - s0) * tokens_per_step / (now - t0) if step > s0 and now > t0 else None
+        self._window = (now, step)
+        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
         loss = f"loss {self.last_loss:.4f}" if self.last_loss is not None else ""
         speed = f"{float(tps):,.0f} tok/s" if tps is not None else ""
         if self.bar is not None:

@@ -59,8 +59,12 @@ class DamagedCheckpointError(CheckpointError):
     def __init__(self, path: str, intact: str | None) -> None:
         self.path, self.intact = path, intact
         where = os.path.dirname(os.path.realpath(path))
-        fix = (f"the newest intact checkpoint of this run is {intact} (--ckpt_path {intact})" if intact
-               else f"no intact checkpoint of this run is left in {where}")
+        if intact is None:
+            fix = f"no intact checkpoint of this run is left in {where}"
+        elif check_digest(intact) is None:
+            fix = f"the newest checkpoint of this run not known to be damaged is {intact} (it has no digest: unverified)"
+        else:
+            fix = f"the newest intact checkpoint of this run is {intact}"
         super().__init__(f"checkpoint {path} is damaged: its bytes do not match the digest written with it "
                          f"({os.path.basename(digest_path(path))}); {fix}")
 

@@ -234,7 +234,7 @@ class LitSmolLM(L.LightningModule):
             self._window_start = (time.perf_counter(), step)
             return
         t0, s0 = self._window_start
-        if step - s0 >= every:
+        if step > s0 and step % every == 0:  # the console's logging steps, so both show one step's figures
             now = time.perf_counter()
             tokens = (step - s0) * self.trainer.accumulate_grad_batches * batch["input_ids"][:, 1:].numel()
             tokens_per_sec = tokens * self.trainer.world_size / (now - t0)

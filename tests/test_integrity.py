@@ -206,6 +206,14 @@ def test_a_float_moved_by_1e5_is_caught_naming_the_newest_intact(run, tmp_path, 
     assert str(path) in str(e.value) and str(intact) in str(e.value) and "\n" not in str(e.value)
 
 
+def test_an_older_checkpoint_without_digest_is_named_as_unverified_not_intact(run, tmp_path):
+    path, older, _ = damaged_copy(run, tmp_path, "weights")
+    os.remove(str(older) + ".digest")
+    with pytest.raises(DamagedCheckpointError) as e:
+        read_checkpoint(path)
+    assert str(older) in str(e.value) and "unverified" in str(e.value) and "intact" not in str(e.value)
+
+
 def test_every_reader_refuses_a_damaged_checkpoint_in_one_line(run, data, tmp_path, capsys):
     from smollm.convert import main as convert
     from smollm.evaluate import main as evaluate
