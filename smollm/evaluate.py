@@ -212,6 +212,8 @@ def evaluate(argv: list[str]) -> tuple[dict[str, Any], str | None]:
                 options[name] = getattr(cfg.data, name)
     if run_data and run_data.get("seq_len") and not _given(argv, "--data.seq_len"):
         options["seq_len"] = run_data["seq_len"]  # the context the model was trained on, on any text
+    elif not _given(argv, "--data.seq_len"):  # a Hugging Face folder: never past the positions it has
+        options["seq_len"] = min(options["seq_len"], model.config.max_position_embeddings)
     if not _given(argv, "--data.tokenizer") and not (run_data and not data_given) and tokenizer_name:
         options["tokenizer"] = tokenizer_name
     dm = TextDataModule(**options)
@@ -255,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     except ArgumentError as e:
         return fail(str(e)[:500] + " (see --help)")
     print(report["data"])
-    print(f"{report['checkpoint']}: {report['split']} split, {report['windows']:,} windows of {report['seq_len']} "
+    what = "all of the text" if report["split"] == "all" else f"{report['split']} split"
+    print(f"{report['checkpoint']}: {what}, {report['windows']:,} windows of {report['seq_len']} "
           f"tokens ({report['tokens']:,} tokens, {report['bytes']:,} bytes)")
     print(f"loss {report['loss']:.4f} nats/token   perplexity {report['perplexity']:,.3f}   "
           f"bits per byte {report['bits_per_byte']:.4f}")

@@ -109,6 +109,24 @@ def test_a_hugging_face_folder_scores_like_its_checkpoint(run, data, tmp_path):
     assert json.loads(a.read_text())["loss"] == pytest.approx(json.loads(b.read_text())["loss"], rel=1e-6)
 
 
+def test_a_hugging_face_folder_is_never_scored_past_its_positions(run, data, tmp_path):
+    from dataclasses import replace
+
+    from smollm.checkpoint import model_from_checkpoint
+    from smollm.model import SmolLM
+    from transformers import AutoTokenizer
+
+    corpus, tok = data
+    trained, _ = model_from_checkpoint(run / "checkpoints" / "tiny" / "last.ckpt")
+    model = SmolLM(replace(trained.config, max_position_embeddings=24))
+    model.load_state_dict(trained.state_dict())
+    folder = save_hf(model, tmp_path / "hf", tokenizer=AutoTokenizer.from_pretrained(tok))
+    out = tmp_path / "s.json"
+    assert main(["--checkpoint", str(folder), "--data.files", str(corpus), "--data.cache_dir",
+                 str(tmp_path / "c"), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["seq_len"] == 24  # not the 2048 default
+
+
 def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
     assert main(["--checkpoint", str(tmp_path / "nope.ckpt")]) == 2
     assert capsys.readouterr().err.strip().startswith("error: ")
