@@ -26,11 +26,6 @@ SEQ = 16
 TESTS = Path(__file__).resolve().parent
 
 
-@pytest.fixture(scope="session")
-def tok_dir(tmp_path_factory) -> str:
-    return make_tokenizer(tmp_path_factory.mktemp("tok"))
-
-
 @pytest.fixture
 def corpus(tmp_path) -> Path:
     """A jsonl and a parquet file and a text file: about 9,000 tokens."""

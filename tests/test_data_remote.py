@@ -25,8 +25,9 @@ import numpy as np
 import pytest
 import torch
 
+import fitutil
 import smollm.data as data
-from helpers_data import documents, make_tokenizer, write_records
+from helpers_data import documents, write_records
 from smollm.data import TextDataModule
 from smollm.data import remote as remote_mod
 from smollm.data.remote import Remote, RemoteError
@@ -84,11 +85,6 @@ def s3(server, tmp_path, monkeypatch):
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     fs.mkdir(bucket)
     return SimpleNamespace(url=f"s3://{bucket}/runs", bucket=bucket, env=env, endpoint=server, fs=fs)
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory) -> str:
-    return make_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture
@@ -361,7 +357,7 @@ def test_a_build_stopped_part_way_resumes_from_its_last_uploaded_shard(
     tokenized = counted_tokens(monkeypatch)
     capsys.readouterr()
     two = ready(node(tmp_path, monkeypatch, "node2", tok_dir, corpus, s3.url))  # another node resumes it
-    assert f"after its 3 uploaded shard(s)" in capsys.readouterr().err
+    assert "after its 3 uploaded shard(s)" in capsys.readouterr().err
     assert tokenized[0] == reference.n_tokens - 3 * SHARD
     assert np.array_equal(two.token_cache.read(0, two.n_tokens), reference.token_cache.read(0, reference.n_tokens))
     assert remote_files(s3, name)["index.json"] == (two._corpus["folder"] / "index.json").read_bytes()
@@ -378,11 +374,7 @@ def test_a_build_killed_with_sigkill_is_resumed_by_another_node_after_its_last_u
     name = node(tmp_path, monkeypatch, "node2", tok_dir, corpus, s3.url)._find_corpus()["folder"].name
     remote = Remote(s3.url)
     try:
-        deadline = time.time() + 120
-        while len((remote.read_index(name) or {"shards": []})["shards"]) < 3:
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.time() < deadline, "the build never uploaded its shards"
-            time.sleep(0.05)
+        fitutil.wait_for(proc, lambda: len((remote.read_index(name) or {"shards": []})["shards"]) >= 3, timeout=120)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:

@@ -189,7 +189,7 @@ def scan_shard(path: Path, dtype: np.dtype) -> tuple[str, int]:
     return hasher.digest(), largest
 
 
-def verify_shard(folder: str | os.PathLike, entry: dict[str, Any], dtype: str | None = None) -> bool:
+def verify_shard(folder: str | os.PathLike, entry: dict[str, Any], dtype: str | np.dtype | None = None) -> bool:
     """Whether shard `entry` of index.json (its "file", "tokens", "digest") is intact in `folder`:
     the right size and the recorded digest, in one streaming read. An entry without a digest (a
     cache built before shards had one) checks the size only. `dtype` defaults to the index's."""
@@ -212,12 +212,10 @@ def check_shards(folder: str | os.PathLike, index: dict[str, Any], threads: int 
 
     def check(k: int) -> bool:
         entry = shards[k]
-        path = folder / entry["file"]
-        if not path.is_file() or path.stat().st_size != entry["tokens"] * dtype.itemsize:
+        if not verify_shard(folder, entry, dtype):  # the size, and the digest where there is one
             return False
-        if "digest" in entry:
-            return scan_shard(path, dtype)[0] == entry["digest"]
-        entry["digest"], entry["max_id"] = scan_shard(path, dtype)
+        if "digest" not in entry:
+            entry["digest"], entry["max_id"] = scan_shard(folder / entry["file"], dtype)
         return True
 
     legacy = [k for k, e in enumerate(shards) if "digest" not in e]

@@ -509,10 +509,9 @@ class TextDataModule(L.LightningDataModule):
             was_complete = is_complete(folder)
             if was_complete and not self._verified_here(folder):
                 self._verify(corpus)  # before anything reads it, or uploads it
-            if named and self.remote is not None and not is_complete(folder):  # a copy of the named cache
-                self.remote.download(folder.name, folder, corpus["index"])
-            elif named:  # read in place: complete, as _open_named found it
-                pass
+            if named:  # a URL's cache is copied here; a local folder is read in place, as it is
+                if self.remote is not None and not is_complete(folder):
+                    self.remote.download(folder.name, folder, corpus["index"])
             elif self.remote is not None:
                 self.remote.sync(folder, lambda on_commit: self._build(corpus, on_commit))
             elif not was_complete:
