@@ -6,7 +6,8 @@ A checkpoint is Lightning's dict, written by `torch.save`, plus our "smollm" ent
     optimizer_states, lr_schedulers, loops, callbacks, global_step, epoch   Lightning's own
     hyper_parameters     LitSmolLM's __init__ arguments; datamodule_hyper_parameters likewise
     smollm               {"model_config": ModelConfig fields, "tokenizer": name or folder,
-                          "logger_version": TensorBoard version, "rng": every generator's state}
+                          "tokenizer_ids": its `vocab_digest`, "logger_version": TensorBoard
+                          version, "rng": every generator's state}
 
 Everything in it is tensors and plain Python values, so it is read with `weights_only=True`:
 a file whose pickle asks for anything else (code to run) is refused, never executed. Files are
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -36,6 +38,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from smollm.assets import load_tokenizer
 from smollm.config import ModelConfig
 from smollm.digest import HashingWriter, file_digest
 from smollm.errors import MissingPathError, SmolLMError, UsageError
@@ -198,6 +201,31 @@ def load_model(path: str | os.PathLike) -> tuple[SmolLM, str | None]:
     if p.suffix != ".ckpt":
         raise UsageError(f"{path}: expected a .ckpt of smollm.fit or a Hugging Face model folder")
     return model_from_checkpoint(p)
+
+
+def vocab_digest(tokenizer: Any) -> str:
+    """sha256 of a tokenizer's id mapping (every token and its id, added tokens included): what
+    the rows of a model's embedding mean. A tokenizer saved another way, with the same ids, has
+    the same digest. The "[PADn]" fillers a GGUF export writes for ids the tokenizer lacks are
+    left out, so a GGUF's tokenizer matches the one it was written from."""
+    pairs = sorted((i, token) for token, i in tokenizer.get_vocab().items() if token != f"[PAD{i}]")
+    return hashlib.sha256(json.dumps(pairs, ensure_ascii=False).encode()).hexdigest()
+
+
+def tokenizer_ids(path: str | os.PathLike, tokenizer_name: str | None) -> str | None:
+    """The `vocab_digest` of the tokenizer that the weights at `path` (a .ckpt or a Hugging Face
+    folder, whose tokenizer is `tokenizer_name`) were trained with, or None when unknown: a
+    checkpoint's record, else (a checkpoint from before the record, a folder) the named tokenizer's."""
+    if Path(path).is_file():
+        recorded = read_checkpoint(path)["smollm"].get("tokenizer_ids")
+        if recorded is not None:
+            return recorded
+    if tokenizer_name is None:
+        return None
+    try:
+        return vocab_digest(load_tokenizer(tokenizer_name))
+    except SmolLMError:  # no longer loadable here: unknown, not different
+        return None
 
 
 def step_files(dirpath: str | os.PathLike) -> list[tuple[int, str]]:

@@ -17,12 +17,13 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric, SumMetric
 
-from smollm.checkpoint import (CheckpointError, load_model, rng_state, set_rng_state,
-                               strip_compile_prefix)
+from smollm.checkpoint import (CheckpointError, load_model, rng_state, set_rng_state, strip_compile_prefix,
+                               tokenizer_ids, vocab_digest)
 from smollm.config import ModelConfig
 from smollm.errors import SmolLMError, UsageError
 from smollm.evaluate import token_bytes
 from smollm.generate import complete
+from smollm.gguf import load_gguf
 from smollm.model import SmolLM, chunked_cross_entropy
 from smollm.optim import (OPTIMIZER_SETTINGS, SCHEDULE_SETTINGS, apply_settings, check_strategy,
                           configure_optimizers, learning_rates, skips_on_device)
@@ -41,6 +42,7 @@ class LitSmolLM(L.LightningModule):
         preset: str = "135m",
         config_overrides: dict[str, Any] | None = None,
         init_from: str | None = None,
+        allow_other_tokenizer: bool = False,
         learning_rate: float = 3e-3,
         min_lr_ratio: float = 0.1,
         warmup_steps: int = 250,
@@ -69,8 +71,11 @@ class LitSmolLM(L.LightningModule):
             preset: Model preset: "135m", "360m" or "1.7b" (SmolLM2 exactly), or "tiny" (3.2M
                 parameters, for CPU).
             config_overrides: ModelConfig fields to change, e.g. {num_hidden_layers: 4}.
-            init_from: A Hugging Face Llama directory to start from (e.g. the converted real
-                SmolLM2) instead of a random init; its configuration must match the model's.
+            init_from: Weights to start from instead of a random init: a Hugging Face Llama
+                directory (e.g. the converted real SmolLM2), a .ckpt of smollm.fit or a llama GGUF.
+                Its configuration must match the model's, and its tokenizer's ids --data.tokenizer's.
+            allow_other_tokenizer: Start from init_from even though its tokenizer's ids differ from
+                --data.tokenizer's (its embedding rows then stand for other tokens).
             learning_rate: Peak learning rate of AdamW (with optimizer muon: of the AdamW group,
                 the embedding/head and the norms).
             min_lr_ratio: Final learning rate as a fraction of the peak.
@@ -106,13 +111,19 @@ class LitSmolLM(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.config = ModelConfig.from_name(preset, **(config_overrides or {}))
+        self._init_tokenizer: tuple[str | None, str | None] = (None, None)  # init_from's (name, ids)
+        self._tokenizer_ids: str | None = None  # the data tokenizer's vocab_digest, for checkpoints
         if init_from:
-            self.model = load_weights(init_from).train()
-            differ = self.config.diff(self.model.config)
+            model, name, ids = load_weights(init_from)
+            self.model, self._init_tokenizer = model.train(), (name, ids)
+            # The weights are given, so the std a random init would draw them with does not matter
+            # (a GGUF does not record it).
+            differ = [d for d in self.config.diff(self.model.config) if not d.startswith("initializer_range:")]
             if differ:
                 raise CheckpointError(
                     f"--model.init_from {init_from} does not match preset {preset!r}: "
                     + "; ".join(differ) + " (choose the matching --model.preset or overrides)")
+            self.model.config = self.config
         else:
             self.model = SmolLM(self.config)
         self.guard = NonFiniteGuard()
@@ -138,11 +149,28 @@ class LitSmolLM(L.LightningModule):
         tokenizer = getattr(dm, "tokenizer", None) if dm is not None else None
         if tokenizer is not None:
             self._byte_table = token_bytes(tokenizer)
+            self._tokenizer_ids = vocab_digest(tokenizer)
+            self._check_init_tokenizer(dm.hparams.get("tokenizer"))
         if vocab is not None and vocab < self.config.vocab_size // 2 and self.global_rank == 0:
             log.warning(
                 f"tokenizer {dm.hparams.get('tokenizer')!r} has {vocab:,} tokens but the model's vocabulary is "
                 f"{self.config.vocab_size:,}: most embedding rows will never be trained; "
                 f"--model.config_overrides '{{\"vocab_size\": {vocab}}}' matches them")
+
+    def _check_init_tokenizer(self, data_tokenizer: str | None) -> None:
+        """Refuse init_from weights trained on other token ids than the data's, unless allowed."""
+        init_from, (name, ids) = self.hparams.init_from, self._init_tokenizer
+        if not init_from or self.hparams.allow_other_tokenizer:
+            return
+        if ids is None:
+            if self.global_rank == 0:
+                log.warning(f"note: --model.init_from {init_from} names no tokenizer, so its token ids cannot be "
+                            f"compared with those of --data.tokenizer {data_tokenizer!r}")
+        elif ids != self._tokenizer_ids:
+            raise CheckpointError(
+                f"--model.init_from {init_from} was trained with tokenizer {name!r}, whose token ids differ from "
+                f"those of --data.tokenizer {data_tokenizer!r}; pass --data.tokenizer {name!r}, or "
+                "--model.allow_other_tokenizer true to train its embedding on other ids knowingly")
 
     def configure_model(self) -> None:
         if self._trainer is not None:
@@ -311,6 +339,7 @@ class LitSmolLM(L.LightningModule):
         checkpoint["smollm"] = {
             "model_config": self.config.to_dict(),
             "tokenizer": getattr(dm, "hparams", {}).get("tokenizer") if dm is not None else None,
+            "tokenizer_ids": self._tokenizer_ids,
             "logger_version": getattr(logger, "version", None),
         }
         # Lightning saves no RNG state; keep it so a resumed run draws the same random numbers.
@@ -329,15 +358,20 @@ class LitSmolLM(L.LightningModule):
             self._rng_to_restore = None
 
 
-def load_weights(path: str) -> SmolLM:
-    """The weights to start from: a Hugging Face directory, or a .ckpt of smollm.fit (its model
-    only; the optimizer and step start afresh)."""
+def load_weights(path: str) -> tuple[SmolLM, str | None, str | None]:
+    """The weights to start from: a Hugging Face directory, a .ckpt of smollm.fit (its model only;
+    the optimizer and step start afresh) or a GGUF -> (model, its tokenizer's name, the
+    `vocab_digest` of its ids, or None when it has no known tokenizer)."""
     from pathlib import Path
 
     if not Path(path).exists():
         raise CheckpointError(f"--model.init_from {path}: no such folder; give a Hugging Face model folder "
-                              "(python -m smollm.convert writes one) or a .ckpt of smollm.fit")
-    return load_model(path)[0]
+                              "(python -m smollm.convert writes one), a .ckpt of smollm.fit or a GGUF")
+    if Path(path).suffix == ".gguf":
+        model, tokenizer = load_gguf(path)  # it carries its tokenizer
+        return model, path, vocab_digest(tokenizer)
+    model, name = load_model(path)
+    return model, name, tokenizer_ids(path, name)
 
 
 class NonFiniteGuard:

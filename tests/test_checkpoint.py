@@ -96,6 +96,42 @@ def test_a_crafted_pytorch_model_bin_runs_nothing(tmp_path, tiny_model):
     assert not (tmp_path / "payload-ran").exists()
 
 
+# ---- --model.init_from takes weights trained on the data's token ids ----
+
+def test_init_from_refuses_weights_whose_tokenizer_has_other_ids(tmp_path, trained, data, capsys):
+    """A .ckpt, a Hugging Face folder and a GGUF each know their tokenizer; --data.tokenizer must
+    give its tokens the same ids (compared as a mapping, not as file bytes), or be allowed knowingly."""
+    from transformers import AutoTokenizer
+
+    from smollm.gguf import save_gguf
+
+    corpus, tok = data
+    other = fitutil.build_tokenizer(tmp_path / "other", fitutil.write_corpus(tmp_path / "c2", seed=7))
+    ours, theirs = AutoTokenizer.from_pretrained(tok), AutoTokenizer.from_pretrained(other)
+    assert len(ours) == len(theirs) and ours.get_vocab() != theirs.get_vocab()  # same size, other ids
+    model, _ = model_from_checkpoint(trained)
+    folder = save_hf(model, tmp_path / "hf", tokenizer=ours)
+    save_gguf(model, tmp_path / "m.gguf", ours)
+    for source, name in ((trained, str(tok)), (folder, str(folder)), (tmp_path / "m.gguf", str(tmp_path / "m.gguf"))):
+        capsys.readouterr()
+        assert main(args(tmp_path / "refused", data, 1, extra=[
+            "--model.init_from", str(source), "--data.tokenizer", str(other)])) == 2, source
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"error: --model.init_from {source} was trained with tokenizer {name!r}"), err
+        assert f"--data.tokenizer {str(other)!r}" in err[-1] and "Traceback" not in "".join(err)
+        assert not list((tmp_path / "refused").rglob("*.ckpt"))  # refused before training
+
+    # The same ids, saved another way (other bytes), pass; so do other ids when allowed.
+    same = tmp_path / "same"
+    ours.save_pretrained(same)
+    (same / "tokenizer.json").write_text(json.dumps(json.loads((same / "tokenizer.json").read_text())))
+    assert (same / "tokenizer.json").read_bytes() != (Path(tok) / "tokenizer.json").read_bytes()
+    assert main(args(tmp_path / "same-ids", data, 1, extra=[
+        "--model.init_from", str(trained), "--data.tokenizer", str(same)])) == 0
+    assert main(args(tmp_path / "allowed", data, 1, extra=[
+        "--model.init_from", str(trained), "--data.tokenizer", str(other), "--model.allow_other_tokenizer", "true"])) == 0
+
+
 # ---- last.ckpt is always the newest ----
 
 def links(folder: Path) -> dict[str, str]:
