@@ -4,10 +4,13 @@
         [--data.seq_len N] [--data.batch_size N] [--max_windows N] [--json FILE]
         [--tasks hellaswag,arc_easy,... [--include_path DIR] [--limit N]]
 
-PATH is a `.ckpt` of smollm.fit or a Hugging Face directory. With no data given, it scores the
-held-out validation split: a training checkpoint's own (the same windows its validation used),
-or the default corpus's for a Hugging Face directory. With data given, it scores all of it. The
-`--data.*` options are smollm.fit's, so every source fit reads is accepted.
+PATH is a `.ckpt` of smollm.fit or a Hugging Face directory. With no data given, it scores a
+training checkpoint's held-out validation split: the windows its validation scored, on as many
+processes as its run had; a corpus or split that is not the checkpoint's own is refused (its
+"validation" windows could be ones it trained on). A Hugging Face directory is scored on the
+default corpus's validation split, not called held-out. With data given, it scores all of it. The
+`--data.*` options are smollm.fit's, so every source fit reads is accepted; the tokenizer's ids and
+`--data.seq_len` must be the model's (at most its positions).
 
 Bits per byte is the total loss in bits over the UTF-8 bytes of the text scored (the end-of-
 document tokens we insert between documents stand for no bytes): unlike perplexity it compares
@@ -158,12 +161,49 @@ def run_tasks(model: SmolLM, tokenizer: Any, tasks: list[str], include_path: str
 
 
 def load_model(path: str) -> tuple[SmolLM, dict[str, Any] | None, str | None]:
-    """(model, the training run's data settings or None, a tokenizer name or folder or None)."""
+    """(model, the training run's data or None, a tokenizer name or folder or None). The run's
+    data is {"hparams": its --data.* settings, "state": what its data module saved (cache key,
+    seq_len, training windows, world size)}; a Hugging Face folder has none."""
     from smollm.checkpoint import load_model, read_checkpoint
+    from smollm.data import TextDataModule
 
     model, tokenizer = load_model(path)
-    data = read_checkpoint(path).get("datamodule_hyper_parameters") if Path(path).is_file() else None
-    return model, dict(data) if data else None, tokenizer
+    if not Path(path).is_file():
+        return model, None, tokenizer
+    checkpoint = read_checkpoint(path)
+    return model, {"hparams": dict(checkpoint.get("datamodule_hyper_parameters") or {}),
+                   "state": dict(checkpoint.get(TextDataModule.__qualname__) or {})}, tokenizer
+
+
+def validation_windows(dm: Any, path: str, state: dict[str, Any] | None) -> tuple[Any, bool]:
+    """(the validation windows to score, whether they are known to be held out). A checkpoint's
+    are those its run validated on; a corpus or split other than its own is refused, since its
+    "validation" windows could be ones it trained on. A Hugging Face folder's (or a checkpoint's
+    that recorded no corpus) are the corpus's, not known to be held out."""
+    if not state or not state.get("cache_key"):
+        return dm.val_windows(), False
+    key = dm.state_dict()["cache_key"]
+    if key != state["cache_key"]:
+        raise UsageError(f"{path} was trained on another corpus than its data options give now (token cache "
+                         f"{key[:24]}, the checkpoint's {state['cache_key'][:24]}), so that validation split is not "
+                         "held out; restore the checkpoint's corpus, or score text with --data.files (all of it, "
+                         "not called held-out)")
+    trained_to = state["n_train_windows"] * state["seq_len"]  # the last token of its last training window
+    if dm.val_start <= trained_to:
+        raise UsageError(f"with --data.seq_len {dm.seq_len} and --data.val_fraction {dm.val_fraction} the validation "
+                         f"split starts at token {dm.val_start:,}, inside the windows {path} trained on (tokens 0 to "
+                         f"{trained_to:,}); leave them as the checkpoint's")
+    return dm.val_windows(state.get("world_size", 1)), True
+
+
+def check_tokenizer(path: str, tokenizer_name: str | None, dm: Any) -> None:
+    """Refuse scoring a model on other token ids than those it was trained with."""
+    from smollm.checkpoint import tokenizer_ids, vocab_digest
+
+    own = tokenizer_ids(path, tokenizer_name)
+    if own is not None and own != vocab_digest(dm.tokenizer):
+        raise UsageError(f"{path} was trained with tokenizer {tokenizer_name!r}, whose token ids differ from those "
+                         f"of --data.tokenizer {dm.tokenizer_name!r}; leave --data.tokenizer out to use its own")
 
 
 def _given(argv: list[str], option: str) -> bool:
@@ -199,7 +239,8 @@ def evaluate(argv: list[str]) -> tuple[dict[str, Any], str | None]:
     cfg = build_parser().parse_args(argv)
     if cfg.tasks:
         _require_lm_eval()  # before any time is spent
-    model, run_data, tokenizer_name = load_model(cfg.checkpoint)
+    model, run, tokenizer_name = load_model(cfg.checkpoint)
+    run_data = run["hparams"] if run else None
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
     model.to(device)
@@ -214,20 +255,28 @@ def evaluate(argv: list[str]) -> tuple[dict[str, Any], str | None]:
         options["seq_len"] = run_data["seq_len"]  # the context the model was trained on, on any text
     elif not _given(argv, "--data.seq_len"):  # a Hugging Face folder: never past the positions it has
         options["seq_len"] = min(options["seq_len"], model.config.max_position_embeddings)
+    if options["seq_len"] > model.config.max_position_embeddings:
+        raise UsageError(f"--data.seq_len {options['seq_len']} exceeds the model's max_position_embeddings "
+                         f"{model.config.max_position_embeddings}; lower --data.seq_len")
     if not _given(argv, "--data.tokenizer") and not (run_data and not data_given) and tokenizer_name:
         options["tokenizer"] = tokenizer_name
     dm = TextDataModule(**options)
+    check_tokenizer(cfg.checkpoint, tokenizer_name, dm)
     dm.prepare_data()
     dm.setup("validate")
-    split = "all" if data_given else "validation"
-    windows = dm.corpus_windows() if data_given else dm.val_windows()
+    if data_given:
+        windows, held_out = dm.corpus_windows(), False
+    else:
+        windows, held_out = validation_windows(dm, cfg.checkpoint, run["state"] if run else None)
     dm.token_cache.check_ids(model.config.vocab_size)
     result = score(model, batches(windows, dm.batch_size), token_bytes(dm.tokenizer), cfg.max_windows)
+    of = f"{result.windows:,} of its {dm.n_heldout_windows:,} windows of {dm.seq_len} tokens"
     scored = (f"scoring all of its text: {result.windows:,} windows of {dm.seq_len} tokens" if data_given else
-              f"scoring the held-out validation split: {result.windows:,} of its {dm.n_heldout_windows:,} windows "
-              f"of {dm.seq_len} tokens")
-    report: dict[str, Any] = {"checkpoint": cfg.checkpoint, "split": split, "seq_len": dm.seq_len,
-                              "data": dm.describe(scored), **asdict(result)}
+              f"scoring the held-out validation split: {of}" if held_out else
+              f"scoring the validation split, not known to be held out from the model's training: {of}")
+    report: dict[str, Any] = {"checkpoint": cfg.checkpoint, "split": "all" if data_given else "validation",
+                              "held_out": held_out, "seq_len": dm.seq_len, "data": dm.describe(scored),
+                              **asdict(result)}
     if cfg.tasks:
         tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
         results = run_tasks(model, dm.tokenizer, tasks, cfg.include_path, cfg.eval_batch_size, cfg.limit,
@@ -257,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     except ArgumentError as e:
         return fail(str(e)[:500] + " (see --help)")
     print(report["data"])
-    what = "all of the text" if report["split"] == "all" else f"{report['split']} split"
+    what = ("all of the text" if report["split"] == "all" else "held-out validation split" if report["held_out"]
+            else "validation split (not known to be held out)")
     print(f"{report['checkpoint']}: {what}, {report['windows']:,} windows of {report['seq_len']} "
           f"tokens ({report['tokens']:,} tokens, {report['bytes']:,} bytes)")
     print(f"loss {report['loss']:.4f} nats/token   perplexity {report['perplexity']:,.3f}   "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -73,7 +74,7 @@ def test_a_training_checkpoint_is_scored_on_its_own_validation_windows(run, tmp_
     assert main(["--checkpoint", str(ckpt), "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert {"loss", "perplexity", "bits_per_byte", "tokens", "bytes"} <= report.keys()
-    assert report["split"] == "validation" and report["windows"] == 8
+    assert report["split"] == "validation" and report["held_out"] and report["windows"] == 8
     assert report["loss"] == pytest.approx(logged(run, "val/loss"), rel=1e-4)  # what training logged
     assert report["bits_per_byte"] == pytest.approx(logged(run, "val/bpb"), rel=1e-4)
     printed = capsys.readouterr().out
@@ -125,6 +126,91 @@ def test_a_hugging_face_folder_is_never_scored_past_its_positions(run, data, tmp
     assert main(["--checkpoint", str(folder), "--data.files", str(corpus), "--data.cache_dir",
                  str(tmp_path / "c"), "--json", str(out)]) == 0
     assert json.loads(out.read_text())["seq_len"] == 24  # not the 2048 default
+
+
+def edited(run: Path, tmp_path: Path, edit) -> Path:
+    """A copy of the run's last checkpoint, changed by `edit(checkpoint)` and saved with its digest."""
+    from smollm.checkpoint import save_atomic
+
+    checkpoint = torch.load(run / "checkpoints" / "tiny" / "last.ckpt", weights_only=True)
+    edit(checkpoint)
+    save_atomic(checkpoint, tmp_path / "edited.ckpt")
+    return tmp_path / "edited.ckpt"
+
+
+def scores(tmp_path: Path, argv: list[str]) -> dict:
+    out = tmp_path / "scores.json"
+    assert main([*argv, "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def one_line_error(capsys, code: int) -> str:
+    err = capsys.readouterr().err.strip().splitlines()  # a tokenizing progress bar may come first
+    assert code == 2 and err[-1].startswith("error: ") and "Traceback" not in "".join(err), err
+    return err[-1]
+
+
+def test_a_multi_process_runs_checkpoint_is_scored_on_the_windows_its_validation_scored(run, tmp_path):
+    # A run on 2 processes validating at most 7 windows validates 6 (each rank as many): evaluate
+    # scores those 6, as the first 6 windows of a 1-process run's split, not 7.
+    def ran_on(world: int):
+        def edit(checkpoint):
+            checkpoint["TextDataModule"]["world_size"] = world
+            checkpoint["datamodule_hyper_parameters"]["max_val_windows"] = 7
+        return edit
+
+    two = scores(tmp_path, ["--checkpoint", str(edited(run, tmp_path, ran_on(2)))])
+    one = scores(tmp_path, ["--checkpoint", str(edited(run, tmp_path, ran_on(1))), "--max_windows", "6"])
+    assert two["windows"] == 6 and two["held_out"]
+    assert two["loss"] == one["loss"] and two["bits_per_byte"] == one["bits_per_byte"]
+
+
+def test_only_the_checkpoints_own_validation_split_is_called_held_out(run, data, tmp_path, capsys):
+    corpus, tok = data
+    grown = tmp_path / "corpus"
+    shutil.copytree(corpus, grown)
+    (grown / "more.jsonl").write_text(json.dumps({"text": "a document added after training"}) + "\n")
+
+    def elsewhere(checkpoint):  # its corpus, grown by one file since training
+        checkpoint["datamodule_hyper_parameters"]["files"] = [str(grown)]
+
+    key = torch.load(run / "checkpoints" / "tiny" / "last.ckpt", weights_only=True)["TextDataModule"]["cache_key"]
+    path = edited(run, tmp_path, elsewhere)
+    capsys.readouterr()
+    err = one_line_error(capsys, main(["--checkpoint", str(path), "--data.cache_dir", str(tmp_path / "c")]))
+    assert "another corpus" in err and key[:24] in err and "not held out" in err
+    # The checkpoint's corpus, with a split that reaches into the windows it trained on
+    err = one_line_error(capsys, main(["--checkpoint", str(run / "checkpoints" / "tiny" / "last.ckpt"),
+                                       "--data.val_fraction", "0.3"]))
+    assert "inside the windows" in err and "trained on" in err
+    # A Hugging Face folder's training is unknown: its validation split is not called held-out
+    from transformers import AutoTokenizer
+
+    from smollm.checkpoint import model_from_checkpoint
+
+    folder = save_hf(model_from_checkpoint(path)[0], tmp_path / "hf", tokenizer=AutoTokenizer.from_pretrained(tok))
+    report = scores(tmp_path, ["--checkpoint", str(folder), "--data.tokenizer", str(tok), "--data.seq_len", "16",
+                               "--data.cache_dir", str(tmp_path / "c"), "--max_windows", "2"])
+    assert report["split"] == "validation" and not report["held_out"]
+    assert "held-out" not in capsys.readouterr().out.replace("not known to be held out", "")
+
+
+def test_a_window_longer_than_the_models_positions_is_refused(run, data, tmp_path, capsys):
+    ckpt = run / "checkpoints" / "tiny" / "last.ckpt"  # the tiny preset: 1024 positions
+    capsys.readouterr()
+    err = one_line_error(capsys, main(["--checkpoint", str(ckpt), "--data.files", str(data[0]),
+                                       "--data.seq_len", "1025", "--data.cache_dir", str(tmp_path / "c")]))
+    assert "--data.seq_len 1025 exceeds the model's max_position_embeddings 1024" in err
+
+
+def test_a_tokenizer_of_other_ids_than_the_models_is_refused(run, data, tmp_path, capsys):
+    corpus, tok = data
+    other = fitutil.build_tokenizer(tmp_path / "other", fitutil.write_corpus(tmp_path / "c2", seed=7))
+    capsys.readouterr()
+    err = one_line_error(capsys, main(["--checkpoint", str(run / "checkpoints" / "tiny" / "last.ckpt"),
+                                       "--data.files", str(corpus), "--data.tokenizer", str(other),
+                                       "--data.cache_dir", str(tmp_path / "c")]))
+    assert f"trained with tokenizer {str(tok)!r}" in err and f"--data.tokenizer {str(other)!r}" in err
 
 
 def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch):

@@ -238,8 +238,7 @@ class TextDataModule(L.LightningDataModule):
         L_ = self.seq_len
         n_train, n_heldout, val_start = split_windows(cache.n_tokens, L_, self.val_fraction)
         rank, world = self._rank_world()
-        n_val = min(n_heldout, self.max_val_windows or n_heldout)
-        n_val -= n_val % world  # every rank validates the same number of windows
+        n_val = self._n_validated(n_heldout, world)
         if n_val == 0:
             raise DataError(f"the validation split has {n_heldout} window(s), fewer than the {world} "
                             "devices; raise --data.val_fraction or add text")
@@ -326,11 +325,13 @@ class TextDataModule(L.LightningDataModule):
 
     # -- what evaluation reads (after setup) --
 
-    def val_windows(self) -> TokenWindows:
+    def val_windows(self, world_size: int | None = None) -> TokenWindows:
         """The windows that training validates on, all ranks' together, in order: the first
-        `n_val_windows` windows of the held-out tail."""
+        `n_val_windows` windows of the held-out tail; with `world_size`, those that a run on that
+        many processes validates (a multiple of it, so that every rank has as many)."""
         self._need_setup()
-        return TokenWindows(self.token_cache, self.seq_len, self.val_start, range(self.n_val_windows))
+        n = self.n_val_windows if world_size is None else self._n_validated(self.n_heldout_windows, world_size)
+        return TokenWindows(self.token_cache, self.seq_len, self.val_start, range(n))
 
     def heldout_windows(self) -> TokenWindows:
         """Every window of the held-out tail (training validates on the first `n_val_windows`)."""
@@ -394,6 +395,12 @@ class TextDataModule(L.LightningDataModule):
     def _need_setup(self) -> None:
         if self.token_cache is None:
             raise RuntimeError("TextDataModule.setup() must run first")
+
+    def _n_validated(self, n_heldout: int, world: int) -> int:
+        """Held-out windows validated on `world` processes: the first max_val_windows, fewer to a
+        multiple of `world`, so that every rank validates as many."""
+        n = min(n_heldout, self.max_val_windows or n_heldout)
+        return n - n % world
 
     def _rank_world(self) -> tuple[int, int]:
         if self.trainer is None:
