@@ -164,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top_p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
     args = parser.parse_args(argv)
+    unused = [f"--{name}" for name in ("top_k", "top_p", "seed") if getattr(args, name) is not None]
+    if args.temperature == 0 and unused:
+        print(f"note: {', '.join(unused)} do nothing at --temperature 0 (greedy: always the likeliest token); "
+              "give a temperature above 0 to sample", file=sys.stderr)
 
     try:
         if not args.prompt:

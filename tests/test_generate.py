@@ -153,3 +153,20 @@ def test_output_can_feed_training(tiny_model):
     assert not out.is_inference()
     tiny_model.train()
     tiny_model(out).sum().backward()  # an inference-mode tensor would raise here
+
+
+def test_sampling_options_at_temperature_0_get_one_line_saying_they_do_nothing(tmp_path, tiny_model, tiny_tokenizer,
+                                                                              capsys):
+    from smollm.generate import main
+
+    save_hf(tiny_model, tmp_path, tokenizer=tiny_tokenizer)
+    common = ["--checkpoint", str(tmp_path), "--prompt", "The quick brown fox", "--max_new_tokens", "3"]
+    assert main(common) == 0
+    greedy = capsys.readouterr()
+    assert main([*common, "--top_k", "50", "--top_p", "0.95", "--seed", "1"]) == 0
+    ignored = capsys.readouterr()
+    assert ignored.out == greedy.out  # greedy, whatever they say
+    said = [line for line in ignored.err.splitlines() if line not in greedy.err.splitlines()]
+    assert len(said) == 1 and all(o in said[0] for o in ("--top_k", "--top_p", "--seed", "--temperature 0")), said
+    assert main([*common, "--temperature", "0.7", "--top_k", "50", "--seed", "1"]) == 0
+    assert capsys.readouterr().err == greedy.err  # sampling: they are applied, nothing to say
