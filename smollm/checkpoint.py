@@ -141,7 +141,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     if os.path.getsize(path) == 0:
-        raise CheckpointError(f"checkpoint {path} is empty; resume from an earlier checkpoint")
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes); use an earlier checkpoint of its run")
     verified = verify_checkpoint(path)
     try:
         checkpoint = load_torch_file(path, mmap=True)
@@ -149,7 +149,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {e}. Use a checkpoint written by smollm.fit") from None
     except Exception as e:  # noqa: BLE001  zip errors, truncation: all the same to the user
         raise CheckpointError(f"checkpoint {path} is truncated or not a PyTorch checkpoint "
-                              f"({type(e).__name__}); resume from an earlier checkpoint") from None
+                              f"({type(e).__name__}); use an earlier checkpoint of its run") from None
     if not isinstance(checkpoint, dict) or "smollm" not in checkpoint or "state_dict" not in checkpoint:
         raise CheckpointError(f"checkpoint {path} was not written by smollm.fit (no model config in it)")
     if verified is None and os.path.realpath(path) not in _noted:

@@ -209,7 +209,7 @@ def test_convert_errors_are_one_line(tmp_path, source, name, content, message):
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_convert_refuses_to_overwrite_a_model_and_writes_ordinary_files(tmp_path, tiny_model):
+def test_convert_refuses_to_overwrite_a_model_and_writes_ordinary_files(tmp_path, tiny_model, capsys):
     from smollm.convert import main as convert_main
 
     out = save_hf(tiny_model, tmp_path / "out")
@@ -220,6 +220,11 @@ def test_convert_refuses_to_overwrite_a_model_and_writes_ordinary_files(tmp_path
     checkpoint = tmp_path / "x.ckpt"
     checkpoint.write_bytes(b"")
     assert convert_main(["ckpt", str(checkpoint), str(out)]) == 2  # refused before reading anything
+    assert f"{out} already holds a model" in capsys.readouterr().err
+    assert convert_main(["ckpt", str(checkpoint), str(tmp_path / "new")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: checkpoint {checkpoint} is empty (0 bytes); use an earlier checkpoint of its run"]
+    assert not list((tmp_path / "new").glob("*"))  # nothing written for it
     save_hf(tiny_model, out, overwrite=True)
 
 
