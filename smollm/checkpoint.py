@@ -212,20 +212,40 @@ def vocab_digest(tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(pairs, ensure_ascii=False).encode()).hexdigest()
 
 
+def recorded_tokenizer_ids(path: str | os.PathLike) -> str | None:
+    """The `vocab_digest` that a .ckpt records of its tokenizer (None: a folder, or a checkpoint
+    from before the record)."""
+    return read_checkpoint(path)["smollm"].get("tokenizer_ids") if Path(path).is_file() else None
+
+
 def tokenizer_ids(path: str | os.PathLike, tokenizer_name: str | None) -> str | None:
     """The `vocab_digest` of the tokenizer that the weights at `path` (a .ckpt or a Hugging Face
     folder, whose tokenizer is `tokenizer_name`) were trained with, or None when unknown: a
     checkpoint's record, else (a checkpoint from before the record, a folder) the named tokenizer's."""
-    if Path(path).is_file():
-        recorded = read_checkpoint(path)["smollm"].get("tokenizer_ids")
-        if recorded is not None:
-            return recorded
+    recorded = recorded_tokenizer_ids(path)
+    if recorded is not None:
+        return recorded
     if tokenizer_name is None:
         return None
     try:
         return vocab_digest(load_tokenizer(tokenizer_name))
     except SmolLMError:  # no longer loadable here: unknown, not different
         return None
+
+
+def check_tokenizer(path: str | os.PathLike, trained_with: str | None, tokenizer: Any,
+                    given: str | None = None) -> None:
+    """Refuse `tokenizer` for the weights at `path` when its ids differ from those of the tokenizer
+    they were trained with (`trained_with`). `given` says where `tokenizer` came from (an option
+    and its value); None means it is `trained_with`, loaded again, and changed since."""
+    own = recorded_tokenizer_ids(path) if given is None else tokenizer_ids(path, trained_with)
+    if own is None or own == vocab_digest(tokenizer):
+        return
+    if given is None:
+        raise CheckpointError(f"tokenizer {trained_with!r} gives other token ids than when {path} was trained with it "
+                              "(the checkpoint records them): it has changed since; restore it")
+    raise CheckpointError(f"{path} was trained with tokenizer {trained_with!r}, whose token ids differ from those of "
+                          f"{given}; leave that option out to use its own")
 
 
 def step_files(dirpath: str | os.PathLike) -> list[tuple[int, str]]:

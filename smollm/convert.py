@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from smollm.assets import load_tokenizer
-from smollm.checkpoint import load_model, model_from_checkpoint
+from smollm.checkpoint import check_tokenizer, load_model, model_from_checkpoint
 from smollm.cli import fail_on
 from smollm.errors import MissingPathError, SmolLMError, UsageError
 from smollm.gguf import EXPORT_DTYPES, load_gguf, save_gguf
@@ -39,6 +39,8 @@ def convert_ckpt(ckpt_path: str | Path, out_dir: str | Path, overwrite: bool = F
         raise MissingPathError(f"{ckpt_path}: no such file")
     model, tokenizer_name = model_from_checkpoint(ckpt_path)
     tokenizer = load_tokenizer(tokenizer_name) if tokenizer_name is not None else None
+    if tokenizer is not None:
+        check_tokenizer(ckpt_path, tokenizer_name, tokenizer)  # a folder that has changed since training
     return save_hf(model, out_dir, tokenizer=tokenizer, overwrite=overwrite)
 
 
@@ -63,7 +65,9 @@ def convert_to_gguf(path: str | Path, out: str | Path, dtype: str = "f32", token
     if tokenizer is None:
         what = "holds no tokenizer" if path.is_dir() else "does not name the tokenizer it was trained with"
         raise UsageError(f"{path} {what} and a GGUF needs one; add --tokenizer NAME_OR_DIR")
-    return save_gguf(model, out, load_tokenizer(tokenizer), dtype=dtype, name=path.stem or path.name)
+    loaded = load_tokenizer(tokenizer)
+    check_tokenizer(path, own, loaded, None if tokenizer == own else f"--tokenizer {tokenizer!r}")
+    return save_gguf(model, out, loaded, dtype=dtype, name=path.stem or path.name)
 
 
 class _Parser(argparse.ArgumentParser):

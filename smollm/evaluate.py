@@ -196,16 +196,6 @@ def validation_windows(dm: Any, path: str, state: dict[str, Any] | None) -> tupl
     return dm.val_windows(state.get("world_size", 1)), True
 
 
-def check_tokenizer(path: str, tokenizer_name: str | None, dm: Any) -> None:
-    """Refuse scoring a model on other token ids than those it was trained with."""
-    from smollm.checkpoint import tokenizer_ids, vocab_digest
-
-    own = tokenizer_ids(path, tokenizer_name)
-    if own is not None and own != vocab_digest(dm.tokenizer):
-        raise UsageError(f"{path} was trained with tokenizer {tokenizer_name!r}, whose token ids differ from those "
-                         f"of --data.tokenizer {dm.tokenizer_name!r}; leave --data.tokenizer out to use its own")
-
-
 def _given(argv: list[str], option: str) -> bool:
     return any(a == option or a.startswith(option + "=") for a in argv)
 
@@ -234,6 +224,7 @@ def build_parser():
 
 def evaluate(argv: list[str]) -> tuple[dict[str, Any], str | None]:
     """Run the command line's evaluation: (the report, the --json path or None)."""
+    from smollm.checkpoint import check_tokenizer
     from smollm.data import TextDataModule
 
     cfg = build_parser().parse_args(argv)
@@ -261,7 +252,8 @@ def evaluate(argv: list[str]) -> tuple[dict[str, Any], str | None]:
     if not _given(argv, "--data.tokenizer") and not (run_data and not data_given) and tokenizer_name:
         options["tokenizer"] = tokenizer_name
     dm = TextDataModule(**options)
-    check_tokenizer(cfg.checkpoint, tokenizer_name, dm)
+    check_tokenizer(cfg.checkpoint, tokenizer_name, dm.tokenizer,
+                    f"--data.tokenizer {dm.tokenizer_name!r}" if dm.tokenizer_name != tokenizer_name else None)
     dm.prepare_data()
     dm.setup("validate")
     if data_given:

@@ -142,7 +142,7 @@ def complete(model: SmolLM, tokenizer: Any, prompt: str, max_new_tokens: int,
 def load_for_generation(path: str | Path) -> tuple[SmolLM, Any]:
     """(model, tokenizer) from an HF directory or a .ckpt of smollm.fit."""
     from smollm.assets import load_tokenizer
-    from smollm.checkpoint import load_model
+    from smollm.checkpoint import check_tokenizer, load_model
 
     model, tokenizer_name = load_model(path)
     if Path(path).is_dir():
@@ -150,7 +150,9 @@ def load_for_generation(path: str | Path) -> tuple[SmolLM, Any]:
     if tokenizer_name is None:
         raise UsageError(f"{path}: the checkpoint names no tokenizer; convert it with "
                          "`python -m smollm.convert ckpt` and add tokenizer files to the directory")
-    return model, load_tokenizer(tokenizer_name)
+    tokenizer = load_tokenizer(tokenizer_name)
+    check_tokenizer(path, tokenizer_name, tokenizer)  # a folder that has changed since training
+    return model, tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:

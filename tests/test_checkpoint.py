@@ -128,8 +128,38 @@ def test_init_from_refuses_weights_whose_tokenizer_has_other_ids(tmp_path, train
     assert (same / "tokenizer.json").read_bytes() != (Path(tok) / "tokenizer.json").read_bytes()
     assert main(args(tmp_path / "same-ids", data, 1, extra=[
         "--model.init_from", str(trained), "--data.tokenizer", str(same)])) == 0
-    assert main(args(tmp_path / "allowed", data, 1, extra=[
-        "--model.init_from", str(trained), "--data.tokenizer", str(other), "--model.allow_other_tokenizer", "true"])) == 0
+    assert main(args(tmp_path / "allowed", data, 1, extra=["--model.init_from", str(trained), "--data.tokenizer",
+                                                           str(other), "--model.allow_other_tokenizer", "true"])) == 0
+
+
+def test_every_reader_refuses_a_tokenizer_of_other_ids_than_the_checkpoints(tmp_path, trained, data, capsys):
+    """generate, convert and to-gguf use the checkpoint's tokenizer only if it still gives the ids
+    the checkpoint records; to-gguf's --tokenizer must give the same ids."""
+    from smollm.checkpoint import save_atomic
+    from smollm.convert import main as convert
+    from smollm.generate import main as generate
+
+    other = fitutil.build_tokenizer(tmp_path / "other", fitutil.write_corpus(tmp_path / "c2", seed=7))
+    checkpoint = torch.load(trained, weights_only=True)
+    checkpoint["smollm"]["tokenizer"] = str(other)  # the folder it names, changed since training
+    changed = tmp_path / "changed.ckpt"
+    save_atomic(checkpoint, changed)
+    commands = {
+        "generate": lambda: generate(["--checkpoint", str(changed), "--prompt", "the", "--max_new_tokens", "1"]),
+        "convert ckpt": lambda: convert(["ckpt", str(changed), str(tmp_path / "hf")]),
+        "convert to-gguf": lambda: convert(["to-gguf", str(changed), str(tmp_path / "a.gguf")]),
+    }
+    for name, command in commands.items():
+        capsys.readouterr()
+        assert command() == 2, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"tokenizer {str(other)!r} gives other token ids than when" in err[0], (name, err)
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "a.gguf").exists()
+    capsys.readouterr()
+    assert convert(["to-gguf", str(trained), str(tmp_path / "b.gguf"), "--tokenizer", str(other)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"whose token ids differ from those of --tokenizer {str(other)!r}" in err[0], err
+    assert convert(["to-gguf", str(trained), str(tmp_path / "b.gguf"), "--tokenizer", str(data[1])]) == 0
 
 
 # ---- last.ckpt is always the newest ----
