@@ -143,6 +143,12 @@ class LitSmolLM(L.LightningModule):
                 f"tokenizer {dm.hparams.get('tokenizer')!r} has {vocab} tokens but the model's vocabulary "
                 f"is {self.config.vocab_size}; use a matching tokenizer or --model.config_overrides "
                 f"'{{\"vocab_size\": {vocab}}}'")
+        seq_len, positions = getattr(dm, "seq_len", None), self.config.max_position_embeddings
+        if seq_len is not None and seq_len > positions:  # as generate and evaluate refuse it
+            raise UsageError(
+                f"--data.seq_len {seq_len} exceeds the model's max_position_embeddings {positions}; lower "
+                "--data.seq_len, or raise it with --model.config_overrides "
+                f"'{{\"max_position_embeddings\": {seq_len}}}'")
         cache = getattr(dm, "token_cache", None) if dm is not None else None
         if cache is not None:
             cache.check_ids(self.config.vocab_size)  # ids the embedding has no row for: one line, not a crash

@@ -195,12 +195,17 @@ def test_only_the_checkpoints_own_validation_split_is_called_held_out(run, data,
     assert "held-out" not in capsys.readouterr().out.replace("not known to be held out", "")
 
 
-def test_a_window_longer_than_the_models_positions_is_refused(run, data, tmp_path, capsys):
+def test_a_window_longer_than_the_models_positions_is_refused_as_generate_refuses_it(run, data, tmp_path, capsys):
     ckpt = run / "checkpoints" / "tiny" / "last.ckpt"  # the tiny preset: 1024 positions
     capsys.readouterr()
     err = one_line_error(capsys, main(["--checkpoint", str(ckpt), "--data.files", str(data[0]),
                                        "--data.seq_len", "1025", "--data.cache_dir", str(tmp_path / "c")]))
     assert "--data.seq_len 1025 exceeds the model's max_position_embeddings 1024" in err
+    corpus, tok = data  # nor does training take windows longer than its positions
+    err = one_line_error(capsys, fit(fitutil.fit_args(tmp_path / "fit", corpus, tok, 1,
+                                                      extra=["--data.seq_len", "1025"])))
+    assert "--data.seq_len 1025 exceeds the model's max_position_embeddings 1024" in err
+    assert not list((tmp_path / "fit").rglob("*.ckpt"))
 
 
 def test_a_tokenizer_of_other_ids_than_the_models_is_refused(run, data, tmp_path, capsys):
