@@ -200,6 +200,18 @@ def _given(argv: list[str], option: str) -> bool:
     return any(a == option or a.startswith(option + "=") for a in argv)
 
 
+def note_unused(argv: list[str], tasks: bool, data_given: bool) -> None:
+    """One line for each group of options given that do nothing in this mode."""
+    for unused, options, why in (
+            (not tasks, ("--include_path", "--limit", "--num_fewshot", "--eval_batch_size"),
+             "without --tasks (they are lm-evaluation-harness's)"),
+            (data_given, ("--data.val_fraction", "--data.max_val_windows"),
+             "when data is given (all of it is scored: there is no split)")):
+        given = [o for o in options if _given(argv, o)]
+        if unused and given:
+            print(f"note: {', '.join(given)} {'does' if len(given) == 1 else 'do'} nothing {why}", file=sys.stderr)
+
+
 def build_parser():
     from jsonargparse import ArgumentParser
 
@@ -236,6 +248,7 @@ def evaluate(argv: list[str]) -> tuple[dict[str, Any], str | None]:
                           "cpu" if cfg.device == "auto" else cfg.device)
     model.to(device)
     data_given = _given(argv, "--data.files") or _given(argv, "--data.dataset")
+    note_unused(argv, bool(cfg.tasks), data_given)
     options = {k: v for k, v in vars(cfg.data).items()}
     if not data_given and run_data:  # the run's own validation split: its data settings...
         options.update({k: v for k, v in run_data.items() if k in options})

@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     unused = [f"--{name}" for name in ("top_k", "top_p", "seed") if getattr(args, name) is not None]
     if args.temperature == 0 and unused:
-        print(f"note: {', '.join(unused)} do nothing at --temperature 0 (greedy: always the likeliest token); "
+        verb = "does" if len(unused) == 1 else "do"
+        print(f"note: {', '.join(unused)} {verb} nothing at --temperature 0 (greedy: always the likeliest token); "
               "give a temperature above 0 to sample", file=sys.stderr)
 
     try:

@@ -277,3 +277,16 @@ def test_lm_eval_scores_equal_lm_evals_own_hf_model(run, data, tmp_path, capsys)
                                      batch_size=8, device="cpu")["results"]["smollm_local_mc"]
     for metric in ("acc,none", "acc_norm,none"):
         assert ours[metric] == pytest.approx(theirs[metric], abs=1e-9)
+
+
+def test_options_that_do_nothing_here_get_one_line(run, data, tmp_path, capsys):
+    ckpt = str(run / "checkpoints" / "tiny" / "last.ckpt")
+    capsys.readouterr()
+    assert main(["--checkpoint", ckpt, "--max_windows", "1", "--limit", "3", "--num_fewshot", "2"]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert said == ["note: --limit, --num_fewshot do nothing without --tasks (they are lm-evaluation-harness's)"]
+    assert main(["--checkpoint", ckpt, "--data.files", str(data[0]), "--data.max_val_windows", "4",
+                 "--data.cache_dir", str(tmp_path / "c"), "--max_windows", "1"]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert said == ["note: --data.max_val_windows does nothing when data is given (all of it is scored: there is no "
+                    "split)"]
