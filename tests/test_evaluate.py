@@ -290,3 +290,18 @@ def test_options_that_do_nothing_here_get_one_line(run, data, tmp_path, capsys):
     said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
     assert said == ["note: --data.max_val_windows does nothing when data is given (all of it is scored: there is no "
                     "split)"]
+
+
+@pytest.mark.slow
+def test_a_two_process_runs_validation_score_is_reproduced(tmp_path, data):
+    # 2 processes validate 6 of at most 7 held-out windows: evaluate scores those 6, so it gives
+    # what training logged (a float32 figure), not the 7 windows' score.
+    corpus, tok = data
+    result = fitutil.run_fit(fitutil.fit_args(tmp_path, corpus, tok, 2, extra=[
+        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+        "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1.0", "--data.max_val_windows", "7"]))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = scores(tmp_path, ["--checkpoint", str(tmp_path / "checkpoints" / "tiny" / "last.ckpt")])
+    assert report["windows"] == 6 and report["held_out"]
+    assert report["loss"] == pytest.approx(logged(tmp_path, "val/loss"), rel=1e-6)
+    assert report["bits_per_byte"] == pytest.approx(logged(tmp_path, "val/bpb"), rel=1e-6)
