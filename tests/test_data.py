@@ -101,13 +101,30 @@ def test_cache_holds_every_document_then_eos(make_dm, corpus, tokenizer):
     eos = tokenizer.eos_token_id
     expected = []
     for path in sorted(corpus.glob("*.txt")):
-        expected += tokenizer(path.read_text(), add_special_tokens=False)["input_ids"] + [eos]
+        text = path.read_text()
+        expected += tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [eos]
     tokens = tokens_of(dm)
     assert tokens.dtype == np.uint16
     assert tokens.tolist() == expected
     meta = json.loads(dm._corpus["meta_path"].read_text())
     assert meta["n_tokens"] == dm.n_tokens == len(expected)
     assert meta["n_docs"] == 4 and len(meta["files"]) == 4 and meta["tokenizer"] == dm.tokenizer_name
+
+
+def test_special_token_strings_in_a_document_are_text_not_boundaries(make_dm, tmp_path, tokenizer):
+    # ML code and chat logs quote special tokens; only the EOS that we insert ends a document.
+    text = 'print("<|endoftext|>")\nEOS = "<|endoftext|>" then more text\n'
+    folder = tmp_path / "quoted"
+    folder.mkdir()
+    (folder / "a.txt").write_text(text)
+    (folder / "b.txt").write_text(sentences(30))
+    dm = ready(make_dm(files=[str(folder)], seq_len=8))
+    eos = tokenizer.eos_token_id
+    first = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    tokens = tokens_of(dm).tolist()
+    assert eos not in first and tokens[:len(first) + 1] == first + [eos]
+    assert tokenizer.decode(first) == text
+    assert dm.n_documents == 2 and tokens.count(eos) == 2
 
 
 def test_streaming_in_small_batches_gives_the_same_tokens(make_dm, monkeypatch):

@@ -47,7 +47,7 @@ from smollm.errors import SmolLMError, first_line
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # bump when the cache layout or the tokenization rule changes
+FORMAT_VERSION = 3  # bump when the cache layout or the tokenization rule changes (3: special-token strings are text)
 SHARD_TOKENS = 1 << 27  # 134M tokens: 256 MB of uint16; a kill loses at most one shard of work
 BATCH_BYTES = 1 << 20  # text handed to one worker at a time
 INDEX = "index.json"
@@ -289,7 +289,11 @@ def _init_worker(tokenizer_json: str, eos: int, dtype: str) -> None:
             import ctypes
 
             ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    _worker.update(tokenizer=Tokenizer.from_str(tokenizer_json), eos=eos, dtype=np.dtype(dtype))
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    # A document's text is text: "<|endoftext|>" written in it is tokenized as the characters it is,
+    # never as the special token, which only we insert between documents.
+    tokenizer.encode_special_tokens = True
+    _worker.update(tokenizer=tokenizer, eos=eos, dtype=np.dtype(dtype))
 
 
 def _tokenize_batch(texts: list[str], eos: list[bool]) -> tuple[np.ndarray, np.ndarray]:
