@@ -11,7 +11,8 @@ the remote while training: a node downloads the shards into its local cache ($SM
   its last uploaded shard. One process builds per cache: it holds `URL/tokens/<key>.lock`, an
   object created with a conditional write (S3's If-None-Match; MinIO and R2 honour it too).
 - Reading: shards are downloaded in parallel into `.part` files that a later run continues, each
-  checked against its digest where the index has one before it is renamed into place; the local
+  checked against its digest where the index has one before it is renamed into place (a shard
+  already there, of an earlier try, passes the same check or is downloaded again); the local
   index is written last.
 - One cache named by its URL (`URL/tokens/<key>`, what the build prints when it ends) is read
   the same way by nodes that have no copy of the sources (smollm.data.module, `names_one_cache`).
@@ -34,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-from smollm.data.cache import INDEX, is_complete, read_index
+from smollm.data.cache import INDEX, is_complete, read_index, verify_shard
 from smollm.data.sources import DataError, write_json_atomic
 from smollm.digest import file_digest
 from smollm.errors import first_line
@@ -257,12 +258,14 @@ class Remote:
     def download(self, name: str, folder: Path, index: dict[str, Any], progress: bool = True) -> int:
         """Download the shards of `index` that `folder` lacks, in parallel, each resumed from its
         `.part` file and checked against its digest where it has one; then write the index (last).
-        Returns the bytes downloaded."""
+        A shard already in `folder` is kept only if it passes the same check: this folder has no
+        index yet, so nothing says what its files hold. Returns the bytes downloaded."""
         from tqdm import tqdm
 
         folder.mkdir(parents=True, exist_ok=True)
         itemsize = _itemsize(index)
-        todo = [s for s in index["shards"] if not _present(folder / s["file"], s["tokens"] * itemsize)]
+        todo = [s for s in _parallel_map(lambda s: None if verify_shard(folder, s, index["dtype"]) else s,
+                                         index["shards"]) if s is not None]
         parts = [_part(folder / s["file"]) for s in todo]
         already = sum(p.stat().st_size for p in parts if p.is_file())  # stopped downloads, continued
         if todo:
@@ -284,6 +287,7 @@ class Remote:
         if offset > size:
             part.unlink()
             offset = 0
+        resumed = offset > 0
         remote = self._path("tokens", name, entry["file"])
         fetched = 0
         with open(part, "ab") as out:
@@ -301,6 +305,8 @@ class Remote:
         expected = entry.get("digest")
         if expected is not None and file_digest(part) != expected:
             part.unlink()
+            if resumed:  # the part file of an earlier try may be what is wrong: once more, afresh
+                return self._fetch(name, folder, entry, size, advance)
             raise RemoteError(f"{self.where(name)}/{entry['file']} does not match its digest in index.json "
                               f"(damaged in storage or in transit); run again to download it afresh, and if "
                               f"it fails again rebuild the remote cache")
@@ -393,12 +399,6 @@ def _part(target: Path) -> Path:
     return target.with_name(target.name + ".part")
 
 
-def _present(path: Path, size: int) -> bool:
-    """A shard under its final name was checked when it arrived (downloads are renamed into place
-    only after their check; a local build renames after fsync): its size is enough here."""
-    return path.is_file() and path.stat().st_size == size
-
-
 def _alive(pid: Any) -> bool:
     if not isinstance(pid, int):
         return True
@@ -409,6 +409,12 @@ def _alive(pid: Any) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _parallel_map(fn: Callable[[Any], Any], items: list) -> list[Any]:
+    """`fn` on each item, TRANSFERS at a time (reads and hashes release the GIL), in order."""
+    with ThreadPoolExecutor(max(1, min(TRANSFERS, len(items)))) as pool:
+        return list(pool.map(fn, items))
 
 
 def _parallel(fn: Callable[[Any], int], items: list) -> list[int]:
