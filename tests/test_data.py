@@ -168,9 +168,46 @@ def test_read_pieces_cut_at_line_ends_and_never_split_a_character(tmp_path):
     assert [last for _, _, last in pieces] == [False] * (len(pieces) - 1) + [True]
     for offset, piece, _ in pieces:
         assert raw[offset:offset + len(piece)] == piece
-        assert len(piece) <= 2 * 32
         piece.decode("utf-8")  # no character cut in two
+        assert len(piece) <= 2 * 32 or piece.startswith("é€😀".encode())  # longer only where no cut is safe
     assert sum(p.endswith(b"\n") for _, p, _ in pieces) >= 3
+
+
+def byte_level_tokenizers(tmp_path):
+    """Byte-level BPEs with the pre-tokenizers in use: GPT-2's, SmolLM2's (digits apart first),
+    Llama 3's split pattern."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    llama3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+              r"\s*[\r\n]+|\s+(?!\S)|\s+")
+    kinds = [pre_tokenizers.ByteLevel(add_prefix_space=False),
+             pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                      pre_tokenizers.ByteLevel(add_prefix_space=False)]),
+             pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(llama3), "isolated"),
+                                      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])]
+    for pre in kinds:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer, tok.decoder = pre, decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=False)
+        tok.train_from_iterator([sentences(50)] + ["中文字符\n\n\n中文。  \t 中文\n\n  \n\n\t\t中"] * 20,
+                                trainer=trainer)  # merges of CJK and of whitespace runs
+        yield tok
+
+
+def test_a_text_read_in_pieces_tokenizes_exactly_as_the_whole_text(tmp_path):
+    # Every place a piece can end, at every size: CJK after runs of spaces, tabs and line breaks,
+    # emoji, digits, CRLF, ideographic spaces, words.
+    text = ("the model reads.\n\n\n中文字符在这里。  \t 中文\n\u3000中文 😀 emoji\r\n\r\n12345 numbers \n"
+            "\n\n  中文。\n中 文\u3000\u3000字 x\n y  \n\n\t\t中文 done.\n ,.; \n\n'tis it's")
+    path = tmp_path / "t.txt"
+    path.write_text(text)
+    for tok in byte_level_tokenizers(tmp_path):
+        whole = tok.encode(text).ids
+        for size in range(4, len(text.encode()) + 1):
+            pieces = [p.decode() for _, p, _ in read_pieces(path, size=size)]
+            assert "".join(pieces) == text
+            assert [i for piece in pieces for i in tok.encode(piece).ids] == whole, (size, pieces)
 
 
 # -- 3, 4. windows and the held-out split ---------------------------------------------------------
