@@ -328,10 +328,11 @@ def test_loader_batches_do_not_depend_on_num_workers(make_dm):
     zero = take(ready(make_dm(num_workers=0)).train_dataloader(), 12)
     two = take(ready(make_dm(num_workers=2)).train_dataloader(), 12)
     for a, b in zip(zero, two, strict=True):
-        assert set(a) == {"input_ids", "index"}
+        assert set(a) == {"input_ids", "index", "n_bytes"}
         assert a["input_ids"].shape == (BATCH, SEQ + 1) and a["input_ids"].dtype == torch.int64
         assert a["index"].shape == (BATCH,) and a["index"].dtype == torch.int64
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["index"], b["index"])
+        assert torch.equal(a["n_bytes"], b["n_bytes"])
 
 
 def test_loader_starts_at_the_trainers_micro_batch(make_dm):

@@ -125,9 +125,9 @@ def counted_tokens(monkeypatch) -> list[int]:
     counted = [0]
     append = data.cache._ShardWriter.append
 
-    def counting(self, tokens, state_at):
+    def counting(self, tokens, state_at, n_bytes=None):
         counted[0] += len(tokens)
-        return append(self, tokens, state_at)
+        return append(self, tokens, state_at, n_bytes)
 
     monkeypatch.setattr(data.cache._ShardWriter, "append", counting)
     return counted

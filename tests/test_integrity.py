@@ -85,7 +85,7 @@ def test_a_token_off_by_one_is_caught_and_the_shard_rebuilt(shards, tmp_path, to
     before = path.read_bytes()
     flip(path, len(before) // 2, word=2, xor=1)  # four token ids, each off by one
     assert np.count_nonzero(np.fromfile(path, np.uint16) != np.frombuffer(before, np.uint16)) == 4
-    assert not cache.verify_shard(folder, index["shards"][k], index["dtype"])
+    assert not cache.verify_shard(folder, index["shards"][k], index)
     new_launch(folder)
     capfd.readouterr()
     dm = open_cache(tmp_path, tok_dir)

@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-from smollm.data.cache import INDEX, is_complete, read_index, verify_shard
+from smollm.data.cache import INDEX, is_complete, read_index, shard_size, verify_shard
 from smollm.data.sources import DataError, write_json_atomic
 from smollm.digest import file_digest
 from smollm.errors import first_line
@@ -235,7 +235,6 @@ class Remote:
         the index. Returns the bytes uploaded."""
         from tqdm import tqdm
 
-        itemsize = _itemsize(index)
         try:
             listing = self.call("list", self.fs.ls, self._path("tokens", name), detail=True)
         except RemoteError as e:
@@ -243,13 +242,13 @@ class Remote:
                 raise
             listing = []
         there = {Path(p["name"]).name: p.get("size") for p in listing}
-        todo = [s for s in index["shards"] if there.get(s["file"]) != s["tokens"] * itemsize]
-        with tqdm(total=sum(s["tokens"] * itemsize for s in todo), unit="B", unit_scale=True, desc="uploading",
+        todo = [s for s in index["shards"] if there.get(s["file"]) != shard_size(index, s)]
+        with tqdm(total=sum(shard_size(index, s) for s in todo), unit="B", unit_scale=True, desc="uploading",
                   file=sys.stderr, disable=not progress, mininterval=2.0) as bar:
             def one(entry: dict[str, Any]) -> int:
                 self.put(folder / entry["file"], name, entry["file"])
-                bar.update(entry["tokens"] * itemsize)
-                return entry["tokens"] * itemsize
+                bar.update(shard_size(index, entry))
+                return shard_size(index, entry)
 
             sent = sum(_parallel(one, todo))
         self.put_index(name, index)
@@ -263,17 +262,16 @@ class Remote:
         from tqdm import tqdm
 
         folder.mkdir(parents=True, exist_ok=True)
-        itemsize = _itemsize(index)
-        todo = [s for s in _parallel_map(lambda s: None if verify_shard(folder, s, index["dtype"]) else s,
+        todo = [s for s in _parallel_map(lambda s: None if verify_shard(folder, s, index) else s,
                                          index["shards"]) if s is not None]
         parts = [_part(folder / s["file"]) for s in todo]
         already = sum(p.stat().st_size for p in parts if p.is_file())  # stopped downloads, continued
         if todo:
             print(f"downloading {len(todo)} shard(s) of {self.where(name)} into {folder}", file=sys.stderr,
                   flush=True)
-        with tqdm(total=sum(s["tokens"] * itemsize for s in todo), initial=already, unit="B", unit_scale=True,
+        with tqdm(total=sum(shard_size(index, s) for s in todo), initial=already, unit="B", unit_scale=True,
                   desc="downloading", file=sys.stderr, disable=not progress, mininterval=2.0) as bar:
-            fetched = sum(_parallel(lambda entry: self._fetch(name, folder, entry, entry["tokens"] * itemsize,
+            fetched = sum(_parallel(lambda entry: self._fetch(name, folder, entry, shard_size(index, entry),
                                                               bar.update), todo))
         write_json_atomic(folder / INDEX, index)
         return fetched
@@ -387,12 +385,6 @@ def _request_errors() -> tuple[type[BaseException], ...]:
 def _missing(e: RemoteError) -> bool:
     """Whether the request failed because the object (or bucket) does not exist."""
     return isinstance(e.__cause__, FileNotFoundError)
-
-
-def _itemsize(index: dict[str, Any]) -> int:
-    import numpy as np
-
-    return np.dtype(index["dtype"]).itemsize
 
 
 def _part(target: Path) -> Path:
