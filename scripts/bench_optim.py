@@ -148,7 +148,7 @@ def data_module(corpus: str, work: Path, seed: int, args):
 
 def run(corpus: str, optimizer: str, lr: float, seed: int, dm, args) -> dict:
     """Train one model; return its held-out loss at each evaluation step and its step times."""
-    from smollm.evaluate import batches, score, token_bytes
+    from smollm.evaluate import batches, score
     from smollm.module import LitSmolLM
 
     torch.manual_seed(seed)
@@ -158,7 +158,6 @@ def run(corpus: str, optimizer: str, lr: float, seed: int, dm, args) -> dict:
     model = lit.model.train()
     configured = lit.configure_optimizers()  # exactly what smollm.fit trains with
     opt, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
-    byte_table = token_bytes(dm.tokenizer)
     evals, step_times = [], []
     every = max(1, args.steps // args.points)
     for step, batch in enumerate(dm.train_dataloader(), start=1):
@@ -166,7 +165,7 @@ def run(corpus: str, optimizer: str, lr: float, seed: int, dm, args) -> dict:
         loss = train_step(model, opt, scheduler, batch["input_ids"])
         step_times.append(time.perf_counter() - start)
         if step % every == 0 or step == args.steps:
-            held_out = score(model, batches(dm.val_windows(), args.batch_size), byte_table).loss
+            held_out = score(model, batches(dm.val_windows(), args.batch_size)).loss
             model.train()
             evals.append((step, held_out))
         if step == args.steps:

@@ -12,9 +12,9 @@ default corpus's validation split, not called held-out. With data given, it scor
 `--data.*` options are smollm.fit's, so every source fit reads is accepted; the tokenizer's ids and
 `--data.seq_len` must be the model's (at most its positions).
 
-Bits per byte is the total loss in bits over the UTF-8 bytes of the text scored (the end-of-
-document tokens we insert between documents stand for no bytes): unlike perplexity it compares
-models with different tokenizers. `--tasks` runs lm-evaluation-harness (the optional extra
+Bits per byte is the total loss in bits over the UTF-8 bytes of the text scored, each token's
+bytes measured in context when the cache was built (`smollm.data.cache`; the end-of-document
+tokens we insert stand for none): unlike perplexity it compares models with different tokenizers. `--tasks` runs lm-evaluation-harness (the optional extra
 `pip install -e ".[eval]"`) on the model converted to transformers in memory, so its scores are
 lm-eval's own.
 """
@@ -46,43 +46,19 @@ class Score:
     windows: int
 
 
-def token_bytes(tokenizer: Any) -> torch.Tensor:
-    """(vocab,) int64: the UTF-8 bytes of text that each token id stands for.
-
-    For a byte-level BPE (GPT-2's scheme, SmolLM2's), each character of a token's string is one
-    byte; other tokenizers are measured by decoding each token alone. The EOS token, which we
-    insert between documents, stands for no text: 0.
-    """
-    from tokenizers import decoders
-
-    n = len(tokenizer)
-    tokens = tokenizer.convert_ids_to_tokens(list(range(n)))
-    byte_level = isinstance(tokenizer.backend_tokenizer.decoder, decoders.ByteLevel)
-    added = set(getattr(tokenizer, "added_tokens_decoder", {}))
-    out = torch.empty(n, dtype=torch.int64)
-    for i, token in enumerate(tokens):
-        if i == tokenizer.eos_token_id:
-            out[i] = 0
-        elif byte_level and i not in added:
-            out[i] = len(token)  # one character of the byte-level alphabet per byte
-        else:
-            out[i] = len(tokenizer.decode([i]).encode("utf-8"))
-    return out
-
-
 @torch.no_grad()
-def score(model: SmolLM, batches: Iterable[torch.Tensor], byte_table: torch.Tensor,
-          max_windows: int | None = None, chunk_size: int = 4096) -> Score:
-    """Score windows (B, T + 1) of token ids: inputs [:, :-1], targets [:, 1:]."""
+def score(model: SmolLM, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], max_windows: int | None = None,
+          chunk_size: int = 4096) -> Score:
+    """Score batches (windows, their bytes): windows (B, T + 1) of token ids, inputs [:, :-1] and
+    targets [:, 1:]; bytes (B,), the UTF-8 bytes of text that each window's targets stand for."""
     device = next(model.parameters()).device
     model.eval()
     nats, tokens, n_bytes, windows = 0.0, 0, 0, 0
-    byte_table = byte_table.to(device)
-    for batch in batches:
+    for batch, batch_bytes in batches:
         if max_windows is not None and windows >= max_windows:
             break
         if max_windows is not None:
-            batch = batch[:max_windows - windows]
+            batch, batch_bytes = batch[:max_windows - windows], batch_bytes[:max_windows - windows]
         batch = batch.to(device)
         inputs, targets = batch[:, :-1], batch[:, 1:]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -90,7 +66,7 @@ def score(model: SmolLM, batches: Iterable[torch.Tensor], byte_table: torch.Tens
             mean = chunked_cross_entropy(hidden, model.lm_head.weight, targets, chunk_size)
         nats += mean.item() * targets.numel()
         tokens += targets.numel()
-        n_bytes += int(byte_table[targets].sum())
+        n_bytes += int(batch_bytes.sum())
         windows += batch.shape[0]
     if tokens == 0:
         raise UsageError("no window to score: the data holds fewer tokens than one window; lower --data.seq_len")
@@ -100,18 +76,22 @@ def score(model: SmolLM, batches: Iterable[torch.Tensor], byte_table: torch.Tens
                  windows=windows)
 
 
-def batches(windows: Any, batch_size: int) -> Iterable[torch.Tensor]:
-    """Stack windows into (B, T + 1) batches; a window of another length (the corpus's last,
-    shorter one) starts a batch of its own."""
-    pending: list[torch.Tensor] = []
+def batches(windows: Any, batch_size: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """Stack windows into (B, T + 1) batches, with their bytes (B,); a window of another length
+    (the corpus's last, shorter one) starts a batch of its own."""
+    pending: list[dict[str, Any]] = []
+
+    def stacked() -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.stack([w["input_ids"] for w in pending]), torch.tensor([w["n_bytes"] for w in pending])
+
     for i in range(len(windows)):
-        ids = windows[i]["input_ids"]
-        if pending and (len(pending) == batch_size or ids.shape[0] != pending[0].shape[0]):
-            yield torch.stack(pending)
+        window = windows[i]
+        if pending and (len(pending) == batch_size or window["input_ids"].shape[0] != pending[0]["input_ids"].shape[0]):
+            yield stacked()
             pending = []
-        pending.append(ids)
+        pending.append(window)
     if pending:
-        yield torch.stack(pending)
+        yield stacked()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,7 +254,7 @@ def evaluate(argv: list[str]) -> tuple[dict[str, Any], str | None]:
     else:
         windows, held_out = validation_windows(dm, cfg.checkpoint, run["state"] if run else None)
     dm.token_cache.check_ids(model.config.vocab_size)
-    result = score(model, batches(windows, dm.batch_size), token_bytes(dm.tokenizer), cfg.max_windows)
+    result = score(model, batches(windows, dm.batch_size), cfg.max_windows)
     of = f"{result.windows:,} of its {dm.n_heldout_windows:,} windows of {dm.seq_len} tokens"
     scored = (f"scoring all of its text: {result.windows:,} windows of {dm.seq_len} tokens" if data_given else
               f"scoring the held-out validation split: {of}" if held_out else

@@ -21,7 +21,6 @@ from smollm.checkpoint import (CheckpointError, load_model, rng_state, set_rng_s
                                tokenizer_ids, vocab_digest)
 from smollm.config import ModelConfig
 from smollm.errors import SmolLMError, UsageError
-from smollm.evaluate import token_bytes
 from smollm.generate import complete
 from smollm.gguf import load_gguf
 from smollm.model import SmolLM, chunked_cross_entropy
@@ -128,8 +127,9 @@ class LitSmolLM(L.LightningModule):
             self.model = SmolLM(self.config)
         self.guard = NonFiniteGuard()
         self.val_loss = MeanMetric()
-        self.val_tokens, self.val_bytes = SumMetric(), SumMetric()  # for bits per byte
-        self._byte_table: torch.Tensor | None = None  # UTF-8 bytes per token id, from the tokenizer  # token-weighted, aggregated across batches and DDP ranks
+        # Bits per byte: tokens and the UTF-8 bytes they stand for (each batch's "n_bytes",
+        # measured in context when the cache was built), summed across batches and DDP ranks.
+        self.val_tokens, self.val_bytes = SumMetric(), SumMetric()
         self._window_start: tuple[float, int] | None = None  # (time, step) of the throughput window
 
     # ---- model ----
@@ -154,7 +154,6 @@ class LitSmolLM(L.LightningModule):
             cache.check_ids(self.config.vocab_size)  # ids the embedding has no row for: one line, not a crash
         tokenizer = getattr(dm, "tokenizer", None) if dm is not None else None
         if tokenizer is not None:
-            self._byte_table = token_bytes(tokenizer)
             self._tokenizer_ids = vocab_digest(tokenizer)
             self._check_init_tokenizer(dm.hparams.get("tokenizer"))
         if vocab is not None and vocab < self.config.vocab_size // 2 and self.global_rank == 0:
@@ -203,10 +202,9 @@ class LitSmolLM(L.LightningModule):
             self.log("train/loss", loss)  # not prog_bar: Lightning reads those every step (a sync)
         else:
             self.val_loss.update(loss, weight=targets.numel())
-            if self._byte_table is not None:
-                self._byte_table = self._byte_table.to(targets.device)
+            if "n_bytes" in batch:
                 self.val_tokens.update(targets.numel())
-                self.val_bytes.update(self._byte_table[targets].sum())
+                self.val_bytes.update(batch["n_bytes"].sum())
         return loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -223,7 +221,7 @@ class LitSmolLM(L.LightningModule):
         same_on_every_rank = {"sync_dist": True, "reduce_fx": "max"}
         self.log("val/perplexity", loss.exp(), **same_on_every_rank)
         self.log("val/loss", self.val_loss)
-        if self._byte_table is not None:  # bits per UTF-8 byte: comparable across tokenizers
+        if self.val_bytes.update_called:  # bits per UTF-8 byte: comparable across tokenizers
             tokens, n_bytes = self.val_tokens.compute(), self.val_bytes.compute()
             self.log("val/bpb", loss * tokens / math.log(2) / n_bytes.clamp(min=1), **same_on_every_rank)
             self.val_tokens.reset()

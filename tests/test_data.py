@@ -101,13 +101,30 @@ def test_cache_holds_every_document_then_eos(make_dm, corpus, tokenizer):
     eos = tokenizer.eos_token_id
     expected = []
     for path in sorted(corpus.glob("*.txt")):
-        expected += tokenizer(path.read_text(), add_special_tokens=False)["input_ids"] + [eos]
+        text = path.read_text()
+        expected += tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [eos]
     tokens = tokens_of(dm)
     assert tokens.dtype == np.uint16
     assert tokens.tolist() == expected
     meta = json.loads(dm._corpus["meta_path"].read_text())
     assert meta["n_tokens"] == dm.n_tokens == len(expected)
     assert meta["n_docs"] == 4 and len(meta["files"]) == 4 and meta["tokenizer"] == dm.tokenizer_name
+
+
+def test_special_token_strings_in_a_document_are_text_not_boundaries(make_dm, tmp_path, tokenizer):
+    # ML code and chat logs quote special tokens; only the EOS that we insert ends a document.
+    text = 'print("<|endoftext|>")\nEOS = "<|endoftext|>" then more text\n'
+    folder = tmp_path / "quoted"
+    folder.mkdir()
+    (folder / "a.txt").write_text(text)
+    (folder / "b.txt").write_text(sentences(30))
+    dm = ready(make_dm(files=[str(folder)], seq_len=8))
+    eos = tokenizer.eos_token_id
+    first = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    tokens = tokens_of(dm).tolist()
+    assert eos not in first and tokens[:len(first) + 1] == first + [eos]
+    assert tokenizer.decode(first) == text
+    assert dm.n_documents == 2 and tokens.count(eos) == 2
 
 
 def test_streaming_in_small_batches_gives_the_same_tokens(make_dm, monkeypatch):
@@ -151,9 +168,46 @@ def test_read_pieces_cut_at_line_ends_and_never_split_a_character(tmp_path):
     assert [last for _, _, last in pieces] == [False] * (len(pieces) - 1) + [True]
     for offset, piece, _ in pieces:
         assert raw[offset:offset + len(piece)] == piece
-        assert len(piece) <= 2 * 32
         piece.decode("utf-8")  # no character cut in two
+        assert len(piece) <= 2 * 32 or piece.startswith("é€😀".encode())  # longer only where no cut is safe
     assert sum(p.endswith(b"\n") for _, p, _ in pieces) >= 3
+
+
+def byte_level_tokenizers(tmp_path):
+    """Byte-level BPEs with the pre-tokenizers in use: GPT-2's, SmolLM2's (digits apart first),
+    Llama 3's split pattern."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    llama3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+              r"\s*[\r\n]+|\s+(?!\S)|\s+")
+    kinds = [pre_tokenizers.ByteLevel(add_prefix_space=False),
+             pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                      pre_tokenizers.ByteLevel(add_prefix_space=False)]),
+             pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(llama3), "isolated"),
+                                      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])]
+    for pre in kinds:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer, tok.decoder = pre, decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=False)
+        tok.train_from_iterator([sentences(50)] + ["中文字符\n\n\n中文。  \t 中文\n\n  \n\n\t\t中"] * 20,
+                                trainer=trainer)  # merges of CJK and of whitespace runs
+        yield tok
+
+
+def test_a_text_read_in_pieces_tokenizes_exactly_as_the_whole_text(tmp_path):
+    # Every place a piece can end, at every size: CJK after runs of spaces, tabs and line breaks,
+    # emoji, digits, CRLF, ideographic spaces, words.
+    text = ("the model reads.\n\n\n中文字符在这里。  \t 中文\n\u3000中文 😀 emoji\r\n\r\n12345 numbers \n"
+            "\n\n  中文。\n中 文\u3000\u3000字 x\n y  \n\n\t\t中文 done.\n ,.; \n\n'tis it's")
+    path = tmp_path / "t.txt"
+    path.write_text(text)
+    for tok in byte_level_tokenizers(tmp_path):
+        whole = tok.encode(text).ids
+        for size in range(4, len(text.encode()) + 1):
+            pieces = [p.decode() for _, p, _ in read_pieces(path, size=size)]
+            assert "".join(pieces) == text
+            assert [i for piece in pieces for i in tok.encode(piece).ids] == whole, (size, pieces)
 
 
 # -- 3, 4. windows and the held-out split ---------------------------------------------------------
@@ -274,10 +328,11 @@ def test_loader_batches_do_not_depend_on_num_workers(make_dm):
     zero = take(ready(make_dm(num_workers=0)).train_dataloader(), 12)
     two = take(ready(make_dm(num_workers=2)).train_dataloader(), 12)
     for a, b in zip(zero, two, strict=True):
-        assert set(a) == {"input_ids", "index"}
+        assert set(a) == {"input_ids", "index", "n_bytes"}
         assert a["input_ids"].shape == (BATCH, SEQ + 1) and a["input_ids"].dtype == torch.int64
         assert a["index"].shape == (BATCH,) and a["index"].dtype == torch.int64
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["index"], b["index"])
+        assert torch.equal(a["n_bytes"], b["n_bytes"])
 
 
 def test_loader_starts_at_the_trainers_micro_batch(make_dm):

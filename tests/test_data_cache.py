@@ -96,6 +96,54 @@ def test_a_damaged_shard_is_refused_in_one_line(tmp_path, tok_dir, corpus, monke
         TokenCache(dm._corpus["folder"])
 
 
+# -- bytes per token, in context ------------------------------------------------------------------
+
+DOCUMENTS = ["The model reads tokens.", " starts with a space, and  two,   three.", "中文字符在这里。东京",
+             "emoji 😀🙂 and naïve café ünïcödé\n\nnew paragraph\n", "\n\tdef f(x):\n        return x\n",
+             'quotes "<|endoftext|>" and "</s>" and "<s>" as text', "a", "  ", "ü😀中 mixed at the start"]
+
+
+def raw_bytes(tokenizer, ids, byte_level: bool) -> bytes:
+    """The bytes that tokens spell on their own: a byte-level token's characters, a byte-fallback
+    token's byte, another piece with "▁" as a space; with no document context."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    out = b""
+    for piece in tokenizer.convert_ids_to_tokens(ids):
+        if piece.startswith("<0x") and len(piece) == 6:
+            out += bytes([int(piece[3:5], 16)])
+        elif byte_level:
+            out += bytes(byte_of[c] for c in piece)
+        else:
+            out += piece.replace("\u2581", " ").encode()
+    return out
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "llama2", "metaspace", "unigram"])
+def test_token_bytes_in_context_are_the_texts_utf8_bytes(tmp_path, tok_dir, kind):
+    from helpers_tokenizers import sentencepiece_tokenizer
+
+    tokenizer = tok_dir if kind == "byte-level" else sentencepiece_tokenizer(tmp_path / "tok", kind)
+    write_records(tmp_path / "docs.jsonl", DOCUMENTS + documents(20, seed=5))
+    dm = ready(make(tmp_path, tokenizer, tmp_path / "docs.jsonl", seq_len=4))
+    cache, ids = dm.token_cache, stream(dm)
+    texts = DOCUMENTS + documents(20, seed=5)
+    ends = np.flatnonzero(ids == dm.eos_token_id)
+    assert len(ends) == len(texts)
+    assert cache.n_bytes(0, len(ids)) == sum(len(t.encode()) for t in texts)
+    prepends = kind != "byte-level"  # a "▁" before the text, which stands for no byte of it
+    for text, a, b in zip(texts, np.concatenate(([0], ends[:-1] + 1)), ends):
+        assert cache.n_bytes(a, b) == cache.n_bytes(a, b + 1) == len(text.encode()), text
+        if text in DOCUMENTS and not text.startswith(" "):  # every window: the bytes of the text it covers
+            for i, j in itertools.combinations(range(a, b + 1), 2):
+                spelled = raw_bytes(dm.tokenizer, ids[i:j].tolist(), not prepends)
+                assert cache.n_bytes(i, j) == len(spelled) - (prepends and i == a), (text, i - a, j - a)
+    # Windows carry the bytes of their targets: evaluate and val/bpb add these up.
+    windows = dm.corpus_windows()
+    assert sum(windows[k]["n_bytes"] for k in range(len(windows))) == cache.n_bytes(1, len(ids))
+
+
 # -- the cache key --------------------------------------------------------------------------------
 
 
@@ -207,7 +255,8 @@ def test_a_build_killed_with_sigkill_resumes_from_its_last_complete_shard(tmp_pa
     appended = []
     real = data.cache._ShardWriter.append
     monkeypatch.setattr(data.cache._ShardWriter, "append",
-                        lambda self, tokens, state_at: (appended.append(len(tokens)), real(self, tokens, state_at)))
+                        lambda self, tokens, state_at, n_bytes=None: (appended.append(len(tokens)),
+                                                                  real(self, tokens, state_at, n_bytes)))
     resumed = ready(TextDataModule(**args, num_workers=0))
     assert resumed._corpus["folder"] == folder
     assert sum(appended) == resumed.n_tokens - committed  # only what was not in a complete shard

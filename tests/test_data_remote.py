@@ -125,9 +125,9 @@ def counted_tokens(monkeypatch) -> list[int]:
     counted = [0]
     append = data.cache._ShardWriter.append
 
-    def counting(self, tokens, state_at):
+    def counting(self, tokens, state_at, n_bytes=None):
         counted[0] += len(tokens)
-        return append(self, tokens, state_at)
+        return append(self, tokens, state_at, n_bytes)
 
     monkeypatch.setattr(data.cache._ShardWriter, "append", counting)
     return counted
@@ -329,6 +329,32 @@ def test_a_shard_damaged_in_storage_is_refused_and_fetched_afresh_once_mended(
         assert file_digest(target / entry["file"]) == entry["digest"]
 
 
+@pytest.fixture(params=["memory", "s3"])
+def store(request, tmp_path):
+    """A remote root on fsspec's in-memory filesystem or on the local S3 server."""
+    if request.param == "s3":
+        return request.getfixturevalue("s3").url
+    return f"memory://smollm-{uuid.uuid4().hex[:12]}/runs"
+
+
+def test_a_local_shard_of_the_right_size_but_wrong_bytes_is_fetched_again_before_the_stamp(
+        tmp_path, tok_dir, corpus, store, small_shards, monkeypatch):
+    one = ready(node(tmp_path, monkeypatch, "node1", tok_dir, corpus, store))
+    name = one._corpus["folder"].name
+    url = f"{store}/tokens/{name}"
+    folder = tmp_path / "node2" / "tokens" / name
+    folder.mkdir(parents=True)
+    zeros = folder / "shard-000001.bin"  # an earlier copy of the right size, wrong bytes
+    zeros.write_bytes(bytes((one._corpus["folder"] / zeros.name).stat().st_size))
+    part = folder / "shard-000002.bin.part"  # a download stopped at its last byte, wrong bytes
+    part.write_bytes(bytes((one._corpus["folder"] / "shard-000002.bin").stat().st_size))
+    two = ready(gpu_node(tmp_path, monkeypatch, "node2", tok_dir, url))
+    assert np.array_equal(two.token_cache.read(0, two.n_tokens), one.token_cache.read(0, one.n_tokens))
+    for entry in two.token_cache.index["shards"]:
+        assert file_digest(folder / entry["file"]) == entry["digest"]
+
+
+# -- building -------------------------------------------------------------------------------------
 # -- building -------------------------------------------------------------------------------------
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import fitutil
 from smollm import ModelConfig, SmolLM
-from smollm.evaluate import main, score, to_transformers, token_bytes
+from smollm.evaluate import main, score, to_transformers
 from smollm.fit import main as fit
 from smollm.hf import save_hf
 
@@ -40,11 +40,13 @@ def logged(root: Path, tag: str) -> float:
     return acc.Scalars(tag)[-1].value
 
 
-def test_token_bytes_add_up_to_the_texts_utf8_bytes(data):
+def test_a_byte_level_tokenizers_bytes_per_id_add_up_to_the_texts_utf8_bytes(data):
     from transformers import AutoTokenizer
 
+    from smollm.data.cache import byte_table
+
     tok = AutoTokenizer.from_pretrained(data[1])
-    table = token_bytes(tok)
+    table = torch.from_numpy(byte_table(tok))
     for text in ["the quick brown fox", "naïve café — 東京 🙂 ünïcödé\n\tdef f(x): return x",
                  (Path(data[0]) / "doc0.txt").read_text()]:
         ids = tok.encode(text)
@@ -56,7 +58,7 @@ def test_score_equals_transformers_on_the_same_windows(tiny_model):
     torch.manual_seed(0)
     windows = torch.randint(0, 49152, (6, 33))
     table = torch.randint(1, 5, (49152,))
-    ours = score(tiny_model, windows.split(4), table)
+    ours = score(tiny_model, [(w, table[w[:, 1:]].sum(1)) for w in windows.split(4)])
     theirs = to_transformers(tiny_model)
     with torch.no_grad():
         logits = theirs(input_ids=windows[:, :-1]).logits
@@ -93,6 +95,27 @@ def test_given_files_are_scored_whole(run, data, tmp_path):
     n_tokens = len(AutoTokenizer.from_pretrained(tok).encode((corpus / "doc1.txt").read_text())) + 1  # + EOS
     assert report["split"] == "all" and report["windows"] == -(-(n_tokens - 1) // 16)
     assert report["tokens"] == n_tokens - 1  # every token but the first is scored, once
+
+
+@pytest.mark.parametrize("kind", ["llama2", "metaspace"])
+def test_bits_per_byte_counts_the_texts_bytes_with_a_sentencepiece_tokenizer(tmp_path, kind):
+    # "▁the" is 4 bytes of text but " " only after the first word; byte-fallback tokens are one
+    # byte each: the bytes scored are the text's, whatever the tokenizer.
+    from transformers import AutoTokenizer
+
+    from helpers_tokenizers import sentencepiece_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(sentencepiece_tokenizer(tmp_path / "tok", kind))
+    torch.manual_seed(0)
+    folder = save_hf(SmolLM(ModelConfig.from_name("tiny", vocab_size=1024)), tmp_path / "hf", tokenizer=tok)
+    text = "The model reads 中文字符 and emoji 😀 naïve café.\n\n  Then <|endoftext|> </s> more.\n" * 3
+    (tmp_path / "t.txt").write_text(text)
+    out = tmp_path / "s.json"
+    assert main(["--checkpoint", str(folder), "--data.files", str(tmp_path / "t.txt"), "--data.seq_len", "16",
+                 "--data.cache_dir", str(tmp_path / "c"), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    first = tok.convert_ids_to_tokens(tok(text, add_special_tokens=False)["input_ids"][0])  # "▁The", not scored
+    assert report["bytes"] == len(text.encode()) - (len(first.replace("\u2581", " ").encode()) - 1)
 
 
 def test_a_hugging_face_folder_scores_like_its_checkpoint(run, data, tmp_path):

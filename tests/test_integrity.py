@@ -85,7 +85,7 @@ def test_a_token_off_by_one_is_caught_and_the_shard_rebuilt(shards, tmp_path, to
     before = path.read_bytes()
     flip(path, len(before) // 2, word=2, xor=1)  # four token ids, each off by one
     assert np.count_nonzero(np.fromfile(path, np.uint16) != np.frombuffer(before, np.uint16)) == 4
-    assert not cache.verify_shard(folder, index["shards"][k], index["dtype"])
+    assert not cache.verify_shard(folder, index["shards"][k], index)
     new_launch(folder)
     capfd.readouterr()
     dm = open_cache(tmp_path, tok_dir)
@@ -121,6 +121,20 @@ def test_a_cache_open_verifies_once_per_launch(shards, tmp_path, tok_dir, monkey
     new_launch(folder)
     open_cache(tmp_path, tok_dir)
     assert len(scanned) == len(list(folder.glob("shard-*.bin")))
+
+
+def test_a_stamp_left_by_an_earlier_launch_does_not_hide_a_damaged_shard(shards, tmp_path, tok_dir, capfd):
+    folder, index, dm = shards
+    stream = dm.token_cache.read(0, dm.n_tokens)
+    (stamp,) = folder.parent.glob(f"{folder.name}.verified-*")
+    earlier = {**json.loads(stamp.read_text()), "began": cache._process_start() - 3600}
+    stamp.write_text(json.dumps(earlier))  # what the last run left: it verified, then ended
+    path = folder / index["shards"][1]["file"]
+    flip(path, 100, word=2, xor=1)  # size, inode and modification time kept: the stamp's files still match
+    capfd.readouterr()
+    dm = open_cache(tmp_path, tok_dir)
+    assert f"token cache shard {path} is damaged" in capfd.readouterr().err
+    assert np.array_equal(dm.token_cache.read(0, dm.n_tokens), stream)
 
 
 def test_shards_listed_without_digests_get_them_once(shards, tmp_path, tok_dir):

@@ -14,6 +14,13 @@ rebuilt from that start if its sources still give the same bytes (`rebuild_shard
 line naming the shard. `verify_shard` is the one check of a shard against its entry, for whoever
 copies shards (downloads included).
 
+Bits per byte needs the UTF-8 bytes of text that each token stands for, in context. For a
+byte-level BPE with no normalizer that is a property of the token id: the index holds the table
+(`byte_table`). For any other tokenizer (SentencePiece-style: a "▁" is one space, or none at the
+start of a document; byte-fallback tokens are one byte each; a normalizer may change the text),
+the worker measures each token's bytes from its offsets in the text and the shard stores those
+counts after its tokens (`bytes_dtype` in the index), covered by the same digest.
+
 Tokenizing runs in one worker process per core (the tokenizer's Rust code, the conversion of its
 output to arrays and the pickling, all in parallel), fed with batches of about BATCH_BYTES of text
 by the main process, which reads the sources and writes the shards. At most two batches per worker
@@ -47,7 +54,7 @@ from smollm.errors import SmolLMError, first_line
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # bump when the cache layout or the tokenization rule changes
+FORMAT_VERSION = 3  # bump when the cache layout or the tokenization rule changes (3: special-token strings are text)
 SHARD_TOKENS = 1 << 27  # 134M tokens: 256 MB of uint16; a kill loses at most one shard of work
 BATCH_BYTES = 1 << 20  # text handed to one worker at a time
 INDEX = "index.json"
@@ -77,8 +84,85 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(spec.encode()).hexdigest()
 
 
+def _byte_tokens(tokenizer: Any) -> tuple[bool, np.ndarray, np.ndarray]:
+    """(byte-level, own, part): whether the tokenizer is a byte-level BPE; for each id the UTF-8
+    bytes it stands for alone (a byte-level token's characters, one per byte; a byte-fallback
+    token <0xNN>, one; any other, its text with "▁" as a space; EOS, which we insert between
+    documents, none); and `part`: `own` where a token may be a part of one character's bytes
+    (byte-level and byte-fallback tokens), else 0."""
+    from tokenizers import decoders
+
+    n = len(tokenizer)
+    pieces = tokenizer.convert_ids_to_tokens(list(range(n)))
+    byte_level = isinstance(tokenizer.backend_tokenizer.decoder, decoders.ByteLevel)
+    added = set(getattr(tokenizer, "added_tokens_decoder", {}))
+    own, part = np.empty(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+    for i, piece in enumerate(pieces):
+        if i in added or piece is None:
+            own[i] = len(tokenizer.decode([i]).encode("utf-8"))
+        elif byte_level:
+            own[i] = part[i] = len(piece)  # one character of the byte-level alphabet per byte
+        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            own[i] = part[i] = 1
+        else:
+            own[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
+    own[tokenizer.eos_token_id] = part[tokenizer.eos_token_id] = 0
+    return byte_level, own, part
+
+
+def byte_table(tokenizer: Any) -> np.ndarray | None:
+    """(vocab,) int64: the UTF-8 bytes of text that each token id stands for wherever it occurs,
+    if that is a property of the id (a byte-level BPE that neither normalizes the text nor adds a
+    space before it); else None, and the bytes are measured in context as the cache is built."""
+    byte_level, own, _ = _byte_tokens(tokenizer)
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    exact = backend.get("normalizer") is None and '"add_prefix_space": true' not in json.dumps(backend["pre_tokenizer"])
+    return own if byte_level and exact else None
+
+
+def bytes_in_context(text: str, offsets: list[tuple[int, int]], ids: list[int], part: np.ndarray) -> np.ndarray:
+    """The UTF-8 bytes of `text` that each of its tokens stands for; they add up to the text's.
+
+    Token i stands for the text from where it starts to where the next one starts (the first
+    from 0, the last to the end), so a prefix the tokenizer added ("▁" before a document) or a
+    character a normalizer removed counts where it is in the text, once. Tokens that start at
+    the same character (the byte-fallback tokens of one character) take their own bytes in turn
+    (`part`, from `_byte_tokens`).
+    """
+    total = len(text.encode("utf-8"))
+    if not ids:
+        return np.empty(0, dtype=np.int64)
+    starts = np.fromiter((a for a, _ in offsets), dtype=np.int64, count=len(ids))
+    if not text.isascii():  # character offsets -> byte offsets
+        code = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+        width = 1 + (code >= 0x80) + (code >= 0x800) + (code >= 0x10000)
+        at = np.zeros(len(code) + 1, dtype=np.int64)
+        np.cumsum(width, out=at[1:])
+        starts = at[np.minimum(starts, len(code))]
+    starts = np.maximum.accumulate(starts)
+    starts[0] = 0
+    counts = np.diff(np.append(starts, total))
+    for j in np.flatnonzero(counts[:-1] == 0):  # shares its start with the next token
+        k = j + 1
+        while counts[k] == 0 and k + 1 < len(counts):
+            k += 1
+        give = min(int(part[ids[j]]), int(counts[k]))
+        counts[j], counts[k] = give, counts[k] - give
+    return counts
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+BYTES_DTYPE = np.dtype(np.uint16)  # a token's bytes in context, stored after a shard's tokens
+
+
+def shard_size(index: dict[str, Any], entry: dict[str, Any]) -> int:
+    """The size in bytes of shard `entry`'s file: its tokens, then their byte counts if stored."""
+    itemsize = np.dtype(index["dtype"]).itemsize + (np.dtype(index["bytes_dtype"]).itemsize
+                                                    if "bytes_dtype" in index else 0)
+    return entry["tokens"] * itemsize
 
 
 def cache_key(spec: dict[str, Any]) -> str:
@@ -93,7 +177,8 @@ def cache_key(spec: dict[str, Any]) -> str:
 
 class TokenCache:
     """A complete cache folder, read as one stream of `n_tokens` token ids: `cache[a:b]` or
-    `cache.read(a, b)` returns tokens a..b-1 (native dtype), across shard boundaries.
+    `cache.read(a, b)` returns tokens a..b-1 (native dtype), across shard boundaries;
+    `cache.n_bytes(a, b)` the UTF-8 bytes of text that they stand for.
 
     The shards are memory-mapped on first use in each process and never pickled, so DataLoader
     workers share the page cache instead of copying the tokens.
@@ -106,15 +191,20 @@ class TokenCache:
             raise DataError(f"{self.folder} holds no complete token cache; run again to build it")
         self.index = index
         self.dtype = np.dtype(index["dtype"])
+        self.byte_table = np.asarray(index["byte_table"], dtype=np.int64) if "byte_table" in index else None
+        self.bytes_dtype = np.dtype(index["bytes_dtype"]) if "bytes_dtype" in index else None
+        if (self.byte_table is None) == (self.bytes_dtype is None):
+            raise DataError(f"{self.folder} is a token cache without byte counts (an older smollm's); delete it "
+                            "and run again")
         self.shards = [(s["file"], s["tokens"]) for s in index["shards"]]
         self.n_tokens, self.n_documents = index["n_tokens"], index["n_docs"]
         self.starts = np.cumsum([0] + [n for _, n in self.shards])  # shard k holds [starts[k], starts[k+1])
         for name, n in self.shards:
             path = self.folder / name
-            if not path.is_file() or path.stat().st_size != n * self.dtype.itemsize:
+            if not path.is_file() or path.stat().st_size != shard_size(index, {"tokens": n}):
                 raise DataError(f"token cache shard {path} is missing or damaged; delete {self.folder} and "
                                 "run again")
-        self._maps: dict[int, np.ndarray] = {}
+        self._maps: dict[tuple[int, bool], np.ndarray] = {}
 
     def __len__(self) -> int:
         return self.n_tokens
@@ -129,14 +219,24 @@ class TokenCache:
                                 f"cache was built with (and a vocab_size above {entry['max_id']}), or delete "
                                 f"{self.folder} and run again")
 
-    def _shard(self, k: int) -> np.ndarray:
-        if k not in self._maps:
+    def _shard(self, k: int, counts: bool = False) -> np.ndarray:
+        """Shard k's tokens, or with `counts` the byte counts stored after them."""
+        if (k, counts) not in self._maps:
             name, n = self.shards[k]
-            self._maps[k] = np.memmap(self.folder / name, dtype=self.dtype, mode="r", shape=(n,))
-        return self._maps[k]
+            dtype, offset = (self.bytes_dtype, n * self.dtype.itemsize) if counts else (self.dtype, 0)
+            self._maps[k, counts] = np.memmap(self.folder / name, dtype=dtype, mode="r", offset=offset, shape=(n,))
+        return self._maps[k, counts]
 
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Tokens [start, stop) of the stream, a copy (stop is clipped to the end)."""
+    def n_bytes(self, start: int, stop: int, tokens: np.ndarray | None = None) -> int:
+        """The UTF-8 bytes of text that tokens [start, stop) stand for in context (`tokens`: those
+        tokens, if already read)."""
+        if self.byte_table is not None:
+            return int(self.byte_table[self.read(start, stop) if tokens is None else tokens].sum())
+        return int(self.read(start, stop, counts=True).sum(dtype=np.int64))
+
+    def read(self, start: int, stop: int, counts: bool = False) -> np.ndarray:
+        """Tokens [start, stop) of the stream, a copy (stop is clipped to the end); with `counts`,
+        their stored byte counts instead."""
         stop = min(stop, self.n_tokens)
         if not 0 <= start <= stop:
             raise IndexError(f"token range [{start}, {stop}) outside [0, {self.n_tokens})")
@@ -145,9 +245,9 @@ class TokenCache:
         while start < stop:
             begin = int(self.starts[k])
             end = min(stop, int(self.starts[k + 1]))
-            parts.append(self._shard(k)[start - begin:end - begin])
+            parts.append(self._shard(k, counts)[start - begin:end - begin])
             start, k = end, k + 1
-        return np.concatenate(parts) if parts else np.empty(0, self.dtype)
+        return np.concatenate(parts) if parts else np.empty(0, self.bytes_dtype if counts else self.dtype)
 
     def __getitem__(self, item: slice) -> np.ndarray:
         if not isinstance(item, slice) or item.step not in (None, 1):
@@ -176,30 +276,33 @@ def is_complete(folder: Path) -> bool:
 # Verifying: every shard against the digest written with it
 
 
-def scan_shard(path: Path, dtype: np.dtype) -> tuple[str, int]:
-    """(digest, largest token id) of a shard file, in one streaming read."""
-    hasher, largest = Hasher(), -1
+def scan_shard(path: Path, dtype: np.dtype, tokens: int | None = None) -> tuple[str, int]:
+    """(digest, largest token id) of a shard file, in one streaming read; the ids are its first
+    `tokens` items (default: all of it)."""
+    hasher, largest, at = Hasher(), -1, 0
+    end = None if tokens is None else tokens * dtype.itemsize
     buf = bytearray(CHUNK - CHUNK % dtype.itemsize)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buf):
             hasher.update(view[:n])
-            if n >= dtype.itemsize:
-                largest = max(largest, int(np.frombuffer(buf, dtype, n // dtype.itemsize).max()))
+            ids = n if end is None else max(0, min(n, end - at))
+            if ids >= dtype.itemsize:
+                largest = max(largest, int(np.frombuffer(buf, dtype, ids // dtype.itemsize).max()))
+            at += n
     return hasher.digest(), largest
 
 
-def verify_shard(folder: str | os.PathLike, entry: dict[str, Any], dtype: str | np.dtype | None = None) -> bool:
+def verify_shard(folder: str | os.PathLike, entry: dict[str, Any], index: dict[str, Any] | None = None) -> bool:
     """Whether shard `entry` of index.json (its "file", "tokens", "digest") is intact in `folder`:
     the right size and the recorded digest, in one streaming read. An entry without a digest (a
-    cache built before shards had one) checks the size only. `dtype` defaults to the index's."""
+    cache built before shards had one) checks the size only. `index` defaults to the folder's."""
     path = Path(folder) / entry["file"]
-    if dtype is None:
-        dtype = (read_index(Path(folder)) or {}).get("dtype", "uint16")
-    size = entry["tokens"] * np.dtype(dtype).itemsize
-    if not path.is_file() or path.stat().st_size != size:
+    if index is None:
+        index = read_index(Path(folder)) or {"dtype": "uint16"}
+    if not path.is_file() or path.stat().st_size != shard_size(index, entry):
         return False
-    return "digest" not in entry or scan_shard(path, np.dtype(dtype))[0] == entry["digest"]
+    return "digest" not in entry or scan_shard(path, np.dtype(index["dtype"]))[0] == entry["digest"]
 
 
 def check_shards(folder: str | os.PathLike, index: dict[str, Any], threads: int | None = None) -> list[int]:
@@ -212,10 +315,10 @@ def check_shards(folder: str | os.PathLike, index: dict[str, Any], threads: int 
 
     def check(k: int) -> bool:
         entry = shards[k]
-        if not verify_shard(folder, entry, dtype):  # the size, and the digest where there is one
+        if not verify_shard(folder, entry, index):  # the size, and the digest where there is one
             return False
         if "digest" not in entry:
-            entry["digest"], entry["max_id"] = scan_shard(folder / entry["file"], dtype)
+            entry["digest"], entry["max_id"] = scan_shard(folder / entry["file"], dtype, entry["tokens"])
         return True
 
     legacy = [k for k, e in enumerate(shards) if "digest" not in e]
@@ -279,9 +382,10 @@ def stamp_verified(folder: Path, index: dict[str, Any], began: float) -> None:
 _worker: dict[str, Any] = {}
 
 
-def _init_worker(tokenizer_json: str, eos: int, dtype: str) -> None:
+def _init_worker(tokenizer_json: str, eos: int, dtype: str, part: np.ndarray | None) -> None:
     """Each worker: one single-threaded copy of the tokenizer; dies with the process that
-    started it (Linux), so a killed build leaves no worker behind."""
+    started it (Linux), so a killed build leaves no worker behind. With `part` (see
+    `_byte_tokens`), it also measures each token's bytes in context."""
     from tokenizers import Tokenizer
 
     if sys.platform.startswith("linux"):
@@ -289,23 +393,66 @@ def _init_worker(tokenizer_json: str, eos: int, dtype: str) -> None:
             import ctypes
 
             ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    _worker.update(tokenizer=Tokenizer.from_str(tokenizer_json), eos=eos, dtype=np.dtype(dtype))
+    tokenizer = Tokenizer.from_str(_text_only(tokenizer_json))
+    # A document's text is text: "<|endoftext|>" written in it is tokenized as the characters it is,
+    # never as the special token, which only we insert between documents.
+    tokenizer.encode_special_tokens = True
+    _worker.update(tokenizer=tokenizer, eos=eos, dtype=np.dtype(dtype), part=part)
 
 
-def _tokenize_batch(texts: list[str], eos: list[bool]) -> tuple[np.ndarray, np.ndarray]:
-    """The token ids of `texts` concatenated, EOS after each text whose flag is set, and the
-    number of tokens that each text contributed."""
-    encodings = _worker["tokenizer"].encode_batch_fast(texts, add_special_tokens=False)
+def _text_only(tokenizer_json: str) -> str:
+    """The tokenizer with its special tokens out of reach of text: a Unigram model lists them as
+    pieces like any other, which it would choose for "</s>" written in a document (a BPE never
+    merges up to them). Their pieces are renamed to strings no text holds; ids stay."""
+    spec = json.loads(tokenizer_json)
+    special = {t["content"] for t in spec.get("added_tokens") or [] if t.get("special")}
+    if spec["model"].get("type") == "Unigram" and special:
+        spec["model"]["vocab"] = [[_UNREACHABLE + piece if piece in special else piece, score]
+                                  for piece, score in spec["model"]["vocab"]]
+        return json.dumps(spec)
+    return tokenizer_json
+
+
+_UNREACHABLE = "\U0010fffe" * 16  # a noncharacter, 16 times: in no text that we tokenize
+
+
+def _tokenize_batch(texts: list[str], eos: list[bool]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The token ids of `texts` concatenated, EOS after each text whose flag is set, the number
+    of tokens that each text contributed, and (if the worker measures them) each token's bytes."""
+    part = _worker["part"]
+    tokenizer = _worker["tokenizer"]
+    encode = tokenizer.encode_batch_fast if part is None else tokenizer.encode_batch  # offsets only if needed
+    encodings = encode(texts, add_special_tokens=False)
     ids: list[int] = []
+    counts: list[np.ndarray] = []
     lengths = np.empty(len(texts), dtype=np.int64)
     eos_id = _worker["eos"]
     for j, (encoding, end) in enumerate(zip(encodings, eos)):
         x = encoding.ids
         ids += x
+        if part is not None:
+            counts += [bytes_in_context(texts[j], encoding.offsets, x, part), np.zeros(int(end), dtype=np.int64)]
         if end:
             ids.append(eos_id)
         lengths[j] = len(x) + end
-    return np.array(ids, dtype=_worker["dtype"]), lengths
+    n_bytes = _as_counts(np.concatenate(counts)) if part is not None else None
+    return np.array(ids, dtype=_worker["dtype"]), lengths, n_bytes
+
+
+def _as_counts(n_bytes: np.ndarray) -> np.ndarray:
+    """Byte counts as stored (BYTES_DTYPE): a count past its largest value (a token standing for
+    more than 64 KiB of text, which only a normalizer that deletes text can make) passes the
+    excess to the next token, so that the sums stay exact."""
+    top = np.iinfo(BYTES_DTYPE).max
+    over = np.flatnonzero(n_bytes > top)
+    for j in range(int(over[0]) if over.size else len(n_bytes), len(n_bytes) - 1):
+        if n_bytes[j] > top:
+            n_bytes[j + 1] += n_bytes[j] - top
+            n_bytes[j] = top
+    if over.size and n_bytes[-1] > top:
+        raise DataError(f"a token stands for {int(n_bytes[-1]):,} bytes of text, more than a token cache records; "
+                        "use a tokenizer whose normalizer keeps the text")
+    return n_bytes.astype(BYTES_DTYPE)
 
 
 @contextlib.contextmanager
@@ -354,24 +501,35 @@ class _ShardWriter:
         self.in_shard = 0
         self.file: Any = None
         self.writer: HashingWriter | None = None
+        self.counts: Any = None  # the open shard's byte counts, appended to it when it is closed
         self.max_id = -1
         self.start: dict[str, Any] | None = None
 
     def _tmp(self) -> Path:
         return self.folder / f"shard-{len(self.index['shards']):06d}.bin.tmp"
 
-    def append(self, tokens: np.ndarray, state_at: Callable[[int], dict[str, Any]]) -> None:
-        """Append `tokens`; `state_at(b)` gives the counts after token b - 1 and where the sources
-        resume from there, for the index when a shard fills at token b."""
+    def _counts_tmp(self) -> Path:
+        return self._tmp().with_name(self._tmp().name + ".bytes")
+
+    def append(self, tokens: np.ndarray, state_at: Callable[[int], dict[str, Any]],
+               n_bytes: np.ndarray | None = None) -> None:
+        """Append `tokens` (and their byte counts, if the cache stores them); `state_at(b)` gives
+        the counts after token b - 1 and where the sources resume from there, for the index when
+        a shard fills at token b."""
         while len(tokens):
             if self.file is None:
                 self.file = open(self._tmp(), "wb")
                 self.writer, self.max_id = HashingWriter(self.file), -1
+                if n_bytes is not None:
+                    self.counts = open(self._counts_tmp(), "w+b")
                 index = self.index  # the state after the last commit: where this shard begins
                 self.start = {"n_docs": index["n_docs"], "sources": [dict(c) for c in index["sources"]],
                               "resume": index["resume"]}
             take = tokens[:self.shard_tokens - self.in_shard]
             self.writer.write(np.ascontiguousarray(take))
+            if n_bytes is not None:
+                self.counts.write(np.ascontiguousarray(n_bytes[:len(take)]))
+                n_bytes = n_bytes[len(take):]
             self.max_id = max(self.max_id, int(take.max()))
             self.in_shard += len(take)
             self.total += len(take)
@@ -381,6 +539,13 @@ class _ShardWriter:
 
     def _close(self) -> dict[str, Any]:
         """Make the open shard durable; its index entry (not yet listed)."""
+        if self.counts is not None:  # the byte counts after the tokens, under the same digest
+            self.counts.seek(0)
+            while chunk := self.counts.read(CHUNK):
+                self.writer.write(chunk)
+            self.counts.close()
+            self.counts = None
+            self._counts_tmp().unlink()
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
@@ -411,8 +576,12 @@ class _ShardWriter:
         if self.file is not None:
             self.file.close()
             self.file = None
-        with contextlib.suppress(FileNotFoundError):
-            self._tmp().unlink()
+        if self.counts is not None:
+            self.counts.close()
+            self.counts = None
+        for path in (self._tmp(), self._counts_tmp()):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
 
 class _Rebuilt(Exception):
@@ -479,7 +648,9 @@ def build_cache(folder: Path, sources: list[Any], tokenizer: Any, meta: dict[str
     if index is None:  # a fresh build: nothing of an earlier one is usable
         for old in folder.glob("shard-*"):
             old.unlink()
-        index = {**meta, "format": FORMAT_VERSION, "dtype": token_dtype(len(tokenizer)).name,
+        table = byte_table(tokenizer)
+        layout = {"byte_table": table.tolist()} if table is not None else {"bytes_dtype": BYTES_DTYPE.name}
+        index = {**meta, "format": FORMAT_VERSION, "dtype": token_dtype(len(tokenizer)).name, **layout,
                  "shard_tokens": SHARD_TOKENS, "shards": [], "n_tokens": 0, "n_docs": 0,
                  "sources": [{"source": s.describe(), "tokens": 0, "documents": 0} for s in sources],
                  "complete": False, "resume": {"source": 0, "unit": [0, 0, 0], "skip": 0}}
@@ -541,9 +712,10 @@ def _tokenize(writer: _ShardWriter, sources: list[Any], tokenizer: Any, max_toke
     context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     with _env("TOKENIZERS_PARALLELISM", "false"), warnings.catch_warnings():  # one thread per worker
         warnings.filterwarnings("ignore", message=".*use of fork", category=DeprecationWarning)
+        part = _byte_tokens(tokenizer)[2] if "bytes_dtype" in index else None
         pool = context.Pool(workers, initializer=_init_worker,
                             initargs=(tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token_id,
-                                      index["dtype"]))
+                                      index["dtype"], part))
     bar = tqdm(initial=writer.total, unit="tok", unit_scale=True, desc=desc, file=sys.stderr,
                disable=not progress, mininterval=2.0)
     try:
@@ -567,18 +739,22 @@ def _tokenize(writer: _ShardWriter, sources: list[Any], tokenizer: Any, max_toke
                         done = True  # the source is read: drain what is in flight
                     while pending and (done or len(pending) >= 2 * workers):
                         positions, eos, result = pending.popleft()
-                        tokens, lengths = result.get()
+                        tokens, lengths, n_bytes = result.get()
                         # Unit j's tokens are stream[starts[j] : starts[j] + lengths[j]]; the first
                         # unit's first `skip` tokens were written before an interruption.
                         first_new = writer.total
                         starts = first_new - skip + np.concatenate(([0], np.cumsum(lengths)[:-1]))
                         ends = starts + lengths
                         eos_at = (ends - 1)[np.asarray(eos, dtype=bool)]  # where the EOS tokens go
+                        if n_bytes is not None:  # the byte counts of the tokens kept, as the tokens
+                            n_bytes = n_bytes[skip:]
                         tokens, skip = tokens[skip:], 0
                         written = first_new - begin
                         if cap is not None and written + len(tokens) >= cap:
                             tokens, done = tokens[:cap - written], True
                             pending.clear()
+                        if n_bytes is not None:
+                            n_bytes = n_bytes[:len(tokens)]
                         docs_before, source_docs_before = n_docs, counts[s]["documents"]
 
                         def state_at(b: int, positions=positions, starts=starts, ends=ends, eos_at=eos_at,
@@ -593,7 +769,7 @@ def _tokenize(writer: _ShardWriter, sources: list[Any], tokenizer: Any, max_toke
                                     "resume": {"source": s, "unit": list(positions[j]),
                                                "skip": int(b - starts[j])}}
 
-                        writer.append(tokens, state_at)
+                        writer.append(tokens, state_at, n_bytes)
                         n_docs = state_at(writer.total)["n_docs"]
                         bar.update(len(tokens))
             finally:

@@ -11,7 +11,8 @@ the remote while training: a node downloads the shards into its local cache ($SM
   its last uploaded shard. One process builds per cache: it holds `URL/tokens/<key>.lock`, an
   object created with a conditional write (S3's If-None-Match; MinIO and R2 honour it too).
 - Reading: shards are downloaded in parallel into `.part` files that a later run continues, each
-  checked against its digest where the index has one before it is renamed into place; the local
+  checked against its digest where the index has one before it is renamed into place (a shard
+  already there, of an earlier try, passes the same check or is downloaded again); the local
   index is written last.
 - One cache named by its URL (`URL/tokens/<key>`, what the build prints when it ends) is read
   the same way by nodes that have no copy of the sources (smollm.data.module, `names_one_cache`).
@@ -34,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-from smollm.data.cache import INDEX, is_complete, read_index
+from smollm.data.cache import INDEX, is_complete, read_index, shard_size, verify_shard
 from smollm.data.sources import DataError, write_json_atomic
 from smollm.digest import file_digest
 from smollm.errors import first_line
@@ -234,7 +235,6 @@ class Remote:
         the index. Returns the bytes uploaded."""
         from tqdm import tqdm
 
-        itemsize = _itemsize(index)
         try:
             listing = self.call("list", self.fs.ls, self._path("tokens", name), detail=True)
         except RemoteError as e:
@@ -242,13 +242,13 @@ class Remote:
                 raise
             listing = []
         there = {Path(p["name"]).name: p.get("size") for p in listing}
-        todo = [s for s in index["shards"] if there.get(s["file"]) != s["tokens"] * itemsize]
-        with tqdm(total=sum(s["tokens"] * itemsize for s in todo), unit="B", unit_scale=True, desc="uploading",
+        todo = [s for s in index["shards"] if there.get(s["file"]) != shard_size(index, s)]
+        with tqdm(total=sum(shard_size(index, s) for s in todo), unit="B", unit_scale=True, desc="uploading",
                   file=sys.stderr, disable=not progress, mininterval=2.0) as bar:
             def one(entry: dict[str, Any]) -> int:
                 self.put(folder / entry["file"], name, entry["file"])
-                bar.update(entry["tokens"] * itemsize)
-                return entry["tokens"] * itemsize
+                bar.update(shard_size(index, entry))
+                return shard_size(index, entry)
 
             sent = sum(_parallel(one, todo))
         self.put_index(name, index)
@@ -257,20 +257,21 @@ class Remote:
     def download(self, name: str, folder: Path, index: dict[str, Any], progress: bool = True) -> int:
         """Download the shards of `index` that `folder` lacks, in parallel, each resumed from its
         `.part` file and checked against its digest where it has one; then write the index (last).
-        Returns the bytes downloaded."""
+        A shard already in `folder` is kept only if it passes the same check: this folder has no
+        index yet, so nothing says what its files hold. Returns the bytes downloaded."""
         from tqdm import tqdm
 
         folder.mkdir(parents=True, exist_ok=True)
-        itemsize = _itemsize(index)
-        todo = [s for s in index["shards"] if not _present(folder / s["file"], s["tokens"] * itemsize)]
+        todo = [s for s in _parallel_map(lambda s: None if verify_shard(folder, s, index) else s,
+                                         index["shards"]) if s is not None]
         parts = [_part(folder / s["file"]) for s in todo]
         already = sum(p.stat().st_size for p in parts if p.is_file())  # stopped downloads, continued
         if todo:
             print(f"downloading {len(todo)} shard(s) of {self.where(name)} into {folder}", file=sys.stderr,
                   flush=True)
-        with tqdm(total=sum(s["tokens"] * itemsize for s in todo), initial=already, unit="B", unit_scale=True,
+        with tqdm(total=sum(shard_size(index, s) for s in todo), initial=already, unit="B", unit_scale=True,
                   desc="downloading", file=sys.stderr, disable=not progress, mininterval=2.0) as bar:
-            fetched = sum(_parallel(lambda entry: self._fetch(name, folder, entry, entry["tokens"] * itemsize,
+            fetched = sum(_parallel(lambda entry: self._fetch(name, folder, entry, shard_size(index, entry),
                                                               bar.update), todo))
         write_json_atomic(folder / INDEX, index)
         return fetched
@@ -284,6 +285,7 @@ class Remote:
         if offset > size:
             part.unlink()
             offset = 0
+        resumed = offset > 0
         remote = self._path("tokens", name, entry["file"])
         fetched = 0
         with open(part, "ab") as out:
@@ -301,6 +303,8 @@ class Remote:
         expected = entry.get("digest")
         if expected is not None and file_digest(part) != expected:
             part.unlink()
+            if resumed:  # the part file of an earlier try may be what is wrong: once more, afresh
+                return self._fetch(name, folder, entry, size, advance)
             raise RemoteError(f"{self.where(name)}/{entry['file']} does not match its digest in index.json "
                               f"(damaged in storage or in transit); run again to download it afresh, and if "
                               f"it fails again rebuild the remote cache")
@@ -383,20 +387,8 @@ def _missing(e: RemoteError) -> bool:
     return isinstance(e.__cause__, FileNotFoundError)
 
 
-def _itemsize(index: dict[str, Any]) -> int:
-    import numpy as np
-
-    return np.dtype(index["dtype"]).itemsize
-
-
 def _part(target: Path) -> Path:
     return target.with_name(target.name + ".part")
-
-
-def _present(path: Path, size: int) -> bool:
-    """A shard under its final name was checked when it arrived (downloads are renamed into place
-    only after their check; a local build renames after fsync): its size is enough here."""
-    return path.is_file() and path.stat().st_size == size
 
 
 def _alive(pid: Any) -> bool:
@@ -409,6 +401,12 @@ def _alive(pid: Any) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _parallel_map(fn: Callable[[Any], Any], items: list) -> list[Any]:
+    """`fn` on each item, TRANSFERS at a time (reads and hashes release the GIL), in order."""
+    with ThreadPoolExecutor(max(1, min(TRANSFERS, len(items)))) as pool:
+        return list(pool.map(fn, items))
 
 
 def _parallel(fn: Callable[[Any], int], items: list) -> list[int]:

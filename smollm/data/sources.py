@@ -197,60 +197,84 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 # Text files, in pieces that tokenize as the whole file does
 
 # Where a piece may end so that the pieces tokenize exactly as the whole text does, for a
-# byte-level BPE (GPT-2, SmolLM2, Llama 3): its pre-tokenizer never joins a visible character to
-# the whitespace after it, and reads the text left to right, so a cut between a visible ASCII
-# character and a line break or space splits no pre-token. So is a cut after a line break
-# between two visible characters.
+# byte-level BPE (GPT-2, SmolLM2, Llama 3): only where its pre-tokenizer splits whatever follows.
+# Its patterns read the text left to right; a pre-token takes a space only as its first
+# character, and a run of whitespace keeps its last character for what follows it. So a cut is
+# safe before a space followed by a visible character (" word" starts a pre-token, and the
+# whitespace before it is one pre-token at the end of a piece as in the whole text), and after a
+# line break between two visible characters ("\n" is a pre-token there, or ends the one of the
+# punctuation before it). A cut anywhere else can change a token: after a run of line breaks
+# before CJK text, or inside a word. A piece with no safe cut grows until it finds one.
 _LOOK_BACK = 64 << 10  # look for such a cut in the last 64 KB of a piece
 
 
-def _visible(byte: int) -> bool:
-    return 0x21 <= byte <= 0x7E
+def _char_at(data: bytes, i: int) -> str | None:
+    """The character whose UTF-8 bytes start at data[i], or None (outside, not a character start)."""
+    if not 0 <= i < len(data):
+        return None
+    n = 1 if data[i] < 0x80 else 2 if data[i] >> 5 == 0b110 else 3 if data[i] >> 4 == 0b1110 else 4
+    try:
+        return data[i:i + n].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
-def _cut(data: bytes) -> int:
-    """Where to end a piece of `data` (0 < cut <= len(data)): at the last safe line break (see
-    above), else before the last space after a visible character, else after the last line break,
-    else before the last character (never inside a UTF-8 character)."""
-    lo = max(1, len(data) - _LOOK_BACK)
-    for sep in (b"\n", b" "):
-        i = len(data) - 1
-        while (i := data.rfind(sep, lo, i)) > 0:
-            if _visible(data[i - 1]):
-                return i + 1 if sep == b"\n" and _visible(data[i + 1]) else i
-    if (cut := data.rfind(b"\n") + 1) > 0:
-        return cut
-    cut = len(data) - 1
-    while cut > 0 and data[cut] & 0xC0 == 0x80:  # 10xxxxxx: a continuation byte
-        cut -= 1
-    return cut or len(data)
+def _char_before(data: bytes, i: int) -> str | None:
+    """The character whose UTF-8 bytes end at data[i - 1], or None."""
+    start = i - 1
+    while start > max(0, i - 4) and data[start] & 0xC0 == 0x80:  # 10xxxxxx: a continuation byte
+        start -= 1
+    char = _char_at(data, start)
+    return char if char is not None and start + len(char.encode()) == i else None
+
+
+def _visible(char: str | None) -> bool:
+    return char is not None and not char.isspace()  # isspace: a superset of the regexes' \s
+
+
+def _cut(data: bytes, lo: int | None = None) -> int | None:
+    """Where to end a piece of `data` (0 < cut < len(data)): after the last line break between
+    two visible characters, else before the last space followed by a visible character (see
+    above), searched from `lo` (default: the last _LOOK_BACK bytes); None if there is none."""
+    lo = max(1, len(data) - _LOOK_BACK if lo is None else lo)
+    i = len(data)
+    while (i := data.rfind(b"\n", lo, i)) > 0:
+        if _visible(_char_at(data, i + 1)) and _visible(_char_before(data, i)):
+            return i + 1
+    i = len(data)
+    while (i := data.rfind(b" ", lo, i)) > 0:
+        if _visible(_char_at(data, i + 1)):
+            return i
+    return None
 
 
 def read_pieces(path: Path, size: int | None = None, start: int = 0) -> Iterator[tuple[int, bytes, bool]]:
     """(byte offset, bytes, is_last) pieces of `path` of at most `size` bytes each, from `start`.
 
-    A piece ends where cutting changes no token of a byte-level BPE (see `_cut`), else at a line
-    break, and never inside a UTF-8 character. Each piece depends only on the file's bytes from
-    its own offset, so reading from a piece's offset gives the same pieces again. Memory stays at
-    about 2 * size.
+    A piece ends only where cutting changes no token of a byte-level BPE (see `_cut`), so never
+    inside a UTF-8 character; a stretch of text with no such place makes a longer piece. Each
+    piece depends only on the file's bytes from its own offset, so reading from a piece's offset
+    gives the same pieces again. Memory stays at about 2 * size, unless pieces must grow.
     """
     size = size or PIECE_BYTES
     total = path.stat().st_size
     with open(path, "rb") as f:
         f.seek(start)
-        offset, buf = start, b""
+        offset, buf, want = start, b"", size
         while True:
-            if len(buf) < size:
-                buf += f.read(size - len(buf))
+            if len(buf) < want:
+                buf += f.read(want - len(buf))
             if not buf:
                 return
-            end = offset + len(buf)
-            if end >= total and len(buf) <= size:
+            if offset + len(buf) >= total and len(buf) <= want:
                 yield offset, buf, True
                 return
-            cut = _cut(buf[:size])
+            cut = _cut(buf[:want], lo=want - size - 2 if want > size else None)  # the new bytes, when grown
+            if cut is None:  # no safe cut yet: a longer piece
+                want += size
+                continue
             yield offset, buf[:cut], False
-            offset, buf = offset + cut, buf[cut:]
+            offset, buf, want = offset + cut, buf[cut:], size
 
 
 # ------------------------------------------------------------------------------------------------

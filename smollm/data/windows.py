@@ -41,7 +41,8 @@ def split_windows(n_tokens: int, seq_len: int, val_fraction: float) -> tuple[int
 
 class TokenWindows(Dataset):
     """Window k is tokens[start + ids[k] * seq_len : ... + seq_len + 1] of `cache` as int64, with
-    its id: {"input_ids": LongTensor (seq_len + 1,), "index": ids[k]}.
+    its id and the UTF-8 bytes of text that its targets (all its tokens but the first) stand for:
+    {"input_ids": LongTensor (seq_len + 1,), "index": ids[k], "n_bytes": int}.
 
     With `stop`, no window reads past token stop - 1, so the last one may be shorter (at least
     two tokens): that is how `TextDataModule.corpus_windows` covers every token.
@@ -58,8 +59,10 @@ class TokenWindows(Dataset):
     def __getitem__(self, k: int) -> dict[str, Any]:
         window = self.ids[k]
         begin = self.start + window * self.seq_len
-        row = self.cache.read(begin, min(begin + self.seq_len + 1, self.stop)).astype(np.int64)
-        return {"input_ids": torch.from_numpy(row), "index": window}
+        stop = min(begin + self.seq_len + 1, self.stop)
+        row = self.cache.read(begin, stop)
+        n_bytes = self.cache.n_bytes(begin + 1, stop, row[1:])
+        return {"input_ids": torch.from_numpy(row.astype(np.int64)), "index": window, "n_bytes": n_bytes}
 
 
 # ------------------------------------------------------------------------------------------------
