@@ -236,6 +236,26 @@ def test_a_dictionary_encoded_parquet_column_is_read_as_strings(tmp_path, tok_di
     assert stream(dm) == expected(tokenizer, texts)
 
 
+def test_bad_bytes_in_a_parquet_or_dataset_string_column_name_the_row(tmp_path, tok_dir, tokenizer):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = documents(12, seed=44)
+    raw = [t.encode() for t in texts]
+    raw[9] = b"caf\xe9 au lait"  # Arrow writes and reads it as a string without checking
+    table = pa.table({"text": pa.array(raw, pa.binary()).view(pa.string())})
+    pq.write_table(table, tmp_path / "bad.parquet", row_group_size=5)
+    datasets.Dataset(table).save_to_disk(str(tmp_path / "saved"))
+    fixed = texts[:9] + ["caf\ufffd au lait"] + texts[10:]
+    for where, option in ((r"bad.parquet row 9", dict(files=str(tmp_path / "bad.parquet"))),
+                          (r"dataset .*saved \(train\) row 9", dict(dataset=str(tmp_path / "saved")))):
+        with pytest.raises(DataError, match=where + r": the text is not UTF-8 at byte 3 .*encoding_errors replace"):
+            ready(make(tmp_path, tok_dir, **option))
+        dm = ready(make(tmp_path, tok_dir, **option, encoding_errors="replace"))
+        assert stream(dm) == expected(tokenizer, fixed)
+
+
 def test_a_lone_surrogate_escape_is_one_line_naming_the_record(tmp_path, tok_dir, tokenizer):
     path = bad_jsonl(tmp_path, '{"text": "half a pair \\ud83d here"}')
     with pytest.raises(DataError, match=r"bad.jsonl line 5: field 'text' holds \\ud83d, half of a UTF-16 pair, "

@@ -424,7 +424,7 @@ class TextDataModule(L.LightningDataModule):
             if not files.docs:
                 raise DataError(f"every file of --data.files {self.files} is empty; give files that hold text")
         for name, subset, split, revision in self.datasets:
-            source = DatasetSource(name, subset, split, revision, self.text_key)
+            source = DatasetSource(name, subset, split, revision, self.text_key, self.encoding_errors)
             source.open()
             sources.append(source)
         for source, cap in zip(sources, self.max_tokens):

@@ -26,7 +26,7 @@ import sysconfig
 import time
 import zlib
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 from smollm.errors import SmolLMError, first_line
 
@@ -521,7 +521,7 @@ class FileSource:
             return
         try:
             for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=groups, columns=[key]):
-                texts = batch.column(0).to_pylist()
+                texts = _arrow_texts(batch.column(0), self.encoding_errors, lambda j: f"{path} row {first + j}")
                 for j, text in enumerate(texts):
                     r = first + j
                     if r < row:
@@ -536,6 +536,27 @@ class FileSource:
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _arrow_texts(column: Any, errors: str, where: Callable[[int], str]) -> list:
+    """An Arrow string column as Python strings (None for a null). Arrow does not check that a
+    parquet file's strings are UTF-8: bad bytes are one line naming the row (`where(j)` for row j
+    of the column), or U+FFFD with errors="replace", as in text files."""
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        pass
+    import pyarrow as pa
+
+    texts = column.cast(pa.large_binary()).to_pylist()
+    for j, raw in enumerate(texts):
+        if raw is not None:
+            try:
+                texts[j] = raw.decode("utf-8", errors=errors)
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where(j)}: the text is not UTF-8 at byte {e.start} ({e.reason}); fix that row "
+                                "or set --data.encoding_errors replace") from None
+    return texts
 
 
 def _json_type(value: Any) -> str:
@@ -563,9 +584,9 @@ class DatasetSource:
     """
 
     def __init__(self, name: str, subset: str | None, split: str, revision: str | None,
-                 text_key: str = "text") -> None:
+                 text_key: str = "text", encoding_errors: str = "strict") -> None:
         self.name, self.subset, self.split, self.revision = name, subset, split, revision
-        self.text_key = text_key
+        self.text_key, self.encoding_errors = text_key, encoding_errors
         self.local = Path(name).expanduser().is_dir()
         self.fingerprint: str | None = None
         self._data: Any = None
@@ -676,7 +697,8 @@ class DatasetSource:
         row, key = start[1], self.text_key
         if self.local:
             table = self._data.with_format("arrow")
-            batches = (table[i:i + DATASET_BATCH_ROWS].column(key).to_pylist()
+            batches = (_arrow_texts(table[i:i + DATASET_BATCH_ROWS].column(key), self.encoding_errors,
+                                   lambda j, i=i: f"dataset {self.describe()} row {i + j}")
                        for i in range(row, len(self._data), DATASET_BATCH_ROWS))
         else:
             stream = self._data.skip(row) if row else self._data
