@@ -188,8 +188,22 @@ def test_compressed_bytes_are_never_read_as_text(tmp_path, tok_dir, errors):
     for suffix, what in ((".gz", "gzip"), (".zst", "zstd"), (".bz2", "bzip2"), (".xz", "xz")):
         path = tmp_path / f"plain{suffix.replace('.', '-')}.txt"
         path.write_bytes(compress(sentences(50).encode(), suffix))
-        with pytest.raises(DataError, match=rf"{path} holds {what}-compressed data, not text"):
+        with pytest.raises(DataError, match=rf"{path} holds {what}-compressed data, not text; .*\.jsonl\{suffix}\)"):
             make(tmp_path, tok_dir, files=str(path), encoding_errors=errors).prepare_data()
+
+
+@pytest.mark.parametrize("errors", ["strict", "replace"])
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32"])
+def test_utf16_and_utf32_files_are_refused_by_their_byte_order_mark(tmp_path, tok_dir, errors, encoding):
+    text = sentences(20)
+    bom = {"utf-16-be": b"\xfe\xff"}.get(encoding, b"")
+    lines = "".join(json.dumps({"text": t}) + "\n" for t in text.splitlines())
+    for name, content in (("a.txt", text), ("b.jsonl", lines), ("c.jsonl.gz", lines)):
+        path = tmp_path / f"{encoding}-{name}"
+        path.write_bytes(compress(bom + content.encode(encoding), path.suffix))
+        with pytest.raises(DataError, match=rf"{path} is UTF-16 or UTF-32 text \(its byte-order mark says so\), "
+                                            "not UTF-8; convert it to UTF-8"):
+            ready(make(tmp_path, tok_dir, files=str(path), encoding_errors=errors))
 
 
 def test_a_folder_and_its_glob_give_the_same_files_through_symlinked_folders(tmp_path):

@@ -302,16 +302,22 @@ def read_pieces(path: Path, size: int | None = None, start: int = 0) -> Iterator
 
 
 # The first bytes of each compressed format (bzip2's: "BZh", a level, then a block or the end).
-_MAGIC = ((re.compile(rb"\x1f\x8b"), "gzip"), (re.compile(rb"\x28\xb5\x2f\xfd"), "zstd"),
-          (re.compile(rb"BZh[1-9](1AY&SY|\x17rE8P\x90)"), "bzip2"), (re.compile(rb"\xfd7zXZ\x00"), "xz"))
+_MAGIC = ((re.compile(rb"\x1f\x8b"), ".gz"), (re.compile(rb"\x28\xb5\x2f\xfd"), ".zst"),
+          (re.compile(rb"BZh[1-9](1AY&SY|\x17rE8P\x90)"), ".bz2"), (re.compile(rb"\xfd7zXZ\x00"), ".xz"))
+_WIDE_BOMS = (b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")  # UTF-16 and UTF-32, either byte order
 
 
-def _refuse_compressed_bytes(path: Path, head: bytes) -> None:
-    """A file whose name says it is not compressed but whose bytes are: refused, never decoded."""
-    for magic, name in _MAGIC:
-        if magic.match(head):
-            raise DataError(f"{path} holds {name}-compressed data, not text; decompress it, or name it with its "
-                            f"compression suffix if it is JSON Lines (such as .jsonl{'.gz' if name == 'gzip' else ''})")
+def _check_start(path: Path, head: bytes) -> None:
+    """Refuse by name what a file's first (decompressed) bytes say is not UTF-8 text: compressed
+    data under a plain name, or a UTF-16/32 byte-order mark. Neither is ever decoded, not even with
+    --data.encoding_errors replace."""
+    if head.startswith(_WIDE_BOMS):
+        raise DataError(f"{path} is UTF-16 or UTF-32 text (its byte-order mark says so), not UTF-8; convert it "
+                        "to UTF-8")
+    for magic, suffix in _MAGIC:
+        if magic.match(head) and _compression(path) is None:
+            raise DataError(f"{path} holds {COMPRESSIONS[suffix]}-compressed data, not text; decompress it, or "
+                            f"name it with its compression suffix if it is JSON Lines (such as .jsonl{suffix})")
 
 
 class _ZstdReader(io.RawIOBase):
@@ -426,7 +432,7 @@ class FileSource:
         for at, data, last in read_pieces(path, start=offset):
             mark = 0
             if at == 0:
-                _refuse_compressed_bytes(path, data[:16])
+                _check_start(path, data[:16])
                 mark = len(BOM) if data.startswith(BOM) else 0
             try:
                 text = data[mark:].decode("utf-8", errors=self.encoding_errors)
@@ -450,8 +456,7 @@ class FileSource:
                 for raw in f:
                     at, offset, line_no = offset, offset + len(raw), line_no + 1
                     if at == 0:
-                        if _compression(path) is None:
-                            _refuse_compressed_bytes(path, raw[:16])
+                        _check_start(path, raw[:16])
                         raw = raw.removeprefix(BOM)
                     if not raw.strip():
                         continue
