@@ -258,6 +258,37 @@ def test_a_build_interrupted_at_every_shard_resumes_to_the_clean_build(tmp_path,
     assert (a["shards"], a["n_docs"], a["sources"]) == (b["shards"], b["n_docs"], b["sources"])
 
 
+def test_a_build_cut_by_max_tokens_resumes_to_the_clean_build(tmp_path, tokenizer, monkeypatch):
+    # Two sources, each cut inside a document (with the EOS that ends it), shards across both cuts.
+    monkeypatch.setattr(data.cache, "SHARD_TOKENS", 61)
+    monkeypatch.setattr(data.cache, "BATCH_BYTES", 300)
+    monkeypatch.setattr(data.sources, "PARQUET_BATCH_ROWS", 4)
+    sources = [make_source(tmp_path / "a", "mixed-folder", documents(40, seed=25)),
+               make_source(tmp_path / "b", "dataset", documents(40, seed=26))]
+    eos = tokenizer.eos_token_id
+
+    def build(folder: Path, stop_at: int | None = None) -> None:
+        def on_commit(index, shard):
+            if shard is not None and len(index["shards"]) == stop_at:
+                raise Interrupted
+        with contextlib.suppress(Interrupted):
+            data.build_cache(folder, sources, tokenizer, {"key": "k"}, [503, 331], workers=1, progress=False,
+                             on_commit=on_commit)
+
+    build(tmp_path / "clean")
+    clean = TokenCache(tmp_path / "clean")
+    tokens = clean[:].tolist()
+    assert len(tokens) == 503 + 331 and tokens[502] == eos and tokens[-1] == eos
+    assert clean.index["n_docs"] == tokens.count(eos)
+    for k in range(1, len(clean.shards)):
+        build(tmp_path / "resumed", stop_at=k)
+    build(tmp_path / "resumed")
+    resumed = TokenCache(tmp_path / "resumed")
+    assert np.array_equal(resumed[:], clean[:])
+    a, b = resumed.index, clean.index
+    assert (a["shards"], a["n_docs"], a["sources"]) == (b["shards"], b["n_docs"], b["sources"])
+
+
 def test_one_process_builds_while_another_waits_for_it(tmp_path, tok_dir):
     write_records(tmp_path / "corpus" / "a.jsonl", documents(150, seed=8))
     args = dict(files=str(tmp_path / "corpus"), tokenizer=tok_dir, seq_len=SEQ, val_fraction=0.05,
