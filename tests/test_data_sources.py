@@ -5,6 +5,7 @@ as a stream; a hub name fails at once offline; --data.max_tokens."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import time
 from pathlib import Path
@@ -221,8 +222,19 @@ def test_a_folder_and_its_glob_give_the_same_files_through_symlinked_folders(tmp
     for pattern in ("**", "**/*"):
         assert data.resolve_files([str(corpus / pattern)]) == folder, pattern
     assert data.resolve_files([str(corpus / "**" / "*.jsonl")]) == [p for p in folder if p.suffix == ".jsonl"]
-    (corpus / "self").symlink_to(corpus, target_is_directory=True)  # a loop through the top
-    assert data.resolve_files([str(corpus)]) == folder
+    # Two links back up the tree: glob.glob followed them 2**40 times over; both must end, and at once.
+    (corpus / "self").symlink_to(corpus, target_is_directory=True)
+    (outside / "real" / "deeper" / "up").symlink_to(corpus, target_is_directory=True)
+
+    def too_long(*_):
+        raise AssertionError("resolving the files never ended")  # not an OSError, which glob swallows
+    signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(20)
+    try:
+        for entry in ("", "**", "**/*"):
+            assert data.resolve_files([str(corpus / entry)]) == folder, entry
+    finally:
+        signal.alarm(0)
 
 
 def test_a_leading_byte_order_mark_is_an_encoding_mark_in_every_format(tmp_path, tok_dir, tokenizer):

@@ -14,6 +14,7 @@ to do.
 from __future__ import annotations
 
 import bz2
+import fnmatch
 import glob
 import gzip
 import hashlib
@@ -109,23 +110,50 @@ def _order(path: Path) -> tuple[str, ...]:
     return path.parts
 
 
-def _folder_files(folder: Path) -> list[Path]:
-    """Every data or text file below `folder` (see `_in_folder`), hidden files and folders skipped.
-
-    Links to folders are followed, as a glob follows them, so a folder and its glob give the same
-    files; each folder is read once, so a link back up the tree is no loop.
-    """
-    found, seen = [], set()
+def _walk(folder: Path) -> Iterator[Path]:
+    """Every folder and file below `folder`, hidden ones skipped (as a glob's `*` and `**` skip
+    them). Links to folders are followed, as a glob follows them; each folder is walked once (the
+    first path to it, in sorted order), so a link back up the tree is no loop."""
+    seen = set()
     for root, dirs, files in os.walk(folder, followlinks=True):
         st = os.stat(root)
         if (st.st_dev, st.st_ino) in seen:
             dirs[:] = []
             continue
         seen.add((st.st_dev, st.st_ino))
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # sorted: the first path to a folder wins
-        paths = (Path(root, name) for name in files if not name.startswith("."))
-        found += [p for p in paths if p.is_file() and _in_folder(p)]
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        yield from (Path(root, name) for name in dirs + files if not name.startswith("."))
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    """Every data or text file below `folder` (see `_in_folder` and `_walk`)."""
+    return sorted((p for p in _walk(folder) if p.is_file() and _in_folder(p)), key=_order)
+
+
+def _glob(pattern: str) -> list[Path]:
+    """The paths that `pattern` matches, in `_order`. A `**` recurses through `_walk`, where
+    `glob.glob` would follow a link back up the tree some 40 times over (and two such links
+    2**40 times: it never ends)."""
+    parts = Path(os.path.expanduser(pattern)).parts
+    if "**" not in parts:
+        return sorted(map(Path, glob.glob(os.path.expanduser(pattern))), key=_order)
+    fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    base = Path(*parts[:fixed]) if fixed else Path(".")
+    if not base.is_dir():
+        return []
+    below = parts[fixed:]
+    found = [base] if _matches(below, ()) else []
+    found += [p for p in _walk(base) if _matches(below, p.relative_to(base).parts)]
     return sorted(found, key=_order)
+
+
+def _matches(pattern: tuple[str, ...], parts: tuple[str, ...]) -> bool:
+    """Whether path `parts` match glob `pattern` parts, where `**` is any number of parts."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_matches(pattern[1:], parts[i:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _matches(pattern[1:], parts[1:])
 
 
 def _refuse_compressed(path: Path) -> None:
@@ -158,7 +186,7 @@ def resolve_files(entries: list[str]) -> list[Path]:
                         "); name the files or a glob in --data.files")
             else:
                 found = []
-                for p in sorted(map(Path, glob.glob(os.path.expanduser(entry), recursive=True)), key=_order):
+                for p in _glob(entry):
                     found.extend([p] if p.is_file() else _folder_files(p) if p.is_dir() else [])
         if not found:
             raise DataError(f"no file matches {entry!r}; check the path or glob in --data.files")
