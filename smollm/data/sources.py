@@ -167,7 +167,8 @@ def resolve_files(entries: list[str]) -> list[Path]:
     """Expand `files` entries, in order, without duplicates.
 
     An entry is "@stdlib", a file (any suffix), a folder (its data and text files, see
-    `_folder_files`), or a glob (`**` recurses; a folder it matches is expanded as a folder).
+    `_folder_files`), or a glob (`**` recurses; a folder it matches is expanded as a folder, and
+    `DIR/**` is the folder DIR: the files it matches directly are all in there).
     """
     out: dict[Path, None] = {}
     for entry in entries:
@@ -186,8 +187,9 @@ def resolve_files(entries: list[str]) -> list[Path]:
                         "); name the files or a glob in --data.files")
             else:
                 found = []
+                everything = Path(entry).name == "**"
                 for p in _glob(entry):
-                    found.extend([p] if p.is_file() else _folder_files(p) if p.is_dir() else [])
+                    found.extend(_folder_files(p) if p.is_dir() else [p] if p.is_file() and not everything else [])
         if not found:
             raise DataError(f"no file matches {entry!r}; check the path or glob in --data.files")
         for p in found:
