@@ -5,6 +5,7 @@ as a stream; a hub name fails at once offline; --data.max_tokens."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import time
@@ -238,6 +239,21 @@ def test_a_folder_and_its_glob_give_the_same_files_through_symlinked_folders(tmp
         assert len(data.resolve_files([str(corpus / "**" / "*")])) == len(folder) + 1
     finally:
         signal.alarm(0)
+
+
+def test_a_folder_that_cannot_be_read_is_an_error_naming_it(tmp_path, monkeypatch):
+    write_records(tmp_path / "corpus" / "a.jsonl", ["a"])
+    write_records(tmp_path / "corpus" / "locked" / "b.jsonl", ["b"])
+    scandir = os.scandir
+
+    def no_entry(path="."):  # what a folder without read permission gives (the tests run as root)
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+    monkeypatch.setattr(os, "scandir", no_entry)
+    for entry in ("", "**", "**/*.jsonl"):
+        with pytest.raises(DataError, match=r"cannot read the folder .*locked \(Permission denied\)"):
+            data.resolve_files([str(tmp_path / "corpus" / entry)])
 
 
 def test_a_leading_byte_order_mark_is_an_encoding_mark_in_every_format(tmp_path, tok_dir, tokenizer):

@@ -113,9 +113,14 @@ def _order(path: Path) -> tuple[str, ...]:
 def _walk(folder: Path) -> Iterator[Path]:
     """Every folder and file below `folder`, hidden ones skipped (as a glob's `*` and `**` skip
     them). Links to folders are followed, as a glob follows them; each folder is walked once (the
-    first path to it, in sorted order), so a link back up the tree is no loop."""
+    first path to it, in sorted order), so a link back up the tree is no loop. A folder that cannot
+    be read is an error, never a silent gap in the corpus."""
+    def unreadable(e: OSError) -> None:
+        raise DataError(f"cannot read the folder {e.filename} ({e.strerror}); fix its permissions or name the "
+                        "files to read in --data.files")
+
     seen = set()
-    for root, dirs, files in os.walk(folder, followlinks=True):
+    for root, dirs, files in os.walk(folder, onerror=unreadable, followlinks=True):
         st = os.stat(root)
         if (st.st_dev, st.st_ino) in seen:
             dirs[:] = []
