@@ -5,6 +5,7 @@ record that harms nothing already saved."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -19,7 +20,7 @@ import pytest
 import torch
 
 import smollm.data as data
-from helpers_data import documents, make_tokenizer, write_records
+from helpers_data import SOURCE_KINDS, documents, make_source, make_tokenizer, write_records
 from smollm.data import DataError, TextDataModule, TokenCache
 
 SEQ = 16
@@ -266,6 +267,74 @@ def test_a_build_killed_with_sigkill_resumes_from_its_last_complete_shard(tmp_pa
     straight = ready(TextDataModule(**{**args, "cache_dir": str(tmp_path / "straight")}, num_workers=0))
     assert np.array_equal(stream(resumed), stream(straight))
     a, b = resumed.token_cache.index, straight.token_cache.index
+    assert (a["shards"], a["n_docs"], a["sources"]) == (b["shards"], b["n_docs"], b["sources"])
+
+
+class Interrupted(Exception):
+    """Stops a build right after it lists a shard, as a kill there would."""
+
+
+# Each way of reading (test_data_sources resumes every kind at every unit): .ndjson, .bz2 and .xz
+# read as .jsonl and .gz do.
+@pytest.mark.parametrize("kind", [k for k in SOURCE_KINDS if k not in ("ndjson", "jsonl.bz2", "jsonl.xz")])
+def test_a_build_interrupted_at_every_shard_resumes_to_the_clean_build(tmp_path, tokenizer, kind, monkeypatch):
+    # Shards of 97 tokens end inside documents, pieces of a text file and row groups.
+    monkeypatch.setattr(data.cache, "SHARD_TOKENS", 97)
+    monkeypatch.setattr(data.cache, "BATCH_BYTES", 300)
+    monkeypatch.setattr(data.sources, "PIECE_BYTES", 200)
+    monkeypatch.setattr(data.sources, "PARQUET_BATCH_ROWS", 4)
+    monkeypatch.setattr(data.sources, "DATASET_BATCH_ROWS", 4)
+    source = make_source(tmp_path / "data", kind, documents(40, seed=21))
+
+    def build(folder: Path, stop_at: int | None = None) -> None:
+        def on_commit(index, shard):
+            if shard is not None and len(index["shards"]) == stop_at:
+                raise Interrupted
+        with contextlib.suppress(Interrupted):
+            data.build_cache(folder, [source], tokenizer, {"key": "k"}, [None], workers=1, progress=False,
+                             on_commit=on_commit)
+
+    build(tmp_path / "clean")
+    clean = TokenCache(tmp_path / "clean")
+    assert len(clean.shards) > 8
+    for k in range(1, len(clean.shards)):  # stopped after each shard in turn, resumed each time
+        build(tmp_path / "resumed", stop_at=k)
+        assert len(json.loads((tmp_path / "resumed" / "index.json").read_text())["shards"]) == k
+    build(tmp_path / "resumed")
+    resumed = TokenCache(tmp_path / "resumed")
+    assert np.array_equal(resumed[:], clean[:])
+    a, b = resumed.index, clean.index
+    assert (a["shards"], a["n_docs"], a["sources"]) == (b["shards"], b["n_docs"], b["sources"])
+
+
+def test_a_build_cut_by_max_tokens_resumes_to_the_clean_build(tmp_path, tokenizer, monkeypatch):
+    # Two sources, each cut inside a document (with the EOS that ends it), shards across both cuts.
+    monkeypatch.setattr(data.cache, "SHARD_TOKENS", 61)
+    monkeypatch.setattr(data.cache, "BATCH_BYTES", 300)
+    monkeypatch.setattr(data.sources, "PARQUET_BATCH_ROWS", 4)
+    sources = [make_source(tmp_path / "a", "mixed-folder", documents(40, seed=25)),
+               make_source(tmp_path / "b", "dataset", documents(40, seed=26))]
+    eos = tokenizer.eos_token_id
+
+    def build(folder: Path, stop_at: int | None = None) -> None:
+        def on_commit(index, shard):
+            if shard is not None and len(index["shards"]) == stop_at:
+                raise Interrupted
+        with contextlib.suppress(Interrupted):
+            data.build_cache(folder, sources, tokenizer, {"key": "k"}, [503, 331], workers=1, progress=False,
+                             on_commit=on_commit)
+
+    build(tmp_path / "clean")
+    clean = TokenCache(tmp_path / "clean")
+    tokens = clean[:].tolist()
+    assert len(tokens) == 503 + 331 and tokens[502] == eos and tokens[-1] == eos
+    assert clean.index["n_docs"] == tokens.count(eos)
+    for k in range(1, len(clean.shards)):
+        build(tmp_path / "resumed", stop_at=k)
+    build(tmp_path / "resumed")
+    resumed = TokenCache(tmp_path / "resumed")
+    assert np.array_equal(resumed[:], clean[:])
+    a, b = resumed.index, clean.index
     assert (a["shards"], a["n_docs"], a["sources"]) == (b["shards"], b["n_docs"], b["sources"])
 
 

@@ -1,6 +1,6 @@
 """Sources -> documents -> sharded token cache -> windows -> batches, one file per step:
 
-- `sources.py`: files (text, .jsonl/.json, also .gz/.zst, .parquet) and Hugging Face datasets
+- `sources.py`: files (text, .jsonl/.json/.ndjson, also .gz/.zst/.bz2/.xz, .parquet) and Hugging Face datasets
   -> documents, read as a resumable stream; `DataError`, the one-line error for bad input.
 - `cache.py`: documents -> a sharded token cache on disk (built in parallel, atomic shards,
   resumed after a kill), read back as one token stream (`TokenCache`).

@@ -54,7 +54,9 @@ from smollm.errors import SmolLMError, first_line
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3  # bump when the cache layout or the tokenization rule changes (3: special-token strings are text)
+# Bump when the cache layout or the tokenization rule changes (3: special-token strings are text, a
+# leading BOM is dropped, a max_tokens cut ends with EOS, byte counts in context).
+FORMAT_VERSION = 3
 SHARD_TOKENS = 1 << 27  # 134M tokens: 256 MB of uint16; a kill loses at most one shard of work
 BATCH_BYTES = 1 << 20  # text handed to one worker at a time
 INDEX = "index.json"
@@ -706,6 +708,7 @@ def _tokenize(writer: _ShardWriter, sources: list[Any], tokenizer: Any, max_toke
     counts = [dict(s) for s in index["sources"]]  # tokens and documents per source so far
     n_docs = index["n_docs"]
     workers = workers or cpu_count()
+    eos_id = tokenizer.eos_token_id
     # Workers are forked where that is possible: they start at once and share the parent's pages.
     # They use only the tokenizer and numpy, never a thread the parent started, so Python 3.12's
     # warning about forking a multi-threaded process does not apply to them.
@@ -753,6 +756,12 @@ def _tokenize(writer: _ShardWriter, sources: list[Any], tokenizer: Any, max_toke
                         if cap is not None and written + len(tokens) >= cap:
                             tokens, done = tokens[:cap - written], True
                             pending.clear()
+                            if tokens[-1] != eos_id:  # the cut document still ends: the next source starts anew
+                                tokens[-1] = eos_id
+                                eos_at = np.append(eos_at, begin + cap - 1)
+                                if n_bytes is not None:  # the EOS we insert stands for no bytes
+                                    n_bytes = n_bytes.copy()
+                                    n_bytes[len(tokens) - 1] = 0
                         if n_bytes is not None:
                             n_bytes = n_bytes[:len(tokens)]
                         docs_before, source_docs_before = n_docs, counts[s]["documents"]

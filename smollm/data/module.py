@@ -82,7 +82,7 @@ class TextDataModule(L.LightningDataModule):
         subset: The dataset's configuration (hub datasets), e.g. "cosmopedia-v2"; a list makes one source per entry. dataset, subset, split and revision each take one value or one per source.
         split: The dataset split to read.
         revision: A hub dataset's branch, tag or commit (default: the main branch, pinned to its commit when the cache is built).
-        max_tokens: Take only the first N tokens of each source (files count as one source); a list gives one N per source, in order. Without it every source is read whole: a streamed hub dataset is tokenized to its end before training starts.
+        max_tokens: Take only the first N tokens of each source, the last of them EOS (files count as one source); a list gives one N per source, in order. Without it every source is read whole: a streamed hub dataset is tokenized to its end before training starts.
         tokenizer: Tokenizer name for smollm.assets.load_tokenizer: "smollm2", a tokenizer directory or a Hugging Face name.
         seq_len: Tokens per training sequence; each window holds seq_len + 1 tokens (inputs and shifted targets).
         batch_size: Sequences per micro-batch on each device.
@@ -431,7 +431,7 @@ class TextDataModule(L.LightningDataModule):
             if not files.docs:
                 raise DataError(f"every file of --data.files {self.files} is empty; give files that hold text")
         for name, subset, split, revision in self.datasets:
-            source = DatasetSource(name, subset, split, revision, self.text_key)
+            source = DatasetSource(name, subset, split, revision, self.text_key, self.encoding_errors)
             source.open()
             sources.append(source)
         for source, cap in zip(sources, self.max_tokens):

@@ -13,18 +13,21 @@ to do.
 
 from __future__ import annotations
 
+import bz2
+import fnmatch
 import glob
 import gzip
 import hashlib
 import io
 import json
+import lzma
 import os
 import re
 import sysconfig
 import time
 import zlib
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 from smollm.errors import SmolLMError, first_line
 
@@ -35,8 +38,12 @@ TEXT_SUFFIXES = frozenset({
     ".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".rs", ".go", ".java", ".js", ".ts", ".sh",
     ".html", ".css", ".toml", ".yaml", ".yml",
 })
-JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
+JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")  # also compressed: .jsonl.gz, .ndjson.zst, ...
 PARQUET_SUFFIXES = (".parquet",)
+# Compressed files are read through these; only JSON Lines may be compressed (text files are read
+# by byte offset, and compressed bytes are never text).
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".bz2": "bzip2", ".xz": "xz"}
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark at the start of a file: an encoding mark, not text
 # A text file is read and tokenized in pieces of at most this many bytes (see `read_pieces`).
 PIECE_BYTES = 1 << 20
 PARQUET_BATCH_ROWS = 1024
@@ -69,33 +76,104 @@ def stdlib_files() -> list[Path]:
                   and not skip.intersection(p.relative_to(root).parts[:-1]))
 
 
+def _compression(path: Path) -> str | None:
+    """The compression suffix of the file's name (".gz", ".zst", ".bz2", ".xz"), or None."""
+    suffix = path.suffix.lower()
+    return suffix if suffix in COMPRESSIONS else None
+
+
 def file_format(path: Path) -> str:
-    """"jsonl" (.jsonl/.json, also .gz/.zst), "parquet", or "text" (any other suffix)."""
-    name = path.name.lower()
+    """"jsonl" (.jsonl/.json/.ndjson, also .gz/.zst/.bz2/.xz), "parquet", "compressed" (any other
+    compressed file: refused by `resolve_files`), or "text" (any other suffix)."""
+    compressed = _compression(path)
+    name = (path.stem if compressed else path.name).lower()
     if name.endswith(JSON_SUFFIXES):
         return "jsonl"
+    if compressed:
+        return "compressed"
     if name.endswith(PARQUET_SUFFIXES):
         return "parquet"
     return "text"
 
 
 def _in_folder(path: Path) -> bool:
-    """Whether a folder given in `files` takes this file: a data file, or a text suffix."""
-    return file_format(path) != "text" or path.suffix.lower() in TEXT_SUFFIXES
+    """Whether a folder given in `files` takes this file: a data file, or a text suffix (compressed
+    too, so that `resolve_files` refuses it by name rather than skip it)."""
+    kind = file_format(path)
+    if kind in ("text", "compressed"):
+        return Path(path.stem if kind == "compressed" else path.name).suffix.lower() in TEXT_SUFFIXES
+    return True
+
+
+def _order(path: Path) -> tuple[str, ...]:
+    """Files are taken in the order of their paths' parts, whether a folder or a glob found them."""
+    return path.parts
+
+
+def _walk(folder: Path) -> Iterator[Path]:
+    """Every folder and file below `folder`, hidden ones skipped (as a glob's `*` and `**` skip
+    them). Links to folders are followed, as a glob follows them; each folder is walked once (the
+    first path to it, in sorted order), so a link back up the tree is no loop. A folder that cannot
+    be read is an error, never a silent gap in the corpus."""
+    def unreadable(e: OSError) -> None:
+        raise DataError(f"cannot read the folder {e.filename} ({e.strerror}); fix its permissions or name the "
+                        "files to read in --data.files")
+
+    seen = set()
+    for root, dirs, files in os.walk(folder, onerror=unreadable, followlinks=True):
+        st = os.stat(root)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        yield from (Path(root, name) for name in dirs + files if not name.startswith("."))
 
 
 def _folder_files(folder: Path) -> list[Path]:
-    """Every data or text file below `folder` (see `_in_folder`), hidden files and folders skipped."""
-    return sorted(p for p in folder.rglob("*")
-                  if p.is_file() and _in_folder(p)
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    """Every data or text file below `folder` (see `_in_folder` and `_walk`)."""
+    return sorted((p for p in _walk(folder) if p.is_file() and _in_folder(p)), key=_order)
+
+
+def _glob(pattern: str) -> list[Path]:
+    """The paths that `pattern` matches, in `_order`. A `**` recurses through `_walk`, where
+    `glob.glob` would follow a link back up the tree some 40 times over (and two such links
+    2**40 times: it never ends)."""
+    parts = Path(os.path.expanduser(pattern)).parts
+    if "**" not in parts:
+        return sorted(map(Path, glob.glob(os.path.expanduser(pattern))), key=_order)
+    fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    base = Path(*parts[:fixed]) if fixed else Path(".")
+    if not base.is_dir():
+        return []
+    below = parts[fixed:]
+    found = [base] if _matches(below, ()) else []
+    found += [p for p in _walk(base) if _matches(below, p.relative_to(base).parts)]
+    return sorted(found, key=_order)
+
+
+def _matches(pattern: tuple[str, ...], parts: tuple[str, ...]) -> bool:
+    """Whether path `parts` match glob `pattern` parts, where `**` is any number of parts."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_matches(pattern[1:], parts[i:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _matches(pattern[1:], parts[1:])
+
+
+def _refuse_compressed(path: Path) -> None:
+    """A compressed file that is not JSON Lines, refused by name: its bytes are never text."""
+    if file_format(path) == "compressed":
+        raise DataError(f"{path} is compressed ({_compression(path)}) but not JSON Lines; smollm reads compressed "
+                        f"{'/'.join(JSON_SUFFIXES)} files only: decompress it, or store its documents as JSON Lines")
 
 
 def resolve_files(entries: list[str]) -> list[Path]:
     """Expand `files` entries, in order, without duplicates.
 
     An entry is "@stdlib", a file (any suffix), a folder (its data and text files, see
-    `_folder_files`), or a glob (`**` recurses; a folder it matches is expanded as a folder).
+    `_folder_files`), or a glob (`**` recurses; a folder it matches is expanded as a folder, and
+    `DIR/**` is the folder DIR: the files it matches directly are all in there).
     """
     out: dict[Path, None] = {}
     for entry in entries:
@@ -110,16 +188,17 @@ def resolve_files(entries: list[str]) -> list[Path]:
                 if not found:
                     raise DataError(
                         f"folder {entry!r} holds no text file ({', '.join(sorted(TEXT_SUFFIXES))}) nor "
-                        f"data file ({', '.join(JSON_SUFFIXES + PARQUET_SUFFIXES)}); name the files or a "
-                        "glob in --data.files")
+                        f"data file ({', '.join(JSON_SUFFIXES + PARQUET_SUFFIXES)}, also {', '.join(COMPRESSIONS)}"
+                        "); name the files or a glob in --data.files")
             else:
                 found = []
-                for match in sorted(glob.glob(os.path.expanduser(entry), recursive=True)):
-                    p = Path(match)
-                    found.extend([p] if p.is_file() else _folder_files(p) if p.is_dir() else [])
+                everything = Path(entry).name == "**"
+                for p in _glob(entry):
+                    found.extend(_folder_files(p) if p.is_dir() else [p] if p.is_file() and not everything else [])
         if not found:
             raise DataError(f"no file matches {entry!r}; check the path or glob in --data.files")
         for p in found:
+            _refuse_compressed(p)
             out.setdefault(p.resolve(), None)
     return list(out)
 
@@ -134,12 +213,12 @@ def _blocks(f: BinaryIO, size: int = 1 << 20) -> Iterator[bytes]:
 
 
 def _scan(path: Path) -> tuple[str, bool]:
-    """(sha256 of the file's bytes, whether it holds anything but whitespace)."""
+    """(sha256 of the file's bytes, whether it holds anything but whitespace and a leading BOM)."""
     sha, has_text = hashlib.sha256(), False
     with open(path, "rb") as f:
-        for block in _blocks(f):
+        for k, block in enumerate(_blocks(f)):
             sha.update(block)
-            has_text = has_text or bool(block.strip())
+            has_text = has_text or bool((block.removeprefix(BOM) if k == 0 else block).strip())
     return sha.hexdigest(), has_text
 
 
@@ -281,16 +360,83 @@ def read_pieces(path: Path, size: int | None = None, start: int = 0) -> Iterator
 # Files: text, JSON Lines, parquet
 
 
-def _open_binary(path: Path) -> tuple[BinaryIO, tuple[type[Exception], ...]]:
-    """The file's decompressed bytes, and the errors that reading them may raise."""
-    name = path.name.lower()
-    if name.endswith(".gz"):
-        return gzip.open(path, "rb"), (OSError, EOFError, zlib.error)
-    if name.endswith(".zst"):
+# The first bytes of each compressed format (bzip2's: "BZh", a level, then a block or the end).
+_MAGIC = ((re.compile(rb"\x1f\x8b"), ".gz"), (re.compile(rb"\x28\xb5\x2f\xfd"), ".zst"),
+          (re.compile(rb"BZh[1-9](1AY&SY|\x17rE8P\x90)"), ".bz2"), (re.compile(rb"\xfd7zXZ\x00"), ".xz"))
+_WIDE_BOMS = (b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")  # UTF-16 and UTF-32, either byte order
+
+
+def _check_start(path: Path, head: bytes) -> None:
+    """Refuse by name what a file's first (decompressed) bytes say is not UTF-8 text: compressed
+    data under a plain name, or a UTF-16/32 byte-order mark. Neither is ever decoded, not even with
+    --data.encoding_errors replace."""
+    if head.startswith(_WIDE_BOMS):
+        raise DataError(f"{path} is UTF-16 or UTF-32 text (its byte-order mark says so), not UTF-8; convert it "
+                        "to UTF-8")
+    for magic, suffix in _MAGIC:
+        if magic.match(head) and _compression(path) is None:
+            raise DataError(f"{path} holds {COMPRESSIONS[suffix]}-compressed data, not text; decompress it, or "
+                            f"name it with its compression suffix if it is JSON Lines (such as .jsonl{suffix})")
+
+
+class _ZstdReader(io.RawIOBase):
+    """A .zst file's decompressed bytes, frame after frame. A file that ends inside a frame is an
+    EOFError: zstandard's own readers return what they decoded and stop, silently."""
+
+    def __init__(self, path: Path) -> None:
         import zstandard
 
-        reader = io.BufferedReader(zstandard.open(path, "rb"))  # BufferedReader: line iteration
-        return reader, (OSError, EOFError, zstandard.ZstdError)
+        self._file = open(path, "rb")
+        self._dctx = zstandard.ZstdDecompressor()
+        self._frame, self._in_frame = self._dctx.decompressobj(), False
+        self._out, self._at = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while self._at == len(self._out):
+            data = self._file.read(1 << 20)
+            if not data:
+                if self._in_frame:
+                    raise EOFError("the file ends inside a zstd frame: it is truncated")
+                return 0
+            self._out, self._at = self._decompress(data), 0
+        n = min(len(buffer), len(self._out) - self._at)
+        buffer[:n] = self._out[self._at:self._at + n]
+        self._at += n
+        return n
+
+    def _decompress(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            self._in_frame = True
+            out.append(self._frame.decompress(data))
+            if not self._frame.eof:
+                break
+            data = self._frame.unused_data  # the next frame's first bytes
+            self._frame, self._in_frame = self._dctx.decompressobj(), False
+        return b"".join(out)
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+def _open_binary(path: Path) -> tuple[BinaryIO, tuple[type[Exception], ...]]:
+    """The file's decompressed bytes, and the errors that reading them may raise (a truncated
+    file included: each of these readers raises EOFError when the file ends mid-stream)."""
+    compression = _compression(path)
+    if compression == ".gz":
+        return gzip.open(path, "rb"), (OSError, EOFError, zlib.error)
+    if compression == ".bz2":
+        return bz2.open(path, "rb"), (OSError, EOFError)
+    if compression == ".xz":
+        return lzma.open(path, "rb"), (OSError, EOFError, lzma.LZMAError)
+    if compression == ".zst":
+        import zstandard
+
+        return io.BufferedReader(_ZstdReader(path), 1 << 20), (OSError, EOFError, zstandard.ZstdError)
     return open(path, "rb"), (OSError,)
 
 
@@ -343,10 +489,14 @@ class FileSource:
 
     def _text(self, i: int, path: Path, offset: int) -> Iterator[Unit]:
         for at, data, last in read_pieces(path, start=offset):
+            mark = 0
+            if at == 0:
+                _check_start(path, data[:16])
+                mark = len(BOM) if data.startswith(BOM) else 0
             try:
-                text = data.decode("utf-8", errors=self.encoding_errors)
+                text = data[mark:].decode("utf-8", errors=self.encoding_errors)
             except UnicodeDecodeError as e:
-                raise DataError(f"{path} is not UTF-8 at byte {at + e.start} ({e.reason}); convert it "
+                raise DataError(f"{path} is not UTF-8 at byte {at + mark + e.start} ({e.reason}); convert it "
                                 "to UTF-8, drop it, or set --data.encoding_errors replace") from None
             yield (i, at, 0), text, last
 
@@ -356,7 +506,7 @@ class FileSource:
         try:
             with f:
                 if offset:
-                    if read_errors == (OSError,):  # not compressed: seek
+                    if _compression(path) is None:
                         f.seek(offset)
                     else:  # compressed: decompress and drop what was already read
                         left = offset
@@ -364,6 +514,9 @@ class FileSource:
                             left -= len(block)
                 for raw in f:
                     at, offset, line_no = offset, offset + len(raw), line_no + 1
+                    if at == 0:
+                        _check_start(path, raw[:16])
+                        raw = raw.removeprefix(BOM)
                     if not raw.strip():
                         continue
                     where = f"{path} line {line_no}"
@@ -386,9 +539,20 @@ class FileSource:
                     if not isinstance(text, str):
                         raise DataError(f"{where}: field {key!r} is {_json_type(text)}, not a string; "
                                         "fix that record or set --data.text_key")
+                    if b"\\u" in raw:  # only an escape gives a lone surrogate, which no tokenizer takes
+                        text = self._surrogates(text, where)
                     yield (i, at, line_no - 1), text, True
         except read_errors as e:  # a truncated or damaged .gz/.zst, an unreadable file
             raise DataError(f"cannot read {path} ({first_line(e)}); check or recompress the file") from None
+
+    def _surrogates(self, text: str, where: str) -> str:
+        """`text`, refused (strict) or with U+FFFD (replace) where it holds half of a UTF-16 pair."""
+        if not (found := _SURROGATE.search(text)):
+            return text
+        if self.encoding_errors == "replace":
+            return _SURROGATE.sub("\ufffd", text)
+        raise DataError(f"{where}: field {self.text_key!r} holds \\u{ord(found.group()):04x}, half of a UTF-16 pair, "
+                        "which is not a character; fix that record or set --data.encoding_errors replace")
 
     def _parquet(self, i: int, path: Path, row: int) -> Iterator[Unit]:
         import pyarrow as pa
@@ -404,15 +568,16 @@ class FileSource:
             raise DataError(f"{path} has no column {key!r} (its columns: {', '.join(map(repr, names[:8]))}); "
                             "set --data.text_key to the column that holds the text")
         kind = pf.schema_arrow.field(key).type
-        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
-                or getattr(pa.types, "is_string_view", lambda _: False)(kind)):
+        values = kind.value_type if pa.types.is_dictionary(kind) else kind  # dictionary-encoded strings too
+        if not (pa.types.is_string(values) or pa.types.is_large_string(values)
+                or getattr(pa.types, "is_string_view", lambda _: False)(values)):
             raise DataError(f"{path}: column {key!r} holds {kind}, not strings; set --data.text_key to "
                             "the column that holds the text")
-        # Skip whole row groups before `row`, then rows inside the first one read.
+        # Skip the row groups that end before `row`, then the rows before it in the first one read.
         groups, first = [], 0
         for g in range(pf.metadata.num_row_groups):
             n = pf.metadata.row_group(g).num_rows
-            if first + n > row:
+            if groups or first + n > row:
                 groups.append(g)
             else:
                 first += n
@@ -420,7 +585,7 @@ class FileSource:
             return
         try:
             for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=groups, columns=[key]):
-                texts = batch.column(0).to_pylist()
+                texts = _arrow_texts(batch.column(0), self.encoding_errors, lambda j: f"{path} row {first + j}")
                 for j, text in enumerate(texts):
                     r = first + j
                     if r < row:
@@ -432,6 +597,30 @@ class FileSource:
                 first += len(texts)
         except (OSError, pa.ArrowException) as e:
             raise DataError(f"cannot read {path} ({first_line(e)}); check the file") from None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _arrow_texts(column: Any, errors: str, where: Callable[[int], str]) -> list:
+    """An Arrow string column as Python strings (None for a null). Arrow does not check that a
+    parquet file's strings are UTF-8: bad bytes are one line naming the row (`where(j)` for row j
+    of the column), or U+FFFD with errors="replace", as in text files."""
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        pass
+    import pyarrow as pa
+
+    texts = column.cast(pa.large_binary()).to_pylist()
+    for j, raw in enumerate(texts):
+        if raw is not None:
+            try:
+                texts[j] = raw.decode("utf-8", errors=errors)
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where(j)}: the text is not UTF-8 at byte {e.start} ({e.reason}); fix that row "
+                                "or set --data.encoding_errors replace") from None
+    return texts
 
 
 def _json_type(value: Any) -> str:
@@ -459,9 +648,9 @@ class DatasetSource:
     """
 
     def __init__(self, name: str, subset: str | None, split: str, revision: str | None,
-                 text_key: str = "text") -> None:
+                 text_key: str = "text", encoding_errors: str = "strict") -> None:
         self.name, self.subset, self.split, self.revision = name, subset, split, revision
-        self.text_key = text_key
+        self.text_key, self.encoding_errors = text_key, encoding_errors
         self.local = Path(name).expanduser().is_dir()
         self.fingerprint: str | None = None
         self._data: Any = None
@@ -514,6 +703,12 @@ class DatasetSource:
                 raise DataError(f"the saved dataset {self.name!r} has no split {self.split!r} (its splits: "
                                 f"{', '.join(data)}); set --data.split")
             data = data[self.split]
+        elif data.split is None and self.split != "train":
+            raise DataError(f"the saved dataset {self.name!r} is one dataset without splits, so it has no split "
+                            f"{self.split!r}; leave --data.split at train")
+        elif data.split is not None and str(data.split) != self.split:
+            raise DataError(f"the saved dataset {self.name!r} is the split {str(data.split)!r}, not {self.split!r}; "
+                            f"set --data.split {data.split}")
         self._check_column(data.column_names)
         feature = data.features[self.text_key]
         if getattr(feature, "dtype", None) not in ("string", "large_string"):
@@ -566,7 +761,8 @@ class DatasetSource:
         row, key = start[1], self.text_key
         if self.local:
             table = self._data.with_format("arrow")
-            batches = (table[i:i + DATASET_BATCH_ROWS].column(key).to_pylist()
+            batches = (_arrow_texts(table[i:i + DATASET_BATCH_ROWS].column(key), self.encoding_errors,
+                                   lambda j, i=i: f"dataset {self.describe()} row {i + j}")
                        for i in range(row, len(self._data), DATASET_BATCH_ROWS))
         else:
             stream = self._data.skip(row) if row else self._data
