@@ -145,6 +145,22 @@ def test_token_bytes_in_context_are_the_texts_utf8_bytes(tmp_path, tok_dir, kind
     assert sum(windows[k]["n_bytes"] for k in range(len(windows))) == cache.n_bytes(1, len(ids))
 
 
+@pytest.mark.parametrize("kind", ["byte-level", "llama2", "metaspace"])
+def test_a_text_file_read_in_pieces_gives_the_whole_files_tokens(tmp_path, tok_dir, kind, monkeypatch):
+    # Pieces of 64 bytes: a SentencePiece-style tokenizer puts a "▁" before every text it is
+    # given, so a file cut in pieces would gain a space at each cut; it is read whole instead.
+    from helpers_tokenizers import sentencepiece_tokenizer
+
+    monkeypatch.setattr(data.sources, "PIECE_BYTES", 64)
+    tokenizer = tok_dir if kind == "byte-level" else sentencepiece_tokenizer(tmp_path / "tok", kind)
+    text = " ".join(documents(40, seed=3)) + "\n\n中文字符在这里。  naïve\n"
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+    dm = ready(make(tmp_path, tokenizer, tmp_path / "t.txt", seq_len=4))
+    whole = dm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert stream(dm).tolist() == whole + [dm.eos_token_id]
+    assert dm.token_cache.n_bytes(0, len(whole) + 1) == len(text.encode())
+
+
 # -- the cache key --------------------------------------------------------------------------------
 
 

@@ -112,14 +112,25 @@ def _byte_tokens(tokenizer: Any) -> tuple[bool, np.ndarray, np.ndarray]:
     return byte_level, own, part
 
 
+def context_free(tokenizer: Any) -> bool:
+    """Whether the tokenizer is a byte-level BPE that neither normalizes the text nor adds a space
+    before it. Then a token's bytes are a property of its id, and a text cut where the
+    pre-tokenizer splits anyway tokenizes piece by piece exactly as whole (`sources.read_pieces`).
+    SentencePiece-style tokenizers add a "▁" before each text they are given, so for them neither
+    holds."""
+    from tokenizers import decoders
+
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    return (isinstance(tokenizer.backend_tokenizer.decoder, decoders.ByteLevel)
+            and backend.get("normalizer") is None
+            and '"add_prefix_space": true' not in json.dumps(backend["pre_tokenizer"]))
+
+
 def byte_table(tokenizer: Any) -> np.ndarray | None:
     """(vocab,) int64: the UTF-8 bytes of text that each token id stands for wherever it occurs,
-    if that is a property of the id (a byte-level BPE that neither normalizes the text nor adds a
-    space before it); else None, and the bytes are measured in context as the cache is built."""
-    byte_level, own, _ = _byte_tokens(tokenizer)
-    backend = json.loads(tokenizer.backend_tokenizer.to_str())
-    exact = backend.get("normalizer") is None and '"add_prefix_space": true' not in json.dumps(backend["pre_tokenizer"])
-    return own if byte_level and exact else None
+    if that is a property of the id (`context_free`); else None, and the bytes are measured in
+    context as the cache is built."""
+    return _byte_tokens(tokenizer)[1] if context_free(tokenizer) else None
 
 
 def bytes_in_context(text: str, offsets: list[tuple[int, int]], ids: list[int], part: np.ndarray) -> np.ndarray:

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Sampler
 from smollm import assets
 from smollm.data.cache import (FORMAT_VERSION, INDEX, TokenCache, build_cache, cache_key, check_shards,
                                is_complete, load_tokenizer, read_index, rebuild_shard, stamp_verified,
-                               token_dtype, tokenizer_fingerprint, verified_in_this_launch)
+                               context_free, token_dtype, tokenizer_fingerprint, verified_in_this_launch)
 from smollm.data.remote import Remote, is_url
 from smollm.data.sources import STDLIB, DataError, DatasetSource, FileSource
 from smollm.data.windows import ResumableSampler, TokenWindows, accumulation, split_windows
@@ -417,7 +417,7 @@ class TextDataModule(L.LightningDataModule):
         sources: list[Any] = []
         files = None
         if self.files:
-            files = FileSource(self.files, self.text_key, self.encoding_errors)
+            files = FileSource(self.files, self.text_key, self.encoding_errors, pieces=context_free(self.tokenizer))
             files.resolve()
             sources.append(files)
         fingerprint = tokenizer_fingerprint(self.tokenizer)  # fail fast, before reading files

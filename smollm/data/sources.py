@@ -443,8 +443,11 @@ def _open_binary(path: Path) -> tuple[BinaryIO, tuple[type[Exception], ...]]:
 class FileSource:
     """The files of --data.files, in order, as one source. Call `resolve` and `scan` first."""
 
-    def __init__(self, entries: list[str], text_key: str = "text", encoding_errors: str = "strict") -> None:
-        self.entries, self.text_key, self.encoding_errors = entries, text_key, encoding_errors
+    def __init__(self, entries: list[str], text_key: str = "text", encoding_errors: str = "strict",
+                 pieces: bool = True) -> None:
+        # pieces: read a text file in pieces of about PIECE_BYTES, which tokenize exactly as the
+        # whole file only for a byte-level tokenizer (`cache.context_free`); else each file whole.
+        self.entries, self.text_key, self.encoding_errors, self.pieces = entries, text_key, encoding_errors, pieces
         self.paths: list[Path] = []
         self.hashes: list[str] = []  # sha256 of each file of `paths`
         self.docs: list[Path] = []  # the files that hold text, in order: what `units` reads
@@ -488,7 +491,8 @@ class FileSource:
                 yield from self._parquet(i, path, at[1])
 
     def _text(self, i: int, path: Path, offset: int) -> Iterator[Unit]:
-        for at, data, last in read_pieces(path, start=offset):
+        whole = None if self.pieces else max(path.stat().st_size, 1)
+        for at, data, last in read_pieces(path, size=whole, start=offset):
             mark = 0
             if at == 0:
                 _check_start(path, data[:16])
