@@ -193,6 +193,22 @@ class Recorder(L.Callback):
             f.flush()
 
 
+class StartState(L.Callback):
+    """Saves what training starts from, once it starts (a checkpoint resumed, weights loaded):
+    the step, the model's weights, the optimizer's class and state dict, and the schedulers'
+    state dicts, as a torch file at `path`."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            optimizer = trainer.optimizers[0]
+            torch.save({"step": trainer.global_step, "weights": pl_module.model.state_dict(),
+                        "optimizer": type(optimizer).__name__, "optimizer_state": optimizer.state_dict(),
+                        "schedulers": [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs]}, self.path)
+
+
 class PoisonWeights(L.Callback):
     """Sets one weight to NaN before step `at_step` trains: the loss of that step is NaN."""
 
