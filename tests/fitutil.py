@@ -265,6 +265,39 @@ class HangingCheckpointIO(AtomicCheckpointIO):
         time.sleep(600)
 
 
+class CountingCheckpointIO(AtomicCheckpointIO):
+    """Writes checkpoints as fit does and appends "<rank> <pid> <file name>" to `path` for each
+    one: a test counts the writes of every process."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        super().save_checkpoint(checkpoint, path, storage_options)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        with open(self.path, "a") as f:
+            f.write(f"{rank} {os.getpid()} {Path(path).name}\n")
+
+
+class CountBuilds(L.Callback):
+    """Appends "<pid>" to `path` each time this process builds (tokenizes) a token cache: a test
+    counts the builds of every process. The CLI makes its callbacks before the data is prepared;
+    this one wraps TextDataModule._build then, for the whole process (use it in subprocesses)."""
+
+    def __init__(self, path: str) -> None:
+        from smollm.data.module import TextDataModule
+
+        build = TextDataModule._build
+
+        def counted(datamodule, *args, **kwargs):
+            with open(path, "a") as f:
+                f.write(f"{os.getpid()}\n")
+            return build(datamodule, *args, **kwargs)
+
+        TextDataModule._build = counted
+
+
 class SyncDetector(L.Callback):
     """Records every host-device synchronization torch reports (set_sync_debug_mode) from the
     start of step `first` to the start of step `last`: the steady steps, all of the loop between

@@ -423,7 +423,9 @@ def assert_two_process_resume_is_exact(run: Path, small, extra: list[str], strai
 def ddp_straight(tmp_path_factory, small):
     """6 steps of DDP on two CPU processes, a checkpoint every 3: (run folder, each rank's records)."""
     straight = tmp_path_factory.mktemp("ddp") / "straight"
-    result = fitutil.run_fit(run_args(straight, small, 6, every=3, record=straight / "rec.jsonl", extra=DDP))
+    writes = ["--trainer.plugins", json.dumps({"class_path": "fitutil.CountingCheckpointIO",
+                                               "init_args": {"path": str(straight.parent / "writes.txt")}})]
+    result = fitutil.run_fit(run_args(straight, small, 6, every=3, record=straight / "rec.jsonl", extra=DDP + writes))
     assert result.returncode == 0, result.stderr[-3000:]
     (straight / "stderr.txt").write_text(result.stderr)
     (straight / "stdout.txt").write_text(result.stdout)
@@ -437,6 +439,9 @@ def test_ddp_on_two_processes_splits_data_saves_once_and_resumes_exactly(tmp_pat
         assert a["step"] == b["step"] and not set(a["windows"]) & set(b["windows"])
     assert sorted(p.name for p in (straight / "checkpoints" / "tiny").iterdir()) == [
         "last.ckpt", "step=000003.ckpt", "step=000003.ckpt.digest", "step=000006.ckpt", "step=000006.ckpt.digest"]
+    writes = [line.split() for line in (straight.parent / "writes.txt").read_text().splitlines()]
+    assert [(rank, name) for rank, _, name in writes] == [("0", "step=000003.ckpt"), ("0", "step=000006.ckpt")]
+    assert len({pid for _, pid, _ in writes}) == 1  # each checkpoint written once, by rank 0 alone
 
     assert_two_process_resume_is_exact(tmp_path / "resumed", small, DDP, straight, ranks)
 
