@@ -36,15 +36,30 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos and sin tables for RoPE in the rotate_half form: frequencies repeated, not interleaved."""
+    """cos and sin tables for RoPE in the rotate_half form: frequencies repeated, not interleaved.
+
+    The inverse frequencies stay float32 whatever the model is cast to. A cast rounds buffers too
+    (bf16-true, `.half()`, `.to(dtype)`, and FSDP under bf16-mixed through its buffer_dtype): in
+    bf16 they are off by up to 0.3%, which is 2 radians of angle at position 1500, so training would
+    rotate otherwise than inference. `forward` restores them exactly whenever it finds them cast.
+    """
 
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", self.float32_inv_freq(), persistent=False)
+
+    def float32_inv_freq(self) -> torch.Tensor:
+        """1 / theta^(2i / head_dim), computed in float32 on the CPU, as transformers does."""
+        return 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
+
+    def reset_inv_freq(self) -> None:
+        self.inv_freq = self.float32_inv_freq().to(self.inv_freq.device)
 
     @torch.no_grad()
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.inv_freq.dtype != torch.float32:
+            self.reset_inv_freq()
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # (T, head_dim / 2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, head_dim)
         return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -184,7 +199,7 @@ class SmolLM(nn.Module):
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
         # The inverse frequencies are not a parameter; recompute them in case of a meta init.
-        self.rotary.inv_freq.copy_(RotaryEmbedding(self.config.head_dim, self.config.rope_theta).inv_freq)
+        self.rotary.reset_inv_freq()
 
     def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """embed -> layers -> norm: the final hidden states, (B, T, C), before the lm head."""

@@ -193,6 +193,22 @@ class Recorder(L.Callback):
             f.flush()
 
 
+class StartState(L.Callback):
+    """Saves what training starts from, once it starts (a checkpoint resumed, weights loaded):
+    the step, the model's weights, the optimizer's class and state dict, and the schedulers'
+    state dicts, as a torch file at `path`."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            optimizer = trainer.optimizers[0]
+            torch.save({"step": trainer.global_step, "weights": pl_module.model.state_dict(),
+                        "optimizer": type(optimizer).__name__, "optimizer_state": optimizer.state_dict(),
+                        "schedulers": [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs]}, self.path)
+
+
 class PoisonWeights(L.Callback):
     """Sets one weight to NaN before step `at_step` trains: the loss of that step is NaN."""
 
@@ -247,6 +263,39 @@ class HangingCheckpointIO(AtomicCheckpointIO):
         os.fsync(f.fileno())
         Path(os.environ["SMOLLM_TEST_SIGNAL"]).write_text("writing")
         time.sleep(600)
+
+
+class CountingCheckpointIO(AtomicCheckpointIO):
+    """Writes checkpoints as fit does and appends "<rank> <pid> <file name>" to `path` for each
+    one: a test counts the writes of every process."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        super().save_checkpoint(checkpoint, path, storage_options)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        with open(self.path, "a") as f:
+            f.write(f"{rank} {os.getpid()} {Path(path).name}\n")
+
+
+class CountBuilds(L.Callback):
+    """Appends "<pid>" to `path` each time this process builds (tokenizes) a token cache: a test
+    counts the builds of every process. The CLI makes its callbacks before the data is prepared;
+    this one wraps TextDataModule._build then, for the whole process (use it in subprocesses)."""
+
+    def __init__(self, path: str) -> None:
+        from smollm.data.module import TextDataModule
+
+        build = TextDataModule._build
+
+        def counted(datamodule, *args, **kwargs):
+            with open(path, "a") as f:
+                f.write(f"{os.getpid()}\n")
+            return build(datamodule, *args, **kwargs)
+
+        TextDataModule._build = counted
 
 
 class SyncDetector(L.Callback):

@@ -65,9 +65,10 @@ def test_score_equals_transformers_on_the_same_windows(tiny_model):
     nats = F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten(), reduction="sum").item()
     n_bytes = int(table[windows[:, 1:]].sum())
     assert ours.tokens == 6 * 32 and ours.bytes == n_bytes and ours.windows == 6
-    assert ours.loss == pytest.approx(nats / ours.tokens, rel=1e-3)
-    assert ours.perplexity == pytest.approx(math.exp(nats / ours.tokens), rel=1e-3)
-    assert ours.bits_per_byte == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-3)
+    # the same float32 sums in another order: 6e-8 apart here; bf16 anywhere would be ~1e-3
+    assert ours.loss == pytest.approx(nats / ours.tokens, rel=1e-5)
+    assert ours.perplexity == pytest.approx(math.exp(nats / ours.tokens), rel=1e-5)
+    assert ours.bits_per_byte == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-5)
 
 
 def test_a_training_checkpoint_is_scored_on_its_own_validation_windows(run, tmp_path, capsys):
@@ -272,11 +273,32 @@ metric_list:
 """
 
 
+def choice_loglikelihoods(samples: list[dict]) -> list[float]:
+    """Every question's per-choice log-likelihoods, in document order, from lm-eval's samples."""
+    ordered = sorted(samples, key=lambda s: s["doc_id"])
+    return [float(resp[0]) for s in ordered for resp in s["filtered_resps"]]
+
+
+def smollm_loglikelihood(model: SmolLM, tokenizer, context: str, continuation: str) -> float:
+    """log p(continuation | context) from our own model, on the token split lm-eval makes:
+    the context's trailing spaces go to the continuation, the whole text is encoded at once."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole, n_context = tokenizer.encode(context + continuation), len(tokenizer.encode(context))
+    with torch.no_grad():
+        logp = F.log_softmax(model(torch.tensor([whole[:-1]])).double(), dim=-1)[0]
+    return sum(logp[i - 1, whole[i]].item() for i in range(n_context, len(whole)))
+
+
 @pytest.mark.slow
-def test_lm_eval_scores_equal_lm_evals_own_hf_model(run, data, tmp_path, capsys):
+def test_lm_eval_scores_equal_lm_evals_own_hf_model(run, data, tmp_path, capsys, monkeypatch):
+    """Every choice's log-likelihood through our bridge equals lm-eval's own `hf` model's on the
+    saved folder, and our model's own, to float32 summation order (not only the accuracy)."""
     lm_eval = pytest.importorskip("lm_eval", reason="the [eval] extra is not installed")
     from transformers import AutoTokenizer
 
+    import smollm.evaluate
     from smollm.checkpoint import model_from_checkpoint
 
     rows = [{"question": f"the quick brown fox number {i} jumps over the", "choices":
@@ -286,20 +308,32 @@ def test_lm_eval_scores_equal_lm_evals_own_hf_model(run, data, tmp_path, capsys)
     (tmp_path / "tasks" / "mc.yaml").write_text(TASK.format(path=tmp_path / "tasks" / "mc.jsonl"))
     ckpt = run / "checkpoints" / "tiny" / "last.ckpt"
     out = tmp_path / "ours.json"
+    bridged = {}
+    run_tasks = smollm.evaluate.run_tasks
+    monkeypatch.setattr(smollm.evaluate, "run_tasks", lambda *a, **k: bridged.setdefault("r", run_tasks(*a, **k)))
     assert main(["--checkpoint", str(ckpt), "--tasks", "smollm_local_mc", "--include_path", str(tmp_path / "tasks"),
                  "--max_windows", "1", "--json", str(out)]) == 0
     ours = json.loads(out.read_text())["lm_eval"]["results"]["smollm_local_mc"]
     assert "smollm_local_mc" in capsys.readouterr().out  # lm-eval's table
+    ours_ll = choice_loglikelihoods(bridged["r"]["samples"]["smollm_local_mc"])
 
     model, _ = model_from_checkpoint(ckpt)
-    folder = save_hf(model, tmp_path / "hf", tokenizer=AutoTokenizer.from_pretrained(data[1]))
+    tokenizer = AutoTokenizer.from_pretrained(data[1])
+    folder = save_hf(model, tmp_path / "hf", tokenizer=tokenizer)
     from lm_eval.tasks import TaskManager
 
     theirs = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder}", tasks=["smollm_local_mc"],
                                      task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
-                                     batch_size=8, device="cpu")["results"]["smollm_local_mc"]
+                                     batch_size=8, device="cpu")
+    theirs_ll = choice_loglikelihoods(theirs["samples"]["smollm_local_mc"])
+    assert len(ours_ll) == 4 * len(rows)
+    assert ours_ll == theirs_ll  # the same transformers model on the same weights: the same floats
+    model.eval()
+    samples = sorted(bridged["r"]["samples"]["smollm_local_mc"], key=lambda s: s["doc_id"])
+    own = [smollm_loglikelihood(model, tokenizer, *args) for s in samples for args in s["arguments"]]
+    assert ours_ll == pytest.approx(own, rel=1e-5)  # another implementation: float32 summation order
     for metric in ("acc,none", "acc_norm,none"):
-        assert ours[metric] == pytest.approx(theirs[metric], abs=1e-9)
+        assert ours[metric] == theirs["results"]["smollm_local_mc"][metric]
 
 
 def test_options_that_do_nothing_here_get_one_line(run, data, tmp_path, capsys):

@@ -25,6 +25,10 @@ def recorder(path: Path) -> list[str]:
     return ["--trainer.callbacks+=" + json.dumps({"class_path": "fitutil.Recorder", "init_args": {"path": str(path)}})]
 
 
+def start_state(path: Path) -> list[str]:
+    return ["--trainer.callbacks+=" + json.dumps({"class_path": "fitutil.StartState", "init_args": {"path": str(path)}})]
+
+
 def steps_saved(root: Path) -> list[int]:
     return sorted(int(p.stem.split("=")[1]) for p in (root / "checkpoints" / "tiny").glob("step=*.ckpt"))
 
@@ -146,7 +150,10 @@ def test_init_from_a_hugging_face_directory(tmp_path, data):
     source = SmolLM(ModelConfig.from_name("tiny", vocab_size=320))
     save_hf(source, tmp_path / "hf")
     assert main(args(tmp_path, data, 1, extra=["--model.init_from", str(tmp_path / "hf"),
-                                                "--model.learning_rate", "1e-9"])) == 0
+                                                "--model.learning_rate", "1e-9", *start_state(tmp_path / "start.pt")])) == 0
+    start = torch.load(tmp_path / "start.pt", weights_only=True)["weights"]
+    assert start.keys() == source.state_dict().keys()
+    assert all(torch.equal(start[k], v) for k, v in source.state_dict().items())  # every weight, exactly
     trained, _ = load_checkpoint_model(str(tmp_path / "run" / "checkpoints" / "tiny" / "step=000001.ckpt"))
     torch.testing.assert_close(trained.layers[0].mlp.up_proj.weight, source.layers[0].mlp.up_proj.weight,
                                atol=1e-6, rtol=0)
@@ -309,7 +316,13 @@ def test_init_from_a_missing_folder_or_a_checkpoint(tmp_path, data, capsys):
     assert main(args(tmp_path / "a", data, 2)) == 0
     ckpt = tmp_path / "a" / "run" / "checkpoints" / "tiny" / "step=000002.ckpt"
     rec = tmp_path / "rec.jsonl"
-    assert main(args(tmp_path / "b", data, 1, extra=["--model.init_from", str(ckpt), *recorder(rec)])) == 0
+    assert main(args(tmp_path / "b", data, 1, extra=["--model.init_from", str(ckpt), *recorder(rec),
+                                                      *start_state(tmp_path / "start.pt")])) == 0
+    start, saved = torch.load(tmp_path / "start.pt", weights_only=True), torch.load(ckpt, weights_only=True)
+    assert start["weights"].keys() == {k.removeprefix("model.") for k in saved["state_dict"]}
+    assert all(torch.equal(v, saved["state_dict"]["model." + k]) for k, v in start["weights"].items())
+    assert start["step"] == 0 and start["optimizer_state"]["state"] == {}  # the weights only: a fresh start
+    assert all(s["last_epoch"] == 0 for s in start["schedulers"])
     first_loss = fitutil.read_records(rec)[0]["loss"]
     fresh = tmp_path / "fresh.jsonl"
     assert main(args(tmp_path / "c", data, 1, extra=recorder(fresh))) == 0

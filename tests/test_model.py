@@ -234,3 +234,59 @@ def test_a_decoder_layer_compiles_as_one_graph_for_a_cached_decoding_step():
         out = compiled(token, cos1, sin1, cache)  # one new token against 8 cached
         torch.testing.assert_close(out, layer(token, cos1, sin1, eager_cache))
     torch.testing.assert_close(cache.k, eager_cache.k)  # the compiled step wrote the cache too
+
+
+# ---- RoPE's inverse frequencies stay float32 whatever the model is cast to ----
+
+def _fsdp_bf16_mixed(model: SmolLM, tmp_path):
+    """The model as Lightning's FSDP runs it under bf16-mixed (its MixedPrecision, buffer_dtype
+    bf16 included), on one CPU process."""
+    import torch.distributed as dist
+    from lightning.pytorch.plugins.precision.fsdp import FSDPPrecision
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    return FullyShardedDataParallel(model, mixed_precision=FSDPPrecision("bf16-mixed").mixed_precision_config,
+                                    device_id=torch.device("cpu"))
+
+
+def _bf16_true(model: SmolLM, _):
+    from lightning.pytorch.plugins.precision import HalfPrecision
+
+    return HalfPrecision("bf16-true").convert_module(model)
+
+
+CASTS = {"to(bfloat16)": lambda m, _: m.to(torch.bfloat16), "half()": lambda m, _: m.half(),
+         "bf16-true": _bf16_true, "fsdp bf16-mixed": _fsdp_bf16_mixed}
+
+
+@pytest.mark.parametrize("cast", CASTS)
+def test_rope_in_a_cast_model_is_the_float32_models(cast, tmp_path):
+    """Training in bf16 (or fp16) rotates queries and keys exactly as float32 inference does:
+    the inverse frequencies, and the cos/sin they give, are never rounded by the cast."""
+    import torch.distributed as dist
+
+    torch.manual_seed(0)
+    config = ModelConfig.from_name("tiny")
+    reference = SmolLM(config)
+    model = SmolLM(config)
+    model.load_state_dict(reference.state_dict())
+    assert "rotary.inv_freq" not in model.state_dict()  # derived, never saved: checkpoints keep their keys
+    received = []
+    model.layers[0].register_forward_pre_hook(lambda _, args: received.append(args[1:3]))
+    try:
+        cast_model = CASTS[cast](model, tmp_path)
+        with torch.no_grad():
+            cast_model(ids(1, 64, vocab=config.vocab_size))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    (cos, sin), = received
+    assert cos.dtype in (torch.bfloat16, torch.float16)  # the layer computed in the cast dtype
+    positions = torch.arange(64)
+    want_cos, want_sin = reference.rotary(positions, cos.dtype)  # what inference applies
+    assert torch.equal(cos, want_cos) and torch.equal(sin, want_sin)
+    far = torch.arange(8192)  # and float32-exact tables at every position, however far
+    for got, want in zip(model.rotary(far, torch.float32), reference.rotary(far, torch.float32)):
+        assert torch.equal(got, want)
+    assert model.rotary.inv_freq.dtype == torch.float32

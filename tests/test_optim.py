@@ -175,7 +175,14 @@ def test_a_muon_checkpoint_generates_evaluates_converts_and_starts_a_run(tmp_pat
     model, _ = load_model(str(tmp_path / "hf"))
     assert all(torch.equal(v, trained["model." + k]) for k, v in model.state_dict().items())
     # init_from a Muon checkpoint: its weights, a fresh optimizer (here AdamW), step 0
-    assert main(run_args(tmp_path / "next", small, 1, extra=["--model.init_from", str(ckpt)])) == 0
+    start = tmp_path / "start.pt"
+    assert main(run_args(tmp_path / "next", small, 1, extra=["--model.init_from", str(ckpt), "--trainer.callbacks+="
+                         + json.dumps({"class_path": "fitutil.StartState", "init_args": {"path": str(start)}})])) == 0
+    start = torch.load(start, weights_only=True)
+    assert start["weights"].keys() == {k.removeprefix("model.") for k in trained}
+    assert all(torch.equal(v, trained["model." + k]) for k, v in start["weights"].items())
+    assert start["step"] == 0 and all(s["last_epoch"] == 0 for s in start["schedulers"])
+    assert start["optimizer"] == "AdamW" and start["optimizer_state"]["state"] == {}
 
 
 def test_tensorboard_logs_each_optimizers_learning_rate(tmp_path, small):

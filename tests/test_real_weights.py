@@ -213,5 +213,6 @@ def test_evaluate_scores_the_real_weights_as_transformers_does(converted, refere
             nats += F.cross_entropy(logits[0], window[0, 1:], reduction="sum").item()
     first = len(tokenizer.decode(ids[:1]).encode("utf-8"))  # the first token is context, never a target
     assert report["tokens"] == len(ids) - 1 and report["bytes"] == len(text.encode("utf-8")) - first
-    assert report["loss"] == pytest.approx(nats / report["tokens"], rel=1e-3)
-    assert report["bits_per_byte"] == pytest.approx(nats / math.log(2) / report["bytes"], rel=1e-3)
+    # float32 both, the same sums in another order through 30 layers: 5.4e-6 apart (was rel 1e-3)
+    assert report["loss"] == pytest.approx(nats / report["tokens"], rel=5e-5)
+    assert report["bits_per_byte"] == pytest.approx(nats / math.log(2) / report["bytes"], rel=5e-5)

@@ -423,7 +423,9 @@ def assert_two_process_resume_is_exact(run: Path, small, extra: list[str], strai
 def ddp_straight(tmp_path_factory, small):
     """6 steps of DDP on two CPU processes, a checkpoint every 3: (run folder, each rank's records)."""
     straight = tmp_path_factory.mktemp("ddp") / "straight"
-    result = fitutil.run_fit(run_args(straight, small, 6, every=3, record=straight / "rec.jsonl", extra=DDP))
+    writes = ["--trainer.plugins", json.dumps({"class_path": "fitutil.CountingCheckpointIO",
+                                               "init_args": {"path": str(straight.parent / "writes.txt")}})]
+    result = fitutil.run_fit(run_args(straight, small, 6, every=3, record=straight / "rec.jsonl", extra=DDP + writes))
     assert result.returncode == 0, result.stderr[-3000:]
     (straight / "stderr.txt").write_text(result.stderr)
     (straight / "stdout.txt").write_text(result.stdout)
@@ -437,6 +439,9 @@ def test_ddp_on_two_processes_splits_data_saves_once_and_resumes_exactly(tmp_pat
         assert a["step"] == b["step"] and not set(a["windows"]) & set(b["windows"])
     assert sorted(p.name for p in (straight / "checkpoints" / "tiny").iterdir()) == [
         "last.ckpt", "step=000003.ckpt", "step=000003.ckpt.digest", "step=000006.ckpt", "step=000006.ckpt.digest"]
+    writes = [line.split() for line in (straight.parent / "writes.txt").read_text().splitlines()]
+    assert [(rank, name) for rank, _, name in writes] == [("0", "step=000003.ckpt"), ("0", "step=000006.ckpt")]
+    assert len({pid for _, pid, _ in writes}) == 1  # each checkpoint written once, by rank 0 alone
 
     assert_two_process_resume_is_exact(tmp_path / "resumed", small, DDP, straight, ranks)
 
@@ -531,18 +536,24 @@ def test_two_nodes_with_torchrun_train_resume_exactly_and_share_or_not_the_token
     straight, ranks = ddp_straight
     run = tmp_path / "run"
 
-    def node_args(steps: int, more: list[str]) -> list[str]:
+    def node_args(steps: int, more: list[str], builds: Path) -> list[str]:
+        count = {"class_path": "fitutil.CountBuilds", "init_args": {"path": str(builds)}}
         argv = run_args(run, small, steps, every=3, record=run / "rec.jsonl",
-                        extra=["--trainer.accelerator", "cpu", *more])
+                        extra=["--trainer.accelerator", "cpu", "--trainer.callbacks+=" + json.dumps(count), *more])
         i = argv.index("--data.cache_dir")
         return argv[:i] + argv[i + 2:]  # $SMOLLM_CACHE: each node's, or the shared one
 
+    def builders(builds: Path) -> list[str]:
+        return builds.read_text().split() if builds.exists() else []
+
     local = [tmp_path / "node0", tmp_path / "node1"]
-    results = fitutil.torchrun(node_args(3, []), local, rendezvous="static")
+    results = fitutil.torchrun(node_args(3, [], tmp_path / "local-builds.txt"), local, rendezvous="static")
     for result in results:
         assert result.returncode == 0, result.stderr[-3000:]
     built = [list((cache / "tokens").glob("*/index.json")) for cache in local]
     assert [len(b) for b in built] == [1, 1]
+    local_builds = builders(tmp_path / "local-builds.txt")
+    assert len(local_builds) == len(set(local_builds)) == 2  # each node tokenized its own copy, once
     assert json.loads(built[0][0].read_text())["n_tokens"] == json.loads(built[1][0].read_text())["n_tokens"]
     assert "device: 2 x cpu (CPU) on 2 nodes" in results[0].stderr
     continue_line = next(line for line in results[0].stdout.splitlines() if line.startswith("continue:"))
@@ -551,10 +562,12 @@ def test_two_nodes_with_torchrun_train_resume_exactly_and_share_or_not_the_token
     assert_clean_output(results[0].stderr + results[1].stderr)
 
     shared = tmp_path / "shared"
-    results = fitutil.torchrun(node_args(6, ["--ckpt_path", "last"]), [shared, shared], rendezvous="c10d")
+    results = fitutil.torchrun(node_args(6, ["--ckpt_path", "last"], tmp_path / "shared-builds.txt"),
+                               [shared, shared], rendezvous="c10d")
     for result in results:
         assert result.returncode == 0, result.stderr[-3000:]
     assert len(list((shared / "tokens").glob("*/index.json"))) == 1
+    assert len(builders(tmp_path / "shared-builds.txt")) == 1  # one process tokenized; the other waited
     assert_clean_output(results[0].stderr + results[1].stderr)
     for r in (0, 1):
         trained = fitutil.read_records(Path(f"{run / 'rec.jsonl'}.rank{r}"))
