@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from smollm.errors import UsageError
+from smollm.model import DecoderLayer
 
 OPTIMIZERS = ("adamw", "muon")
 
@@ -56,11 +57,42 @@ def lr_lambda(step: int, warmup_steps: int, decay_steps: int, min_lr_ratio: floa
     return 1.0 - (1 - min_lr_ratio) * (step - decay_start) / max(1, decay_steps - decay_start)
 
 
-def is_muon_param(name: str, param: nn.Parameter) -> bool:
-    """The decoder layers' projection matrices (`layers.N.self_attn.q_proj.weight`, ...,
-    `layers.N.mlp.down_proj.weight`): Muon orthogonalizes whole 2-D hidden-layer matrices; the
-    embedding (tied to the head) and the norm weights are not such matrices."""
-    return name.startswith("layers.") and param.dim() == 2
+def plain_name(name: str) -> str:
+    """A parameter's name in the model as written, whatever wraps it: FSDP's, activation
+    checkpointing's and torch.compile's wrappers add their own segments to the names."""
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(wrapper, "")
+    return name
+
+
+def parameter_groups(model: nn.Module, muon: bool = False) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Each trainable parameter's group, {"decay": [(name, param), ...], "no_decay": ..., "muon": ...},
+    decided by the module that holds it, never by its shape at the time: FSDP shows every
+    parameter as a 1-D shard, so a shape rule would put them all in one group.
+
+    A Linear's weight inside a decoder layer (q, k, v, o, gate, up, down) is "muon" with Muon
+    (Muon orthogonalizes whole hidden-layer matrices, as its authors and torchtitan split it),
+    else "decay"; the embedding (tied to the head) and any other Linear weight (an untied head)
+    "decay"; norm weights, biases and anything else "no_decay". Names are `plain_name`s.
+    """
+    layers = [name + "." for name, m in model.named_modules() if isinstance(m, DecoderLayer)]
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {"decay": [], "no_decay": [], "muon": []}
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        for short, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:  # a tied weight is taken once
+                continue
+            seen.add(id(param))
+            name = plain_name(f"{module_name}.{short}" if module_name else short)
+            if isinstance(module, nn.Linear) and short == "weight":
+                in_layer = any(module_name.startswith(prefix) for prefix in layers)
+                kind = "muon" if muon and in_layer else "decay"
+            elif isinstance(module, nn.Embedding):
+                kind = "decay"
+            else:
+                kind = "no_decay"
+            groups[kind].append((name, param))
+    return groups
 
 
 def muon_lr(h: Mapping[str, Any]) -> float:
@@ -88,23 +120,18 @@ def build_optimizer(model: nn.Module, h: Mapping[str, Any]) -> torch.optim.Optim
     """AdamW alone, or MuonWithAdamW, over `model`'s trainable parameters, per `h` (LitSmolLM's
     hyperparameters). Every group carries its name ("decay", "no_decay", "muon")."""
     settings = group_settings(h)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     use_muon = h.get("optimizer", "adamw") == "muon"
-    matrices = [(n, p) for n, p in named if use_muon and is_muon_param(n, p)]
-    taken = {id(p) for _, p in matrices}
-    rest = [p for _, p in named if id(p) not in taken]
+    groups = parameter_groups(model, muon=use_muon)
 
-    def group(name: str, params: list[nn.Parameter]) -> dict[str, Any]:
-        return {"params": params, "name": name, **settings[name]}
+    def group(name: str) -> dict[str, Any]:
+        return {"params": [p for _, p in groups[name]], "name": name, **settings[name]}
 
     # Matrices decay (every projection, and the tied embedding/lm head as nanoGPT and SmolLM2
-    # do); vectors (RMSNorm weights) don't.
-    adamw = torch.optim.AdamW([group("decay", [p for p in rest if p.dim() >= 2]),
-                               group("no_decay", [p for p in rest if p.dim() < 2])],
-                              fused=h.get("fused_adamw") is not False)
+    # do); norm weights don't.
+    adamw = torch.optim.AdamW([group("decay"), group("no_decay")], fused=h.get("fused_adamw") is not False)
     if not use_muon:
         return adamw
-    return MuonWithAdamW(adamw, torch.optim.Muon([group("muon", [p for _, p in matrices])]))
+    return MuonWithAdamW(adamw, torch.optim.Muon([group("muon")]))
 
 
 def configure_optimizers(model: nn.Module, h: Mapping[str, Any]) -> dict[str, Any]:
@@ -223,9 +250,27 @@ def check_same_optimizer(path: str, checkpoint: Mapping[str, Any], optimizer: st
 
 
 def check_strategy(optimizer: str, strategy: Any) -> None:
-    """Muon orthogonalizes whole matrices; under FSDP each rank holds only a shard of each, so the
-    update would be wrong. Refuse the pair before anything is built."""
+    """Muon orthogonalizes each whole matrix; under FSDP each rank holds a 1-D slice of a unit's
+    flattened weights, so Muon would need every matrix gathered (torchtitan's DistMuon does so),
+    and its momentum kept and checkpointed whole. That is not built: refuse the pair before
+    anything is built."""
     text = str(strategy.get("class_path", strategy) if isinstance(strategy, Mapping) else strategy)
     if optimizer == "muon" and "fsdp" in text.lower():
-        raise UsageError(f"--model.optimizer muon cannot run under --trainer.strategy {text}: Muon needs whole "
-                         "matrices and FSDP shards them; use --trainer.strategy ddp, or --model.optimizer adamw")
+        raise UsageError(f"--model.optimizer muon cannot run under --trainer.strategy {text}: Muon orthogonalizes "
+                         "each whole matrix and FSDP gives each process a 1-D slice of it (gathering them for Muon "
+                         "is not implemented); use --trainer.strategy ddp, or --model.optimizer adamw")
+
+
+def check_clipping(grad_clip: float, gradient_clip_val: Any, gradient_clip_algorithm: Any) -> None:
+    """smollm clips the global gradient norm itself (--model.grad_clip); the Trainer's clipping
+    options would be passed over in silence, so they are refused. `norm`, what ours does, is fine."""
+    if grad_clip < 0:
+        raise UsageError(f"--model.grad_clip {grad_clip}: give the largest gradient norm (> 0), or 0 for no clipping")
+    if gradient_clip_val is not None:
+        raise UsageError(f"--trainer.gradient_clip_val {gradient_clip_val} is not used: smollm clips the global "
+                         f"gradient norm with --model.grad_clip (now {grad_clip}; 0 disables it); give "
+                         f"--model.grad_clip {gradient_clip_val} instead")
+    algorithm = getattr(gradient_clip_algorithm, "value", gradient_clip_algorithm)
+    if algorithm not in (None, "norm"):
+        raise UsageError(f"--trainer.gradient_clip_algorithm {algorithm} is not supported: smollm clips the global "
+                         "gradient norm (--model.grad_clip); drop --trainer.gradient_clip_algorithm")
