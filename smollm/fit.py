@@ -42,7 +42,7 @@ from smollm.data import TextDataModule, accumulation
 from smollm.errors import SmolLMError, UsageError
 from smollm.generate import complete
 from smollm.module import LitSmolLM
-from smollm.optim import check_same_optimizer, check_strategy
+from smollm.optim import check_clipping, check_same_optimizer, check_strategy
 from smollm.sharding import full_model, is_fsdp
 
 GiB = 2**30
@@ -71,6 +71,7 @@ class SmolLMCLI(LightningCLI):
         model_config = ModelConfig.from_name(cfg.model.preset, **(cfg.model.config_overrides or {}))
         self.launcher = take_processes_from_launcher(trainer, self.argv)
         check_strategy(cfg.model.optimizer, trainer.strategy)
+        check_clipping(cfg.model.grad_clip, trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
         check_size_fits(trainer, model_config)
         root = trainer.default_root_dir or os.getcwd()
         name = cfg.name or cfg.model.preset
