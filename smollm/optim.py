@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from smollm.errors import UsageError
-from smollm.model import DecoderLayer
+from smollm.model import DecoderLayer, RMSNorm
 
 OPTIMIZERS = ("adamw", "muon")
 
@@ -73,7 +73,9 @@ def parameter_groups(model: nn.Module, muon: bool = False) -> dict[str, list[tup
     A Linear's weight inside a decoder layer (q, k, v, o, gate, up, down) is "muon" with Muon
     (Muon orthogonalizes whole hidden-layer matrices, as its authors and torchtitan split it),
     else "decay"; the embedding (tied to the head) and any other Linear weight (an untied head)
-    "decay"; norm weights, biases and anything else "no_decay". Names are `plain_name`s.
+    "decay"; norm weights and biases "no_decay". A parameter of any other module is refused
+    rather than guessed at (FSDP's flat parameters, with use_orig_params false, are such).
+    Names are `plain_name`s.
     """
     layers = [name + "." for name, m in model.named_modules() if isinstance(m, DecoderLayer)]
     groups: dict[str, list[tuple[str, nn.Parameter]]] = {"decay": [], "no_decay": [], "muon": []}
@@ -89,8 +91,12 @@ def parameter_groups(model: nn.Module, muon: bool = False) -> dict[str, list[tup
                 kind = "muon" if muon and in_layer else "decay"
             elif isinstance(module, nn.Embedding):
                 kind = "decay"
-            else:
+            elif isinstance(module, RMSNorm) or short == "bias":
                 kind = "no_decay"
+            else:
+                raise UsageError(f"parameter {name} belongs to a {type(module).__name__}, which smollm does not "
+                                 "know how to put in a parameter group (under FSDP: keep use_orig_params true, "
+                                 "Lightning's default)")
             groups[kind].append((name, param))
     return groups
 

@@ -250,6 +250,35 @@ def test_groups_are_decided_by_what_a_parameter_is_not_by_its_shape():
     assert plan() == with_muon
 
 
+def test_under_fsdp_the_groups_are_one_process_groups_and_flat_parameters_are_refused(monkeypatch):
+    """torch's FSDP on this one process (gloo): with use_orig_params (Lightning's default) the
+    groups are the unwrapped model's; without it the optimizer would get each layer's flat
+    parameter and nothing of the root unit (embedding, final norm): refused, not guessed at."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from smollm.errors import UsageError
+    from smollm.model import DecoderLayer
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(fitutil.free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        expected = names_by_group(LitSmolLM(preset="tiny"))
+        for use_orig_params in (True, False):
+            lit = LitSmolLM(preset="tiny")
+            FullyShardedDataParallel(lit, auto_wrap_policy=ModuleWrapPolicy({DecoderLayer}), device_id=torch.device("cpu"),
+                                     use_orig_params=use_orig_params)
+            if use_orig_params:
+                assert names_by_group(lit) == expected
+            else:
+                with pytest.raises(UsageError, match="layers.0._flat_param .* keep use_orig_params true"):
+                    lit.configure_optimizers()
+    finally:
+        dist.destroy_process_group()
+
+
 # ---- clipping ----
 
 AMP16 = ["--trainer.precision", "null", "--trainer.plugins", json.dumps(  # 16-mixed with its GradScaler, on the CPU
