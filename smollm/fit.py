@@ -41,8 +41,9 @@ from smollm.config import ModelConfig
 from smollm.data import TextDataModule, accumulation
 from smollm.errors import SmolLMError, UsageError
 from smollm.generate import complete
+from smollm.model import SmolLM
 from smollm.module import LitSmolLM
-from smollm.optim import check_clipping, check_same_optimizer, check_strategy
+from smollm.optim import check_clipping, check_same_groups, check_same_optimizer, check_strategy
 from smollm.sharding import full_model, is_fsdp
 
 GiB = 2**30
@@ -92,6 +93,8 @@ class SmolLMCLI(LightningCLI):
             checkpoint = read_checkpoint(path)
             check_config(path, checkpoint, model_config)
             check_same_optimizer(path, checkpoint, cfg.model.optimizer)
+            with torch.device("meta"):  # the parameter groups' sizes only: no memory, no init
+                check_same_groups(path, checkpoint, SmolLM(model_config), cfg.model.optimizer)
             self.resume_from, self.resume_step = path, int(checkpoint.get("global_step", 0))
             version = checkpoint["smollm"].get("logger_version")
             self.data_state = keep_global_batch(cfg.data, checkpoint.get(TextDataModule.__qualname__),

@@ -255,6 +255,27 @@ def check_same_optimizer(path: str, checkpoint: Mapping[str, Any], optimizer: st
                          f"--name) with --model.init_from {path} to take its weights with a fresh optimizer")
 
 
+def check_same_groups(path: str, checkpoint: Mapping[str, Any], model: nn.Module, optimizer: str) -> None:
+    """Refuse to resume optimizer state whose groups hold other numbers of parameters than this
+    version gives `model`: the state would be refused deep inside Lightning with a traceback.
+    Checkpoints written under FSDP before groups were decided by identity are such (all in
+    no_decay: nothing decayed)."""
+    states = checkpoint.get("optimizer_states") or [{}]
+    saved = states[0].get("adamw", states[0]) if optimizer == "muon" else states[0]
+    saved_groups = saved.get("param_groups") or []
+    counts = {(g.get("name") or ("decay", "no_decay")[i]): len(g["params"]) for i, g in enumerate(saved_groups)}
+    ours = {name: len(params) for name, params in parameter_groups(model, muon=optimizer == "muon").items()
+            if name in counts}
+    if counts and counts != ours:
+        def say(c: Mapping[str, int]) -> str:
+            return ", ".join(f"{n} {k}" for k, n in c.items())
+
+        raise UsageError(f"checkpoint {path} holds optimizer state for parameter groups of {say(counts)} "
+                         f"parameters, and this version groups them as {say(ours)} (a checkpoint written under "
+                         f"FSDP before groups were fixed decayed nothing); start a new run (another --name) with "
+                         f"--model.init_from {path} to take its weights with a fresh optimizer")
+
+
 def check_strategy(optimizer: str, strategy: Any) -> None:
     """Muon orthogonalizes each whole matrix; under FSDP each rank holds a 1-D slice of a unit's
     flattened weights, so Muon would need every matrix gathered (torchtitan's DistMuon does so),

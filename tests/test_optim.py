@@ -279,6 +279,24 @@ def test_under_fsdp_the_groups_are_one_process_groups_and_flat_parameters_are_re
         dist.destroy_process_group()
 
 
+def test_resuming_optimizer_state_of_other_groups_is_refused_in_one_line(tmp_path, small, capsys, monkeypatch):
+    """A checkpoint written under FSDP before groups were decided by identity has every parameter
+    in no_decay; its optimizer state does not fit this version's groups."""
+    import smollm.optim
+
+    root = tmp_path / "run"
+    real = smollm.optim.parameter_groups
+    with monkeypatch.context() as m:  # the old FSDP split: nothing decays
+        m.setattr(smollm.optim, "parameter_groups", lambda model, muon=False: {
+            "decay": [], "no_decay": [x for v in real(model).values() for x in v], "muon": []})
+        assert main(run_args(root, small, 2, every=2)) == 0
+    capsys.readouterr()
+    err = one_line_error(capsys, main(run_args(root, small, 4, extra=["--ckpt_path", "last"])))
+    assert "parameter groups of 0 decay, 20 no_decay parameters" in err and "15 decay, 5 no_decay" in err
+    assert "--model.init_from" in err
+    assert sorted(p.name for p in (root / "checkpoints" / "tiny").glob("step=*.ckpt")) == ["step=000002.ckpt"]
+
+
 # ---- clipping ----
 
 AMP16 = ["--trainer.precision", "null", "--trainer.plugins", json.dumps(  # 16-mixed with its GradScaler, on the CPU
