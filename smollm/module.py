@@ -200,8 +200,9 @@ class LitSmolLM(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         if self._trainer is not None:  # fit refuses these earlier; a Trainer made in code
-            check_clipping(self.hparams.grad_clip, self.trainer.gradient_clip_val, self.trainer.gradient_clip_algorithm)
-            if is_fsdp(self.trainer):
+            trainer = self.trainer
+            check_clipping(self.hparams.grad_clip, trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
+            if is_fsdp(trainer):
                 check_strategy(self.hparams.optimizer, "fsdp")
         return configure_optimizers(self.model, self.hparams)
 
@@ -227,7 +228,7 @@ class LitSmolLM(L.LightningModule):
                 bad = bad | ~torch.isfinite(norm)
             bad = bad.float()
             on_device = skips_on_device(torch_optimizer)
-            if on_device and scaler is None:  # the fused step skips its update (and its step count) where found_inf is 1
+            if on_device and scaler is None:  # the fused step skips its update (and step count) where found_inf is 1
                 torch_optimizer.found_inf = bad
             self.guard.push(self.trainer.global_step + 1, torch.stack([bad, loss, norm.float()]))
             self.guard.check(wait=not on_device)  # a non-fused step must be stopped before it runs

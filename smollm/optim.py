@@ -28,7 +28,7 @@ OPTIMIZERS = ("adamw", "muon")
 
 # Settings a resume takes from the checkpoint's optimizer and scheduler state unless they are
 # applied again (apply_settings); the schedule's shape is rebuilt from the current ones.
-OPTIMIZER_SETTINGS = ("learning_rate", "betas", "weight_decay", "muon_lr", "muon_weight_decay",
+OPTIMIZER_SETTINGS = ("learning_rate", "betas", "weight_decay", "fused_adamw", "muon_lr", "muon_weight_decay",
                       "muon_momentum", "muon_nesterov", "muon_ns_steps", "muon_adjust_lr")
 SCHEDULE_SETTINGS = ("warmup_steps", "decay_steps", "min_lr_ratio", "schedule")
 
@@ -112,7 +112,8 @@ def muon_weight_decay(h: Mapping[str, Any]) -> float:
 def group_settings(h: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Each named parameter group's settings from the options: the base learning rate the
     schedule multiplies, and what the group's optimizer reads."""
-    adamw = {"lr": h["learning_rate"], "betas": tuple(h["betas"])}
+    # "fused" too: a resume loads the checkpoint's group settings, its kernel choice included.
+    adamw = {"lr": h["learning_rate"], "betas": tuple(h["betas"]), "fused": h.get("fused_adamw") is not False}
     return {
         "decay": {**adamw, "weight_decay": h["weight_decay"]},  # matrices (with muon: the embedding)
         "no_decay": {**adamw, "weight_decay": 0.0},  # norm weights
@@ -134,7 +135,7 @@ def build_optimizer(model: nn.Module, h: Mapping[str, Any]) -> torch.optim.Optim
 
     # Matrices decay (every projection, and the tied embedding/lm head as nanoGPT and SmolLM2
     # do); norm weights don't.
-    adamw = torch.optim.AdamW([group("decay"), group("no_decay")], fused=h.get("fused_adamw") is not False)
+    adamw = torch.optim.AdamW([group("decay"), group("no_decay")], fused=settings["decay"]["fused"])
     if not use_muon:
         return adamw
     return MuonWithAdamW(adamw, torch.optim.Muon([group("muon")]))

@@ -238,9 +238,8 @@ def test_groups_are_decided_by_what_a_parameter_is_not_by_its_shape():
     layers = range(lit.config.num_hidden_layers)
     norms = ["norm.weight"] + [f"layers.{i}.{n}.weight" for i in layers
                                for n in ("input_layernorm", "post_attention_layernorm")]
-    projections = [f"layers.{i}.{part}.{proj}.weight" for i in layers for part, projs in
-                   (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
-                   for proj in projs]
+    parts = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
+    projections = [f"layers.{i}.{part}.{proj}.weight" for i in layers for part, projs in parts for proj in projs]
     assert expected == {"decay": sorted(["embed_tokens.weight", *projections]), "no_decay": sorted(norms)}
     assert with_muon == {"decay": ["embed_tokens.weight"], "no_decay": sorted(norms), "muon": sorted(projections)}
     with torch.no_grad():
@@ -268,8 +267,8 @@ def test_under_fsdp_the_groups_are_one_process_groups_and_flat_parameters_are_re
         expected = names_by_group(LitSmolLM(preset="tiny"))
         for use_orig_params in (True, False):
             lit = LitSmolLM(preset="tiny")
-            FullyShardedDataParallel(lit, auto_wrap_policy=ModuleWrapPolicy({DecoderLayer}), device_id=torch.device("cpu"),
-                                     use_orig_params=use_orig_params)
+            FullyShardedDataParallel(lit, auto_wrap_policy=ModuleWrapPolicy({DecoderLayer}),
+                                     device_id=torch.device("cpu"), use_orig_params=use_orig_params)
             if use_orig_params:
                 assert names_by_group(lit) == expected
             else:
@@ -295,6 +294,19 @@ def test_resuming_optimizer_state_of_other_groups_is_refused_in_one_line(tmp_pat
     assert "parameter groups of 0 decay, 20 no_decay parameters" in err and "15 decay, 5 no_decay" in err
     assert "--model.init_from" in err
     assert sorted(p.name for p in (root / "checkpoints" / "tiny").glob("step=*.ckpt")) == ["step=000002.ckpt"]
+
+
+def test_a_resume_with_another_fused_adamw_uses_it_and_says_so(tmp_path, small, capsys):
+    """The checkpoint's optimizer state carries each group's kernel choice; loading it must not
+    keep the old kernel in silence."""
+    root = tmp_path / "run"
+    assert main(run_args(root, small, 2, every=1)) == 0
+    assert {g["fused"] for g in checkpoint_at(root, 2)["optimizer_states"][0]["param_groups"]} == {True}
+    capsys.readouterr()
+    assert main(run_args(root, small, 3, every=1, extra=["--ckpt_path", "last", "--model.fused_adamw", "false"])) == 0
+    err = capsys.readouterr().err
+    assert "resuming with changed settings, applied from step 3 on: fused_adamw None -> False" in err
+    assert {g["fused"] for g in checkpoint_at(root, 3)["optimizer_states"][0]["param_groups"]} == {False}
 
 
 # ---- clipping ----
