@@ -43,7 +43,8 @@ from smollm.errors import SmolLMError, UsageError
 from smollm.generate import complete
 from smollm.model import SmolLM
 from smollm.module import LitSmolLM
-from smollm.optim import check_clipping, check_same_groups, check_same_optimizer, check_strategy
+from smollm.optim import (check_clipping, check_precision, check_same_groups, check_same_optimizer,
+                          check_strategy)
 from smollm.sharding import full_model, is_fsdp
 
 GiB = 2**30
@@ -73,6 +74,9 @@ class SmolLMCLI(LightningCLI):
         self.launcher = take_processes_from_launcher(trainer, self.argv)
         check_strategy(cfg.model.optimizer, trainer.strategy)
         check_clipping(cfg.model.grad_clip, trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
+        warning = check_precision(trainer.precision)
+        if warning:
+            logging.getLogger("smollm").warning(warning)
         check_size_fits(trainer, model_config)
         root = trainer.default_root_dir or os.getcwd()
         name = cfg.name or cfg.model.preset

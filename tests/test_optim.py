@@ -368,3 +368,15 @@ def test_every_clipping_option_that_would_not_apply_is_refused_naming_ours(tmp_p
     err = one_line_error(capsys, main(run_args(tmp_path / "run", small, 2, extra=[*extra, f"--{option}", value])))
     assert f"--{option} {value}" in err and "--model.grad_clip" in err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# ---- precision ----
+
+def test_half_precision_weights_are_refused_or_said(tmp_path, small, capsys):
+    """16-true diverges (no loss scaling; eps 1e-8 is 0 in float16): refused. bf16-true trains
+    with bfloat16 weights, which loses small updates: it runs, and says so."""
+    err = one_line_error(capsys, main(run_args(tmp_path / "a", small, 1, extra=["--trainer.precision", "16-true"])))
+    assert "--trainer.precision 16-true" in err and "16-mixed" in err
+    assert not (tmp_path / "a" / "checkpoints").exists()
+    assert main(run_args(tmp_path / "b", small, 1, extra=["--trainer.precision", "bf16-true"])) == 0
+    assert "warning: --trainer.precision bf16-true keeps the weights in bfloat16" in capsys.readouterr().err
