@@ -308,11 +308,11 @@ def check_precision(precision: Any) -> str | None:
     """AdamW on half-precision weights trains something else than the recipe: refuse 16-true
     (no loss scaling, and AdamW's eps 1e-8 is 0 in float16: the run diverges within a few steps),
     and return a warning for bf16-true (updates below 1/256 of a weight round away)."""
-    text = str(precision)
-    if text in ("16-true", "16", "half"):
+    text = str(precision)  # Lightning's "16" and "bf16" are its mixed modes
+    if text == "16-true":
         raise UsageError(f"--trainer.precision {text} keeps the weights and AdamW's state in float16, without loss "
                          "scaling (and AdamW's eps 1e-8 is 0 there); use --trainer.precision 16-mixed or bf16-mixed")
-    if text in ("bf16-true", "bf16"):
+    if text == "bf16-true":
         return (f"warning: --trainer.precision {text} keeps the weights in bfloat16: an update smaller than 1/256 of "
                 "a weight is lost; bf16-mixed keeps float32 weights")
     return None
