@@ -310,8 +310,9 @@ def check_precision(precision: Any) -> str | None:
     and return a warning for bf16-true (updates below 1/256 of a weight round away)."""
     text = str(precision)  # Lightning's "16" and "bf16" are its mixed modes
     if text == "16-true":
-        raise UsageError(f"--trainer.precision {text} keeps the weights and AdamW's state in float16, without loss "
-                         "scaling (and AdamW's eps 1e-8 is 0 there); use --trainer.precision 16-mixed or bf16-mixed")
+        raise UsageError(f"--trainer.precision {text} trains in float16 without loss scaling (and, outside FSDP, keeps "
+                         "the weights and AdamW's state in float16, where its eps 1e-8 is 0); use --trainer.precision "
+                         "16-mixed or bf16-mixed")
     if text == "bf16-true":
         return (f"warning: --trainer.precision {text} keeps the weights in bfloat16: an update smaller than 1/256 of "
                 "a weight is lost; bf16-mixed keeps float32 weights")
