@@ -41,8 +41,10 @@ from smollm.config import ModelConfig
 from smollm.data import TextDataModule, accumulation
 from smollm.errors import SmolLMError, UsageError
 from smollm.generate import complete
+from smollm.model import SmolLM
 from smollm.module import LitSmolLM
-from smollm.optim import check_same_optimizer, check_strategy
+from smollm.optim import (check_clipping, check_precision, check_same_groups, check_same_optimizer,
+                          check_strategy)
 from smollm.sharding import full_model, is_fsdp
 
 GiB = 2**30
@@ -71,6 +73,10 @@ class SmolLMCLI(LightningCLI):
         model_config = ModelConfig.from_name(cfg.model.preset, **(cfg.model.config_overrides or {}))
         self.launcher = take_processes_from_launcher(trainer, self.argv)
         check_strategy(cfg.model.optimizer, trainer.strategy)
+        check_clipping(cfg.model.grad_clip, trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
+        warning = check_precision(trainer.precision)
+        if warning:
+            logging.getLogger("smollm").warning(warning)
         check_size_fits(trainer, model_config)
         root = trainer.default_root_dir or os.getcwd()
         name = cfg.name or cfg.model.preset
@@ -91,6 +97,8 @@ class SmolLMCLI(LightningCLI):
             checkpoint = read_checkpoint(path)
             check_config(path, checkpoint, model_config)
             check_same_optimizer(path, checkpoint, cfg.model.optimizer)
+            with torch.device("meta"):  # the parameter groups' sizes only: no memory, no init
+                check_same_groups(path, checkpoint, SmolLM(model_config), cfg.model.optimizer)
             self.resume_from, self.resume_step = path, int(checkpoint.get("global_step", 0))
             version = checkpoint["smollm"].get("logger_version")
             self.data_state = keep_global_batch(cfg.data, checkpoint.get(TextDataModule.__qualname__),

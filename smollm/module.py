@@ -24,7 +24,7 @@ from smollm.errors import SmolLMError, UsageError
 from smollm.generate import complete
 from smollm.gguf import load_gguf
 from smollm.model import SmolLM, chunked_cross_entropy
-from smollm.optim import (OPTIMIZER_SETTINGS, SCHEDULE_SETTINGS, apply_settings, check_strategy,
+from smollm.optim import (OPTIMIZER_SETTINGS, SCHEDULE_SETTINGS, apply_settings, check_clipping, check_strategy,
                           configure_optimizers, learning_rates, skips_on_device)
 from smollm.sharding import clip_grad_norm, full_model, is_fsdp, shard_by_layer
 
@@ -231,24 +231,36 @@ class LitSmolLM(L.LightningModule):
     # ---- optimization ----
 
     def configure_optimizers(self) -> dict[str, Any]:
-        if self._trainer is not None and is_fsdp(self.trainer):  # fit refuses it earlier; a Trainer made in code
-            check_strategy(self.hparams.optimizer, "fsdp")
+        if self._trainer is not None:  # fit refuses these earlier; a Trainer made in code
+            trainer = self.trainer
+            check_clipping(self.hparams.grad_clip, trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
+            if is_fsdp(trainer):
+                check_strategy(self.hparams.optimizer, "fsdp")
         return configure_optimizers(self.model, self.hparams)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        # Clipping is done here with torch directly rather than through the Trainer's
-        # gradient_clip_val: Lightning's mixed-precision plugin refuses to clip with a fused
-        # optimizer (it assumes the fused step unscales gradients itself), which bf16 never needs.
+        # Clipping is ours (--model.grad_clip), with torch directly: Lightning's mixed-precision
+        # plugin refuses to clip with a fused optimizer. The Trainer's own clipping options are
+        # refused before training (check_clipping), so nothing here ignores them.
+        torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps it
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # 16-mixed's GradScaler
+        if scaler is not None and getattr(torch_optimizer, "_step_supports_amp_scaling", False):
+            # Lightning leaves the gradients multiplied by the loss scale for an optimizer that
+            # unscales inside its step (the fused AdamW): unscale them here, so the clip and the
+            # logged norm are the true gradient's; the scaler's step then sees them unscaled.
+            scaler.unscale_(torch_optimizer)
         max_norm = self.hparams.grad_clip if self.hparams.grad_clip > 0 else float("inf")
         norm = clip_grad_norm(self._trainer, self.model, max_norm)  # global, also under FSDP
         self.log("train/grad_norm", norm)
         if self.hparams.check_finite:
             loss = getattr(self, "_train_loss", None)
             loss = norm.new_zeros(()) if loss is None else loss.to(norm.device, torch.float32)
-            bad = (~torch.isfinite(norm) | ~torch.isfinite(loss)).float()
-            torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps it
+            bad = ~torch.isfinite(loss)
+            if scaler is None:  # with a scaler, overflowing gradients are its business: it skips the step
+                bad = bad | ~torch.isfinite(norm)
+            bad = bad.float()
             on_device = skips_on_device(torch_optimizer)
-            if on_device:  # the fused step skips its update (and its step count) where found_inf is 1
+            if on_device and scaler is None:  # the fused step skips its update (and step count) where found_inf is 1
                 torch_optimizer.found_inf = bad
             self.guard.push(self.trainer.global_step + 1, torch.stack([bad, loss, norm.float()]))
             self.guard.check(wait=not on_device)  # a non-fused step must be stopped before it runs

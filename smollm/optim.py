@@ -22,12 +22,13 @@ import torch
 from torch import nn
 
 from smollm.errors import UsageError
+from smollm.model import DecoderLayer, RMSNorm
 
 OPTIMIZERS = ("adamw", "muon")
 
 # Settings a resume takes from the checkpoint's optimizer and scheduler state unless they are
 # applied again (apply_settings); the schedule's shape is rebuilt from the current ones.
-OPTIMIZER_SETTINGS = ("learning_rate", "betas", "weight_decay", "muon_lr", "muon_weight_decay",
+OPTIMIZER_SETTINGS = ("learning_rate", "betas", "weight_decay", "fused_adamw", "muon_lr", "muon_weight_decay",
                       "muon_momentum", "muon_nesterov", "muon_ns_steps", "muon_adjust_lr")
 SCHEDULE_SETTINGS = ("warmup_steps", "decay_steps", "min_lr_ratio", "schedule")
 
@@ -56,11 +57,48 @@ def lr_lambda(step: int, warmup_steps: int, decay_steps: int, min_lr_ratio: floa
     return 1.0 - (1 - min_lr_ratio) * (step - decay_start) / max(1, decay_steps - decay_start)
 
 
-def is_muon_param(name: str, param: nn.Parameter) -> bool:
-    """The decoder layers' projection matrices (`layers.N.self_attn.q_proj.weight`, ...,
-    `layers.N.mlp.down_proj.weight`): Muon orthogonalizes whole 2-D hidden-layer matrices; the
-    embedding (tied to the head) and the norm weights are not such matrices."""
-    return name.startswith("layers.") and param.dim() == 2
+def plain_name(name: str) -> str:
+    """A parameter's name in the model as written, whatever wraps it: FSDP's, activation
+    checkpointing's and torch.compile's wrappers add their own segments to the names."""
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(wrapper, "")
+    return name
+
+
+def parameter_groups(model: nn.Module, muon: bool = False) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Each trainable parameter's group, {"decay": [(name, param), ...], "no_decay": ..., "muon": ...},
+    decided by the module that holds it, never by its shape at the time: FSDP shows every
+    parameter as a 1-D shard, so a shape rule would put them all in one group.
+
+    A Linear's weight inside a decoder layer (q, k, v, o, gate, up, down) is "muon" with Muon
+    (Muon orthogonalizes whole hidden-layer matrices, as its authors and torchtitan split it),
+    else "decay"; the embedding (tied to the head) and any other Linear weight (an untied head)
+    "decay"; norm weights and biases "no_decay". A parameter of any other module is refused
+    rather than guessed at (FSDP's flat parameters, with use_orig_params false, are such).
+    Names are `plain_name`s.
+    """
+    layers = [name + "." for name, m in model.named_modules() if isinstance(m, DecoderLayer)]
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {"decay": [], "no_decay": [], "muon": []}
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        for short, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:  # a tied weight is taken once
+                continue
+            seen.add(id(param))
+            name = plain_name(f"{module_name}.{short}" if module_name else short)
+            if isinstance(module, nn.Linear) and short == "weight":
+                in_layer = any(module_name.startswith(prefix) for prefix in layers)
+                kind = "muon" if muon and in_layer else "decay"
+            elif isinstance(module, nn.Embedding):
+                kind = "decay"
+            elif isinstance(module, RMSNorm) or short == "bias":
+                kind = "no_decay"
+            else:
+                raise UsageError(f"parameter {name} belongs to a {type(module).__name__}, which smollm does not "
+                                 "know how to put in a parameter group (under FSDP: keep use_orig_params true, "
+                                 "Lightning's default)")
+            groups[kind].append((name, param))
+    return groups
 
 
 def muon_lr(h: Mapping[str, Any]) -> float:
@@ -74,7 +112,8 @@ def muon_weight_decay(h: Mapping[str, Any]) -> float:
 def group_settings(h: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Each named parameter group's settings from the options: the base learning rate the
     schedule multiplies, and what the group's optimizer reads."""
-    adamw = {"lr": h["learning_rate"], "betas": tuple(h["betas"])}
+    # "fused" too: a resume loads the checkpoint's group settings, its kernel choice included.
+    adamw = {"lr": h["learning_rate"], "betas": tuple(h["betas"]), "fused": h.get("fused_adamw") is not False}
     return {
         "decay": {**adamw, "weight_decay": h["weight_decay"]},  # matrices (with muon: the embedding)
         "no_decay": {**adamw, "weight_decay": 0.0},  # norm weights
@@ -88,23 +127,18 @@ def build_optimizer(model: nn.Module, h: Mapping[str, Any]) -> torch.optim.Optim
     """AdamW alone, or MuonWithAdamW, over `model`'s trainable parameters, per `h` (LitSmolLM's
     hyperparameters). Every group carries its name ("decay", "no_decay", "muon")."""
     settings = group_settings(h)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     use_muon = h.get("optimizer", "adamw") == "muon"
-    matrices = [(n, p) for n, p in named if use_muon and is_muon_param(n, p)]
-    taken = {id(p) for _, p in matrices}
-    rest = [p for _, p in named if id(p) not in taken]
+    groups = parameter_groups(model, muon=use_muon)
 
-    def group(name: str, params: list[nn.Parameter]) -> dict[str, Any]:
-        return {"params": params, "name": name, **settings[name]}
+    def group(name: str) -> dict[str, Any]:
+        return {"params": [p for _, p in groups[name]], "name": name, **settings[name]}
 
     # Matrices decay (every projection, and the tied embedding/lm head as nanoGPT and SmolLM2
-    # do); vectors (RMSNorm weights) don't.
-    adamw = torch.optim.AdamW([group("decay", [p for p in rest if p.dim() >= 2]),
-                               group("no_decay", [p for p in rest if p.dim() < 2])],
-                              fused=h.get("fused_adamw") is not False)
+    # do); norm weights don't.
+    adamw = torch.optim.AdamW([group("decay"), group("no_decay")], fused=settings["decay"]["fused"])
     if not use_muon:
         return adamw
-    return MuonWithAdamW(adamw, torch.optim.Muon([group("muon", [p for _, p in matrices])]))
+    return MuonWithAdamW(adamw, torch.optim.Muon([group("muon")]))
 
 
 def configure_optimizers(model: nn.Module, h: Mapping[str, Any]) -> dict[str, Any]:
@@ -222,10 +256,64 @@ def check_same_optimizer(path: str, checkpoint: Mapping[str, Any], optimizer: st
                          f"--name) with --model.init_from {path} to take its weights with a fresh optimizer")
 
 
+def check_same_groups(path: str, checkpoint: Mapping[str, Any], model: nn.Module, optimizer: str) -> None:
+    """Refuse to resume optimizer state whose groups hold other numbers of parameters than this
+    version gives `model`: the state would be refused deep inside Lightning with a traceback.
+    Checkpoints written under FSDP before groups were decided by identity are such (all in
+    no_decay: nothing decayed)."""
+    states = checkpoint.get("optimizer_states") or [{}]
+    saved = states[0].get("adamw", states[0]) if optimizer == "muon" else states[0]
+    saved_groups = saved.get("param_groups") or []
+    counts = {(g.get("name") or ("decay", "no_decay")[i]): len(g["params"]) for i, g in enumerate(saved_groups)}
+    ours = {name: len(params) for name, params in parameter_groups(model, muon=optimizer == "muon").items()
+            if name in counts}
+    if counts and counts != ours:
+        def say(c: Mapping[str, int]) -> str:
+            return ", ".join(f"{n} {k}" for k, n in c.items())
+
+        raise UsageError(f"checkpoint {path} holds optimizer state for parameter groups of {say(counts)} "
+                         f"parameters, and this version groups them as {say(ours)} (a checkpoint written under "
+                         f"FSDP before groups were fixed decayed nothing); start a new run (another --name) with "
+                         f"--model.init_from {path} to take its weights with a fresh optimizer")
+
+
 def check_strategy(optimizer: str, strategy: Any) -> None:
-    """Muon orthogonalizes whole matrices; under FSDP each rank holds only a shard of each, so the
-    update would be wrong. Refuse the pair before anything is built."""
+    """Muon orthogonalizes each whole matrix; under FSDP each rank holds a 1-D slice of a unit's
+    flattened weights, so Muon would need every matrix gathered (torchtitan's DistMuon does so),
+    and its momentum kept and checkpointed whole. That is not built: refuse the pair before
+    anything is built."""
     text = str(strategy.get("class_path", strategy) if isinstance(strategy, Mapping) else strategy)
     if optimizer == "muon" and "fsdp" in text.lower():
-        raise UsageError(f"--model.optimizer muon cannot run under --trainer.strategy {text}: Muon needs whole "
-                         "matrices and FSDP shards them; use --trainer.strategy ddp, or --model.optimizer adamw")
+        raise UsageError(f"--model.optimizer muon cannot run under --trainer.strategy {text}: Muon orthogonalizes "
+                         "each whole matrix and FSDP gives each process a 1-D slice of it (gathering them for Muon "
+                         "is not implemented); use --trainer.strategy ddp, or --model.optimizer adamw")
+
+
+def check_clipping(grad_clip: float, gradient_clip_val: Any, gradient_clip_algorithm: Any) -> None:
+    """smollm clips the global gradient norm itself (--model.grad_clip); the Trainer's clipping
+    options would be passed over in silence, so they are refused. `norm`, what ours does, is fine."""
+    if grad_clip < 0:
+        raise UsageError(f"--model.grad_clip {grad_clip}: give the largest gradient norm (> 0), or 0 for no clipping")
+    if gradient_clip_val is not None:
+        raise UsageError(f"--trainer.gradient_clip_val {gradient_clip_val} is not used: smollm clips the global "
+                         f"gradient norm with --model.grad_clip (now {grad_clip}; 0 disables it); give "
+                         f"--model.grad_clip {gradient_clip_val} instead")
+    algorithm = getattr(gradient_clip_algorithm, "value", gradient_clip_algorithm)
+    if algorithm not in (None, "norm"):
+        raise UsageError(f"--trainer.gradient_clip_algorithm {algorithm} is not supported: smollm clips the global "
+                         "gradient norm (--model.grad_clip); drop --trainer.gradient_clip_algorithm")
+
+
+def check_precision(precision: Any) -> str | None:
+    """AdamW on half-precision weights trains something else than the recipe: refuse 16-true
+    (no loss scaling, and AdamW's eps 1e-8 is 0 in float16: the run diverges within a few steps),
+    and return a warning for bf16-true (updates below 1/256 of a weight round away)."""
+    text = str(precision)  # Lightning's "16" and "bf16" are its mixed modes
+    if text == "16-true":
+        raise UsageError(f"--trainer.precision {text} trains in float16 without loss scaling (and, outside FSDP, keeps "
+                         "the weights and AdamW's state in float16, where its eps 1e-8 is 0); use --trainer.precision "
+                         "16-mixed or bf16-mixed")
+    if text == "bf16-true":
+        return (f"warning: --trainer.precision {text} keeps the weights in bfloat16: an update smaller than 1/256 of "
+                "a weight is lost; bf16-mixed keeps float32 weights")
+    return None

@@ -385,3 +385,31 @@ class FSDPUnits(L.Callback):
             units = [name.replace("_fsdp_wrapped_module.", "") for name, m in trainer.strategy.model.named_modules()
                      if isinstance(m, FullyShardedDataParallel)]
             Path(self.path).write_text(json.dumps(units))
+
+
+def group_names(optimizer, model) -> dict[str, list[str]]:
+    """{group name: sorted plain names of its parameters} of an optimizer over `model`."""
+    from smollm.optim import plain_name
+
+    names = {id(p): plain_name(n) for n, p in model.named_parameters()}
+    out: dict[str, list[str]] = {}
+    for group in optimizer.param_groups:
+        out.setdefault(group["name"], []).extend(names[id(p)] for p in group["params"])
+    return {k: sorted(v) for k, v in out.items()}
+
+
+class GroupNames(L.Callback):
+    """Writes, at the start of training, each rank's parameter groups by name (JSON): the
+    optimizer's own ("groups"), and the split Muon would get ("with_muon"), as the model is
+    wrapped at that point (FSDP: flat 1-D shards)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        from smollm.optim import parameter_groups
+
+        with_muon = {k: sorted(n for n, _ in v) for k, v in parameter_groups(pl_module.model, muon=True).items()}
+        record = {"groups": group_names(trainer.optimizers[0], pl_module.model), "with_muon": with_muon,
+                  "shapes": sorted({len(p.shape) for p in pl_module.model.parameters()})}
+        Path(f"{self.path}.rank{trainer.global_rank}").write_text(json.dumps(record))

@@ -1,9 +1,12 @@
 """On a CUDA GPU (skipped without one): bf16-mixed training through fit, no host-device sync
-per step, the compiled loss and the SDPA backends agreeing with the CPU reference."""
+per step, the compiled loss and the SDPA backends agreeing with the CPU reference; the real
+`--trainer.strategy fsdp` (its parameter groups and training against one plain GPU), and 16-mixed
+clipping the true gradient norm with Lightning's GradScaler and FSDP's ShardedGradScaler."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,3 +88,50 @@ def test_gqa_attention_on_each_backend_matches_float64(backend):
     except RuntimeError as e:  # this backend does not take GQA (or this GPU) in this torch
         pytest.skip(f"{backend}: {str(e).splitlines()[0]}")
     assert (out.double().cpu() - reference).norm() / reference.norm() < 1e-2
+
+
+def recorded_run(root: Path, data, strategy: str, precision: str, extra=()) -> tuple[list[dict], dict, dict]:
+    """4 steps on one GPU in a fresh process: (records, parameter groups, step-4 weights)."""
+    corpus, tok = data
+    callbacks = [json.dumps({"class_path": "fitutil.Recorder", "init_args": {"path": str(root / "rec.jsonl")}}),
+                 json.dumps({"class_path": "fitutil.GroupNames", "init_args": {"path": str(root / "groups.json")}})]
+    args = fitutil.fit_args(root, corpus, tok, 4, 4, [
+        "--trainer.accelerator", "cuda", "--trainer.devices", "1", "--trainer.strategy", strategy,
+        "--trainer.precision", precision, *extra, *("--trainer.callbacks+=" + c for c in callbacks)])
+    result = fitutil.run_fit(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    groups = json.loads(Path(f"{root / 'groups.json'}.rank0").read_text())
+    weights = torch.load(root / "checkpoints" / "tiny" / "step=000004.ckpt", weights_only=True)["state_dict"]
+    return fitutil.read_records(root / "rec.jsonl"), groups, weights
+
+
+def assert_same_training(a: tuple, b: tuple, rel: float) -> None:
+    (ra, _, wa), (rb, _, wb) = a, b
+    assert [r["windows"] for r in ra] == [r["windows"] for r in rb]
+    assert [r["grad_norm"] for r in ra] == pytest.approx([r["grad_norm"] for r in rb], rel=rel)
+    assert [r["loss"] for r in ra] == pytest.approx([r["loss"] for r in rb], rel=rel)
+    assert wa.keys() == wb.keys()
+    for key in wb:
+        torch.testing.assert_close(wa[key], wb[key], rtol=rel, atol=rel / 10, msg=key)
+
+
+def test_fsdp_on_cuda_has_the_groups_of_one_gpu_and_trains_as_it(tmp_path, data):
+    """The production `--trainer.strategy fsdp` (CUDA device, NCCL, offload_to_cpu gathering of
+    the full checkpoint) on one GPU against no strategy, in 32-true."""
+    plain = recorded_run(tmp_path / "plain", data, "auto", "32-true")
+    fsdp = recorded_run(tmp_path / "fsdp", data, "fsdp", "32-true")
+    assert fsdp[1]["groups"] == plain[1]["groups"] and fsdp[1]["with_muon"] == plain[1]["with_muon"]
+    assert len(plain[1]["groups"]["decay"]) == 1 + 7 * 2 and plain[0][0]["grad_norm"] > 1.0
+    assert_same_training(fsdp, plain, rel=1e-5)
+
+
+def test_16_mixed_on_cuda_clips_and_logs_the_true_gradient_norm(tmp_path, data):
+    """With the fused AdamW (which unscales in its step) training is that of the non-fused AdamW,
+    whose gradients Lightning unscales itself. Under FSDP (ShardedGradScaler) the norm is the true
+    one too, within float16's own differences: Lightning's FSDP computes and reduces in float16."""
+    reference = recorded_run(tmp_path / "plain", data, "auto", "16-mixed", ["--model.fused_adamw", "false"])
+    assert 1.0 < reference[0][0]["grad_norm"] < 100  # above the clip, and not x 65536
+    assert_same_training(recorded_run(tmp_path / "fused", data, "auto", "16-mixed"), reference, rel=1e-4)
+    sharded = recorded_run(tmp_path / "fsdp", data, "fsdp", "16-mixed")[0]
+    assert [r["grad_norm"] for r in sharded] == pytest.approx([r["grad_norm"] for r in reference[0]], rel=2e-2)
+    assert [r["loss"] for r in sharded] == pytest.approx([r["loss"] for r in reference[0]], rel=1e-2)

@@ -1,6 +1,7 @@
-"""Optimizers: Muon on the decoder matrices beside AdamW, one schedule for both, and everything a
-run promises (exact resume, the non-finite guard, changed settings, checkpoint readers, DDP)
-still holding with Muon."""
+"""Optimizers: parameter groups decided by what a parameter is, Muon on the decoder matrices beside
+AdamW, one schedule for both, everything a run promises (exact resume, the non-finite guard,
+changed settings, checkpoint readers, DDP) still holding with Muon; gradient clipping on the true
+gradient under 16-mixed, and the Trainer's own clipping options refused."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from smollm.config import ModelConfig
 from smollm.fit import main
 from smollm.model import SmolLM
 from smollm.module import LitSmolLM
-from smollm.optim import MuonWithAdamW, lr_lambda
+from smollm.optim import MuonWithAdamW, lr_lambda, parameter_groups
 from test_trust import DDP, checkpoint_at, one_line_error, run_args, small  # noqa: F401
 
 MUON = ["--model.optimizer", "muon"]
@@ -224,3 +225,165 @@ def test_muon_with_ddp_on_two_processes_resumes_exactly(tmp_path, small):
         resumed = fitutil.read_records(Path(f"{run / 'rec.jsonl'}.rank{r}"))
         assert [(x["windows"], x["loss"]) for x in resumed] == [(x["windows"], x["loss"]) for x in ranks[r]]
     assert_same_muon_state(checkpoint_at(run, 6), checkpoint_at(straight, 6))
+
+
+# ---- parameter groups: identity, not shape ----
+
+def names_by_group(lit: LitSmolLM) -> dict[str, list[str]]:
+    return fitutil.group_names(lit.configure_optimizers()["optimizer"], lit.model)
+
+
+def test_groups_are_decided_by_what_a_parameter_is_not_by_its_shape():
+    """FSDP shows every parameter as a 1-D shard: flattened parameters land in the same groups, for
+    AdamW's decay split and for what Muon takes."""
+    lit = LitSmolLM(preset="tiny")
+
+    def plan() -> dict[str, list[str]]:
+        return {k: sorted(n for n, _ in v) for k, v in parameter_groups(lit.model, muon=True).items()}
+
+    expected, with_muon = names_by_group(lit), plan()
+    layers = range(lit.config.num_hidden_layers)
+    norms = ["norm.weight"] + [f"layers.{i}.{n}.weight" for i in layers
+                               for n in ("input_layernorm", "post_attention_layernorm")]
+    parts = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
+    projections = [f"layers.{i}.{part}.{proj}.weight" for i in layers for part, projs in parts for proj in projs]
+    assert expected == {"decay": sorted(["embed_tokens.weight", *projections]), "no_decay": sorted(norms)}
+    assert with_muon == {"decay": ["embed_tokens.weight"], "no_decay": sorted(norms), "muon": sorted(projections)}
+    with torch.no_grad():
+        for p in lit.model.parameters():
+            p.data = p.data.reshape(-1)  # what FSDP's use_orig_params leaves in the module
+    assert names_by_group(lit) == expected
+    assert plan() == with_muon
+
+
+def test_under_fsdp_the_groups_are_one_process_groups_and_flat_parameters_are_refused(monkeypatch):
+    """torch's FSDP on this one process (gloo): with use_orig_params (Lightning's default) the
+    groups are the unwrapped model's; without it the optimizer would get each layer's flat
+    parameter and nothing of the root unit (embedding, final norm): refused, not guessed at."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from smollm.errors import UsageError
+    from smollm.model import DecoderLayer
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(fitutil.free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        expected = names_by_group(LitSmolLM(preset="tiny"))
+        for use_orig_params in (True, False):
+            lit = LitSmolLM(preset="tiny")
+            FullyShardedDataParallel(lit, auto_wrap_policy=ModuleWrapPolicy({DecoderLayer}),
+                                     device_id=torch.device("cpu"), use_orig_params=use_orig_params)
+            if use_orig_params:
+                assert names_by_group(lit) == expected
+            else:
+                with pytest.raises(UsageError, match="layers.0._flat_param .* keep use_orig_params true"):
+                    lit.configure_optimizers()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_resuming_optimizer_state_of_other_groups_is_refused_in_one_line(tmp_path, small, capsys, monkeypatch):
+    """A checkpoint written under FSDP before groups were decided by identity has every parameter
+    in no_decay; its optimizer state does not fit this version's groups."""
+    import smollm.optim
+
+    root = tmp_path / "run"
+    real = smollm.optim.parameter_groups
+    with monkeypatch.context() as m:  # the old FSDP split: nothing decays
+        m.setattr(smollm.optim, "parameter_groups", lambda model, muon=False: {
+            "decay": [], "no_decay": [x for v in real(model).values() for x in v], "muon": []})
+        assert main(run_args(root, small, 2, every=2)) == 0
+    capsys.readouterr()
+    err = one_line_error(capsys, main(run_args(root, small, 4, extra=["--ckpt_path", "last"])))
+    assert "parameter groups of 0 decay, 20 no_decay parameters" in err and "15 decay, 5 no_decay" in err
+    assert "--model.init_from" in err
+    assert sorted(p.name for p in (root / "checkpoints" / "tiny").glob("step=*.ckpt")) == ["step=000002.ckpt"]
+
+
+def test_a_resume_with_another_fused_adamw_uses_it_and_says_so(tmp_path, small, capsys):
+    """The checkpoint's optimizer state carries each group's kernel choice; loading it must not
+    keep the old kernel in silence."""
+    root = tmp_path / "run"
+    assert main(run_args(root, small, 2, every=1)) == 0
+    assert {g["fused"] for g in checkpoint_at(root, 2)["optimizer_states"][0]["param_groups"]} == {True}
+    capsys.readouterr()
+    assert main(run_args(root, small, 3, every=1, extra=["--ckpt_path", "last", "--model.fused_adamw", "false"])) == 0
+    err = capsys.readouterr().err
+    assert "resuming with changed settings, applied from step 3 on: fused_adamw None -> False" in err
+    assert {g["fused"] for g in checkpoint_at(root, 3)["optimizer_states"][0]["param_groups"]} == {False}
+
+
+# ---- clipping ----
+
+AMP16 = ["--trainer.precision", "null", "--trainer.plugins", json.dumps(  # 16-mixed with its GradScaler, on the CPU
+    {"class_path": "lightning.pytorch.plugins.precision.MixedPrecision",
+     "init_args": {"precision": "16-mixed", "device": "cpu"}})]
+
+
+def test_16_mixed_with_the_fused_adamw_clips_and_logs_the_true_gradient_norm(tmp_path, small):
+    """Lightning leaves the gradients scaled (x 65536) for an optimizer that unscales in its step;
+    the clip and train/grad_norm must see them unscaled, as with the non-fused AdamW, which
+    Lightning unscales itself."""
+    runs = {}
+    for fused in ("null", "false"):
+        root = tmp_path / fused
+        assert main(run_args(root, small, 3, record=root / "rec.jsonl",
+                             extra=[*AMP16, "--model.fused_adamw", fused])) == 0
+        runs[fused] = (fitutil.read_records(root / "rec.jsonl"), checkpoint_at(root, 3)["state_dict"])
+    (fused, fused_weights), (plain, plain_weights) = runs["null"], runs["false"]
+    assert plain[0]["grad_norm"] > 1.0  # above the clip (1.0): the clip acts
+    assert [r["grad_norm"] for r in fused] == pytest.approx([r["grad_norm"] for r in plain], rel=1e-5)
+    assert [r["loss"] for r in fused] == pytest.approx([r["loss"] for r in plain], rel=1e-5)
+    for key in plain_weights:
+        torch.testing.assert_close(fused_weights[key], plain_weights[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+class InfGradient(L.Callback):
+    """Makes one gradient element infinite before step `at_step`'s clipping: an fp16 overflow."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step + 1 == self.at_step:
+            pl_module.model.norm.weight.grad[0] = float("inf")
+
+
+def test_under_16_mixed_an_overflow_step_is_skipped_counted_and_the_run_goes_on(tmp_path, small):
+    """GradScaler skips a step whose gradients overflow and lowers its scale: normal under 16-mixed,
+    not fatal. The step counts (global step, schedule, data move on) but changes no weight and no
+    AdamW step count; train/grad_norm logs it as inf."""
+    root = tmp_path / "run"
+    inject = "--trainer.callbacks+=" + json.dumps({"class_path": "test_optim.InfGradient", "init_args": {"at_step": 3}})
+    assert main(run_args(root, small, 4, every=1, record=root / "rec.jsonl", extra=[*AMP16, inject])) == 0
+    norms = [r["grad_norm"] for r in fitutil.read_records(root / "rec.jsonl")]
+    assert math.isinf(norms[2]) and all(math.isfinite(n) for n in norms[:2] + norms[3:])
+    before, skipped, after = (checkpoint_at(root, step) for step in (2, 3, 4))
+    assert all(torch.equal(before["state_dict"][k], v) for k, v in skipped["state_dict"].items())
+    assert any(not torch.equal(skipped["state_dict"][k], v) for k, v in after["state_dict"].items())
+    steps = [float(c["optimizer_states"][0]["state"][0]["step"]) for c in (before, skipped, after)]
+    assert steps == [2.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("option, value", [("trainer.gradient_clip_val", "0.05"),
+                                           ("trainer.gradient_clip_algorithm", "value"), ("model.grad_clip", "-1")])
+def test_every_clipping_option_that_would_not_apply_is_refused_naming_ours(tmp_path, small, capsys, option, value):
+    extra = [] if option == "model.grad_clip" else ["--model.grad_clip", "0"]
+    err = one_line_error(capsys, main(run_args(tmp_path / "run", small, 2, extra=[*extra, f"--{option}", value])))
+    assert f"--{option} {value}" in err and "--model.grad_clip" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# ---- precision ----
+
+def test_half_precision_weights_are_refused_or_said(tmp_path, small, capsys):
+    """16-true diverges (no loss scaling; eps 1e-8 is 0 in float16): refused. bf16-true trains
+    with bfloat16 weights, which loses small updates: it runs, and says so."""
+    err = one_line_error(capsys, main(run_args(tmp_path / "a", small, 1, extra=["--trainer.precision", "16-true"])))
+    assert "--trainer.precision 16-true" in err and "16-mixed" in err
+    assert not (tmp_path / "a" / "checkpoints").exists()
+    assert main(run_args(tmp_path / "b", small, 1, extra=["--trainer.precision", "bf16-true"])) == 0
+    assert "warning: --trainer.precision bf16-true keeps the weights in bfloat16" in capsys.readouterr().err

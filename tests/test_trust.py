@@ -421,11 +421,15 @@ def assert_two_process_resume_is_exact(run: Path, small, extra: list[str], strai
 
 @pytest.fixture(scope="module")
 def ddp_straight(tmp_path_factory, small):
-    """6 steps of DDP on two CPU processes, a checkpoint every 3: (run folder, each rank's records)."""
+    """6 steps of DDP on two CPU processes, a checkpoint every 3: (run folder, each rank's records).
+    Each rank's parameter groups are in groups.json.rankN."""
     straight = tmp_path_factory.mktemp("ddp") / "straight"
     writes = ["--trainer.plugins", json.dumps({"class_path": "fitutil.CountingCheckpointIO",
                                                "init_args": {"path": str(straight.parent / "writes.txt")}})]
-    result = fitutil.run_fit(run_args(straight, small, 6, every=3, record=straight / "rec.jsonl", extra=DDP + writes))
+    groups = "--trainer.callbacks+=" + json.dumps({"class_path": "fitutil.GroupNames",
+                                                   "init_args": {"path": str(straight / "groups.json")}})
+    result = fitutil.run_fit(run_args(straight, small, 6, every=3, record=straight / "rec.jsonl",
+                                      extra=[*DDP, *writes, groups]))
     assert result.returncode == 0, result.stderr[-3000:]
     (straight / "stderr.txt").write_text(result.stderr)
     (straight / "stdout.txt").write_text(result.stdout)
@@ -444,6 +448,17 @@ def test_ddp_on_two_processes_splits_data_saves_once_and_resumes_exactly(tmp_pat
     assert len({pid for _, pid, _ in writes}) == 1  # each checkpoint written once, by rank 0 alone
 
     assert_two_process_resume_is_exact(tmp_path / "resumed", small, DDP, straight, ranks)
+
+
+def single_process_groups() -> dict:
+    """The parameter groups of the tiny model in one process, as fitutil.GroupNames records them."""
+    from smollm.module import LitSmolLM
+    from smollm.optim import parameter_groups
+
+    lit = LitSmolLM(preset="tiny", config_overrides={"vocab_size": 320})
+    optimizer = lit.configure_optimizers()["optimizer"]
+    return {"groups": fitutil.group_names(optimizer, lit.model),
+            "with_muon": {k: sorted(n for n, _ in v) for k, v in parameter_groups(lit.model, muon=True).items()}}
 
 
 def assert_clean_output(stderr: str) -> None:
@@ -586,8 +601,11 @@ def test_fsdp_on_two_processes_shards_by_layer_trains_as_ddp_resumes_exactly_and
             "--trainer.strategy", json.dumps({"class_path": "fitutil.CPUFSDPStrategy"})]
     units = "--trainer.callbacks+=" + json.dumps({"class_path": "fitutil.FSDPUnits",
                                                   "init_args": {"path": str(tmp_path / "units.json")}})
+    groups = "--trainer.callbacks+=" + json.dumps({"class_path": "fitutil.GroupNames",
+                                                   "init_args": {"path": str(tmp_path / "groups.json")}})
     straight = tmp_path / "straight"
-    result = fitutil.run_fit(run_args(straight, small, 6, every=3, record=straight / "rec.jsonl", extra=fsdp + [units]))
+    result = fitutil.run_fit(run_args(straight, small, 6, every=3, record=straight / "rec.jsonl",
+                                      extra=fsdp + [units, groups]))
     assert result.returncode == 0, result.stderr[-3000:]
     # one unit per decoder layer; embedding, final norm and the tied head in the root unit
     assert json.loads((tmp_path / "units.json").read_text()) == ["", "model.layers.0", "model.layers.1"]
@@ -596,16 +614,29 @@ def test_fsdp_on_two_processes_shards_by_layer_trains_as_ddp_resumes_exactly_and
         "step=000006.ckpt.digest"]  # one full file each (and its digest), written by rank 0
     ranks = [fitutil.read_records(Path(f"{straight / 'rec.jsonl'}.rank{r}")) for r in (0, 1)]
 
+    # The parameter groups are those of one process and of DDP, name for name, though FSDP shows
+    # every parameter as a 1-D shard: what decays (or would go to Muon) is decided by what it is.
+    one = single_process_groups()
+    for r in (0, 1):
+        sharded = json.loads(Path(f"{tmp_path / 'groups.json'}.rank{r}").read_text())
+        ddp = json.loads(Path(f"{ddp_straight[0] / 'groups.json'}.rank{r}").read_text())
+        assert sharded["shapes"] == [1] and ddp["shapes"] == [1, 2]
+        assert sharded["groups"] == ddp["groups"] == one["groups"]
+        assert sharded["with_muon"] == ddp["with_muon"] == one["with_muon"]
+
+    # Training is DDP's up to the order of float sums (1e-5 relative): losses, gradient norms (the
+    # whole model's on every rank; a shard's would be about 1/sqrt(2) of it) and the weights.
     for r in (0, 1):
         reference = ddp_straight[1][r]  # the same run under DDP
         assert [x["windows"] for x in ranks[r]] == [x["windows"] for x in reference]
-        # The gradient norm is the whole model's on every rank (a shard's would be about 1/sqrt(2)
-        # of it and differ between ranks), and training follows DDP's up to the order of float sums.
         assert [x["grad_norm"] for x in ranks[r]] == [x["grad_norm"] for x in ranks[0]]
-        assert ranks[r][0]["grad_norm"] == pytest.approx(reference[0]["grad_norm"], rel=1e-5)
-        assert [x["grad_norm"] for x in ranks[r]] == pytest.approx([x["grad_norm"] for x in reference], rel=1e-3)
-        assert [x["loss"] for x in ranks[r]] == pytest.approx([x["loss"] for x in reference], rel=1e-3)
+        assert [x["grad_norm"] for x in ranks[r]] == pytest.approx([x["grad_norm"] for x in reference], rel=1e-5)
+        assert [x["loss"] for x in ranks[r]] == pytest.approx([x["loss"] for x in reference], rel=1e-5)
     assert ranks[0][0]["grad_norm"] > 1.0  # above the clip (1.0): the clip acts
+    sharded, ddp = checkpoint_at(straight, 6)["state_dict"], checkpoint_at(ddp_straight[0], 6)["state_dict"]
+    assert sharded.keys() == ddp.keys()
+    for key in ddp:
+        torch.testing.assert_close(sharded[key], ddp[key], rtol=1e-5, atol=1e-6, msg=key)
 
     run = tmp_path / "resumed"
     assert_two_process_resume_is_exact(run, small, fsdp, straight, ranks)
