@@ -1,9 +1,10 @@
 """The Lightning pieces that `python -m smollm.fit` plugs into its Trainer.
 
 - `StepCheckpoint`: checkpoints named by step in one folder per run, all kept, `last.ckpt`
-  always a link to the newest, one more at the end of every run and one on SIGTERM.
+  always a link to the newest, one more at the end of every run.
 - `AtomicCheckpointIO`: writes through `smollm.checkpoint.save_atomic`, reads only safely.
-- `CtrlC`: the first Ctrl-C saves the last finished step and stops; the second stops at once.
+- `StopAtStepEnd`: Ctrl-C or SIGTERM finishes the current step, saves it and stops; a second
+  Ctrl-C stops at once.
 - `ValidateAtEnd`: a run validates at its last step, whatever val_check_interval is.
 - `Console`: the start block, progress (a bar, or a line per logging interval when not on a
   terminal), validation lines and the end summary.
@@ -22,7 +23,6 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from smollm.checkpoint import read_checkpoint, remove_checkpoint, save_atomic
 
@@ -47,8 +47,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 class StepCheckpoint(ModelCheckpoint):
     """ModelCheckpoint that keeps every `step=NNNNNN.ckpt`, links `last.ckpt` to the newest, and
-    also saves at the end of a run and when the process receives SIGTERM (pre-emption), at the
-    next step boundary.
+    also saves at the end of a run (and, through StopAtStepEnd, at the step a signal stops).
 
     The version counter is off: Lightning would otherwise write `last-v1.ckpt` beside a stale
     `last.ckpt` when a run resumed from its first checkpoint does not recognise `last.ckpt` as
@@ -81,19 +80,8 @@ class StepCheckpoint(ModelCheckpoint):
         self._save_topk_checkpoint(trainer, candidates)
         self._save_last_checkpoint(trainer, candidates)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if trainer.received_sigterm:  # Lightning raises SIGTERMException right after this hook
-            self.save_now(trainer)
-
     def on_train_end(self, trainer, pl_module) -> None:
         if self.save_on_train_end:
-            self.save_now(trainer)
-
-    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        # SIGTERM can land after this callback's batch-end check and before Lightning's own
-        # (which then raises): the last finished step is saved here in that case.
-        if isinstance(exception, SIGTERMException):
             self.save_now(trainer)
 
 
@@ -113,61 +101,125 @@ class ValidateAtEnd(Callback):
 
 
 class Interrupted(Exception):
-    """Ctrl-C stopped the run; a checkpoint of the last finished step was saved."""
+    """Ctrl-C or SIGTERM stopped the run at the end of a step; that step was saved."""
 
-    def __init__(self, step: int) -> None:
-        super().__init__(f"stopped by Ctrl-C at step {step}")
-        self.step = step
+    def __init__(self, signal_name: str, step: int) -> None:
+        super().__init__(f"stopped by {signal_name} at step {step}")
+        self.signal_name, self.step = signal_name, step
 
 
-class CtrlC(Callback):
-    """Ctrl-C keeps the work: the first SIGINT asks the run to stop at the next step boundary
-    (or at once during validation), saving a checkpoint of the last finished step through
-    `checkpoint`, then raising `Interrupted`; a second SIGINT stops at once (KeyboardInterrupt).
+class StopAtStepEnd(Callback):
+    """Ctrl-C (SIGINT) and SIGTERM (a scheduler's pre-emption) keep the work, wherever they land.
 
-    DataLoader workers ignore SIGINT (see smollm.data), so a Ctrl-C at the terminal, which
-    signals the whole process group, does not kill them under the main process.
+    The first signal asks the run to stop at the end of the current optimizer step: the step's
+    remaining micro-batches are trained, the step is saved through `checkpoint`, and the run raises
+    `Interrupted` before the next step starts (after that step's metrics are logged). A save in the
+    middle of gradient accumulation would record a half-accumulated step, which no resume can
+    continue exactly. During validation (always at a step end) the run stops at the next
+    validation batch (under several processes, at the validation's end). A signal in the run's last step saves it and lets the run end as usual.
+    Under several processes the ranks agree at every step end, so all stop at the same step even
+    when only some were signalled.
+
+    A second Ctrl-C stops at once (KeyboardInterrupt); the newest checkpoint is kept. A second
+    SIGTERM changes nothing: the scheduler's grace period bounds the wait.
+
+    Lightning's own SIGTERM handling stops after the current micro-batch, mid-accumulation; this
+    replaces it while training. DataLoader workers ignore both signals (see smollm.data), so a
+    signal to the whole process group does not kill them under the main process.
     """
+
+    NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
     def __init__(self, checkpoint: StepCheckpoint | None) -> None:
         self.checkpoint = checkpoint
-        self.requested = False
+        self.requested: str | None = None  # the signal that asked to stop, on this process
+        self.stopping = False  # the step is saved; stop before the next one
         self.stopped_at_once = False
-        self._previous = None
+        self._rank = 0
+        self._step = 0  # global_step when the current micro-batch started
+        self._previous: dict[int, Any] = {}
 
     def _handler(self, signum, frame) -> None:
-        if self.requested:  # the second Ctrl-C: stop now, whatever is running
-            self.stopped_at_once = True
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: saving a checkpoint of the last finished step, then stopping "
-              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        if self.requested is not None:
+            if signum == signal.SIGINT:  # Ctrl-C again: stop now, whatever is running
+                self.stopped_at_once = True
+                self.restore()
+                raise KeyboardInterrupt
+            return
+        self.requested = self.NAMES[signum]
+        if self._rank == 0:
+            again = " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""
+            print(f"\n{self.requested}: finishing the current step, then saving it and stopping{again}",
+                  file=sys.stderr, flush=True)
+
+    def _take(self, signum: int) -> None:
+        if threading.current_thread() is threading.main_thread() and signum not in self._previous:
+            self._previous[signum] = signal.signal(signum, self._handler)
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+        self._rank = trainer.global_rank
+        self._take(signal.SIGINT)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Lightning installs its SIGTERM handler after on_fit_start: take SIGTERM over here, and
+        # with it a SIGTERM that Lightning noted during the sanity check.
+        self._take(signal.SIGTERM)
+        if trainer.received_sigterm:
+            trainer._signal_connector.received_sigterm = False
+            self.requested = self.requested or "SIGTERM"
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self.restore()
 
-    def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self.restore()
 
-    def _stop(self, trainer) -> None:
+    def restore(self) -> None:
+        for signum, previous in self._previous.items():
+            if previous is not None:
+                signal.signal(signum, previous)
+        self._previous = {}
+
+    def _agreed(self, trainer) -> bool:
+        """Whether any process was asked to stop (every process calls this at the same points)."""
+        return trainer.strategy.reduce_boolean_decision(self.requested is not None, all=False)
+
+    def _save(self, trainer) -> None:
         if self.checkpoint is not None:
             self.checkpoint.save_now(trainer)
+
+    def _stop(self, trainer) -> None:
         self.restore()
-        raise Interrupted(trainer.global_step)
+        raise Interrupted(self.requested or "SIGTERM", trainer.global_step)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.stopping:
+            self._stop(trainer)
+        self._step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.requested:
+        if trainer.global_step == self._step:  # inside the step's accumulation: not a step end
+            return
+        if self._agreed(trainer):
+            self._save(trainer)
+            if trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step:
+                self.requested = None  # the last step: the run ends as usual, saved
+            else:
+                self.stopping = True
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if self.stopping and not trainer.sanity_checking:
             self._stop(trainer)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if self.requested and not trainer.sanity_checking:
+        # One process stops at the next batch; several agree at the end, as their batch counts may differ.
+        if trainer.world_size == 1 and self.requested and not trainer.sanity_checking:
+            self._save(trainer)
+            self._stop(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking and self._agreed(trainer):
+            self._save(trainer)
             self._stop(trainer)
 
 
