@@ -175,10 +175,14 @@ class StopAtStepEnd(Callback):
         self.restore()
 
     def restore(self) -> None:
+        """Put back the handlers found, wherever ours is installed. Lightning's teardown (after
+        on_exception, before on_fit_end) reinstalls every handler it found at its start, ours for
+        SIGINT among them: smollm.fit calls this once more after fit. A stale handler would
+        outlive the run, in this process and in every process it forks (a worker pool would
+        then ignore SIGTERM)."""
         for signum, previous in self._previous.items():
-            if previous is not None:
+            if previous is not None and signal.getsignal(signum) == self._handler:
                 signal.signal(signum, previous)
-        self._previous = {}
 
     def _agreed(self, trainer) -> bool:
         """Whether any process was asked to stop (every process calls this at the same points)."""
@@ -293,11 +297,11 @@ class Console(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if self._window is None:  # throughput is timed from the end of the first micro-batch on
-            self._window = (time.perf_counter(), step)
         if step == self._seen_step:  # a micro-batch inside an accumulated step: the step is not done
             return
         self._seen_step = step
+        if self._window is None:  # throughput is timed from the end of the first step: whole steps, no warm-up
+            self._window = (time.perf_counter(), step)
         at_log = step % trainer.log_every_n_steps == 0 or step >= trainer.max_steps
         if self.first_loss is None or at_log:  # the first step's loss too: where the run starts
             loss = trainer.callback_metrics.get("train/loss")
@@ -307,16 +311,15 @@ class Console(Callback):
                     self.first_loss = self.last_loss
         if at_log and trainer.is_global_zero and self.show_progress:
             tokens_per_step = batch["input_ids"][:, 1:].numel() * trainer.accumulate_grad_batches * trainer.world_size
-            self._progress(trainer, step, tokens_per_step)
+            self._progress(trainer, step, tokens_per_step, getattr(pl_module, "step_lrs", {}))
 
-    def _progress(self, trainer, step: int, tokens_per_step: int) -> None:
-        # Tokens/s and the learning rate of this very step, from host time and the optimizer's
-        # own (Python) value: the module's logged figures arrive only after callbacks have run.
+    def _progress(self, trainer, step: int, tokens_per_step: int, lrs: dict[str, float]) -> None:
+        # Tokens/s of this very step from host time (the module's logged figures arrive only after
+        # callbacks have run), and the rates the step used, as the module recorded them.
         now = time.perf_counter()
         t0, s0 = self._window
         tps = (step - s0) * tokens_per_step / (now - t0) if step > s0 and now > t0 else None
         self._window = (now, step)
-        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
         loss = f"loss {self.last_loss:.4f}" if self.last_loss is not None else ""
         speed = f"{float(tps):,.0f} tok/s" if tps is not None else ""
         if self.bar is not None:
@@ -326,7 +329,8 @@ class Console(Callback):
         elapsed = time.perf_counter() - (self.start_time or time.perf_counter())
         done = step - self.start_step
         left = elapsed / done * (trainer.max_steps - step) if done else 0.0
-        parts = [f"step {step}/{trainer.max_steps}", loss, f"lr {float(lr):.3g}" if lr is not None else "",
+        rates = [f"{'lr' if name == 'adamw' else 'lr_' + name} {lr:.3g}" for name, lr in lrs.items()]
+        parts = [f"step {step}/{trainer.max_steps}", loss, *rates,
                  speed, f"{_fmt_time(elapsed)} elapsed, {_fmt_time(left)} left"]
         print("  ".join(p for p in parts if p), file=sys.stderr, flush=True)
 
