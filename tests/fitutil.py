@@ -217,10 +217,11 @@ class SlowStep(L.Callback):
 
 class SignalAt(L.Callback):
     """Sends `signal` (a name: "SIGTERM", "SIGINT") to this process as micro-batch `micro` (0-based)
-    of optimizer step `step` starts, once: an interrupt that lands inside gradient accumulation."""
+    of optimizer step `step` starts, once: an interrupt that lands inside gradient accumulation.
+    With `rank`, only that process is signalled."""
 
-    def __init__(self, step: int, micro: int = 0, signal: str = "SIGTERM") -> None:
-        self.step, self.micro, self.signal = step, micro, signal
+    def __init__(self, step: int, micro: int = 0, signal: str = "SIGTERM", rank: int | None = None) -> None:
+        self.step, self.micro, self.signal, self.rank = step, micro, signal, rank  # rank None: every rank
         self._micro, self._last_step, self._sent = 0, None, False
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -230,6 +231,8 @@ class SignalAt(L.Callback):
             self._micro, self._last_step = 0, trainer.global_step
         else:
             self._micro += 1
+        if self.rank not in (None, trainer.global_rank):
+            return
         if not self._sent and trainer.global_step + 1 == self.step and self._micro == self.micro:
             self._sent = True
             os.kill(os.getpid(), getattr(signal, self.signal))
