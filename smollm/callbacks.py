@@ -116,9 +116,9 @@ class StopAtStepEnd(Callback):
     `Interrupted` before the next step starts (after that step's metrics are logged). A save in the
     middle of gradient accumulation would record a half-accumulated step, which no resume can
     continue exactly. During validation (always at a step end) the run stops at the next
-    validation batch (under several processes, at the validation's end). A signal in the run's last step saves it and lets the run end as usual.
-    Under several processes the ranks agree at every step end, so all stop at the same step even
-    when only some were signalled.
+    validation batch (under several processes, at the validation's end). A signal in the run's
+    last step saves it and lets the run end as usual. Under several processes the ranks agree at
+    every step end, so all stop at the same step even when only some were signalled.
 
     A second Ctrl-C stops at once (KeyboardInterrupt); the newest checkpoint is kept. A second
     SIGTERM changes nothing: the scheduler's grace period bounds the wait.
