@@ -1,9 +1,10 @@
 """The Lightning pieces that `python -m smollm.fit` plugs into its Trainer.
 
 - `StepCheckpoint`: checkpoints named by step in one folder per run, all kept, `last.ckpt`
-  always a link to the newest, one more at the end of every run and one on SIGTERM.
+  always a link to the newest, one more at the end of every run.
 - `AtomicCheckpointIO`: writes through `smollm.checkpoint.save_atomic`, reads only safely.
-- `CtrlC`: the first Ctrl-C saves the last finished step and stops; the second stops at once.
+- `StopAtStepEnd`: Ctrl-C or SIGTERM finishes the current step, saves it and stops; a second
+  Ctrl-C stops at once.
 - `ValidateAtEnd`: a run validates at its last step, whatever val_check_interval is.
 - `Console`: the start block, progress (a bar, or a line per logging interval when not on a
   terminal), validation lines and the end summary.
@@ -22,7 +23,6 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from smollm.checkpoint import read_checkpoint, remove_checkpoint, save_atomic
 
@@ -47,8 +47,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 class StepCheckpoint(ModelCheckpoint):
     """ModelCheckpoint that keeps every `step=NNNNNN.ckpt`, links `last.ckpt` to the newest, and
-    also saves at the end of a run and when the process receives SIGTERM (pre-emption), at the
-    next step boundary.
+    also saves at the end of a run (and, through StopAtStepEnd, at the step a signal stops).
 
     The version counter is off: Lightning would otherwise write `last-v1.ckpt` beside a stale
     `last.ckpt` when a run resumed from its first checkpoint does not recognise `last.ckpt` as
@@ -81,19 +80,8 @@ class StepCheckpoint(ModelCheckpoint):
         self._save_topk_checkpoint(trainer, candidates)
         self._save_last_checkpoint(trainer, candidates)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if trainer.received_sigterm:  # Lightning raises SIGTERMException right after this hook
-            self.save_now(trainer)
-
     def on_train_end(self, trainer, pl_module) -> None:
         if self.save_on_train_end:
-            self.save_now(trainer)
-
-    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        # SIGTERM can land after this callback's batch-end check and before Lightning's own
-        # (which then raises): the last finished step is saved here in that case.
-        if isinstance(exception, SIGTERMException):
             self.save_now(trainer)
 
 
@@ -113,61 +101,129 @@ class ValidateAtEnd(Callback):
 
 
 class Interrupted(Exception):
-    """Ctrl-C stopped the run; a checkpoint of the last finished step was saved."""
+    """Ctrl-C or SIGTERM stopped the run at the end of a step; that step was saved."""
 
-    def __init__(self, step: int) -> None:
-        super().__init__(f"stopped by Ctrl-C at step {step}")
-        self.step = step
+    def __init__(self, signal_name: str, step: int) -> None:
+        super().__init__(f"stopped by {signal_name} at step {step}")
+        self.signal_name, self.step = signal_name, step
 
 
-class CtrlC(Callback):
-    """Ctrl-C keeps the work: the first SIGINT asks the run to stop at the next step boundary
-    (or at once during validation), saving a checkpoint of the last finished step through
-    `checkpoint`, then raising `Interrupted`; a second SIGINT stops at once (KeyboardInterrupt).
+class StopAtStepEnd(Callback):
+    """Ctrl-C (SIGINT) and SIGTERM (a scheduler's pre-emption) keep the work, wherever they land.
 
-    DataLoader workers ignore SIGINT (see smollm.data), so a Ctrl-C at the terminal, which
-    signals the whole process group, does not kill them under the main process.
+    The first signal asks the run to stop at the end of the current optimizer step: the step's
+    remaining micro-batches are trained, the step is saved through `checkpoint`, and the run raises
+    `Interrupted` before the next step starts (after that step's metrics are logged). A save in the
+    middle of gradient accumulation would record a half-accumulated step, which no resume can
+    continue exactly. During validation (always at a step end) the run stops at the next
+    validation batch (under several processes, at the validation's end). A signal in the run's
+    last step saves it and lets the run end as usual. Under several processes the ranks agree at
+    every step end, so all stop at the same step even when only some were signalled.
+
+    A second Ctrl-C stops at once (KeyboardInterrupt); the newest checkpoint is kept. A second
+    SIGTERM changes nothing: the scheduler's grace period bounds the wait.
+
+    Lightning's own SIGTERM handling stops after the current micro-batch, mid-accumulation; this
+    replaces it while training. DataLoader workers ignore both signals (see smollm.data), so a
+    signal to the whole process group does not kill them under the main process.
     """
+
+    NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
     def __init__(self, checkpoint: StepCheckpoint | None) -> None:
         self.checkpoint = checkpoint
-        self.requested = False
+        self.requested: str | None = None  # the signal that asked to stop, on this process
+        self.stopping = False  # the step is saved; stop before the next one
         self.stopped_at_once = False
-        self._previous = None
+        self._rank = 0
+        self._step = 0  # global_step when the current micro-batch started
+        self._previous: dict[int, Any] = {}
 
     def _handler(self, signum, frame) -> None:
-        if self.requested:  # the second Ctrl-C: stop now, whatever is running
-            self.stopped_at_once = True
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: saving a checkpoint of the last finished step, then stopping "
-              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        if self.requested is not None:
+            if signum == signal.SIGINT:  # Ctrl-C again: stop now, whatever is running
+                self.stopped_at_once = True
+                self.restore()
+                raise KeyboardInterrupt
+            return
+        self.requested = self.NAMES[signum]
+        if self._rank == 0:
+            again = " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""
+            print(f"\n{self.requested}: finishing the current step, then saving it and stopping{again}",
+                  file=sys.stderr, flush=True)
+
+    def _take(self, signum: int) -> None:
+        if threading.current_thread() is threading.main_thread() and signum not in self._previous:
+            self._previous[signum] = signal.signal(signum, self._handler)
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+        self._rank = trainer.global_rank
+        self._take(signal.SIGINT)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Lightning installs its SIGTERM handler after on_fit_start: take SIGTERM over here, and
+        # with it a SIGTERM that Lightning noted during the sanity check.
+        self._take(signal.SIGTERM)
+        if trainer.received_sigterm:
+            trainer._signal_connector.received_sigterm = False
+            self.requested = self.requested or "SIGTERM"
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self.restore()
 
-    def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self.restore()
 
-    def _stop(self, trainer) -> None:
+    def restore(self) -> None:
+        """Put back the handlers found, wherever ours is installed. Lightning's teardown (after
+        on_exception, before on_fit_end) reinstalls every handler it found at its start, ours for
+        SIGINT among them: smollm.fit calls this once more after fit. A stale handler would
+        outlive the run, in this process and in every process it forks (a worker pool would
+        then ignore SIGTERM)."""
+        for signum, previous in self._previous.items():
+            if previous is not None and signal.getsignal(signum) == self._handler:
+                signal.signal(signum, previous)
+
+    def _agreed(self, trainer) -> bool:
+        """Whether any process was asked to stop (every process calls this at the same points)."""
+        return trainer.strategy.reduce_boolean_decision(self.requested is not None, all=False)
+
+    def _save(self, trainer) -> None:
         if self.checkpoint is not None:
             self.checkpoint.save_now(trainer)
+
+    def _stop(self, trainer) -> None:
         self.restore()
-        raise Interrupted(trainer.global_step)
+        raise Interrupted(self.requested or "SIGTERM", trainer.global_step)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.stopping:
+            self._stop(trainer)
+        self._step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.requested:
+        if trainer.global_step == self._step:  # inside the step's accumulation: not a step end
+            return
+        if self._agreed(trainer):
+            self._save(trainer)
+            if trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step:
+                self.requested = None  # the last step: the run ends as usual, saved
+            else:
+                self.stopping = True
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if self.stopping and not trainer.sanity_checking:
             self._stop(trainer)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if self.requested and not trainer.sanity_checking:
+        # One process stops at the next batch; several agree at the end, as their batch counts may differ.
+        if trainer.world_size == 1 and self.requested and not trainer.sanity_checking:
+            self._save(trainer)
+            self._stop(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking and self._agreed(trainer):
+            self._save(trainer)
             self._stop(trainer)
 
 
@@ -241,11 +297,11 @@ class Console(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if self._window is None:  # throughput is timed from the end of the first micro-batch on
-            self._window = (time.perf_counter(), step)
         if step == self._seen_step:  # a micro-batch inside an accumulated step: the step is not done
             return
         self._seen_step = step
+        if self._window is None:  # throughput is timed from the end of the first step: whole steps, no warm-up
+            self._window = (time.perf_counter(), step)
         at_log = step % trainer.log_every_n_steps == 0 or step >= trainer.max_steps
         if self.first_loss is None or at_log:  # the first step's loss too: where the run starts
             loss = trainer.callback_metrics.get("train/loss")
@@ -255,16 +311,15 @@ class Console(Callback):
                     self.first_loss = self.last_loss
         if at_log and trainer.is_global_zero and self.show_progress:
             tokens_per_step = batch["input_ids"][:, 1:].numel() * trainer.accumulate_grad_batches * trainer.world_size
-            self._progress(trainer, step, tokens_per_step)
+            self._progress(trainer, step, tokens_per_step, getattr(pl_module, "step_lrs", {}))
 
-    def _progress(self, trainer, step: int, tokens_per_step: int) -> None:
-        # Tokens/s and the learning rate of this very step, from host time and the optimizer's
-        # own (Python) value: the module's logged figures arrive only after callbacks have run.
+    def _progress(self, trainer, step: int, tokens_per_step: int, lrs: dict[str, float]) -> None:
+        # Tokens/s of this very step from host time (the module's logged figures arrive only after
+        # callbacks have run), and the rates the step used, as the module recorded them.
         now = time.perf_counter()
         t0, s0 = self._window
         tps = (step - s0) * tokens_per_step / (now - t0) if step > s0 and now > t0 else None
         self._window = (now, step)
-        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
         loss = f"loss {self.last_loss:.4f}" if self.last_loss is not None else ""
         speed = f"{float(tps):,.0f} tok/s" if tps is not None else ""
         if self.bar is not None:
@@ -274,7 +329,8 @@ class Console(Callback):
         elapsed = time.perf_counter() - (self.start_time or time.perf_counter())
         done = step - self.start_step
         left = elapsed / done * (trainer.max_steps - step) if done else 0.0
-        parts = [f"step {step}/{trainer.max_steps}", loss, f"lr {float(lr):.3g}" if lr is not None else "",
+        rates = [f"{'lr' if name == 'adamw' else 'lr_' + name} {lr:.3g}" for name, lr in lrs.items()]
+        parts = [f"step {step}/{trainer.max_steps}", loss, *rates,
                  speed, f"{_fmt_time(elapsed)} elapsed, {_fmt_time(left)} left"]
         print("  ".join(p for p in parts if p), file=sys.stderr, flush=True)
 

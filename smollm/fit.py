@@ -12,7 +12,7 @@ LightningCLI (no subcommand) turns LitSmolLM's and TextDataModule's __init__ arg
   tokens per step and the same samples at each step;
 - under torchrun or srun, the launcher says how many processes and nodes (Lightning's
   TorchElasticEnvironment and SLURMEnvironment do the rest);
-- the console (smollm.callbacks.Console), Ctrl-C and SIGTERM keep the last finished step;
+- the console (smollm.callbacks.Console); Ctrl-C and SIGTERM finish the current step, save it, and stop;
 - every foreseeable failure is one line on stderr and a non-zero exit; a bug keeps its traceback.
 """
 
@@ -32,8 +32,8 @@ from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from smollm.callbacks import (AtomicCheckpointIO, Console, CtrlC, Interrupted, KeepGlobalBatch, StepCheckpoint,
-                              ValidateAtEnd)
+from smollm.callbacks import (AtomicCheckpointIO, Console, Interrupted, KeepGlobalBatch, StepCheckpoint,
+                              StopAtStepEnd, ValidateAtEnd)
 from smollm.checkpoint import (RunLock, check_config, check_writable,
                                find_last_checkpoint, read_checkpoint, step_files)
 from smollm.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_PREEMPTED, fail, fail_on
@@ -232,19 +232,19 @@ def available_memory() -> int | None:
     return info["MemAvailable"] + info.get("SwapFree", 0)
 
 
-def configure_trainer(trainer) -> tuple[Console, CtrlC]:
+def configure_trainer(trainer) -> tuple[Console, StopAtStepEnd]:
     """What the CLI cannot express as a default: atomic, safe checkpoint IO (unless a subclass
     was given with --trainer.plugins), our console in place of Lightning's progress bar, Ctrl-C
-    handling, and a validation at the last step."""
+    and SIGTERM stopping at a step end, and a validation at the last step."""
     if not isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO):
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
     bars = [c for c in trainer.callbacks if isinstance(c, ProgressBar)]
     for bar in bars:
         trainer.callbacks.remove(bar)
     checkpoint = next((c for c in trainer.callbacks if isinstance(c, StepCheckpoint)), None)
-    console, ctrl_c = Console(show_progress=bool(bars)), CtrlC(checkpoint)
-    trainer.callbacks.extend([console, ctrl_c, KeepGlobalBatch(), ValidateAtEnd()])
-    return console, ctrl_c
+    console, stop = Console(show_progress=bool(bars)), StopAtStepEnd(checkpoint)
+    trainer.callbacks.extend([console, stop, KeepGlobalBatch(), ValidateAtEnd()])
+    return console, stop
 
 
 def check_memory(model: LitSmolLM, datamodule: TextDataModule, trainer) -> None:
@@ -383,7 +383,7 @@ def _setup_output() -> None:
 def main(args: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if args is None else args)
     _setup_output()
-    lock, ctrl_c, cli, started = None, None, None, False
+    lock, stop, cli, started = None, None, None, False
     try:
         _check_unquoted_glob(args)
         cli = SmolLMCLI(
@@ -399,7 +399,7 @@ def main(args: list[str] | None = None) -> int:
                            "description": "smollm: pretrain a SmolLM2-style model with PyTorch Lightning. "
                                           "Start with --config configs/tiny.yaml (CPU) or configs/135m.yaml (GPU)."},
         )
-        console, ctrl_c = configure_trainer(cli.trainer)
+        console, stop = configure_trainer(cli.trainer)
         apply_global_batch(cli)
         if cli.trainer.global_rank == 0:
             lock = RunLock(cli.config.checkpoint.dirpath)
@@ -412,16 +412,16 @@ def main(args: list[str] | None = None) -> int:
                 print_summary(cli, console, args, show=cli.trainer.is_global_zero)
         return 0
     except Interrupted as e:
-        print(f"stopped by Ctrl-C; step {e.step} is saved. Resume with:\n  "
+        print(f"stopped by {e.signal_name}; step {e.step} is saved. Resume with:\n  "
               + resume_command(cli, args, ["--ckpt_path", "last"]), file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except SIGTERMException:
-        print("stopped by SIGTERM; a checkpoint of the last finished step was saved. "
-              "Resume with --ckpt_path last", file=sys.stderr)
+        return EXIT_PREEMPTED if e.signal_name == "SIGTERM" else EXIT_INTERRUPTED
+    except SIGTERMException:  # Lightning's own, before training began: nothing new to save
+        print("stopped by SIGTERM before training; the newest checkpoint is kept. Resume with --ckpt_path last",
+              file=sys.stderr)
         return EXIT_PREEMPTED
     except (KeyboardInterrupt, SystemExit) as e:
         # Lightning turns a KeyboardInterrupt inside fit into sys.exit(1); ours is the second Ctrl-C.
-        if isinstance(e, SystemExit) and not (ctrl_c is not None and ctrl_c.stopped_at_once):
+        if isinstance(e, SystemExit) and not (stop is not None and stop.stopped_at_once):
             raise
         print("stopped at once by a second Ctrl-C; the newest checkpoint is kept. Resume with:\n  "
               + resume_command(cli, args, ["--ckpt_path", "last"]), file=sys.stderr)
@@ -433,8 +433,8 @@ def main(args: list[str] | None = None) -> int:
             return fail_on(e)
         return fail(str(e)[:500] + " (see --help)" if isinstance(e, ArgumentError) else str(e))
     finally:
-        if ctrl_c is not None:
-            ctrl_c.restore()
+        if stop is not None:
+            stop.restore()
         if lock is not None:
             lock.release()
 

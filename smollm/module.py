@@ -131,6 +131,10 @@ class LitSmolLM(L.LightningModule):
         # measured in context when the cache was built), summed across batches and DDP ranks.
         self.val_tokens, self.val_bytes = SumMetric(), SumMetric()
         self._window_start: tuple[float, int] | None = None  # (time, step) of the throughput window
+        self._first_step = 0  # global_step when training (re)started
+        self._loss_sum: torch.Tensor | None = None  # this step's micro-batch losses so far, summed
+        self._loss_count = 0
+        self.step_lrs: dict[str, float] = {}  # the rates the last optimizer step used (learning_rates)
 
     # ---- model ----
 
@@ -197,9 +201,9 @@ class LitSmolLM(L.LightningModule):
         hidden = self.model.hidden_states(inputs)  # (B, T, C)
         loss = chunked_cross_entropy(hidden, self.model.lm_head.weight, targets,
                                      self.hparams.loss_chunk_size, compiled=self.hparams.compile)
-        if stage == "train":
-            self._train_loss = loss.detach()
-            self.log("train/loss", loss)  # not prog_bar: Lightning reads those every step (a sync)
+        if stage == "train":  # logged once per step, in on_before_optimizer_step
+            self._loss_sum = loss.detach() if self._loss_sum is None else self._loss_sum + loss.detach()
+            self._loss_count += 1
         else:
             self.val_loss.update(loss, weight=targets.numel())
             if "n_bytes" in batch:
@@ -238,6 +242,16 @@ class LitSmolLM(L.LightningModule):
                 check_strategy(self.hparams.optimizer, "fsdp")
         return configure_optimizers(self.model, self.hparams)
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Once per optimizer step, its micro-batches accumulated, before the update and before the
+        # scheduler moves on (Lightning steps it ahead of on_train_batch_end). The step's loss is
+        # the mean over its micro-batches and, through sync_dist, over processes: the loss whose
+        # gradient the step applies. The rates are those this update uses.
+        self._train_loss = self._loss_sum / self._loss_count
+        self._loss_sum, self._loss_count = None, 0
+        self.log("train/loss", self._train_loss, sync_dist=True)  # not prog_bar: read every step (a sync)
+        self.step_lrs = learning_rates(self.trainer.optimizers[0])
+
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # Clipping is ours (--model.grad_clip), with torch directly: Lightning's mixed-precision
         # plugin refuses to clip with a fused optimizer. The Trainer's own clipping options are
@@ -275,7 +289,8 @@ class LitSmolLM(L.LightningModule):
         every = self.trainer.log_every_n_steps
         step = self.trainer.global_step
         if self._window_start is None:
-            self._window_start = (time.perf_counter(), step)
+            if step > self._first_step:  # from the end of the first step: whole steps timed, warm-up not
+                self._window_start = (time.perf_counter(), step)
             return
         t0, s0 = self._window_start
         if step > s0 and step % every == 0:  # the console's logging steps, so both show one step's figures
@@ -284,10 +299,9 @@ class LitSmolLM(L.LightningModule):
             tokens_per_sec = tokens * self.trainer.world_size / (now - t0)
             self.log("train/tokens_per_sec", tokens_per_sec, rank_zero_only=True)
             # Logged here, at logging steps only: logging a float makes a device tensor (a sync).
-            lrs = learning_rates(self.trainer.optimizers[0])
-            self.log("train/lr", lrs["adamw"], rank_zero_only=True)
-            if "muon" in lrs:
-                self.log("train/lr_muon", lrs["muon"], rank_zero_only=True)
+            self.log("train/lr", self.step_lrs["adamw"], rank_zero_only=True)
+            if "muon" in self.step_lrs:
+                self.log("train/lr_muon", self.step_lrs["muon"], rank_zero_only=True)
             if self.device.type == "cuda":  # the allocator's own count: no device sync
                 self.log("train/peak_memory_gib", torch.cuda.max_memory_allocated(self.device) / 2**30,
                          rank_zero_only=True)
@@ -299,7 +313,8 @@ class LitSmolLM(L.LightningModule):
             self._window_start = (now, step)
 
     def on_train_start(self) -> None:
-        self._window_start = None
+        self._window_start, self._first_step = None, self.trainer.global_step
+        self._loss_sum, self._loss_count = None, 0
         self._apply_changed_settings()
 
     def _apply_changed_settings(self) -> None:

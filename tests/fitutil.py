@@ -231,6 +231,29 @@ class SlowStep(L.Callback):
         time.sleep(self.seconds)
 
 
+class SignalAt(L.Callback):
+    """Sends `signal` (a name: "SIGTERM", "SIGINT") to this process as micro-batch `micro` (0-based)
+    of optimizer step `step` starts, once: an interrupt that lands inside gradient accumulation.
+    With `rank`, only that process is signalled."""
+
+    def __init__(self, step: int, micro: int = 0, signal: str = "SIGTERM", rank: int | None = None) -> None:
+        self.step, self.micro, self.signal, self.rank = step, micro, signal, rank  # rank None: every rank
+        self._micro, self._last_step, self._sent = 0, None, False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import signal
+
+        if trainer.global_step != self._last_step:  # the first micro-batch of a new step
+            self._micro, self._last_step = 0, trainer.global_step
+        else:
+            self._micro += 1
+        if self.rank not in (None, trainer.global_rank):
+            return
+        if not self._sent and trainer.global_step + 1 == self.step and self._micro == self.micro:
+            self._sent = True
+            os.kill(os.getpid(), getattr(signal, self.signal))
+
+
 class SlowValidation(L.Callback):
     """Sleeps after each validation batch (not in the sanity check) and touches `marker` when a
     validation starts, so that a test can signal the process in the middle of one."""

@@ -247,9 +247,9 @@ def test_the_console_prints_each_step_once_with_its_own_rate_when_it_accumulates
     assert main(args(tmp_path, data, 6, extra=extra)) == 0
     steps = [line.split() for line in capsys.readouterr().err.splitlines() if line.startswith("step ")]
     assert [s[1] for s in steps] == ["2/6", "4/6", "6/6"]
-    for s in steps:  # the rate the next step uses, as the schedule gives it at this step
+    for s in steps:  # the rate this step used: update step - 1 of the schedule
         step, lr = int(s[1].split("/")[0]), float(s[s.index("lr") + 1])
-        assert lr == pytest.approx(0.01 * lr_lambda(step, 3, 20, 0.1, "cosine"), rel=5e-3)
+        assert lr == pytest.approx(0.01 * lr_lambda(step - 1, 3, 20, 0.1, "cosine"), rel=5e-3)
     assert all("tok/s" in " ".join(s) for s in steps)
 
 

@@ -582,10 +582,13 @@ class TextDataModule(L.LightningDataModule):
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, shuffle=False,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           pin_memory=torch.cuda.is_available(),
-                          worker_init_fn=_ignore_sigint if self.num_workers > 0 else None)
+                          worker_init_fn=_ignore_stop_signals if self.num_workers > 0 else None)
 
 
-def _ignore_sigint(worker_id: int) -> None:
-    """DataLoader workers ignore Ctrl-C: the terminal signals the whole process group, and the
-    main process saves a checkpoint and stops by itself (smollm.callbacks.CtrlC)."""
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers ignore Ctrl-C and SIGTERM: a terminal signals the whole process group,
+    a scheduler every process of the job, and the main process still needs its workers to finish
+    the current step before it saves and stops (smollm.callbacks.StopAtStepEnd). Workers end with
+    the main process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
