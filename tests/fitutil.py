@@ -164,6 +164,31 @@ def subprocess_env(extra: dict | None = None) -> dict:
     return env
 
 
+def checkpoint_at(root: Path, step: int) -> dict:
+    """The step's checkpoint of the tiny run under `root`, read safely."""
+    return torch.load(root / "checkpoints" / "tiny" / f"step={step:06d}.ckpt", weights_only=True)
+
+
+def assert_same_state(a: dict, b: dict, loops: bool = False) -> None:
+    """Two checkpoints hold the same training state, bit for bit: step, weights, every optimizer
+    state tensor, the schedule and, with `loops`, Lightning's batch counters and the data position."""
+    assert a["global_step"] == b["global_step"]
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        assert sa[i].keys() == sb[i].keys(), i
+        for name in sa[i]:
+            assert torch.equal(torch.as_tensor(sa[i][name]), torch.as_tensor(sb[i][name])), (i, name)
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+    if loops:
+        progress = "epoch_loop.batch_progress"
+        assert a["loops"]["fit_loop"][progress] == b["loops"]["fit_loop"][progress]
+        assert a["TextDataModule"]["samples_seen"] == b["TextDataModule"]["samples_seen"]
+
+
 def read_records(path: Path) -> list[dict]:
     if not path.exists():
         return []

@@ -13,16 +13,9 @@ import torch
 import fitutil
 from smollm.checkpoint import find_last_checkpoint
 from smollm.fit import main
+from test_trust import small  # noqa: F401  (the small corpus and tokenizer)
 
 EXIT = {"SIGTERM": 143, "SIGINT": 130}
-
-
-@pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    base = tmp_path_factory.mktemp("small")
-    tok = fitutil.build_tokenizer(base / "tok", fitutil.write_corpus(base / "tokcorpus"))
-    corpus = fitutil.write_corpus(base / "corpus", n_files=2, words_per_file=60, seed=1)
-    return corpus, tok
 
 
 def callback(class_path: str, **init_args) -> str:
@@ -37,24 +30,12 @@ def run_args(root: Path, data, max_steps: int, every: int = 1000, batch: int = 2
                              *extra])
 
 
-def saved(root: Path, step: int) -> dict:
-    return torch.load(root / "checkpoints" / "tiny" / f"step={step:06d}.ckpt", weights_only=True)
+saved = fitutil.checkpoint_at
 
 
 def assert_same_training_state(a: dict, b: dict) -> None:
     """Weights, optimizer moments, schedule, loop counters and data position: all identical."""
-    assert a["global_step"] == b["global_step"]
-    assert a["state_dict"].keys() == b["state_dict"].keys()
-    for key in a["state_dict"]:
-        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
-    sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
-    assert sa.keys() == sb.keys()
-    for i in sa:
-        for name in sa[i]:
-            assert torch.equal(torch.as_tensor(sa[i][name]), torch.as_tensor(sb[i][name])), (i, name)
-    assert a["lr_schedulers"] == b["lr_schedulers"]
-    assert a["loops"]["fit_loop"]["epoch_loop.batch_progress"] == b["loops"]["fit_loop"]["epoch_loop.batch_progress"]
-    assert a["TextDataModule"]["samples_seen"] == b["TextDataModule"]["samples_seen"]
+    fitutil.assert_same_state(a, b, loops=True)
 
 
 @pytest.fixture(scope="module")

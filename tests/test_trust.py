@@ -41,21 +41,7 @@ def run_args(root: Path, data, max_steps: int, every: int = 1000, workers: int =
     return fitutil.fit_args(root, corpus, tok, max_steps, every, extra)
 
 
-def checkpoint_at(root: Path, step: int) -> dict:
-    return torch.load(root / "checkpoints" / "tiny" / f"step={step:06d}.ckpt", weights_only=True)
-
-
-def assert_same_state(a: dict, b: dict) -> None:
-    assert a["global_step"] == b["global_step"]
-    assert a["state_dict"].keys() == b["state_dict"].keys()
-    for key in a["state_dict"]:
-        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
-    sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
-    assert sa.keys() == sb.keys()
-    for i in sa:
-        for name in ("exp_avg", "exp_avg_sq", "step"):
-            assert torch.equal(torch.as_tensor(sa[i][name]), torch.as_tensor(sb[i][name])), (i, name)
-    assert a["lr_schedulers"] == b["lr_schedulers"]
+checkpoint_at, assert_same_state = fitutil.checkpoint_at, fitutil.assert_same_state
 
 
 # ---- exact resume, no window lost or repeated ----
