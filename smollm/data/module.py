@@ -417,11 +417,12 @@ class TextDataModule(L.LightningDataModule):
         sources: list[Any] = []
         files = None
         if self.files:
-            files = FileSource(self.files, self.text_key, self.encoding_errors, pieces=context_free(self.tokenizer))
+            files = FileSource(self.files, self.text_key, self.encoding_errors)
             files.resolve()
             sources.append(files)
         fingerprint = tokenizer_fingerprint(self.tokenizer)  # fail fast, before reading files
         if files is not None:
+            files.pieces = context_free(self.tokenizer)  # pieces tokenize as the whole file only then
             names = "\n".join(map(str, files.paths)).encode()
             files.scan(memo=self.token_dir / "file-hashes" / f"{hashlib.sha256(names).hexdigest()[:24]}.json")
             if files.empty:
