@@ -162,7 +162,15 @@ def validation_windows(dm: Any, path: str, state: dict[str, Any] | None) -> tupl
     that recorded no corpus) are the corpus's, not known to be held out."""
     if not state or not state.get("cache_key"):
         return dm.val_windows(), False
+    from smollm.data.cache import FORMAT_VERSION, cache_key
+
     key = dm.state_dict()["cache_key"]
+    earlier = [v for v in range(1, FORMAT_VERSION) if cache_key(dm.cache_spec, v) == state["cache_key"]]
+    if earlier:  # the same corpus, tokenized by an earlier smollm's rules: its split, but not its tokens
+        print(f"note: {path} was trained on this corpus as an earlier smollm tokenized it (token cache format "
+              f"{earlier[0]}, now {FORMAT_VERSION}); its validation split is scored as this version tokenizes it, "
+              "not called held-out", file=sys.stderr)
+        return dm.val_windows(state.get("world_size", 1)), False
     if key != state["cache_key"]:
         raise UsageError(f"{path} was trained on another corpus than its data options give now (token cache "
                          f"{key[:24]}, the checkpoint's {state['cache_key'][:24]}), so that validation split is not "

@@ -189,6 +189,25 @@ def test_a_multi_process_runs_checkpoint_is_scored_on_the_windows_its_validation
     assert two["loss"] == one["loss"] and two["bits_per_byte"] == one["bits_per_byte"]
 
 
+def test_a_checkpoint_of_an_earlier_cache_format_is_scored_on_its_split_not_called_held_out(run, tmp_path, capsys):
+    # A checkpoint of an earlier smollm recorded its cache key under the format of its day: the
+    # same corpus, tokenized by other rules (special-token strings, for one). Its split is scored,
+    # as this version tokenizes it, and not called held-out, nor refused as another corpus.
+    from smollm.data.cache import FORMAT_VERSION, cache_key
+
+    now = scores(tmp_path, ["--checkpoint", str(run / "checkpoints" / "tiny" / "last.ckpt")])
+    spec = json.loads((next((run / "cache" / "tokens").glob("*/index.json"))).read_text())["spec"]
+
+    def earlier(checkpoint):
+        checkpoint["TextDataModule"]["cache_key"] = cache_key(spec, FORMAT_VERSION - 1)
+
+    capsys.readouterr()
+    old = scores(tmp_path, ["--checkpoint", str(edited(run, tmp_path, earlier))])
+    assert now["held_out"] and not old["held_out"]
+    assert (old["windows"], old["loss"]) == (now["windows"], now["loss"])
+    assert f"token cache format {FORMAT_VERSION - 1}, now {FORMAT_VERSION}" in capsys.readouterr().err
+
+
 def test_only_the_checkpoints_own_validation_split_is_called_held_out(run, data, tmp_path, capsys):
     corpus, tok = data
     grown = tmp_path / "corpus"

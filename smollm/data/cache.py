@@ -178,10 +178,11 @@ def shard_size(index: dict[str, Any], entry: dict[str, Any]) -> int:
     return entry["tokens"] * itemsize
 
 
-def cache_key(spec: dict[str, Any]) -> str:
+def cache_key(spec: dict[str, Any], version: int = FORMAT_VERSION) -> str:
     """sha256 of the cache's spec: format, tokenizer, text key, sources (files by content hash, a
-    dataset by name, subset, split, revision and fingerprint) and max_tokens."""
-    return hashlib.sha256(json.dumps({"format": FORMAT_VERSION, **spec}, sort_keys=True).encode()).hexdigest()
+    dataset by name, subset, split, revision and fingerprint) and max_tokens. `version` names an
+    earlier format's key for the same spec (what a checkpoint of an earlier smollm recorded)."""
+    return hashlib.sha256(json.dumps({"format": version, **spec}, sort_keys=True).encode()).hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------

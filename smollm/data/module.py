@@ -325,6 +325,12 @@ class TextDataModule(L.LightningDataModule):
 
     # -- what evaluation reads (after setup) --
 
+    @property
+    def cache_spec(self) -> dict[str, Any]:
+        """What the token cache's key hashes (tokenizer, sources, options), for `cache.cache_key`."""
+        self._need_setup()
+        return self._corpus["spec"]
+
     def val_windows(self, world_size: int | None = None) -> TokenWindows:
         """The windows that training validates on, all ranks' together, in order: the first
         `n_val_windows` windows of the held-out tail; with `world_size`, those that a run on that
