@@ -170,7 +170,7 @@ def validation_windows(dm: Any, path: str, state: dict[str, Any] | None) -> tupl
         print(f"note: {path} was trained on this corpus as an earlier smollm tokenized it (token cache format "
               f"{earlier[0]}, now {FORMAT_VERSION}); its validation split is scored as this version tokenizes it, "
               "not called held-out", file=sys.stderr)
-        return dm.val_windows(state.get("world_size", 1)), False
+        return dm.val_windows(state.get("world_size", 1), state.get("val_windows_validated")), False
     if key != state["cache_key"]:
         raise UsageError(f"{path} was trained on another corpus than its data options give now (token cache "
                          f"{key[:24]}, the checkpoint's {state['cache_key'][:24]}), so that validation split is not "
@@ -181,7 +181,7 @@ def validation_windows(dm: Any, path: str, state: dict[str, Any] | None) -> tupl
         raise UsageError(f"with --data.seq_len {dm.seq_len} and --data.val_fraction {dm.val_fraction} the validation "
                          f"split starts at token {dm.val_start:,}, inside the windows {path} trained on (tokens 0 to "
                          f"{trained_to:,}); leave them as the checkpoint's")
-    return dm.val_windows(state.get("world_size", 1)), True
+    return dm.val_windows(state.get("world_size", 1), state.get("val_windows_validated")), True
 
 
 def _given(argv: list[str], option: str) -> bool:

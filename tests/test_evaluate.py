@@ -208,6 +208,18 @@ def test_a_checkpoint_of_an_earlier_cache_format_is_scored_on_its_split_not_call
     assert f"token cache format {FORMAT_VERSION - 1}, now {FORMAT_VERSION}" in capsys.readouterr().err
 
 
+def test_a_run_whose_validation_the_trainer_limited_is_scored_on_the_windows_it_validated(data, tmp_path):
+    # --trainer.limit_val_batches (360m.yaml and 1.7b.yaml set it) validates fewer windows than
+    # max_val_windows: 1 batch of 4 here, of 8. evaluate scores those 4, so it gives the logged loss.
+    corpus, tok = data
+    assert fit(fitutil.fit_args(tmp_path, corpus, tok, 2, extra=[
+        "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1", "--data.max_val_windows", "8"])) == 0
+    report = scores(tmp_path, ["--checkpoint", str(tmp_path / "checkpoints" / "tiny" / "last.ckpt")])
+    assert report["windows"] == 4 and report["held_out"]
+    assert report["loss"] == pytest.approx(logged(tmp_path, "val/loss"), rel=1e-6)
+    assert report["bits_per_byte"] == pytest.approx(logged(tmp_path, "val/bpb"), rel=1e-6)
+
+
 def test_only_the_checkpoints_own_validation_split_is_called_held_out(run, data, tmp_path, capsys):
     corpus, tok = data
     grown = tmp_path / "corpus"

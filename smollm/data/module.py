@@ -312,7 +312,19 @@ class TextDataModule(L.LightningDataModule):
             state.update(global_batch_size=self.global_batch(), tokens_per_step=self.global_batch() * self.seq_len,
                          accumulate_grad_batches=self.trainer.accumulate_grad_batches,
                          step=self.trainer.global_step, samples_seen=self.samples_seen())
+            if validated := self._windows_validated(world):
+                state["val_windows_validated"] = validated
         return state
+
+    def _windows_validated(self, world: int) -> int | None:
+        """How many held-out windows this run's validation took, the Trainer's limit_val_batches
+        included (None before any validation): the first N of `val_windows`, as each rank takes
+        every world-th window in order."""
+        batches = getattr(self.trainer, "num_val_batches", None)
+        if not batches or self.n_val_windows is None or batches[0] == float("inf"):
+            return None
+        per_rank = self._n_validated(self.n_heldout_windows, world) // world
+        return world * min(per_rank, int(batches[0]) * self.batch_size)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.resumed = dict(state)
@@ -331,12 +343,14 @@ class TextDataModule(L.LightningDataModule):
         self._need_setup()
         return self._corpus["spec"]
 
-    def val_windows(self, world_size: int | None = None) -> TokenWindows:
+    def val_windows(self, world_size: int | None = None, limit: int | None = None) -> TokenWindows:
         """The windows that training validates on, all ranks' together, in order: the first
         `n_val_windows` windows of the held-out tail; with `world_size`, those that a run on that
-        many processes validates (a multiple of it, so that every rank has as many)."""
+        many processes validates (a multiple of it, so that every rank has as many); at most
+        `limit` (what a run's Trainer limited its validation to)."""
         self._need_setup()
         n = self.n_val_windows if world_size is None else self._n_validated(self.n_heldout_windows, world_size)
+        n = n if limit is None else min(n, limit)
         return TokenWindows(self.token_cache, self.seq_len, self.val_start, range(n))
 
     def heldout_windows(self) -> TokenWindows:
