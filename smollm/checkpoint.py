@@ -41,8 +41,10 @@ import torch
 from smollm.assets import load_tokenizer
 from smollm.config import ModelConfig
 from smollm.digest import HashingWriter, file_digest
-from smollm.errors import MissingPathError, SmolLMError, UsageError
-from smollm.hf import HFFormatError, UnsafeFileError, load_hf, load_torch_file, model_from_state
+from smollm.errors import (CheckpointError, DamagedCheckpointError, HFFormatError, MissingPathError, SmolLMError,
+                           UnsafeFileError, UsageError)
+from smollm.hf import load_hf, model_from_state
+from smollm.io import fsync_dir, fsync_file, load_torch_file, tmp_path
 from smollm.model import SmolLM
 
 STEP_FILE = re.compile(r"^step=(\d+)\.ckpt$")
@@ -51,25 +53,17 @@ DIGEST_SUFFIX = ".digest"
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(SmolLMError, ValueError):
-    """A checkpoint that cannot be used: missing, unreadable, unsafe, not ours, or of another model."""
-
-
-class DamagedCheckpointError(CheckpointError):
-    """A checkpoint whose bytes differ from the digest written with it; `intact` is the newest
-    checkpoint of the same run that verifies, or None."""
-
-    def __init__(self, path: str, intact: str | None) -> None:
-        self.path, self.intact = path, intact
-        where = os.path.dirname(os.path.realpath(path))
-        if intact is None:
-            fix = f"no intact checkpoint of this run is left in {where}"
-        elif check_digest(intact) is None:
-            fix = f"the newest checkpoint of this run not known to be damaged is {intact} (it has no digest: unverified)"
-        else:
-            fix = f"the newest intact checkpoint of this run is {intact}"
-        super().__init__(f"checkpoint {path} is damaged: its bytes do not match the digest written with it "
-                         f"({os.path.basename(digest_path(path))}); {fix}")
+def damaged(path: str, intact: str | None) -> DamagedCheckpointError:
+    """The error for a checkpoint whose bytes differ from its digest, naming the newest intact one."""
+    where = os.path.dirname(os.path.realpath(path))
+    if intact is None:
+        fix = f"no intact checkpoint of this run is left in {where}"
+    elif check_digest(intact) is None:
+        fix = f"the newest checkpoint of this run not known to be damaged is {intact} (it has no digest: unverified)"
+    else:
+        fix = f"the newest intact checkpoint of this run is {intact}"
+    return DamagedCheckpointError(path, intact, f"checkpoint {path} is damaged: its bytes do not match the digest "
+                                  f"written with it ({os.path.basename(digest_path(path))}); {fix}")
 
 
 def digest_path(path: str | os.PathLike) -> str:
@@ -110,7 +104,7 @@ def verify_checkpoint(path: str | os.PathLike) -> bool | None:
     ok = check_digest(path)
     if ok is False:
         real = os.path.realpath(str(path))
-        raise DamagedCheckpointError(str(path), newest_intact(os.path.dirname(real), exclude=real))
+        raise damaged(str(path), newest_intact(os.path.dirname(real), exclude=real))
     return ok
 
 
@@ -278,24 +272,22 @@ def save_atomic(checkpoint: dict[str, Any], path: str | os.PathLike,
     path = str(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
+    tmp = tmp_path(path)
     sidecar = path + DIGEST_SUFFIX
-    sidecar_tmp = f"{sidecar}.{os.getpid()}.tmp"
+    sidecar_tmp = tmp_path(sidecar)
     try:
         with open(tmp, "wb") as f:
             writer = HashingWriter(f)
             write(checkpoint, writer)
-            f.flush()
-            os.fsync(f.fileno())
+            fsync_file(f)
         with open(sidecar_tmp, "w") as f:
             json.dump({"digest": writer.digest(), "size": writer.size}, f)
-            f.flush()
-            os.fsync(f.fileno())
+            fsync_file(f)
         if os.path.lexists(sidecar):
             os.remove(sidecar)
         os.replace(tmp, path)
         os.replace(sidecar_tmp, sidecar)
-        _fsync_dir(folder)
+        fsync_dir(folder)
     except OSError as e:
         for leftover in (tmp, sidecar_tmp):
             if os.path.exists(leftover):
@@ -310,19 +302,6 @@ def remove_checkpoint(path: str | os.PathLike) -> None:
     for p in (str(path), str(path) + DIGEST_SUFFIX):
         if os.path.lexists(p):
             os.remove(p)
-
-
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ---- random number generators: Lightning saves none, so a resume would draw other numbers
@@ -390,16 +369,3 @@ class RunLock:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-def check_writable(folder: str | os.PathLike, what: str) -> None:
-    """Create `folder` if needed and write a file in it, or raise one line saying which folder."""
-    import tempfile
-
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise CheckpointError(f"cannot write to {what} {folder} ({e.strerror or e}); choose a writable "
-                              "folder (--trainer.default_root_dir, --checkpoint.dirpath)") from None

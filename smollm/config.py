@@ -11,11 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from smollm.errors import SmolLMError
-
-
-class ConfigError(SmolLMError, ValueError):
-    """A model configuration that cannot be built: an unknown preset or field, a bad value."""
+from smollm.errors import ConfigError
 
 
 @dataclass

@@ -34,13 +34,13 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from smollm.callbacks import (AtomicCheckpointIO, Console, Interrupted, KeepGlobalBatch, StepCheckpoint,
                               StopAtStepEnd, ValidateAtEnd)
-from smollm.checkpoint import (RunLock, check_config, check_writable,
-                               find_last_checkpoint, read_checkpoint, step_files)
+from smollm.checkpoint import RunLock, check_config, find_last_checkpoint, read_checkpoint, step_files
 from smollm.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_PREEMPTED, fail, fail_on
 from smollm.config import ModelConfig
 from smollm.data import TextDataModule, accumulation
 from smollm.errors import SmolLMError, UsageError
 from smollm.generate import complete
+from smollm.io import check_writable
 from smollm.model import SmolLM
 from smollm.module import LitSmolLM
 from smollm.optim import (check_clipping, check_precision, check_same_groups, check_same_optimizer,

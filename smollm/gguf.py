@@ -23,13 +23,10 @@ import numpy as np
 import torch
 
 from smollm.config import ModelConfig
-from smollm.errors import MissingPathError, SmolLMError
-from smollm.hf import HFFormatError, config_from_hf, hf_state_dict, model_from_state
+from smollm.errors import GGUFExportError, HFFormatError, MissingPathError
+from smollm.hf import config_from_hf, hf_state_dict, model_from_state
+from smollm.io import replace_durably, tmp_path
 from smollm.model import SmolLM
-
-
-class GGUFExportError(SmolLMError, ValueError):
-    """A model or tokenizer that cannot be written as a llama.cpp GGUF."""
 
 
 def gguf_architecture(path: str | os.PathLike) -> str:
@@ -216,7 +213,7 @@ def save_gguf(model: SmolLM, path: str | os.PathLike, tokenizer: Any, dtype: str
     if tokenizer is None:
         raise GGUFExportError("a GGUF for llama.cpp needs the tokenizer inside, and none was given")
     path = Path(path)
-    tmp = f"{path}.{os.getpid()}.tmp"
+    tmp = tmp_path(path)
     types = {}
     try:
         writer = GGUFWriter(tmp, "llama")
@@ -231,7 +228,7 @@ def save_gguf(model: SmolLM, path: str | os.PathLike, tokenizer: Any, dtype: str
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
     except OSError as e:  # a full disk, a folder without write permission
         raise GGUFExportError(f"could not write {path}: {e.strerror or e}") from None
     finally:

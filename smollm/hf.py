@@ -10,28 +10,19 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from smollm.config import ModelConfig
-from smollm.errors import MissingPathError, SmolLMError, UsageError
+from smollm.errors import HFFormatError, MissingPathError, UnsafeFileError, UsageError
+from smollm.io import load_torch_file
 from smollm.model import RotaryEmbedding, SmolLM
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 PYTORCH_BIN, PYTORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 WEIGHT_FILES = (SAFETENSORS, SAFETENSORS_INDEX, PYTORCH_BIN, PYTORCH_BIN_INDEX)
-
-class HFFormatError(SmolLMError, ValueError):
-    """A directory, config or weight file that is not a SmolLM-compatible Llama checkpoint."""
-
-
-class UnsafeFileError(SmolLMError, ValueError):
-    """A torch file that would run code when loaded."""
-
 
 # ---------------------------------------------------------------------------------------------
 # config.json <-> ModelConfig
@@ -160,20 +151,6 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def _load_bin(f: Path) -> dict[str, torch.Tensor]:
     return load_torch_file(f)
-
-
-def load_torch_file(path: str | os.PathLike, mmap: bool = False) -> Any:
-    """torch.load with weights_only=True: tensors and plain Python values only. A file whose
-    pickle asks for anything else (code that would run on loading) is refused in one line."""
-    try:
-        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        if "weights only load failed" not in str(e).lower():
-            raise
-        unsafe = re.search(r"GLOBAL ([\w.]+ [\w.]+|[\w.]+)", str(e))
-        what = f" ({unsafe.group(1)})" if unsafe else ""
-        raise UnsafeFileError(f"{path} holds Python objects other than tensors and plain values{what}, which "
-                              "could run code when loaded; refused") from None
 
 
 def _from_hf_keys(tensors: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:

@@ -17,10 +17,9 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric, SumMetric
 
-from smollm.checkpoint import (CheckpointError, load_model, rng_state, set_rng_state, strip_compile_prefix,
-                               tokenizer_ids, vocab_digest)
+from smollm.checkpoint import load_model, rng_state, set_rng_state, strip_compile_prefix, tokenizer_ids, vocab_digest
 from smollm.config import ModelConfig
-from smollm.errors import SmolLMError, UsageError
+from smollm.errors import InitFromError, NonFiniteError, UsageError
 from smollm.generate import complete
 from smollm.gguf import load_gguf
 from smollm.model import SmolLM, chunked_cross_entropy
@@ -29,10 +28,6 @@ from smollm.optim import (OPTIMIZER_SETTINGS, SCHEDULE_SETTINGS, apply_settings,
 from smollm.sharding import clip_grad_norm, full_model, is_fsdp, shard_by_layer
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteError(SmolLMError, RuntimeError):
-    """The loss or the gradient norm is NaN or infinite; the optimizer step was not applied."""
 
 
 class LitSmolLM(L.LightningModule):
@@ -119,7 +114,7 @@ class LitSmolLM(L.LightningModule):
             # (a GGUF does not record it).
             differ = [d for d in self.config.diff(self.model.config) if not d.startswith("initializer_range:")]
             if differ:
-                raise CheckpointError(
+                raise InitFromError(
                     f"--model.init_from {init_from} does not match preset {preset!r}: "
                     + "; ".join(differ) + " (choose the matching --model.preset or overrides)")
             self.model.config = self.config
@@ -176,7 +171,7 @@ class LitSmolLM(L.LightningModule):
                 log.warning(f"note: --model.init_from {init_from} names no tokenizer, so its token ids cannot be "
                             f"compared with those of --data.tokenizer {data_tokenizer!r}")
         elif ids != self._tokenizer_ids:
-            raise CheckpointError(
+            raise InitFromError(
                 f"--model.init_from {init_from} was trained with tokenizer {name!r}, whose token ids differ from "
                 f"those of --data.tokenizer {data_tokenizer!r}; pass --data.tokenizer {name!r}, or "
                 "--model.allow_other_tokenizer true to train its embedding on other ids knowingly")
@@ -396,7 +391,7 @@ def load_weights(path: str) -> tuple[SmolLM, str | None, str | None]:
     from pathlib import Path
 
     if not Path(path).exists():
-        raise CheckpointError(f"--model.init_from {path}: no such folder; give a Hugging Face model folder "
+        raise InitFromError(f"--model.init_from {path}: no such folder; give a Hugging Face model folder "
                               "(python -m smollm.convert writes one), a .ckpt of smollm.fit or a GGUF")
     if Path(path).suffix == ".gguf":
         model, tokenizer = load_gguf(path)  # it carries its tokenizer

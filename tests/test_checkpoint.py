@@ -15,9 +15,10 @@ import torch
 
 import fitutil
 from smollm.callbacks import AtomicCheckpointIO
-from smollm.checkpoint import CheckpointError, RunLock, model_from_checkpoint, read_checkpoint
+from smollm.checkpoint import RunLock, model_from_checkpoint, read_checkpoint
+from smollm.errors import CheckpointError, UnsafeFileError
 from smollm.fit import main
-from smollm.hf import UnsafeFileError, load_hf, save_hf
+from smollm.hf import load_hf, save_hf
 
 
 def args(root: Path, data, max_steps: int, every: int = 1000, extra=()) -> list[str]:

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import smollm.data as data
-from smollm.data import DataError, ResumableSampler, TextDataModule, accumulation, read_pieces, split_windows
+from smollm.data import ResumableSampler, TextDataModule, accumulation, read_pieces, split_windows
+from smollm.errors import DataError
 from helpers_data import make_tokenizer, sentences, write_corpus
 
 SEQ = 16

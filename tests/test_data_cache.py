@@ -21,7 +21,8 @@ import torch
 
 import smollm.data as data
 from helpers_data import SOURCE_KINDS, documents, make_source, make_tokenizer, write_records
-from smollm.data import DataError, TextDataModule, TokenCache
+from smollm.data import TextDataModule, TokenCache
+from smollm.errors import DataError
 
 SEQ = 16
 TESTS = Path(__file__).resolve().parent

@@ -30,8 +30,9 @@ import smollm.data as data
 from helpers_data import documents, write_records
 from smollm.data import TextDataModule
 from smollm.data import remote as remote_mod
-from smollm.data.remote import Remote, RemoteError
+from smollm.data.remote import Remote
 from smollm.digest import file_digest
+from smollm.errors import RemoteError
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")

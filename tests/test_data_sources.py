@@ -14,7 +14,8 @@ import pytest
 
 import smollm.data as data
 from helpers_data import SOURCE_KINDS, compress, documents, make_source, sentences, write_records
-from smollm.data import DataError, DatasetSource, FileSource, TextDataModule
+from smollm.data import DatasetSource, FileSource, TextDataModule
+from smollm.errors import DataError
 
 SEQ = 16
 TESTS = Path(__file__).resolve().parent

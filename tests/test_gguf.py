@@ -17,7 +17,8 @@ import fitutil
 from smollm import ModelConfig, SmolLM
 from smollm.assets import load_tokenizer
 from smollm.convert import main as convert_main
-from smollm.gguf import GGUFExportError, permute_for_llama_cpp, save_gguf
+from smollm.errors import GGUFExportError
+from smollm.gguf import permute_for_llama_cpp, save_gguf
 from smollm.hf import save_hf
 
 ROOT = Path(__file__).resolve().parents[1]

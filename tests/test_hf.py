@@ -12,9 +12,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from smollm import ModelConfig, SmolLM
-from smollm.assets import TokenizerLoadError, load_tokenizer
+from smollm.assets import load_tokenizer
+from smollm.errors import HFFormatError, TokenizerLoadError
 from smollm.gguf import load_gguf
-from smollm.hf import HFFormatError, load_hf, save_hf
+from smollm.hf import load_hf, save_hf
 
 ROOT = Path(__file__).resolve().parents[1]
 X = torch.randint(0, 49152, (2, 10), generator=torch.Generator().manual_seed(3))

@@ -18,9 +18,10 @@ import torch
 
 import fitutil
 from helpers_data import documents, write_records
-from smollm.checkpoint import DamagedCheckpointError, read_checkpoint
-from smollm.data import DataError, TextDataModule, TokenCache, cache
+from smollm.checkpoint import read_checkpoint
+from smollm.data import TextDataModule, TokenCache, cache
 from smollm.digest import file_digest
+from smollm.errors import DamagedCheckpointError, DataError
 from smollm.fit import main as fit
 
 

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from smollm.assets import load_tokenizer, smollm2_gguf
+from smollm.errors import DownloadError
 from smollm.generate import generate
-from smollm.assets import DownloadError, load_tokenizer, smollm2_gguf
 from smollm.hf import load_hf
 
 pytestmark = pytest.mark.slow

@@ -13,9 +13,9 @@
 from smollm.data.cache import (TokenCache, build_cache, cache_key, load_tokenizer, token_dtype,
                                tokenizer_fingerprint)
 from smollm.data.module import TextDataModule
-from smollm.data.sources import (STDLIB, DataError, DatasetSource, FileSource, file_format, read_pieces,
-                                 resolve_files, stdlib_files)
+from smollm.data.sources import STDLIB, DatasetSource, FileSource, file_format, read_pieces, resolve_files, stdlib_files
 from smollm.data.windows import ResumableSampler, TokenWindows, accumulation, split_windows
+from smollm.errors import DataError
 
 __all__ = [
     "STDLIB", "DataError", "DatasetSource", "FileSource", "ResumableSampler", "TextDataModule",

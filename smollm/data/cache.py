@@ -48,9 +48,10 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from smollm import assets
-from smollm.data.sources import DataError, Position, Unit, write_json_atomic
+from smollm.data.sources import Position, Unit
 from smollm.digest import CHUNK, Hasher, HashingWriter
-from smollm.errors import SmolLMError, first_line
+from smollm.errors import DataError, SmolLMError, first_line
+from smollm.io import fsync_file, replace_durably, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -493,15 +494,6 @@ def cpu_count() -> int:
 # Writing: shards, each made durable before the index lists it
 
 
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 class _ShardWriter:
     """Appends tokens to the open shard, hashing them as they are written; commits each full one
     (fsync, rename, index with its digest, largest id and where the sources stood at its start)."""
@@ -560,8 +552,7 @@ class _ShardWriter:
             self.counts.close()
             self.counts = None
             self._counts_tmp().unlink()
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        fsync_file(self.file)
         self.file.close()
         self.file = None
         entry = {"file": f"shard-{len(self.index['shards']):06d}.bin", "tokens": self.in_shard,
@@ -575,8 +566,7 @@ class _ShardWriter:
         if self.file is not None:
             entry = self._close()
             name = entry["file"]
-            os.replace(self._tmp(), self.folder / name)
-            _fsync_dir(self.folder)
+            replace_durably(self._tmp(), self.folder / name)
             index["shards"].append(entry)
         index.update(n_tokens=sum(s["tokens"] for s in index["shards"]), n_docs=state["n_docs"],
                      sources=state["sources"], resume=None if complete else state["resume"],
@@ -625,8 +615,7 @@ class _RebuildWriter(_ShardWriter):
             raise DataError(f"token cache shard {self.folder / self.expected['file']} is damaged, and its sources "
                             "no longer give the same tokens, so it cannot be rebuilt; delete "
                             f"{self.folder} and run again to tokenize them afresh")
-        os.replace(self._tmp(), self.folder / self.expected["file"])
-        _fsync_dir(self.folder)
+        replace_durably(self._tmp(), self.folder / self.expected["file"])
         raise _Rebuilt
 
 

@@ -24,8 +24,9 @@ from smollm.data.cache import (FORMAT_VERSION, INDEX, TokenCache, build_cache, c
                                is_complete, load_tokenizer, read_index, rebuild_shard, stamp_verified,
                                context_free, token_dtype, tokenizer_fingerprint, verified_in_this_launch)
 from smollm.data.remote import Remote, is_url
-from smollm.data.sources import STDLIB, DataError, DatasetSource, FileSource
+from smollm.data.sources import STDLIB, DatasetSource, FileSource
 from smollm.data.windows import ResumableSampler, TokenWindows, accumulation, split_windows
+from smollm.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from smollm.data.cache import INDEX, is_complete, read_index, shard_size, verify_shard
-from smollm.data.sources import DataError, write_json_atomic
 from smollm.digest import file_digest
-from smollm.errors import first_line
+from smollm.errors import RemoteError, first_line
+from smollm.io import fsync_file, replace_durably, write_json_atomic
 
 CHUNK = 1 << 24  # 16 MiB per ranged read of a download
 TRANSFERS = 8  # shards downloaded or uploaded at once
@@ -47,10 +47,6 @@ POLL_S = 10.0  # how often a process waiting for another node's build looks agai
 # instead of after minutes of retries. Transfers use the backend's usual retries.
 QUICK_S3 = {"connect_timeout": 3, "read_timeout": 10, "retries": {"max_attempts": 1, "mode": "standard"}}
 S3 = {"connect_timeout": 10, "read_timeout": 120, "retries": {"max_attempts": 5, "mode": "standard"}}
-
-
-class RemoteError(DataError):
-    """The remote cache cannot be used as asked: one line naming the URL and what to do."""
 
 
 def is_url(cache_dir: Any) -> bool:
@@ -298,8 +294,7 @@ class Remote:
                 out.write(data)
                 offset, fetched = end, fetched + len(data)
                 advance(len(data))
-            out.flush()
-            os.fsync(out.fileno())
+            fsync_file(out)
         expected = entry.get("digest")
         if expected is not None and file_digest(part) != expected:
             part.unlink()
@@ -308,7 +303,7 @@ class Remote:
             raise RemoteError(f"{self.where(name)}/{entry['file']} does not match its digest in index.json "
                               f"(damaged in storage or in transit); run again to download it afresh, and if "
                               f"it fails again rebuild the remote cache")
-        os.replace(part, target)
+        replace_durably(part, target)
         return fetched
 
 

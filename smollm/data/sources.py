@@ -29,7 +29,8 @@ import zlib
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
-from smollm.errors import SmolLMError, first_line
+from smollm.errors import DataError, first_line
+from smollm.io import write_json_atomic
 
 STDLIB = "@stdlib"
 # A folder given in `files` means every file below it with one of these suffixes.
@@ -52,10 +53,6 @@ HUB_TIMEOUT_S = 10  # asking the hub which commit a dataset name means: never a 
 
 Position = tuple[int, int, int]  # (item, byte offset or row, line number)
 Unit = tuple[Position, str, bool]  # (where it starts, its text, whether EOS follows it)
-
-
-class DataError(SmolLMError, ValueError):
-    """Bad data input, found before training starts. The message is one line: what, and what to do."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -259,17 +256,6 @@ def scan_files(paths: list[Path], memo: Path | None = None) -> tuple[list[str], 
         except OSError:
             pass  # only a shortcut: the next start hashes again
     return hashes, has_text
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary file beside `path`, flush it to disk, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------

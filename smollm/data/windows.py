@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from smollm.data.cache import TokenCache
-from smollm.data.sources import DataError
+from smollm.errors import DataError
 
 
 def split_windows(n_tokens: int, seq_len: int, val_fraction: float) -> tuple[int, int, int]:
