@@ -14,7 +14,7 @@
 # Run it from the project folder, which every node must see (checkpoints and logs go there).
 # Put the token cache on a file system that every node sees (--data.cache_dir, or SMOLLM_CACHE),
 # with working locks: the first task tokenizes and the others wait. Or build it beforehand (see
-# the README, "The token cache").
+# docs/data.md, "Tokenizing on several GPUs or machines", or docs/object-storage.md).
 #
 #SBATCH --job-name=smollm
 #SBATCH --nodes=2
