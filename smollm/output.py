@@ -10,8 +10,11 @@ from __future__ import annotations
 import os
 import sys
 
-# Where launchers put the global rank, in the order Lightning reads them.
-_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+# Where launchers put the global rank, in the order Lightning reads them, each with the variable
+# that says how many processes there are: a rank counts only beside a world of more than one, so a
+# RANK left in the shell from an earlier torchrun does not silence a single-process run.
+_RANK_VARIABLES = (("RANK", "WORLD_SIZE"), ("LOCAL_RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS"),
+                   ("JSM_NAMESPACE_RANK", "JSM_NAMESPACE_SIZE"))
 
 
 def global_rank() -> int:
@@ -19,9 +22,9 @@ def global_rank() -> int:
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         return dist.get_rank()
-    for name in _RANK_VARIABLES:
-        if os.environ.get(name, "").isdigit():
-            return int(os.environ[name])
+    for rank, size in _RANK_VARIABLES:
+        if os.environ.get(rank, "").isdigit() and os.environ.get(size, "").isdigit() and int(os.environ[size]) > 1:
+            return int(os.environ[rank])
     return 0
 
 
