@@ -228,6 +228,8 @@ def save_gguf(model: SmolLM, path: str | os.PathLike, tokenizer: Any, dtype: str
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        with open(tmp, "rb") as f:  # GGUFWriter closes without flushing to the disk
+            os.fsync(f.fileno())
         replace_durably(tmp, path)
     except OSError as e:  # a full disk, a folder without write permission
         raise GGUFExportError(f"could not write {path}: {e.strerror or e}") from None
