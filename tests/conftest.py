@@ -53,6 +53,6 @@ def tok_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tokenizer(tok_dir):
     """That tokenizer, loaded and checked as the data package loads one."""
-    import smollm.data as data
+    from smollm.assets import load_tokenizer
 
-    return data.load_tokenizer(tok_dir)
+    return load_tokenizer(tok_dir, for_cache=True)

@@ -331,19 +331,19 @@ class CountingCheckpointIO(AtomicCheckpointIO):
 class CountBuilds(L.Callback):
     """Appends "<pid>" to `path` each time this process builds (tokenizes) a token cache: a test
     counts the builds of every process. The CLI makes its callbacks before the data is prepared;
-    this one wraps TextDataModule._build then, for the whole process (use it in subprocesses)."""
+    this one wraps TokenStore._build then, for the whole process (use it in subprocesses)."""
 
     def __init__(self, path: str) -> None:
-        from smollm.data.module import TextDataModule
+        from smollm.data.store import TokenStore
 
-        build = TextDataModule._build
+        build = TokenStore._build
 
-        def counted(datamodule, *args, **kwargs):
+        def counted(store, *args, **kwargs):
             with open(path, "a") as f:
                 f.write(f"{os.getpid()}\n")
-            return build(datamodule, *args, **kwargs)
+            return build(store, *args, **kwargs)
 
-        TextDataModule._build = counted
+        TokenStore._build = counted
 
 
 class SyncDetector(L.Callback):

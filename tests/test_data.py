@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import smollm.data as data
-from smollm.data import ResumableSampler, TextDataModule, accumulation, read_pieces, split_windows
+from smollm.data import ResumableSampler, TextDataModule, TokenWindows, accumulation, read_pieces, split_windows
 from smollm.errors import DataError
 from helpers_data import make_tokenizer, sentences, write_corpus
 
@@ -107,7 +107,7 @@ def test_cache_holds_every_document_then_eos(make_dm, corpus, tokenizer):
     tokens = tokens_of(dm)
     assert tokens.dtype == np.uint16
     assert tokens.tolist() == expected
-    meta = json.loads(dm._corpus["meta_path"].read_text())
+    meta = json.loads((dm.store.corpus.folder / "index.json").read_text())
     assert meta["n_tokens"] == dm.n_tokens == len(expected)
     assert meta["n_docs"] == 4 and len(meta["files"]) == 4 and meta["tokenizer"] == dm.tokenizer_name
 
@@ -130,30 +130,30 @@ def test_special_token_strings_in_a_document_are_text_not_boundaries(make_dm, tm
 
 def test_streaming_in_small_batches_gives_the_same_tokens(make_dm, monkeypatch):
     whole = tokens_of(ready(make_dm()))
-    monkeypatch.setattr(data.cache, "BATCH_BYTES", 300)  # many flushes, EOS placement across batches
-    dm = ready(make_dm(cache_dir=str(Path(make_dm().cache_dir).parent / "cache2")))
+    monkeypatch.setattr(data.build, "BATCH_BYTES", 300)  # many flushes, EOS placement across batches
+    dm = ready(make_dm(cache_dir=str(Path(make_dm().store.cache_dir).parent / "cache2")))
     assert np.array_equal(tokens_of(dm), whole)
 
 
 def test_unchanged_corpus_is_not_tokenized_again(make_dm, monkeypatch):
     first = ready(make_dm())
-    before = first._corpus["bin_path"].stat()
+    before = (first.store.corpus.folder / "shard-000000.bin").stat()
 
     def fail(*args, **kwargs):
         raise AssertionError("tokenized again")
-    monkeypatch.setattr(data.module, "build_cache", fail)
+    monkeypatch.setattr(data.store, "build_cache", fail)
     second = ready(make_dm())
-    after = second._corpus["bin_path"].stat()
-    assert second._corpus["bin_path"] == first._corpus["bin_path"]
+    after = (second.store.corpus.folder / "shard-000000.bin").stat()
+    assert second.store.corpus.folder / "shard-000000.bin" == first.store.corpus.folder / "shard-000000.bin"
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
 
 
 def test_changed_file_or_tokenizer_rebuilds(make_dm, corpus, tmp_path):
-    base = ready(make_dm())._corpus["bin_path"]
+    base = ready(make_dm()).store.corpus.folder / "shard-000000.bin"
     (corpus / "doc1.txt").write_text(sentences(60, seed=7))
-    changed = ready(make_dm())._corpus["bin_path"]
+    changed = ready(make_dm()).store.corpus.folder / "shard-000000.bin"
     other_tok = make_tokenizer(tmp_path / "tok2", vocab_size=300, seed=1)
-    retok = ready(make_dm(tokenizer=other_tok))._corpus["bin_path"]
+    retok = ready(make_dm(tokenizer=other_tok)).store.corpus.folder / "shard-000000.bin"
     assert len({base, changed, retok}) == 3
     assert all(p.exists() for p in (base, changed, retok))
     assert not list(base.parent.glob("*.tmp"))  # no temporary file left behind
@@ -417,7 +417,7 @@ def test_resume_with_lightning_neither_repeats_nor_skips_a_window(make_dm, tmp_p
 
 def test_attributes_and_describe(make_dm, tokenizer):
     dm = ready(make_dm())
-    assert dm.vocab_size == len(tokenizer) and dm.eos_token_id == tokenizer.eos_token_id
+    assert dm.vocab_size == len(tokenizer) and dm.tokenizer.eos_token_id == tokenizer.eos_token_id
     assert dm.n_tokens > 2000 and dm.n_train_windows == (dm.n_tokens - dm.n_val_windows * SEQ - 2) // SEQ
     assert dm.tokenizer.decode(dm.train_dataset[0]["input_ids"][:3].tolist())
     line = dm.describe()
@@ -454,7 +454,7 @@ def test_empty_files_are_skipped_with_a_warning(make_dm, corpus):
     (corpus / "empty.md").write_text("")
     with pytest.warns(UserWarning, match="skipping 2 empty file.*blank.txt.*empty.md"):
         dm = ready(make_dm())
-    assert len(dm._corpus["docs"]) == 4 and len(dm._corpus["empty"]) == 2
+    assert len(dm.store.corpus.docs) == 4 and len(dm.store.corpus.empty) == 2
 
 
 def test_all_empty_is_an_error(make_dm, tmp_path):
@@ -469,9 +469,9 @@ def test_bytes_that_are_not_utf8(make_dm, corpus):
     bad.write_bytes("caf".encode() + b"\xe9 au lait\n")
     with pytest.raises(DataError, match=r"latin1.txt is not UTF-8 at byte 3 .*encoding_errors replace"):
         make_dm().prepare_data()
-    assert not list(Path(make_dm().token_dir).glob("*.tmp"))
+    assert not list(Path(make_dm().store.token_dir).glob("*.tmp"))
     dm = ready(make_dm(encoding_errors="replace"))
-    assert dm.n_tokens > 0 and len(dm._corpus["docs"]) == 5
+    assert dm.n_tokens > 0 and len(dm.store.corpus.docs) == 5
 
 
 def test_corpus_too_small(make_dm, tmp_path):
@@ -503,8 +503,9 @@ def test_evaluation_gets_the_validation_windows_and_windows_over_every_token(mak
     assert len(val) == 3 == dm.n_val_windows
     batch = next(iter(dm.val_dataloader()))
     assert torch.equal(torch.stack([val[k]["input_ids"] for k in range(len(val))])[:BATCH], batch["input_ids"][:3])
-    assert len(dm.heldout_windows()) == dm.n_heldout_windows > 3
-    assert dm.heldout_windows()[0]["input_ids"].tolist() == val[0]["input_ids"].tolist()
+    heldout = TokenWindows(dm.token_cache, dm.seq_len, dm.val_start, range(dm.n_heldout_windows))  # the whole tail
+    assert len(heldout) == dm.n_heldout_windows > 3
+    assert heldout[0]["input_ids"].tolist() == val[0]["input_ids"].tolist()
 
     tokens = tokens_of(dm)
     for L in (SEQ, 7):

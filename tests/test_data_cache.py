@@ -55,7 +55,7 @@ def stream(dm: TextDataModule) -> np.ndarray:
 
 def shard_files(dm: TextDataModule) -> dict[str, tuple[int, int]]:
     """Each shard's name -> (inode, modification time): what rewriting it would change."""
-    folder = dm._corpus["folder"]
+    folder = dm.store.corpus.folder
     return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(folder.glob("shard-*.bin"))}
 
 
@@ -64,13 +64,13 @@ def shard_files(dm: TextDataModule) -> dict[str, tuple[int, int]]:
 
 def test_shards_hold_the_same_stream_windows_and_order_as_one_file(tmp_path, tok_dir, corpus, monkeypatch):
     one = ready(make(tmp_path, tok_dir, corpus, cache="one"))
-    monkeypatch.setattr(data.cache, "SHARD_TOKENS", 100)
-    monkeypatch.setattr(data.cache, "BATCH_BYTES", 500)
+    monkeypatch.setattr(data.build, "SHARD_TOKENS", 100)
+    monkeypatch.setattr(data.build, "BATCH_BYTES", 500)
     many = ready(make(tmp_path, tok_dir, corpus, cache="many"))
     assert len(one.token_cache.shards) == 1
     sizes = [n for _, n in many.token_cache.shards]
     assert len(sizes) == -(-one.n_tokens // 100) and set(sizes[:-1]) == {100} and 0 < sizes[-1] <= 100
-    assert [p.stat().st_size for p in sorted(many._corpus["folder"].glob("shard-*.bin"))] == [2 * n for n in sizes]
+    assert [p.stat().st_size for p in sorted(many.store.corpus.folder.glob("shard-*.bin"))] == [2 * n for n in sizes]
     whole = stream(one)
     assert np.array_equal(stream(many), whole)
     assert (many.n_documents, many.n_train_windows, many.n_val_windows, many.val_start) == \
@@ -86,16 +86,15 @@ def test_shards_hold_the_same_stream_windows_and_order_as_one_file(tmp_path, tok
     cache = many.token_cache
     for start, stop in ((0, 0), (95, 105), (99, 301), (0, many.n_tokens), (many.n_tokens - 3, many.n_tokens + 9)):
         assert np.array_equal(cache.read(start, stop), whole[start:stop])
-        assert np.array_equal(cache[start:stop], whole[start:stop])
 
 
 def test_a_damaged_shard_is_refused_in_one_line(tmp_path, tok_dir, corpus, monkeypatch):
-    monkeypatch.setattr(data.cache, "SHARD_TOKENS", 1000)
+    monkeypatch.setattr(data.build, "SHARD_TOKENS", 1000)
     dm = ready(make(tmp_path, tok_dir, corpus))
-    shard = dm._corpus["folder"] / "shard-000001.bin"
+    shard = dm.store.corpus.folder / "shard-000001.bin"
     shard.write_bytes(shard.read_bytes()[:-2])
     with pytest.raises(DataError, match=r"shard-000001.bin is missing or damaged; delete .* and run again"):
-        TokenCache(dm._corpus["folder"])
+        TokenCache(dm.store.corpus.folder)
 
 
 # -- bytes per token, in context ------------------------------------------------------------------
@@ -131,7 +130,7 @@ def test_token_bytes_in_context_are_the_texts_utf8_bytes(tmp_path, tok_dir, kind
     dm = ready(make(tmp_path, tokenizer, tmp_path / "docs.jsonl", seq_len=4))
     cache, ids = dm.token_cache, stream(dm)
     texts = DOCUMENTS + documents(20, seed=5)
-    ends = np.flatnonzero(ids == dm.eos_token_id)
+    ends = np.flatnonzero(ids == dm.tokenizer.eos_token_id)
     assert len(ends) == len(texts)
     assert cache.n_bytes(0, len(ids)) == sum(len(t.encode()) for t in texts)
     prepends = kind != "byte-level"  # a "▁" before the text, which stands for no byte of it
@@ -158,7 +157,7 @@ def test_a_text_file_read_in_pieces_gives_the_whole_files_tokens(tmp_path, tok_d
     (tmp_path / "t.txt").write_text(text, encoding="utf-8")
     dm = ready(make(tmp_path, tokenizer, tmp_path / "t.txt", seq_len=4))
     whole = dm.tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert stream(dm).tolist() == whole + [dm.eos_token_id]
+    assert stream(dm).tolist() == whole + [dm.tokenizer.eos_token_id]
     assert dm.token_cache.n_bytes(0, len(whole) + 1) == len(text.encode())
 
 
@@ -169,27 +168,27 @@ def test_the_cache_is_reused_or_rebuilt_as_its_key_says(tmp_path, tok_dir, corpu
     base = ready(make(tmp_path, tok_dir, corpus))
     before = shard_files(base)
     built = []
-    real = data.module.build_cache
-    monkeypatch.setattr(data.module, "build_cache", lambda *a, **k: (built.append(1), real(*a, **k)))
+    real = data.store.build_cache
+    monkeypatch.setattr(data.store, "build_cache", lambda *a, **k: (built.append(1), real(*a, **k)))
 
     (corpus / "c.txt").touch()  # a new modification time, the same content
     same = ready(make(tmp_path, tok_dir, corpus, num_workers=1, seed=3, seq_len=8, batch_size=2))
-    assert not built and same._corpus["folder"] == base._corpus["folder"] and shard_files(same) == before
+    assert not built and same.store.corpus.folder == base.store.corpus.folder and shard_files(same) == before
 
-    folders = {base._corpus["folder"]}
+    folders = {base.store.corpus.folder}
     for kw in (dict(max_tokens=5000), dict(encoding_errors="replace"),
                dict(tokenizer=make_tokenizer(tmp_path / "tok2", vocab_size=300, seed=1))):
-        folders.add(ready(make(tmp_path, tok_dir, corpus, **kw))._corpus["folder"])
+        folders.add(ready(make(tmp_path, tok_dir, corpus, **kw)).store.corpus.folder)
     assert len(built) == 3 and len(folders) == 4
     # The text key: the same text under two names is still two caches.
     (tmp_path / "both.jsonl").write_text("".join(json.dumps({"text": t, "body": t}) + "\n"
                                                  for t in documents(60, seed=1)))
     by_text = ready(make(tmp_path, tok_dir, tmp_path / "both.jsonl"))
     by_body = ready(make(tmp_path, tok_dir, tmp_path / "both.jsonl", text_key="body"))
-    assert by_text._corpus["folder"] != by_body._corpus["folder"]
+    assert by_text.store.corpus.folder != by_body.store.corpus.folder
     assert np.array_equal(stream(by_text), stream(by_body))
     write_records(corpus / "a.jsonl", documents(61, seed=1))  # one more record
-    assert ready(make(tmp_path, tok_dir, corpus))._corpus["folder"] not in folders
+    assert ready(make(tmp_path, tok_dir, corpus)).store.corpus.folder not in folders
     assert shard_files(base) == before  # the earlier caches are untouched
 
 
@@ -199,13 +198,14 @@ def test_a_saved_dataset_is_keyed_by_its_fingerprint(tmp_path, tok_dir):
     datasets.Dataset.from_dict({"text": documents(40, seed=4)}).save_to_disk(str(tmp_path / "ds"))
     first = ready(make(tmp_path, tok_dir, None, files=None, dataset=str(tmp_path / "ds")))
     again = ready(make(tmp_path, tok_dir, None, files=None, dataset=str(tmp_path / "ds")))
-    assert again._corpus["folder"] == first._corpus["folder"]
+    assert again.store.corpus.folder == first.store.corpus.folder
     datasets.Dataset.from_dict({"text": documents(40, seed=5)}).save_to_disk(str(tmp_path / "ds2"))
     os.rename(tmp_path / "ds", tmp_path / "old")
     os.rename(tmp_path / "ds2", tmp_path / "ds")  # other data at the same path
     changed = ready(make(tmp_path, tok_dir, None, files=None, dataset=str(tmp_path / "ds")))
-    assert changed._corpus["spec"]["sources"][0]["fingerprint"] != first._corpus["spec"]["sources"][0]["fingerprint"]
-    assert changed._corpus["folder"] != first._corpus["folder"]
+    fingerprint = first.store.corpus.spec["sources"][0]["fingerprint"]
+    assert changed.store.corpus.spec["sources"][0]["fingerprint"] != fingerprint
+    assert changed.store.corpus.folder != first.store.corpus.folder
     assert not np.array_equal(stream(changed)[:50], stream(first)[:50])
 
 
@@ -217,11 +217,11 @@ def test_file_hashes_are_remembered_until_a_file_changes(tmp_path, tok_dir, corp
     read = []
     real = data.sources._scan
     monkeypatch.setattr(data.sources, "_scan", lambda p: (read.append(p.name), real(p))[1])
-    assert ready(make(tmp_path, tok_dir, corpus))._corpus["folder"] == first._corpus["folder"]
+    assert ready(make(tmp_path, tok_dir, corpus)).store.corpus.folder == first.store.corpus.folder
     assert read == []  # nothing read again
     (corpus / "c.txt").write_text("other text\n" * 500)
     changed = ready(make(tmp_path, tok_dir, corpus))
-    assert read == ["c.txt"] and changed._corpus["folder"] != first._corpus["folder"]
+    assert read == ["c.txt"] and changed.store.corpus.folder != first.store.corpus.folder
 
 
 # -- interrupted builds ---------------------------------------------------------------------------
@@ -269,14 +269,14 @@ def test_a_build_killed_with_sigkill_resumes_from_its_last_complete_shard(tmp_pa
     done = {s["file"]: done[s["file"]] for s in index["shards"]}
     committed = sum(s["tokens"] for s in index["shards"])
 
-    monkeypatch.setattr(data.cache, "SHARD_TOKENS", 500)
+    monkeypatch.setattr(data.build, "SHARD_TOKENS", 500)
     appended = []
-    real = data.cache._ShardWriter.append
-    monkeypatch.setattr(data.cache._ShardWriter, "append",
+    real = data.build._ShardWriter.append
+    monkeypatch.setattr(data.build._ShardWriter, "append",
                         lambda self, tokens, state_at, n_bytes=None: (appended.append(len(tokens)),
                                                                   real(self, tokens, state_at, n_bytes)))
     resumed = ready(TextDataModule(**args, num_workers=0))
-    assert resumed._corpus["folder"] == folder
+    assert resumed.store.corpus.folder == folder
     assert sum(appended) == resumed.n_tokens - committed  # only what was not in a complete shard
     assert all(((folder / p).stat().st_ino, (folder / p).stat().st_mtime_ns) == done[p] for p in done)
     assert not list(folder.glob("*.tmp"))
@@ -296,8 +296,8 @@ class Interrupted(Exception):
 @pytest.mark.parametrize("kind", [k for k in SOURCE_KINDS if k not in ("ndjson", "jsonl.bz2", "jsonl.xz")])
 def test_a_build_interrupted_at_every_shard_resumes_to_the_clean_build(tmp_path, tokenizer, kind, monkeypatch):
     # Shards of 97 tokens end inside documents, pieces of a text file and row groups.
-    monkeypatch.setattr(data.cache, "SHARD_TOKENS", 97)
-    monkeypatch.setattr(data.cache, "BATCH_BYTES", 300)
+    monkeypatch.setattr(data.build, "SHARD_TOKENS", 97)
+    monkeypatch.setattr(data.build, "BATCH_BYTES", 300)
     monkeypatch.setattr(data.sources, "PIECE_BYTES", 200)
     monkeypatch.setattr(data.sources, "PARQUET_BATCH_ROWS", 4)
     monkeypatch.setattr(data.sources, "DATASET_BATCH_ROWS", 4)
@@ -319,15 +319,15 @@ def test_a_build_interrupted_at_every_shard_resumes_to_the_clean_build(tmp_path,
         assert len(json.loads((tmp_path / "resumed" / "index.json").read_text())["shards"]) == k
     build(tmp_path / "resumed")
     resumed = TokenCache(tmp_path / "resumed")
-    assert np.array_equal(resumed[:], clean[:])
+    assert np.array_equal(resumed.read(0, len(resumed)), clean.read(0, len(clean)))
     a, b = resumed.index, clean.index
     assert (a["shards"], a["n_docs"], a["sources"]) == (b["shards"], b["n_docs"], b["sources"])
 
 
 def test_a_build_cut_by_max_tokens_resumes_to_the_clean_build(tmp_path, tokenizer, monkeypatch):
     # Two sources, each cut inside a document (with the EOS that ends it), shards across both cuts.
-    monkeypatch.setattr(data.cache, "SHARD_TOKENS", 61)
-    monkeypatch.setattr(data.cache, "BATCH_BYTES", 300)
+    monkeypatch.setattr(data.build, "SHARD_TOKENS", 61)
+    monkeypatch.setattr(data.build, "BATCH_BYTES", 300)
     monkeypatch.setattr(data.sources, "PARQUET_BATCH_ROWS", 4)
     sources = [make_source(tmp_path / "a", "mixed-folder", documents(40, seed=25)),
                make_source(tmp_path / "b", "dataset", documents(40, seed=26))]
@@ -343,14 +343,14 @@ def test_a_build_cut_by_max_tokens_resumes_to_the_clean_build(tmp_path, tokenize
 
     build(tmp_path / "clean")
     clean = TokenCache(tmp_path / "clean")
-    tokens = clean[:].tolist()
+    tokens = clean.read(0, len(clean)).tolist()
     assert len(tokens) == 503 + 331 and tokens[502] == eos and tokens[-1] == eos
     assert clean.index["n_docs"] == tokens.count(eos)
     for k in range(1, len(clean.shards)):
         build(tmp_path / "resumed", stop_at=k)
     build(tmp_path / "resumed")
     resumed = TokenCache(tmp_path / "resumed")
-    assert np.array_equal(resumed[:], clean[:])
+    assert np.array_equal(resumed.read(0, len(resumed)), clean.read(0, len(clean)))
     a, b = resumed.index, clean.index
     assert (a["shards"], a["n_docs"], a["sources"]) == (b["shards"], b["n_docs"], b["sources"])
 
@@ -386,8 +386,8 @@ def test_one_process_builds_while_another_waits_for_it(tmp_path, tok_dir):
 
 
 def test_a_bad_record_mid_build_keeps_the_complete_shards(tmp_path, tok_dir, monkeypatch):
-    monkeypatch.setattr(data.cache, "SHARD_TOKENS", 500)
-    monkeypatch.setattr(data.cache, "BATCH_BYTES", 300)
+    monkeypatch.setattr(data.build, "SHARD_TOKENS", 500)
+    monkeypatch.setattr(data.build, "BATCH_BYTES", 300)
     texts = documents(120, seed=9)
     lines = [json.dumps({"text": t}) for t in texts]
     lines[100] = json.dumps({"text": None})
@@ -395,7 +395,7 @@ def test_a_bad_record_mid_build_keeps_the_complete_shards(tmp_path, tok_dir, mon
     dm = make(tmp_path, tok_dir, tmp_path / "c.jsonl")
     with pytest.raises(DataError, match="c.jsonl line 101: field 'text' is null"):
         dm.prepare_data()
-    folder = dm._corpus["folder"]
+    folder = dm.store.corpus.folder
     index = json.loads((folder / "index.json").read_text())
     assert not index["complete"] and index["shards"] and not list(folder.glob("*.tmp"))
     kept = {p.name: p.read_bytes() for p in folder.glob("shard-*.bin")}

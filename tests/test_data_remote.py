@@ -97,8 +97,8 @@ def corpus(tmp_path) -> Path:
 
 @pytest.fixture
 def small_shards(monkeypatch):
-    monkeypatch.setattr(data.cache, "SHARD_TOKENS", SHARD)
-    monkeypatch.setattr(data.cache, "BATCH_BYTES", 500)
+    monkeypatch.setattr(data.build, "SHARD_TOKENS", SHARD)
+    monkeypatch.setattr(data.build, "BATCH_BYTES", 500)
 
 
 def node(tmp_path, monkeypatch, name, tok_dir, corpus, cache_dir, **kw) -> TextDataModule:
@@ -118,19 +118,19 @@ def no_tokenizing(monkeypatch) -> None:
     def refuse(*a, **k):
         raise AssertionError("this node tokenized")
 
-    monkeypatch.setattr(data.module, "build_cache", refuse)
+    monkeypatch.setattr(data.store, "build_cache", refuse)
 
 
 def counted_tokens(monkeypatch) -> list[int]:
     """Tokens that this process tokenizes from now on (appended to shards)."""
     counted = [0]
-    append = data.cache._ShardWriter.append
+    append = data.build._ShardWriter.append
 
     def counting(self, tokens, state_at, n_bytes=None):
         counted[0] += len(tokens)
         return append(self, tokens, state_at, n_bytes)
 
-    monkeypatch.setattr(data.cache._ShardWriter, "append", counting)
+    monkeypatch.setattr(data.build._ShardWriter, "append", counting)
     return counted
 
 
@@ -151,7 +151,7 @@ def remote_files(s3, key: str) -> dict[str, bytes]:
 def test_two_nodes_train_from_one_remote_cache_and_the_second_never_tokenizes(
         tmp_path, tok_dir, corpus, s3, small_shards, monkeypatch, capsys):
     one = ready(node(tmp_path, monkeypatch, "node1", tok_dir, corpus, s3.url))
-    folder1 = one._corpus["folder"]
+    folder1 = one.store.corpus.folder
     assert folder1.parent == tmp_path / "node1" / "tokens"  # the local copy is where it always is
     local = mirrored(folder1)
     assert len([n for n in local if n.startswith("shard-")]) >= 5
@@ -161,7 +161,7 @@ def test_two_nodes_train_from_one_remote_cache_and_the_second_never_tokenizes(
 
     no_tokenizing(monkeypatch)
     two = ready(node(tmp_path, monkeypatch, "node2", tok_dir, corpus, s3.url))
-    folder2 = two._corpus["folder"]
+    folder2 = two.store.corpus.folder
     assert folder2 == tmp_path / "node2" / "tokens" / folder1.name
     assert mirrored(folder2) == local
     assert isinstance(two.token_cache._shard(0), np.memmap)  # training reads the local copy
@@ -192,16 +192,16 @@ def test_a_node_without_the_sources_trains_from_the_url_the_build_prints_and_nev
         tmp_path, tok_dir, corpus, s3, small_shards, monkeypatch, capsys, caplog):
     one = ready(node(tmp_path, monkeypatch, "node1", tok_dir, corpus, s3.url))
     said = re.findall(r"GPU nodes: --data.cache_dir (\S+)", capsys.readouterr().err)
-    url = f"{s3.url}/tokens/{one._corpus['folder'].name}"
+    url = f"{s3.url}/tokens/{one.store.corpus.folder.name}"
     assert said == [url]  # the build says once which URL the GPU nodes take
 
     no_tokenizing(monkeypatch)
-    monkeypatch.setattr(data.module.FileSource, "resolve", lambda self: pytest.fail("a source was read"))
+    monkeypatch.setattr(data.sources.FileSource, "resolve", lambda self: pytest.fail("a source was read"))
     two = ready(gpu_node(tmp_path, monkeypatch, "node2", tok_dir, url))  # no --data.files at all
-    folder = tmp_path / "node2" / "tokens" / one._corpus["folder"].name
-    assert two._corpus["folder"] == folder and isinstance(two.token_cache._shard(0), np.memmap)
+    folder = tmp_path / "node2" / "tokens" / one.store.corpus.folder.name
+    assert two.store.corpus.folder == folder and isinstance(two.token_cache._shard(0), np.memmap)
     assert "downloading" in capsys.readouterr().err
-    assert mirrored(folder) == mirrored(one._corpus["folder"])
+    assert mirrored(folder) == mirrored(one.store.corpus.folder)
     for a, b in zip(itertools.islice(one.train_dataloader(), 20), itertools.islice(two.train_dataloader(), 20)):
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["index"], b["index"])
     assert two.state_dict()["cache_key"] == one.state_dict()["cache_key"]  # a resume sees the same data
@@ -228,13 +228,13 @@ def test_a_node_without_the_sources_trains_from_the_url_the_build_prints_and_nev
     assert np.array_equal(four.token_cache.read(0, four.n_tokens), one.token_cache.read(0, one.n_tokens))
 
     # A local cache folder is named the same way, and read in place.
-    five = ready(gpu_node(tmp_path, monkeypatch, "node5", tok_dir, str(one._corpus["folder"])))
-    assert five.token_cache.folder == one._corpus["folder"] and not (tmp_path / "node5" / "tokens").exists()
+    five = ready(gpu_node(tmp_path, monkeypatch, "node5", tok_dir, str(one.store.corpus.folder)))
+    assert five.token_cache.folder == one.store.corpus.folder and not (tmp_path / "node5" / "tokens").exists()
     assert np.array_equal(five.token_cache.read(0, five.n_tokens), one.token_cache.read(0, one.n_tokens))
 
 
 def test_names_one_cache_tells_a_cache_from_a_root(tmp_path):
-    from smollm.data.module import names_one_cache
+    from smollm.data.store import names_one_cache
 
     key = "0123456789abcdef01234567"
     assert names_one_cache(f"s3://b/p/tokens/{key}") and names_one_cache(f"s3://b/p/tokens/{key}/")
@@ -268,8 +268,7 @@ def test_a_wrong_tokenizer_or_a_url_without_a_complete_cache_is_one_line_and_har
         (str(tmp_path / "nowhere" / "tokens" / name), tok_dir, r"holds no token cache"),
     ]
     for cache_dir, tokenizer, expected in cases:
-        dm = gpu_node(tmp_path, monkeypatch, "gpu", tok_dir, cache_dir)
-        dm.tokenizer_name = tokenizer
+        dm = gpu_node(tmp_path, monkeypatch, "gpu", tokenizer, cache_dir)
         with pytest.raises(data.DataError) as caught:
             dm.prepare_data()
         message = str(caught.value)
@@ -284,7 +283,7 @@ def built_remote(tmp_path, monkeypatch, tok_dir, corpus, s3) -> tuple[Remote, st
     """A remote cache built by node 1, its index given a digest per shard; (remote, name, index,
     node 1's folder)."""
     dm = ready(node(tmp_path, monkeypatch, "node1", tok_dir, corpus, s3.url))
-    folder = dm._corpus["folder"]
+    folder = dm.store.corpus.folder
     remote = Remote(s3.url)
     index = remote.read_index(folder.name)
     for entry in index["shards"]:
@@ -341,14 +340,14 @@ def store(request, tmp_path):
 def test_a_local_shard_of_the_right_size_but_wrong_bytes_is_fetched_again_before_the_stamp(
         tmp_path, tok_dir, corpus, store, small_shards, monkeypatch):
     one = ready(node(tmp_path, monkeypatch, "node1", tok_dir, corpus, store))
-    name = one._corpus["folder"].name
+    name = one.store.corpus.folder.name
     url = f"{store}/tokens/{name}"
     folder = tmp_path / "node2" / "tokens" / name
     folder.mkdir(parents=True)
     zeros = folder / "shard-000001.bin"  # an earlier copy of the right size, wrong bytes
-    zeros.write_bytes(bytes((one._corpus["folder"] / zeros.name).stat().st_size))
+    zeros.write_bytes(bytes((one.store.corpus.folder / zeros.name).stat().st_size))
     part = folder / "shard-000002.bin.part"  # a download stopped at its last byte, wrong bytes
-    part.write_bytes(bytes((one._corpus["folder"] / "shard-000002.bin").stat().st_size))
+    part.write_bytes(bytes((one.store.corpus.folder / "shard-000002.bin").stat().st_size))
     two = ready(gpu_node(tmp_path, monkeypatch, "node2", tok_dir, url))
     assert np.array_equal(two.token_cache.read(0, two.n_tokens), one.token_cache.read(0, one.n_tokens))
     for entry in two.token_cache.index["shards"]:
@@ -374,7 +373,7 @@ def test_a_build_stopped_part_way_resumes_from_its_last_uploaded_shard(
     monkeypatch.setattr(Remote, "put", stop_at_the_fourth_shard)
     with pytest.raises(KeyboardInterrupt):
         ready(node(tmp_path, monkeypatch, "node1", tok_dir, corpus, s3.url))
-    name = reference._corpus["folder"].name
+    name = reference.store.corpus.folder.name
     partial = Remote(s3.url).read_index(name)
     assert not partial["complete"] and [s["file"] for s in partial["shards"]] == uploads
     s3.fs.invalidate_cache()
@@ -387,7 +386,7 @@ def test_a_build_stopped_part_way_resumes_from_its_last_uploaded_shard(
     assert "after its 3 uploaded shard(s)" in capsys.readouterr().err
     assert tokenized[0] == reference.n_tokens - 3 * SHARD
     assert np.array_equal(two.token_cache.read(0, two.n_tokens), reference.token_cache.read(0, reference.n_tokens))
-    assert remote_files(s3, name)["index.json"] == (two._corpus["folder"] / "index.json").read_bytes()
+    assert remote_files(s3, name)["index.json"] == (two.store.corpus.folder / "index.json").read_bytes()
 
 
 def test_a_build_killed_with_sigkill_is_resumed_by_another_node_after_its_last_uploaded_shard(
@@ -398,7 +397,7 @@ def test_a_build_killed_with_sigkill_is_resumed_by_another_node_after_its_last_u
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)])}
     proc = subprocess.Popen([sys.executable, str(TESTS / "cachebuild.py"), json.dumps(spec)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    name = node(tmp_path, monkeypatch, "node2", tok_dir, corpus, s3.url)._find_corpus()["folder"].name
+    name = node(tmp_path, monkeypatch, "node2", tok_dir, corpus, s3.url).store.find().folder.name
     remote = Remote(s3.url)
     try:
         fitutil.wait_for(proc, lambda: len((remote.read_index(name) or {"shards": []})["shards"]) >= 3, timeout=120)
@@ -423,7 +422,7 @@ def test_a_build_killed_with_sigkill_is_resumed_by_another_node_after_its_last_u
 def test_a_lock_left_by_a_dead_build_on_this_host_is_taken_over(
         tmp_path, tok_dir, corpus, s3, small_shards, monkeypatch, capsys):
     dm = node(tmp_path, monkeypatch, "node1", tok_dir, corpus, s3.url)
-    name = dm._find_corpus()["folder"].name
+    name = dm.store.find().folder.name
     dead = 2 ** 22 + 12345  # above any pid this machine hands out
     s3.fs.pipe_file(f"{s3.bucket}/runs/tokens/{name}.lock",
                     json.dumps({"host": socket.gethostname(), "pid": dead, "since": "then"}).encode())
@@ -435,7 +434,7 @@ def test_a_lock_left_by_a_dead_build_on_this_host_is_taken_over(
 def test_one_process_builds_and_a_node_that_finds_the_lock_taken_waits_then_downloads(
         tmp_path, tok_dir, corpus, s3, small_shards, monkeypatch, capsys):
     built = ready(node(tmp_path, monkeypatch, "node1", tok_dir, corpus, s3.url))
-    name = built._corpus["folder"].name
+    name = built.store.corpus.folder.name
     other = f"{s3.bucket}/other/tokens"
     for file, raw in remote_files(s3, name).items():  # another node's build, under way: no index yet
         if file != "index.json":
@@ -458,6 +457,40 @@ def test_one_process_builds_and_a_node_that_finds_the_lock_taken_waits_then_down
     thread.join(60)
     assert not thread.is_alive() and finished == [waiting]  # it ended without an error
     assert waiting.n_tokens == built.n_tokens
+
+
+def test_the_store_checks_once_whether_exclusive_create_is_honoured_and_says_where_the_lock_is_advisory(
+        monkeypatch, capsys):
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    creates = []
+    honest = MemoryFileSystem.pipe_file
+
+    def counted(self, path, value, mode="overwrite", **kwargs):
+        creates.append(mode)
+        return honest(self, path, value, mode=mode, **kwargs)
+
+    monkeypatch.setattr(MemoryFileSystem, "pipe_file", counted)
+    remote = Remote(f"memory://honours-{uuid.uuid4().hex[:8]}/runs")
+    assert remote.exclusive_create() and remote.exclusive_create()
+    assert creates == ["create", "create"]  # one probe, made twice, on the first ask only
+    assert not remote.fs.find(remote._path("tokens"))  # the probe object is removed
+    assert "advisory" not in capsys.readouterr().err
+
+    # A store that takes the second exclusive create as an overwrite (s3rver ignores If-None-Match).
+    monkeypatch.setattr(MemoryFileSystem, "pipe_file", lambda self, path, value, mode="overwrite", **kw:
+                        counted(self, path, value, **kw))
+    lax = Remote(f"memory://ignores-{uuid.uuid4().hex[:8]}/runs")
+    assert not lax.exclusive_create() and not lax.exclusive_create()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: {lax.url} does not refuse a second exclusive create")
+    assert "the build lock is advisory there" in err[0]
+    assert not lax.fs.find(lax._path("tokens"))
+
+
+def test_the_s3_server_of_these_tests_honours_exclusive_create(s3, capsys):
+    assert Remote(s3.url).exclusive_create()
+    assert "advisory" not in capsys.readouterr().err
 
 
 # -- bad input ------------------------------------------------------------------------------------

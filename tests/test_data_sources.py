@@ -67,7 +67,7 @@ def test_a_mix_of_formats_in_a_folder_and_globs_keeps_their_order(tmp_path, tok_
     (corpus / "d.md").write_text(sentences(30, seed=5))
     (corpus / "notes.bin").write_bytes(b"\0\1")  # neither text nor data: a folder leaves it out
     dm = ready(make(tmp_path, tok_dir, files=str(corpus)))
-    assert [p.name for p in dm._corpus["docs"]] == ["a.jsonl", "b.parquet", "d.md", "c.jsonl.zst"]
+    assert [p.name for p in dm.store.corpus.docs] == ["a.jsonl", "b.parquet", "d.md", "c.jsonl.zst"]
     text_doc = (corpus / "d.md").read_text()
     assert stream(dm) == expected(tokenizer, a + b + [text_doc] + c)
     assert dm.n_documents == 9 + 11 + 1 + 5
@@ -473,8 +473,8 @@ def test_a_pinned_commit_finds_a_built_cache_without_the_hub(tmp_path, tok_dir, 
     assert stream(first) == expected(tokenizer, texts) and opened == ["someone/corpus"]
     monkeypatch.setattr(DatasetSource, "_ask_hub", no_hub)
     again = ready(make(tmp_path, tok_dir, dataset="someone/corpus", revision=sha, max_tokens=10_000))
-    assert again._corpus["folder"] == first._corpus["folder"] and opened == ["someone/corpus"]
-    assert first._corpus["spec"]["sources"][0]["fingerprint"] == sha
+    assert again.store.corpus.folder == first.store.corpus.folder and opened == ["someone/corpus"]
+    assert first.store.corpus.spec["sources"][0]["fingerprint"] == sha
 
 
 def test_max_tokens_takes_the_first_n_tokens_of_each_source(tmp_path, tok_dir, tokenizer, monkeypatch):

@@ -19,7 +19,7 @@ import torch
 import fitutil
 from helpers_data import documents, write_records
 from smollm.checkpoint import read_checkpoint
-from smollm.data import TextDataModule, TokenCache, cache
+from smollm.data import TextDataModule, TokenCache, build, verify
 from smollm.digest import file_digest
 from smollm.errors import DamagedCheckpointError, DataError
 from smollm.fit import main as fit
@@ -53,11 +53,11 @@ def open_cache(tmp_path: Path, tok_dir: str) -> TextDataModule:
 @pytest.fixture
 def shards(tmp_path, tok_dir, monkeypatch):
     """A cache of five 700-token shards (the last one in the second source): (its folder, its index, the data module)."""
-    monkeypatch.setattr(cache, "SHARD_TOKENS", 700)
+    monkeypatch.setattr(build, "SHARD_TOKENS", 700)
     write_records(tmp_path / "corpus" / "a.jsonl", documents(60, seed=1))
     (tmp_path / "corpus" / "b.txt").write_text("".join(documents(30, seed=3)))
     dm = open_cache(tmp_path, tok_dir)
-    folder = Path(dm._corpus["folder"])
+    folder = Path(dm.store.corpus.folder)
     index = json.loads((folder / "index.json").read_text())
     assert len(index["shards"]) >= 3
     return folder, index, dm
@@ -75,7 +75,7 @@ def test_each_shard_carries_its_digest_and_largest_id(shards):
         path = folder / entry["file"]
         assert entry["digest"] == file_digest(path)
         assert entry["max_id"] == int(np.fromfile(path, dtype=index["dtype"]).max())
-        assert cache.verify_shard(folder, entry)
+        assert verify.verify_shard(folder, entry)
 
 
 @pytest.mark.parametrize("k", [1, -1])  # one that starts inside a document; the last, of the second source
@@ -86,7 +86,7 @@ def test_a_token_off_by_one_is_caught_and_the_shard_rebuilt(shards, tmp_path, to
     before = path.read_bytes()
     flip(path, len(before) // 2, word=2, xor=1)  # four token ids, each off by one
     assert np.count_nonzero(np.fromfile(path, np.uint16) != np.frombuffer(before, np.uint16)) == 4
-    assert not cache.verify_shard(folder, index["shards"][k], index)
+    assert not verify.verify_shard(folder, index["shards"][k], index)
     new_launch(folder)
     capfd.readouterr()
     dm = open_cache(tmp_path, tok_dir)
@@ -115,8 +115,8 @@ def test_a_shard_that_cannot_be_rebuilt_is_one_line_and_left_as_it_is(shards, tm
 def test_a_cache_open_verifies_once_per_launch(shards, tmp_path, tok_dir, monkeypatch):
     folder, _, _ = shards
     scanned = []
-    scan = cache.scan_shard
-    monkeypatch.setattr(cache, "scan_shard", lambda path, dtype: scanned.append(path) or scan(path, dtype))
+    scan = verify.scan_shard
+    monkeypatch.setattr(verify, "scan_shard", lambda path, dtype: scanned.append(path) or scan(path, dtype))
     open_cache(tmp_path, tok_dir)  # another process of this launch: the stamp says it is done
     assert scanned == []
     new_launch(folder)
@@ -128,7 +128,7 @@ def test_a_stamp_left_by_an_earlier_launch_does_not_hide_a_damaged_shard(shards,
     folder, index, dm = shards
     stream = dm.token_cache.read(0, dm.n_tokens)
     (stamp,) = folder.parent.glob(f"{folder.name}.verified-*")
-    earlier = {**json.loads(stamp.read_text()), "began": cache._process_start() - 3600}
+    earlier = {**json.loads(stamp.read_text()), "began": verify._process_start() - 3600}
     stamp.write_text(json.dumps(earlier))  # what the last run left: it verified, then ended
     path = folder / index["shards"][1]["file"]
     flip(path, 100, word=2, xor=1)  # size, inode and modification time kept: the stamp's files still match

@@ -1,36 +1,24 @@
 """TextDataModule: the LightningDataModule whose typed, documented __init__ arguments are the
-`--data.*` options. It wires sources -> token cache -> windows -> batches, and says in one line
-what it trains on.
+`--data.*` options. It reads in one sitting: the options are checked (`__init__`), a token store
+opens the cache (smollm.data.store), the cache is cut into windows (`setup`), and the windows are
+served by loaders; and it says in one line what it trains on.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import re
 import signal
-import sys
-import time
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Sampler
 
-from smollm import assets
-from smollm.data.cache import (FORMAT_VERSION, INDEX, TokenCache, build_cache, cache_key, check_shards,
-                               is_complete, load_tokenizer, read_index, rebuild_shard, stamp_verified,
-                               context_free, token_dtype, tokenizer_fingerprint, verified_in_this_launch)
-from smollm.data.remote import Remote, is_url
-from smollm.data.sources import STDLIB, DatasetSource, FileSource
+from smollm.data.cache import TokenCache
+from smollm.data.sources import STDLIB
+from smollm.data.store import CorpusOptions, TokenStore, names_one_cache, open_store
 from smollm.data.windows import ResumableSampler, TokenWindows, accumulation, split_windows
 from smollm.errors import DataError
-
-log = logging.getLogger(__name__)
-
-NAME = re.compile(r"[0-9a-f]{24}")  # a cache folder's name: the first 24 hex digits of its key
 
 
 def _plural(n: int, word: str, suffix: str) -> str:
@@ -39,19 +27,6 @@ def _plural(n: int, word: str, suffix: str) -> str:
 
 def _as_list(value: Any) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def names_one_cache(cache_dir: str | None) -> bool:
-    """Whether `--data.cache_dir` names one built cache rather than a cache root: its last two
-    parts are `tokens/<24 hex digits>` (what the data line prints after "cache" or "mirror of"),
-    or it is a local folder that holds an index.json. A node given one cache needs no sources: it
-    takes the cache as it is, so the key need not be computed from their content."""
-    if not cache_dir:
-        return False
-    parent, _, name = cache_dir.rstrip("/").rpartition("/")
-    if parent.rpartition("/")[2] == "tokens" and NAME.fullmatch(name):
-        return True
-    return not is_url(cache_dir) and (Path(cache_dir).expanduser() / INDEX).is_file()
 
 
 class TextDataModule(L.LightningDataModule):
@@ -74,7 +49,7 @@ class TextDataModule(L.LightningDataModule):
     object-storage URL that each node mirrors into its local cache (smollm.data.remote).
 
     For evaluation, after `setup()`: `tokenizer`, `token_cache` (every token, one stream),
-    `val_windows()`, `heldout_windows()` and `corpus_windows()`.
+    `val_windows()` and `corpus_windows()`; `store.corpus` describes the cache.
 
     Args:
         files: Files to train on, one entry or a list: files, globs (** recurses) or folders; .jsonl/.json (one JSON object per line, also .gz/.zst) and .parquet hold one document per record, any other file is one document of text; a folder means its data files and its .txt .md .rst .py ... files, hidden ones skipped. "@stdlib" is this Python's standard-library source, the default when no dataset is given.
@@ -120,7 +95,7 @@ class TextDataModule(L.LightningDataModule):
         named = names_one_cache(cache_dir)
         # With one cache named, what it was built from is its index's to say: the options that
         # shape a cache are ignored (said once, when the cache is opened).
-        self._ignored = [f"--data.{k}" for k, v, default in (
+        ignored = [f"--data.{k}" for k, v, default in (
             ("files", files, None), ("dataset", dataset, None), ("subset", subset, None), ("split", split, "train"),
             ("revision", revision, None), ("max_tokens", max_tokens, None), ("text_key", text_key, "text"),
             ("encoding_errors", encoding_errors, "strict")) if named and v != default]
@@ -158,26 +133,14 @@ class TextDataModule(L.LightningDataModule):
                 raise DataError(message)
         self.save_hyperparameters()
         self.files, self.datasets, self.text_key, self.max_tokens = files, datasets, text_key, caps
-        self.tokenizer_name, self.seq_len = tokenizer, seq_len
+        self.seq_len = seq_len
         self.batch_size, self.val_fraction, self.max_val_windows = batch_size, val_fraction, max_val_windows
         self.num_workers, self.seed, self.encoding_errors = num_workers, seed, encoding_errors
         self.global_batch_size = global_batch_size
         self.resumed: dict[str, Any] | None = None  # the checkpoint's data state, on resume
-        self.remote = Remote(cache_dir) if is_url(cache_dir) else None
-        self.cache_dir = None if self.remote else cache_dir  # the local root
-        self.named: str | None = cache_dir.rstrip("/") if named else None  # one built cache, as given
-        self.named_folder: Path | None = None  # where it is read: in place, or the local copy of a URL
-        if self.named and self.remote:
-            root, name = self.named.rsplit("/tokens/", 1)
-            self.remote = Remote(root)
-            self.named_folder = assets.cache_dir_path(None) / "tokens" / name
-        elif self.named:
-            self.named_folder = Path(self.named).expanduser()
-            if self.named_folder.parent.name == "tokens":  # the root it lies in holds the tokenizer, too
-                self.cache_dir = str(self.named_folder.parent.parent)
-        self.token_dir = assets.cache_dir_path(self.cache_dir) / "tokens"
-        self._tokenizer: Any = None
-        self._corpus: dict[str, Any] | None = None  # the sources and the cache's name, found once
+        # Where the cache lives and its life; no data work until prepare_data / setup.
+        self.store: TokenStore = open_store(cache_dir, CorpusOptions(tokenizer, files, datasets, text_key,
+                                                                     encoding_errors, caps), ignored)
         # Set by setup():
         self.token_cache: TokenCache | None = None
         self.n_tokens: int | None = None
@@ -209,17 +172,15 @@ class TextDataModule(L.LightningDataModule):
 
     @property
     def tokenizer(self) -> Any:
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.tokenizer_name, self.cache_dir)
-        return self._tokenizer
+        return self.store.tokenizer
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.store.options.tokenizer
 
     @property
     def vocab_size(self) -> int:
         return len(self.tokenizer)
-
-    @property
-    def eos_token_id(self) -> int:
-        return self.tokenizer.eos_token_id
 
     # -- Lightning hooks --
 
@@ -228,14 +189,13 @@ class TextDataModule(L.LightningDataModule):
         the cache is built in `setup`, where one builds and the others wait on a file lock: a
         long build would outlast the collective barrier that follows `prepare_data`."""
         if self._rank_world()[1] == 1:
-            self._ensure_cache()
+            self.store.open()
 
     def setup(self, stage: str | None = None) -> None:
         """Open the cache (every rank; built first if need be) and make the windows."""
         if self.train_dataset is not None:
             return
-        corpus = self._ensure_cache()
-        cache = TokenCache(corpus["folder"])
+        cache = self.store.open()
         L_ = self.seq_len
         n_train, n_heldout, val_start = split_windows(cache.n_tokens, L_, self.val_fraction)
         rank, world = self._rank_world()
@@ -307,7 +267,7 @@ class TextDataModule(L.LightningDataModule):
         keeps the tokens per step and continues from that sample."""
         world = self._rank_world()[1]
         state = {"seed": self.seed, "seq_len": self.seq_len, "n_train_windows": self.n_train_windows,
-                 "cache_key": self._corpus["key"] if self._corpus else None,
+                 "cache_key": self.store.corpus.key if self.store.corpus else None,
                  "batch_size": self.batch_size, "world_size": world}
         if self.trainer is not None:
             state.update(global_batch_size=self.global_batch(), tokens_per_step=self.global_batch() * self.seq_len,
@@ -342,7 +302,7 @@ class TextDataModule(L.LightningDataModule):
     def cache_spec(self) -> dict[str, Any]:
         """What the token cache's key hashes (tokenizer, sources, options), for `cache.cache_key`."""
         self._need_setup()
-        return self._corpus["spec"]
+        return self.store.corpus.spec
 
     def val_windows(self, world_size: int | None = None, limit: int | None = None) -> TokenWindows:
         """The windows that training validates on, all ranks' together, in order: the first
@@ -353,11 +313,6 @@ class TextDataModule(L.LightningDataModule):
         n = self.n_val_windows if world_size is None else self._n_validated(self.n_heldout_windows, world_size)
         n = n if limit is None else min(n, limit)
         return TokenWindows(self.token_cache, self.seq_len, self.val_start, range(n))
-
-    def heldout_windows(self) -> TokenWindows:
-        """Every window of the held-out tail (training validates on the first `n_val_windows`)."""
-        self._need_setup()
-        return TokenWindows(self.token_cache, self.seq_len, self.val_start, range(self.n_heldout_windows))
 
     def corpus_windows(self, seq_len: int | None = None) -> TokenWindows:
         """Windows over every token of the sources: window k is tokens [k*L, k*L + L] (L = seq_len,
@@ -371,23 +326,20 @@ class TextDataModule(L.LightningDataModule):
     def describe(self, windows: str | None = None) -> str:
         """The data line: sources, documents, tokens, shards, windows, passes, cache. `windows`
         replaces the part about training windows (evaluate says what it scores)."""
-        c = self._corpus
+        c = self.store.corpus
         if c is None or self.n_tokens is None:
-            return f"TextDataModule({self.named or ', '.join(self.files + [d[0] for d in self.datasets])}): not set up yet"
-        if c["sources"] is None:  # a named cache: its sources as its index recorded them
-            described = [s["source"] for s in c["index"]["sources"]]
-            caps = c["spec"].get("max_tokens") or [None] * len(described)
-        else:
-            described, caps = [s.describe() for s in c["sources"]], self.max_tokens
+            named = self.store.named
+            return f"TextDataModule({named or ', '.join(self.files + [d[0] for d in self.datasets])}): not set up yet"
+        described = c.described()  # a named cache's sources as its index recorded them
+        caps = c.spec.get("max_tokens") or [None] * len(described)
         sources = "; ".join(d + (f" (first {cap:,} tokens)" if cap else "") for d, cap in zip(described, caps))
-        skipped = f" ({len(c['empty'])} empty skipped)" if c["empty"] else ""
+        skipped = f" ({len(c.empty)} empty skipped)" if c.empty else ""
         shards = len(self.token_cache.shards)
         windows = windows or (f"seq_len {self.seq_len}: {self.n_train_windows:,} train windows, {self.n_val_windows} "
                               f"of {self.n_heldout_windows} held-out windows validated; {self._passes()}")
         return (f"data: {sources}{skipped}; {self.n_documents:,} documents, {self.n_tokens:,} tokens "
                 f"({self.tokenizer_name}, vocab {self.vocab_size}) in {shards} shard{'s' * (shards != 1)}; "
-                f"{windows}; cache {c['folder']}"
-                + (f" (mirror of {self.remote.where(c['folder'].name)})" if self.remote else ""))
+                f"{windows}; cache {self.store.where(c)}")
 
     # -- helpers --
 
@@ -427,176 +379,6 @@ class TextDataModule(L.LightningDataModule):
         if self.trainer is None:
             return 0, 1
         return self.trainer.global_rank, self.trainer.world_size
-
-    def _find_corpus(self) -> dict[str, Any]:
-        """Resolve and hash the sources, load the tokenizer, and name the cache (once per process)."""
-        if self._corpus is not None:
-            return self._corpus
-        if self.named is not None:
-            self._corpus = self._open_named()
-            return self._corpus
-        sources: list[Any] = []
-        files = None
-        if self.files:
-            files = FileSource(self.files, self.text_key, self.encoding_errors)
-            files.resolve()
-            sources.append(files)
-        fingerprint = tokenizer_fingerprint(self.tokenizer)  # fail fast, before reading files
-        if files is not None:
-            files.pieces = context_free(self.tokenizer)  # pieces tokenize as the whole file only then
-            names = "\n".join(map(str, files.paths)).encode()
-            files.scan(memo=self.token_dir / "file-hashes" / f"{hashlib.sha256(names).hexdigest()[:24]}.json")
-            if files.empty:
-                shown = ", ".join(str(p) for p in files.empty[:5])
-                more = f" and {len(files.empty) - 5} more" if len(files.empty) > 5 else ""
-                rank_zero_warn(f"skipping {len(files.empty)} empty file(s): {shown}{more}")
-            if not files.docs:
-                raise DataError(f"every file of --data.files {self.files} is empty; give files that hold text")
-        for name, subset, split, revision in self.datasets:
-            source = DatasetSource(name, subset, split, revision, self.text_key, self.encoding_errors)
-            source.open()
-            sources.append(source)
-        for source, cap in zip(sources, self.max_tokens):
-            if getattr(source, "streaming", False) and cap is None:
-                rank_zero_warn(f"{source.describe()} is streamed without --data.max_tokens: all of it is "
-                               "tokenized before training starts; set --data.max_tokens to take its first "
-                               "N tokens")
-        spec = {"tokenizer": fingerprint, "text_key": self.text_key, "encoding_errors": self.encoding_errors,
-                "sources": [s.spec() for s in sources], "max_tokens": self.max_tokens}
-        key = cache_key(spec)
-        folder = self.token_dir / key[:24]
-        self._corpus = {"key": key, "spec": spec, "sources": sources, "folder": folder,
-                        "meta_path": folder / INDEX, "bin_path": folder / "shard-000000.bin",
-                        "docs": files.docs if files else [], "empty": files.empty if files else []}
-        return self._corpus
-
-    def _open_named(self) -> dict[str, Any]:
-        """The cache that `--data.cache_dir` names, as its index describes it: complete, of this
-        smollm's format, built with this run's tokenizer. No source is read; a URL's index is read
-        from the remote (its shards are downloaded by `_ensure_cache`)."""
-        url, folder = self.named, self.named_folder
-        assert url is not None and folder is not None
-        index = self.remote.read_index(folder.name) if self.remote is not None else read_index(folder)
-        if index is None:
-            raise DataError(f"--data.cache_dir {url} holds no token cache (no readable {INDEX}); give the cache that "
-                            "the building run's data line names (after 'mirror of', or after 'cache'), or build it "
-                            "first")
-        if not index.get("complete"):
-            raise DataError(f"--data.cache_dir {url} is not complete ({len(index.get('shards', []))} shard(s) listed "
-                            "so far): its build is under way or was stopped; run the build again until it ends, "
-                            "then start this run")
-        if index.get("format") != FORMAT_VERSION or "tokenizer" not in index.get("spec", {}):
-            raise DataError(f"--data.cache_dir {url} is a token cache of format {index.get('format')!r}, which this "
-                            f"smollm (format {FORMAT_VERSION}) does not read; build it again with this version")
-        if self.remote is not None and not str(index.get("key", "")).startswith(folder.name):
-            raise DataError(f"--data.cache_dir {url}: its {INDEX} is that of another cache "
-                            f"({str(index.get('key'))[:24]}); copy that cache to its own folder, or build this one again")
-        built_with = index.get("tokenizer")
-        if tokenizer_fingerprint(self.tokenizer) != index["spec"]["tokenizer"]:
-            raise DataError(f"--data.cache_dir {url} was built with tokenizer {built_with!r}, whose token ids differ "
-                            f"from those of --data.tokenizer {self.tokenizer_name!r}; pass --data.tokenizer "
-                            f"{built_with!r} (or that tokenizer, copied to this node)")
-        if self._ignored:
-            built_from = "; ".join(s["source"] for s in index.get("sources", []))
-            log.warning(f"note: {', '.join(self._ignored)} ignored: --data.cache_dir names one built cache, "
-                        f"{url}, which is used as it is (built from {built_from})")
-        return {"key": index["key"], "spec": index["spec"], "sources": None, "index": index, "folder": folder,
-                "meta_path": folder / INDEX, "bin_path": folder / "shard-000000.bin",
-                "docs": [Path(p) for p in index.get("files", [])], "empty": index.get("skipped_empty", [])}
-
-    def _ensure_cache(self) -> dict[str, Any]:
-        """The cache complete on disk and verified: found, or built (or resumed) by this process
-        while it holds the cache's lock; a process that finds the lock taken waits for the one
-        building or verifying. With a remote mirror, both copies end complete: downloaded,
-        uploaded, or built and uploaded. A cache named by `--data.cache_dir` is never built: a
-        URL's is downloaded, a local folder is read in place.
-
-        Every shard is checked against its digest once per launch on each machine: the first
-        process there to take the lock verifies (and rebuilds a damaged shard), the others find
-        its stamp and read nothing. A new run verifies again. Shards built or downloaded here were
-        hashed as they were written or fetched: nothing is read twice.
-        """
-        from filelock import FileLock, Timeout
-
-        if self.remote is not None:
-            self.remote.check()  # bad input in one line before any data work
-        corpus = self._find_corpus()
-        folder, named = corpus["folder"], corpus["sources"] is None
-        if self._verified_here(folder) and (self.remote is None or named or self.remote.is_complete(folder.name)):
-            return corpus
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(folder) + ".lock")
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:  # said once, by rank 0, not by every rank that waits
-            if self._rank_world()[0] == 0:
-                print(f"waiting for another process to finish tokenizing or verifying {folder}", file=sys.stderr,
-                      flush=True)
-            lock.acquire()
-        try:
-            began = time.time()
-            was_complete = is_complete(folder)
-            if was_complete and not self._verified_here(folder):
-                self._verify(corpus)  # before anything reads it, or uploads it
-            if named:  # a URL's cache is copied here; a local folder is read in place, as it is
-                if self.remote is not None and not is_complete(folder):
-                    self.remote.download(folder.name, folder, corpus["index"])
-            elif self.remote is not None:
-                self.remote.sync(folder, lambda on_commit: self._build(corpus, on_commit))
-            elif not was_complete:
-                self._build(corpus)  # each shard hashed as it is written: nothing to read again
-            stamp_verified(folder, read_index(folder), began)
-        finally:
-            lock.release()
-        return corpus
-
-    @staticmethod
-    def _verified_here(folder: Path) -> bool:
-        index = read_index(folder)
-        return bool(index and index.get("complete")) and verified_in_this_launch(folder, index)
-
-    def _verify(self, corpus: dict[str, Any]) -> None:
-        """Check every shard against its digest; rebuild the damaged ones from their sources. A
-        named cache has no sources here: a damaged shard of a URL's copy is downloaded again (its
-        index removed first, so that no reader takes the copy for complete), one of a folder read
-        in place is one line."""
-        folder = Path(corpus["folder"])
-        index = read_index(folder)
-        damaged = check_shards(folder, index)
-        if damaged and corpus["sources"] is None:
-            shard = folder / index["shards"][damaged[0]]["file"]
-            if self.remote is None:
-                raise DataError(f"token cache shard {shard} is damaged (its bytes do not match its digest), and "
-                                f"--data.cache_dir names this cache without its sources; copy {folder} again from "
-                                "where it was built")
-            more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
-            print(f"warning: token cache shard {shard}{more} is damaged (its bytes do not match its digest); "
-                  f"downloading it again from {self.named}", file=sys.stderr, flush=True)
-            (folder / INDEX).unlink()
-            for k in damaged:
-                (folder / index["shards"][k]["file"]).unlink(missing_ok=True)
-            return
-        for k in damaged:
-            name = index["shards"][k]["file"]
-            print(f"warning: token cache shard {folder / name} is damaged (its bytes do not match its digest); "
-                  "rebuilding it from its sources", file=sys.stderr, flush=True)
-            rebuild_shard(folder, index, k, corpus["sources"], self.tokenizer, self.max_tokens)
-
-    def _build(self, corpus: dict[str, Any], on_commit: Any = None) -> None:
-        tokenizer, sources = self.tokenizer, corpus["sources"]
-        rank_zero_info(f"tokenizing {'; '.join(s.describe() for s in sources)} with {self.tokenizer_name} "
-                       f"into {corpus['folder']}")
-        meta = {"key": corpus["key"], "spec": corpus["spec"], "tokenizer": self.tokenizer_name,
-                "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
-                "dtype": token_dtype(len(tokenizer)).name, "text_key": self.text_key,
-                "files": [str(p) for p in corpus["docs"]],
-                "skipped_empty": [str(p) for p in corpus["empty"]]}
-        # The bar on rank 0 only: another node building its own copy would print its own bar.
-        build_cache(Path(corpus["folder"]), sources, tokenizer, meta, self.max_tokens, on_commit=on_commit,
-                    progress=self._rank_world()[0] == 0)
-        cache = TokenCache(corpus["folder"])
-        rank_zero_info(f"tokenized {cache.n_tokens:,} tokens, {cache.n_documents:,} documents, into "
-                       f"{len(cache.shards)} shard(s) in {cache.index.get('seconds', 0):.1f} s")
 
     def _loader(self, dataset: TokenWindows | None, sampler: Sampler | None) -> DataLoader:
         if dataset is None:

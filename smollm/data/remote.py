@@ -9,7 +9,9 @@ the remote while training: a node downloads the shards into its local cache ($SM
 - Building: each shard is made durable locally, uploaded, and only then listed in the uploaded
   index, so a reader never sees a half-written cache and a build stopped at any point resumes from
   its last uploaded shard. One process builds per cache: it holds `URL/tokens/<key>.lock`, an
-  object created with a conditional write (S3's If-None-Match; MinIO and R2 honour it too).
+  object created with a conditional write (S3's If-None-Match; MinIO and R2 honour it too). Some
+  servers ignore the condition; the first build checks it once, with a probe object
+  (`Remote.exclusive_create`), and says in one line where the lock is only advisory.
 - Reading: shards are downloaded in parallel into `.part` files that a later run continues, each
   checked against its digest where the index has one before it is renamed into place (a shard
   already there, of an earlier try, passes the same check or is downloaded again); the local
@@ -31,14 +33,17 @@ import os
 import socket
 import sys
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-from smollm.data.cache import INDEX, is_complete, read_index, shard_size, verify_shard
+from smollm.data.cache import INDEX, is_complete, read_index, shard_size
+from smollm.data.verify import verify_shard
 from smollm.digest import file_digest
 from smollm.errors import RemoteError, first_line
 from smollm.io import fsync_file, replace_durably, write_json_atomic
+from smollm.output import say, warn
 
 CHUNK = 1 << 24  # 16 MiB per ranged read of a download
 TRANSFERS = 8  # shards downloaded or uploaded at once
@@ -62,6 +67,7 @@ class Remote:
         self.protocol = self.url.split("://", 1)[0]
         self._fs: Any = None
         self._checked = False
+        self._exclusive: bool | None = None  # whether the store honours an exclusive create (checked once)
 
     def __getstate__(self) -> dict[str, Any]:  # a filesystem client is not sent to other processes
         return {**self.__dict__, "_fs": None, "_checked": False}
@@ -146,6 +152,32 @@ class Remote:
             raise
         self._checked = True
 
+    def exclusive_create(self) -> bool:
+        """Whether the store refuses a second exclusive create of one object (S3's If-None-Match),
+        which makes the build lock exclusive. Checked once, with a probe object created twice under
+        `tokens/` and removed; where the second create succeeds, one line says that the build lock
+        is advisory on this store."""
+        if self._exclusive is None:
+            probe = self._path("tokens", f".exclusive-probe-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}")
+            self.call("write the lock probe to", self.fs.pipe_file, probe, b"1", mode="create")
+            try:
+                self.call("write the lock probe to", self.fs.pipe_file, probe, b"2", mode="create")
+                self._exclusive = False
+            except RemoteError as e:
+                if not isinstance(e.__cause__, FileExistsError):
+                    raise
+                self._exclusive = True
+            finally:
+                try:
+                    self.call("remove the lock probe from", self.fs.rm_file, probe)
+                except RemoteError:
+                    pass  # a stray probe object is harmless
+            if not self._exclusive:
+                warn(f"{self.url} does not refuse a second exclusive create of one object (S3's If-None-Match), so "
+                     "the build lock is advisory there: nodes that start at once may each tokenize the cache (to "
+                     "the same bytes); start one build first, the others after it", every_rank=True)
+        return self._exclusive
+
     # -- one cache: <root>/tokens/<name>/ --
 
     def where(self, name: str) -> str:
@@ -177,6 +209,7 @@ class Remote:
         name = folder.name
         index = self.read_index(name)
         if not (index and index.get("complete")):
+            self.exclusive_create()  # said once where the lock below is only advisory
             lock = RemoteLock(self, name)
             if lock.acquire(until=lambda: self.is_complete(name)):
                 try:
@@ -185,8 +218,8 @@ class Remote:
                         self._build_or_upload(folder, index, build)
                         # What nodes without the sources give to train from this cache (said once, by
                         # the process that built or uploaded it).
-                        print(f"GPU nodes: --data.cache_dir {self.where(name)} (this cache, complete; no "
-                              "sources needed)", file=sys.stderr, flush=True)
+                        say(f"GPU nodes: --data.cache_dir {self.where(name)} (this cache, complete; no "
+                            "sources needed)", every_rank=True)
                         return
                 finally:
                     lock.release()
@@ -200,12 +233,12 @@ class Remote:
         name = folder.name
         local = read_index(folder)
         if local and local.get("complete"):
-            print(f"uploading the token cache {folder} to {self.where(name)}", file=sys.stderr, flush=True)
+            say(f"uploading the token cache {folder} to {self.where(name)}", every_rank=True)
             self.upload(name, folder, local)
             return
         if remote_index and remote_index.get("shards"):  # resume from the last uploaded shard
-            print(f"resuming the build of {self.where(name)} after its {len(remote_index['shards'])} "
-                  "uploaded shard(s)", file=sys.stderr, flush=True)
+            say(f"resuming the build of {self.where(name)} after its {len(remote_index['shards'])} "
+                "uploaded shard(s)", every_rank=True)
             self.download(name, folder, remote_index)
         elif (folder / INDEX).exists():  # nothing uploaded: start afresh, locally too
             (folder / INDEX).unlink()
@@ -263,8 +296,7 @@ class Remote:
         parts = [_part(folder / s["file"]) for s in todo]
         already = sum(p.stat().st_size for p in parts if p.is_file())  # stopped downloads, continued
         if todo:
-            print(f"downloading {len(todo)} shard(s) of {self.where(name)} into {folder}", file=sys.stderr,
-                  flush=True)
+            say(f"downloading {len(todo)} shard(s) of {self.where(name)} into {folder}", every_rank=True)
         with tqdm(total=sum(shard_size(index, s) for s in todo), initial=already, unit="B", unit_scale=True,
                   desc="downloading", file=sys.stderr, disable=not progress, mininterval=2.0) as bar:
             fetched = sum(_parallel(lambda entry: self._fetch(name, folder, entry, shard_size(index, entry),
@@ -346,16 +378,15 @@ class RemoteLock:
                 return True
             holder = self._holder()
             if holder is not None and holder.get("host") == self.me["host"] and not _alive(holder.get("pid")):
-                print(f"taking over {self.url}: its process {holder.get('pid')} on this host is gone",
-                      file=sys.stderr, flush=True)
+                say(f"taking over {self.url}: its process {holder.get('pid')} on this host is gone", every_rank=True)
                 self.remote.call("remove the lock", self.remote.fs.rm_file, self.path)
                 continue
             if until():
                 return False
             if not said and holder is not None:
-                print(f"waiting for {holder.get('host')} pid {holder.get('pid')} (since {holder.get('since')}) to "
-                      f"finish building {self.remote.where(self.name)}; if no process is building it, delete "
-                      f"{self.url}", file=sys.stderr, flush=True)
+                say(f"waiting for {holder.get('host')} pid {holder.get('pid')} (since {holder.get('since')}) to "
+                    f"finish building {self.remote.where(self.name)}; if no process is building it, delete "
+                    f"{self.url}", every_rank=True)
                 said = True
             time.sleep(POLL_S)
 
@@ -363,7 +394,7 @@ class RemoteLock:
         try:
             self.remote.call("remove the lock", self.remote.fs.rm_file, self.path)
         except RemoteError as e:  # the build itself is done; say what is left behind
-            print(f"warning: {e}; delete {self.url} by hand", file=sys.stderr, flush=True)
+            warn(f"{e}; delete {self.url} by hand", every_rank=True)
 
 
 def _request_errors() -> tuple[type[BaseException], ...]:
