@@ -24,6 +24,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from smollm.batch import BatchPlan
 from smollm.checkpoint import read_checkpoint, remove_checkpoint, save_atomic
 
 
@@ -382,20 +383,25 @@ class Console(Callback):
 
 class KeepGlobalBatch(Callback):
     """A resume on another number of processes keeps the global batch, so each process
-    accumulates another number of micro-batches per step (smollm.fit derives it). Lightning
-    decides where a step ends from its count of micro-batches (`batch_progress`, restored from
-    the checkpoint): counted with the checkpoint's accumulation, a step would end after too
-    few or too many. This rewrites that count as if the run had always used the new one, before
-    Lightning restores its loops. Optimizer steps, the schedule and the data position are
-    counted in steps and samples, and stay as they are.
+    accumulates another number of micro-batches per step (the run's BatchPlan says how many).
+    Lightning decides where a step ends from its count of micro-batches (`batch_progress`,
+    restored from the checkpoint): counted with the checkpoint's accumulation, a step would end
+    after too few or too many. This moves that count as the plan says (`micro_batch_shift`), as if
+    the run had always used the new split, before Lightning restores its loops. Optimizer steps,
+    the schedule and the data position are counted in steps and samples, and stay as they are.
+
+    The plan has read the checkpoint's state by then (smollm.fit loads it when it makes the plan;
+    Lightning restores the data module, which loads it too, before the callbacks).
     """
 
+    def __init__(self, plan: BatchPlan) -> None:
+        self.plan = plan
+
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        data = checkpoint.get(type(trainer.datamodule).__qualname__) if trainer.datamodule is not None else None
         progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
-        if not isinstance(data, dict) or "accumulate_grad_batches" not in data or progress is None:
+        shift = self.plan.micro_batch_shift(checkpoint.get("global_step", 0))
+        if progress is None or shift == 0:
             return
-        shift = checkpoint.get("global_step", 0) * (trainer.accumulate_grad_batches - data["accumulate_grad_batches"])
         for part in ("total", "current"):
             for counter in progress.get(part, {}):
                 progress[part][counter] += shift

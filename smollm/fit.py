@@ -32,12 +32,13 @@ from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from smollm.batch import BatchPlan, resumed_global_batch
 from smollm.callbacks import (AtomicCheckpointIO, Console, Interrupted, KeepGlobalBatch, StepCheckpoint,
                               StopAtStepEnd, ValidateAtEnd)
 from smollm.checkpoint import RunLock, check_config, find_last_checkpoint, read_checkpoint, step_files
 from smollm.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_PREEMPTED, fail, fail_on
 from smollm.config import ModelConfig
-from smollm.data import TextDataModule, accumulation
+from smollm.data import TextDataModule
 from smollm.errors import SmolLMError, UsageError
 from smollm.generate import complete
 from smollm.io import check_writable
@@ -101,8 +102,10 @@ class SmolLMCLI(LightningCLI):
                 check_same_groups(path, checkpoint, SmolLM(model_config), cfg.model.optimizer)
             self.resume_from, self.resume_step = path, int(checkpoint.get("global_step", 0))
             version = checkpoint["smollm"].get("logger_version")
-            self.data_state = keep_global_batch(cfg.data, checkpoint.get(TextDataModule.__qualname__),
-                                                self.resume_step)
+            self.data_state = checkpoint.get(TextDataModule.__qualname__)
+            # the checkpoint's global batch, unless --data.global_batch_size sets another
+            cfg.data.global_batch_size = resumed_global_batch(cfg.data.global_batch_size, self.data_state,
+                                                              self.resume_step)
             del checkpoint
             if trainer.max_steps is not None and 0 <= trainer.max_steps <= self.resume_step:
                 raise UsageError(f"checkpoint {path} is at step {self.resume_step} and --trainer.max_steps is "
@@ -160,42 +163,24 @@ def take_processes_from_launcher(trainer, argv: list[str]) -> str | None:
     return name
 
 
-def keep_global_batch(data, state: dict | None, step: int) -> dict | None:
-    """On resume: the checkpoint's global batch, unless --data.global_batch_size sets another
-    (said in one line); the order then continues from the checkpoint's sample count. Returns
-    the checkpoint's data state (None for a checkpoint without one)."""
-    if not state or not state.get("global_batch_size"):
-        return state
-    saved = state["global_batch_size"]
-    if data.global_batch_size is None:
-        data.global_batch_size = saved
-    elif data.global_batch_size != saved:
-        logging.getLogger("smollm").info(
-            f"global batch changed from {saved} to {data.global_batch_size} windows per step, from step "
-            f"{step + 1} on; the sample order continues where the checkpoint stopped")
-    return state
-
-
-def apply_global_batch(cli: SmolLMCLI) -> None:
-    """Derive gradient accumulation from the global batch: global / (micro-batch x processes),
-    before training, in one line if it does not divide or disagrees with a hand-set
-    --trainer.accumulate_grad_batches. `--trainer.val_check_interval` counts optimizer steps
+def apply_global_batch(cli: SmolLMCLI) -> BatchPlan:
+    """The run's BatchPlan, made once from the options and the number of processes (one line if
+    the global batch does not divide or disagrees with a hand-set --trainer.accumulate_grad_batches),
+    continued from the checkpoint's state on resume, and handed to the data module, the Trainer
+    (its accumulation) and KeepGlobalBatch. `--trainer.val_check_interval` counts optimizer steps
     (Lightning counts micro-batches), so validation keeps its place whatever the split."""
     trainer, dm = cli.trainer, cli.datamodule
-    world, by_hand = trainer.world_size, trainer.accumulate_grad_batches
-    if dm.global_batch_size is None:  # the batch as set: micro-batch x processes x accumulation
-        dm.global_batch_size = dm.batch_size * world * by_hand
-    accumulate = accumulation(dm.global_batch_size, dm.batch_size, world)
-    if by_hand not in (1, accumulate):
-        raise UsageError(
-            f"--trainer.accumulate_grad_batches {by_hand} disagrees with --data.global_batch_size "
-            f"{dm.global_batch_size} = {accumulate} micro-batch(es) of {dm.batch_size} on {world} process(es); drop "
-            "--trainer.accumulate_grad_batches (smollm derives it) or change --data.global_batch_size")
-    cli.config.data.global_batch_size = dm.global_batch_size  # config.yaml records the recipe
-    trainer.accumulate_grad_batches = accumulate
+    plan = BatchPlan.from_options(dm.global_batch_size, dm.batch_size, trainer.world_size,
+                                  trainer.accumulate_grad_batches)
+    if cli.data_state:  # before the start block, which says what the checkpoint's split was
+        plan.load_state_dict(cli.data_state)
+    cli.config.data.global_batch_size = dm.global_batch_size = plan.global_batch  # config.yaml records the recipe
+    trainer.accumulate_grad_batches = plan.accumulation
     if isinstance(trainer.val_check_interval, int):
-        trainer.val_check_interval *= accumulate
-    dm.resumed = cli.data_state  # the start block can say what the checkpoint's split was
+        trainer.val_check_interval *= plan.accumulation
+    dm.plan = plan
+    trainer.callbacks.append(KeepGlobalBatch(plan))
+    return plan
 
 
 def check_size_fits(trainer, config: ModelConfig) -> None:
@@ -243,7 +228,7 @@ def configure_trainer(trainer) -> tuple[Console, StopAtStepEnd]:
         trainer.callbacks.remove(bar)
     checkpoint = next((c for c in trainer.callbacks if isinstance(c, StepCheckpoint)), None)
     console, stop = Console(show_progress=bool(bars)), StopAtStepEnd(checkpoint)
-    trainer.callbacks.extend([console, stop, KeepGlobalBatch(), ValidateAtEnd()])
+    trainer.callbacks.extend([console, stop, ValidateAtEnd()])  # KeepGlobalBatch: apply_global_batch
     return console, stop
 
 
@@ -304,7 +289,7 @@ def print_summary(cli: SmolLMCLI, console: Console, args: list[str], show: bool 
     """The end of a run: what was trained, the model's next token and a greedy sample, and the
     commands to continue, generate and look. Under FSDP every rank generates; rank 0 prints."""
     trainer, model, dm = cli.trainer, cli.model, cli.datamodule
-    tokens_per_step = dm.global_batch() * dm.seq_len
+    tokens_per_step = dm.plan.global_batch * dm.seq_len
     lines = ["", "done: " + "; ".join(console.summary(trainer, tokens_per_step))]
     ckpt = next((c for c in trainer.callbacks if isinstance(c, StepCheckpoint)), None)
     last = find_last_checkpoint(ckpt.dirpath) if ckpt is not None else None

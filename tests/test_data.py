@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import smollm.data as data
-from smollm.data import ResumableSampler, TextDataModule, TokenWindows, accumulation, read_pieces, split_windows
+from smollm.batch import BatchPlan
+from smollm.data import ResumableSampler, TextDataModule, TokenWindows, read_pieces, split_windows
 from smollm.errors import DataError
 from helpers_data import make_tokenizer, sentences, write_corpus
 
@@ -308,21 +309,10 @@ def test_any_split_of_the_global_batch_trains_the_same_samples_at_each_step():
     for start in (0, 36):
         reference = steps(12, 1, 1, start, 8)
         for batch, world in ((6, 1), (3, 2), (2, 3), (1, 4)):
-            accumulate = accumulation(12, batch, world)
+            accumulate = BatchPlan(12, batch, world).accumulation
             assert batch * world * accumulate == 12
             assert steps(batch, world, accumulate, start, 8) == reference, (batch, world)
     assert steps(12, 1, 1, 36, 5) == steps(12, 1, 1, 0, 8)[3:]  # a resume at step 3 continues the order
-
-
-def test_an_indivisible_global_batch_names_the_nearest_choices():
-    assert accumulation(32, 4, 8) == 1 and accumulation(32, 16, 1) == 2 and accumulation(32, 8, 1) == 4
-    with pytest.raises(DataError) as e:
-        accumulation(32, 32, 8)  # 135m.yaml on 8 GPUs without a smaller micro-batch
-    assert str(e.value) == ("--data.global_batch_size 32 windows per step cannot be split into micro-batches of 32 "
-                            "on 8 processes (256 windows per micro-step); use --data.batch_size 4, or "
-                            "--data.global_batch_size 256")
-    with pytest.raises(DataError, match=r"use --data.global_batch_size 24 or 36$"):
-        accumulation(32, 4, 3)  # no micro-batch divides: the global batches on either side
 
 
 def test_loader_batches_do_not_depend_on_num_workers(make_dm):

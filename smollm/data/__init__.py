@@ -10,8 +10,8 @@
   corpus (`Corpus`) and opens its cache: lock, verify, rebuild, download, build. `remote.py`: the mirror
   on object storage.
 - `windows.py`: the stream -> fixed-length windows, the held-out validation tail, and the
-  training order, a pure function of (seed, global sample index) (`ResumableSampler`), and how a
-  global batch splits into micro-batches on each process (`accumulation`).
+  training order, a pure function of (seed, global sample index) (`ResumableSampler`); how a
+  global batch splits into micro-batches on each process is smollm.batch's `BatchPlan`.
 - `module.py`: `TextDataModule`, whose __init__ arguments are the `--data.*` options.
 """
 
@@ -20,12 +20,12 @@ from smollm.data.cache import TokenCache, cache_key, token_dtype, tokenizer_fing
 from smollm.data.module import TextDataModule
 from smollm.data.sources import STDLIB, DatasetSource, FileSource, file_format, read_pieces, resolve_files, stdlib_files
 from smollm.data.store import Corpus, CorpusOptions, TokenStore, open_store
-from smollm.data.windows import ResumableSampler, TokenWindows, accumulation, split_windows
+from smollm.data.windows import ResumableSampler, TokenWindows, split_windows
 from smollm.errors import DataError
 
 __all__ = [
     "STDLIB", "Corpus", "CorpusOptions", "DataError", "DatasetSource", "FileSource", "ResumableSampler",
-    "TextDataModule", "TokenCache", "TokenStore", "TokenWindows", "accumulation", "build_cache", "cache_key",
+    "TextDataModule", "TokenCache", "TokenStore", "TokenWindows", "build_cache", "cache_key",
     "file_format", "open_store", "read_pieces", "resolve_files", "split_windows", "stdlib_files", "token_dtype",
     "tokenizer_fingerprint",
 ]

@@ -14,15 +14,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Sampler
 
+from smollm.batch import BatchPlan
 from smollm.data.cache import TokenCache
 from smollm.data.sources import STDLIB
 from smollm.data.store import CorpusOptions, TokenStore, names_one_cache, open_store
-from smollm.data.windows import ResumableSampler, TokenWindows, accumulation, split_windows
+from smollm.data.windows import ResumableSampler, TokenWindows, split_windows
 from smollm.errors import DataError
-
-
-def _plural(n: int, word: str, suffix: str) -> str:
-    return f"{n} {word}{suffix * (n != 1)}"
 
 
 def _as_list(value: Any) -> list:
@@ -141,6 +138,7 @@ class TextDataModule(L.LightningDataModule):
         # Where the cache lives and its life; no data work until prepare_data / setup.
         self.store: TokenStore = open_store(cache_dir, CorpusOptions(tokenizer, files, datasets, text_key,
                                                                      encoding_errors, caps), ignored)
+        self._plan: BatchPlan | None = None  # the batch plan smollm.fit hands over
         # Set by setup():
         self.token_cache: TokenCache | None = None
         self.n_tokens: int | None = None
@@ -216,43 +214,41 @@ class TextDataModule(L.LightningDataModule):
             raise DataError("TextDataModule splits data across ranks itself; build the Trainer "
                             "with use_distributed_sampler=False")
         rank, world = self._rank_world()
-        accumulate = self.accumulate_grad_batches()
-        if trainer is not None and accumulate != trainer.accumulate_grad_batches:
+        plan = self.plan
+        if trainer is not None and plan.accumulation != trainer.accumulate_grad_batches:
             raise DataError(
-                f"--data.global_batch_size {self.global_batch_size} needs {accumulate} micro-batch(es) of "
+                f"--data.global_batch_size {self.global_batch_size} needs {plan.accumulation} micro-batch(es) of "
                 f"{self.batch_size} per step on {world} process(es), but the Trainer accumulates "
                 f"{trainer.accumulate_grad_batches}; leave accumulate_grad_batches to smollm.fit, or set it to "
-                f"{accumulate}")
+                f"{plan.accumulation}")
+        # Resume: Lightning 2.6.6's Trainer._run restores the datamodule (load_state_dict) and then
+        # the fit loop (hence global_step) before _run_stage() -> fit_loop.setup_data() ->
+        # train_dataloader(), so here global_step is the restored optimizer step.
         sampler = ResumableSampler(self.n_train_windows, self.batch_size, self.seed, rank, world,
-                                   self.samples_seen())
+                                   plan.samples_at(self._step()))
         return self._loader(self.train_dataset, sampler)
 
-    def global_batch(self) -> int:
-        """Windows per optimizer step: the option, or batch_size x processes x accumulation."""
-        if self.global_batch_size is not None:
-            return self.global_batch_size
-        world = self._rank_world()[1]
-        return self.batch_size * world * getattr(self.trainer, "accumulate_grad_batches", 1)
+    @property
+    def plan(self) -> BatchPlan:
+        """The batch plan (smollm.batch): the one smollm.fit hands over; without one (a Trainer built
+        by hand), the options' on the Trainer's processes, with the Trainer's accumulation when no
+        global batch is set, continued from the checkpoint's state on resume."""
+        if self._plan is not None:
+            return self._plan
+        world, by_hand = self._rank_world()[1], getattr(self.trainer, "accumulate_grad_batches", 1)
+        # A global batch that the Trainer's accumulation disagrees with: train_dataloader says so.
+        plan = BatchPlan.from_options(self.global_batch_size, self.batch_size, world,
+                                      by_hand if self.global_batch_size is None else 1)
+        if self.resumed:
+            plan.load_state_dict(self.resumed)
+        return plan
 
-    def accumulate_grad_batches(self) -> int:
-        """Micro-batches per optimizer step on each process (DataError if it does not divide)."""
-        return accumulation(self.global_batch(), self.batch_size, self._rank_world()[1])
+    @plan.setter
+    def plan(self, plan: BatchPlan) -> None:
+        self._plan = plan
 
-    def samples_seen(self) -> int:
-        """Global samples trained on before the current step: the checkpoint's count at its step,
-        plus one global batch for each step since.
-
-        Resume: Lightning 2.6.6's Trainer._run restores the datamodule (load_state_dict) and then
-        the fit loop (hence global_step) before _run_stage() -> fit_loop.setup_data() ->
-        train_dataloader(), so here global_step is the restored optimizer step."""
-        step = getattr(self.trainer, "global_step", 0) if self.trainer is not None else 0
-        saved = self.resumed or {}
-        if "samples_seen" in saved and "step" in saved:
-            return saved["samples_seen"] + (step - saved["step"]) * self.global_batch()
-        if saved:  # a checkpoint from before the global batch was recorded: its own batch throughout
-            return step * saved.get("batch_size", self.batch_size) * saved.get("world_size", 1) * \
-                getattr(self.trainer, "accumulate_grad_batches", 1)
-        return step * self.global_batch()
+    def _step(self) -> int:
+        return getattr(self.trainer, "global_step", 0) if self.trainer is not None else 0
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset, None)
@@ -269,10 +265,9 @@ class TextDataModule(L.LightningDataModule):
         state = {"seed": self.seed, "seq_len": self.seq_len, "n_train_windows": self.n_train_windows,
                  "cache_key": self.store.corpus.key if self.store.corpus else None,
                  "batch_size": self.batch_size, "world_size": world}
-        if self.trainer is not None:
-            state.update(global_batch_size=self.global_batch(), tokens_per_step=self.global_batch() * self.seq_len,
-                         accumulate_grad_batches=self.trainer.accumulate_grad_batches,
-                         step=self.trainer.global_step, samples_seen=self.samples_seen())
+        if self.trainer is not None:  # the batch plan's state, under the keys checkpoints have always had
+            plan = self.plan
+            state.update(plan.state_dict(self.trainer.global_step), tokens_per_step=plan.global_batch * self.seq_len)
             if validated := self._windows_validated(world):
                 state["val_windows_validated"] = validated
         return state
@@ -289,6 +284,8 @@ class TextDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.resumed = dict(state)
+        if self._plan is not None:
+            self._plan.load_state_dict(state)
         now = self.state_dict()
         changed = [f"{k}: {v} -> {now[k]}" for k in self.ORDER
                    if (v := state.get(k)) is not None and now[k] is not None and v != now[k]]
@@ -349,21 +346,14 @@ class TextDataModule(L.LightningDataModule):
         max_steps = getattr(trainer, "max_steps", -1) if trainer is not None else -1
         if max_steps is None or max_steps < 0:
             return "no max_steps, so no count of passes"
-        per_step = self.global_batch()
+        per_step = self.plan.global_batch
         return (f"max_steps {max_steps:,} x {per_step} windows = "
                 f"{max_steps * per_step / self.n_train_windows:.3g} passes over the training windows")
 
     def describe_batch(self) -> str:
         """The batch line: windows and tokens per step, and how this run splits them; on a resume
         on another number of processes, that too."""
-        world, accumulate, per_step = self._rank_world()[1], self.accumulate_grad_batches(), self.global_batch()
-        line = f"batch: {per_step} windows x {self.seq_len} = {per_step * self.seq_len:,} tokens per step"
-        split = f"{_plural(accumulate, 'micro-batch', 'es')} of {self.batch_size}"
-        was = (self.resumed or {}).get("world_size")
-        if was is not None and was != world:
-            return (line + f", as in the checkpoint; resumed on {_plural(world, 'process', 'es')} (was {was}): "
-                    f"{split} per step")
-        return line + f" = {split} x {_plural(world, 'process', 'es')}"
+        return self.plan.describe(self.seq_len)
 
     def _need_setup(self) -> None:
         if self.token_cache is None:

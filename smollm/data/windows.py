@@ -1,5 +1,6 @@
 """The token stream -> fixed-length windows, the held-out validation tail, and the training order,
-a pure function of (seed, global sample index), and how one optimizer step splits over processes.
+a pure function of (seed, global sample index). How one optimizer step splits over processes is
+smollm.batch's (`BatchPlan`).
 
 Window i of a split spans tokens [start + i*L, start + i*L + L] of the stream (L = seq_len): the
 model's inputs and the shifted targets in one row of L + 1 tokens. The stream is the token cache
@@ -111,23 +112,3 @@ class ResumableSampler(Sampler[int]):
                 yield self.window(g)
             first += B * W
 
-
-def accumulation(global_batch_size: int, batch_size: int, world_size: int) -> int:
-    """Micro-batches per optimizer step on each process: global / (micro-batch x processes).
-
-    A combination that does not divide raises DataError naming the nearest valid choices: the
-    largest micro-batch at or below batch_size that divides, and the global batches on either
-    side that batch_size x world_size divides.
-    """
-    per_micro_step = batch_size * world_size
-    if global_batch_size % per_micro_step == 0:
-        return global_batch_size // per_micro_step
-    micro = [b for b in range(batch_size, 0, -1) if global_batch_size % (b * world_size) == 0]
-    below = global_batch_size // per_micro_step * per_micro_step
-    choices = ["--data.global_batch_size " + " or ".join(str(g) for g in (below, below + per_micro_step) if g > 0)]
-    if micro:
-        choices.insert(0, f"--data.batch_size {micro[0]}")
-    processes = f"{world_size} process{'es' * (world_size != 1)}"
-    raise DataError(
-        f"--data.global_batch_size {global_batch_size} windows per step cannot be split into micro-batches of "
-        f"{batch_size} on {processes} ({per_micro_step} windows per micro-step); use " + ", or ".join(choices))
