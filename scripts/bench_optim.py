@@ -179,9 +179,7 @@ def run(corpus: str, optimizer: str, lr: float, seed: int, dm, args) -> dict:
 
 def train_step(model, opt, scheduler, ids: torch.Tensor) -> torch.Tensor:
     """One optimizer step as smollm.fit takes it (chunked loss, clipping at 1.0, the schedule)."""
-    from smollm.model import chunked_cross_entropy
-
-    loss = chunked_cross_entropy(model.hidden_states(ids[:, :-1]), model.lm_head.weight, ids[:, 1:], 8192)
+    loss = model.loss(ids[:, :-1], ids[:, 1:], chunk_size=8192)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()

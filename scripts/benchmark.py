@@ -33,8 +33,9 @@ import torch.nn.functional as F
 
 from smollm.config import ModelConfig
 from smollm.generate import generate
+from smollm.callbacks import peak_flops
 from smollm.model import SmolLM, chunked_cross_entropy
-from smollm.module import LitSmolLM, peak_flops
+from smollm.module import LitSmolLM
 
 SIDES = ("smollm", "transformers")
 # The optimizer and loss settings of the real training run: LitSmolLM's defaults.
@@ -106,9 +107,7 @@ def make_train_step(side: str, model, batch: torch.Tensor, args, device: torch.d
         inputs, targets = batch[:, :-1], batch[:, 1:]
 
         def loss_fn():
-            hidden = model.hidden_states(inputs)
-            return chunked_cross_entropy(hidden, model.lm_head.weight, targets, args.chunk_size,
-                                         compiled=args.compile is not None)
+            return model.loss(inputs, targets, chunk_size=args.chunk_size, compiled=args.compile is not None)
     else:  # what a transformers user writes. HF shifts the labels itself, so it gets the (B, T)
         window = batch[:, :-1]  # window: both models run on the same T tokens (HF scores T - 1).
         # use_cache=False: by default (config.use_cache) HF fills a KV cache even in training,

@@ -137,6 +137,7 @@ def part_profile(out: Path, report: dict, batch_size: int, chunk: int) -> str:
     inputs, targets = batch[:, :-1], batch[:, 1:]
 
     def step():
+        # SmolLM.loss, written out in its two halves so that the profile times them apart.
         with torch.autocast("cuda", dtype=torch.bfloat16):
             with record_function(PHASES[0]):
                 hidden = model.hidden_states(inputs)

@@ -26,20 +26,16 @@ import torch
 
 
 def step_fn(model, batch, variant: str, chunk: int):
-    from smollm.model import chunked_cross_entropy
-
     compile_mode = variant.split(":")[0]
     inputs, targets = batch[:, :-1], batch[:, 1:]
-    hidden_states = model.hidden_states
     if compile_mode == "layers":
         for layer in model.layers:
             layer.compile()
-    elif compile_mode == "model":
-        hidden_states = torch.compile(model.hidden_states)
+    elif compile_mode == "model":  # SmolLM.loss calls this instance's hidden_states: the compiled one
+        model.hidden_states = torch.compile(model.hidden_states)
 
     def loss_fn():
-        return chunked_cross_entropy(hidden_states(inputs), model.lm_head.weight, targets, chunk,
-                                     compiled=compile_mode != "eager")
+        return model.loss(inputs, targets, chunk_size=chunk, compiled=compile_mode != "eager")
     if compile_mode == "loss":
         loss_fn = torch.compile(loss_fn)
     params = list(model.parameters())

@@ -9,6 +9,9 @@
 - `Console`: the start block, progress (a bar, or a line per logging interval when not on a
   terminal), validation lines and the end summary.
 - `KeepGlobalBatch`: a resume on another number of processes counts Lightning's micro-batches anew.
+- `BindData`: hands the module what it needs of the data, once the data is set up.
+- `Throughput`: tokens/s and MFU, measured once for the console and TensorBoard.
+- `ValidationSample`: the model's greedy continuation of the sample prompt at each validation.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from smollm.batch import BatchPlan
 from smollm.checkpoint import read_checkpoint, remove_checkpoint, save_atomic
+from smollm.generate import complete
+from smollm.sharding import full_model
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -228,6 +233,109 @@ class StopAtStepEnd(Callback):
             self._stop(trainer)
 
 
+class BindData(Callback):
+    """Once the data module is set up (Lightning sets it up before the callbacks), hand the model
+    what it needs of the data: `LitSmolLM.bind_data` takes the tokenizer, its name, the window
+    length and the token cache, and checks that they fit the model. The module itself never reads
+    the data module."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        dm = trainer.datamodule
+        if dm is not None and hasattr(pl_module, "bind_data"):
+            pl_module.bind_data(dm.tokenizer, dm.tokenizer_name, seq_len=dm.seq_len,
+                                token_cache=getattr(dm, "token_cache", None))
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak FLOP/s of a CUDA device (Lightning's table tells SXM, PCIe and NVL apart)."""
+    if device.type != "cuda":
+        return None
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    return get_available_flops(device, torch.bfloat16)
+
+
+class Throughput(Callback):
+    """Tokens/s over the steps since the last logging step, measured once: the console shows it and
+    this callback logs it to TensorBoard (`train/tokens_per_sec`, `train/mfu`), with the rates the
+    step used (`train/lr`, `train/lr_muon`) and the peak memory, at the logging steps only.
+
+    Host timestamps only, no device sync: steady-state host time per step equals device time per
+    step, because the host cannot run more than a bounded queue ahead of the device. Timed from
+    the end of the first step: whole steps, not the warm-up. `measure` may be called by several
+    hooks at a step end: the first call measures, the others get the same figure.
+    """
+
+    def __init__(self) -> None:
+        self._window: tuple[float, int] | None = None  # (time, step) where the window began
+        self._seen = 0  # the last step whose end was measured
+        self._figure: float | None = None  # tokens/s measured at step `_seen`, if a logging step
+        self._logged = -1  # the last step whose figures went to TensorBoard
+
+    def start(self, step: int) -> None:
+        self._window, self._seen, self._figure = None, step, None
+
+    def measure(self, trainer, batch: Any) -> float | None:
+        """Tokens/s (all processes) at a logging step's end; None at other steps and micro-batches."""
+        step = trainer.global_step
+        if step == self._seen:
+            return self._figure
+        self._seen, self._figure = step, None
+        now = time.perf_counter()
+        if self._window is None:
+            self._window = (now, step)
+            return None
+        if step % trainer.log_every_n_steps and step < trainer.max_steps:
+            return None
+        (t0, s0), self._window = self._window, (now, step)
+        tokens = (step - s0) * batch["input_ids"][:, 1:].numel() * trainer.accumulate_grad_batches
+        self._figure = tokens * trainer.world_size / (now - t0) if now > t0 else None
+        return self._figure
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start(trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        tokens_per_sec = self.measure(trainer, batch)
+        if tokens_per_sec is None or self._logged == trainer.global_step:
+            return
+        self._logged = trainer.global_step
+        # Logged at logging steps only: logging a float makes a device tensor (a sync).
+        log = {"rank_zero_only": True}
+        pl_module.log("train/tokens_per_sec", tokens_per_sec, **log)
+        lrs = getattr(pl_module, "step_lrs", {})
+        if "adamw" in lrs:
+            pl_module.log("train/lr", lrs["adamw"], **log)
+        if "muon" in lrs:
+            pl_module.log("train/lr_muon", lrs["muon"], **log)
+        device = pl_module.device
+        if device.type == "cuda":  # the allocator's own count: no device sync
+            pl_module.log("train/peak_memory_gib", torch.cuda.max_memory_allocated(device) / 2**30, **log)
+        peak = pl_module.hparams.get("peak_flops") or peak_flops(device)
+        if peak:
+            seq_len = batch["input_ids"].shape[1] - 1
+            mfu = tokens_per_sec * pl_module.config.flops_per_token(seq_len) / (peak * trainer.world_size)
+            pl_module.log("train/mfu", mfu, **log)
+
+
+class ValidationSample(Callback):
+    """At each validation (not the sanity check), the model's greedy continuation of
+    `--model.sample_prompt` (`--model.sample_tokens` of them) goes to TensorBoard as the text
+    `val/sample`. Under FSDP every rank takes part in the generation; rank 0 writes it."""
+
+    @torch.no_grad()
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        tokenizer = getattr(pl_module, "tokenizer", None)  # handed over by BindData
+        experiment = getattr(trainer.logger, "experiment", None)
+        if tokenizer is None or trainer.sanity_checking or not hasattr(experiment, "add_text"):
+            return
+        prompt = pl_module.hparams.sample_prompt
+        with full_model(trainer):
+            text, _ = complete(pl_module.model, tokenizer, prompt, pl_module.hparams.sample_tokens)
+        if trainer.global_rank == 0:
+            experiment.add_text("val/sample", prompt + text, trainer.global_step)
+
+
 def _fmt_time(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -244,7 +352,8 @@ class Console(Callback):
     host-device synchronization.
     """
 
-    def __init__(self, show_progress: bool = True, interactive: bool | None = None) -> None:
+    def __init__(self, show_progress: bool = True, interactive: bool | None = None,
+                 throughput: Throughput | None = None) -> None:
         self.show_progress = show_progress
         self.interactive = sys.stderr.isatty() if interactive is None else interactive
         self.bar = None
@@ -255,7 +364,7 @@ class Console(Callback):
         self.last_loss: float | None = None
         self.val: list[tuple[int, float, float]] = []  # (step, loss, perplexity), the first at the start
         self._seen_step = 0  # the last optimizer step whose end was handled
-        self._window: tuple[float, int] | None = None  # (time, step) where the tokens/s window began
+        self.throughput = throughput if throughput is not None else Throughput()  # tokens/s, measured once
 
     # -- the start block
 
@@ -286,7 +395,8 @@ class Console(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.start_step, self.start_time = trainer.global_step, time.perf_counter()
-        self._seen_step, self._window = trainer.global_step, None
+        self._seen_step = trainer.global_step
+        self.throughput.start(trainer.global_step)
         if trainer.is_global_zero and self.show_progress and self.interactive:
             from tqdm import tqdm
 
@@ -301,8 +411,7 @@ class Console(Callback):
         if step == self._seen_step:  # a micro-batch inside an accumulated step: the step is not done
             return
         self._seen_step = step
-        if self._window is None:  # throughput is timed from the end of the first step: whole steps, no warm-up
-            self._window = (time.perf_counter(), step)
+        tokens_per_sec = self.throughput.measure(trainer, batch)  # at logging steps; the same figure TensorBoard gets
         at_log = step % trainer.log_every_n_steps == 0 or step >= trainer.max_steps
         if self.first_loss is None or at_log:  # the first step's loss too: where the run starts
             loss = trainer.callback_metrics.get("train/loss")
@@ -311,16 +420,10 @@ class Console(Callback):
                 if self.first_loss is None:
                     self.first_loss = self.last_loss
         if at_log and trainer.is_global_zero and self.show_progress:
-            tokens_per_step = batch["input_ids"][:, 1:].numel() * trainer.accumulate_grad_batches * trainer.world_size
-            self._progress(trainer, step, tokens_per_step, getattr(pl_module, "step_lrs", {}))
+            self._progress(trainer, step, tokens_per_sec, getattr(pl_module, "step_lrs", {}))
 
-    def _progress(self, trainer, step: int, tokens_per_step: int, lrs: dict[str, float]) -> None:
-        # Tokens/s of this very step from host time (the module's logged figures arrive only after
-        # callbacks have run), and the rates the step used, as the module recorded them.
-        now = time.perf_counter()
-        t0, s0 = self._window
-        tps = (step - s0) * tokens_per_step / (now - t0) if step > s0 and now > t0 else None
-        self._window = (now, step)
+    def _progress(self, trainer, step: int, tps: float | None, lrs: dict[str, float]) -> None:
+        # Tokens/s of this very step (Throughput's), and the rates the step used, as the module recorded them.
         loss = f"loss {self.last_loss:.4f}" if self.last_loss is not None else ""
         speed = f"{float(tps):,.0f} tok/s" if tps is not None else ""
         if self.bar is not None:

@@ -31,7 +31,7 @@ from typing import Any, Iterable
 import torch
 
 from smollm.errors import SmolLMError, UsageError
-from smollm.model import SmolLM, chunked_cross_entropy
+from smollm.model import SmolLM
 
 
 @dataclass
@@ -62,8 +62,7 @@ def score(model: SmolLM, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], m
         batch = batch.to(device)
         inputs, targets = batch[:, :-1], batch[:, 1:]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            hidden = model.hidden_states(inputs)
-            mean = chunked_cross_entropy(hidden, model.lm_head.weight, targets, chunk_size)
+            mean = model.loss(inputs, targets, chunk_size=chunk_size)  # as training scores validation
         nats += mean.item() * targets.numel()
         tokens += targets.numel()
         n_bytes += int(batch_bytes.sum())

@@ -33,11 +33,11 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from smollm.batch import BatchPlan, resumed_global_batch
-from smollm.callbacks import (AtomicCheckpointIO, Console, Interrupted, KeepGlobalBatch, StepCheckpoint,
-                              StopAtStepEnd, ValidateAtEnd)
+from smollm.callbacks import (AtomicCheckpointIO, BindData, Console, Interrupted, KeepGlobalBatch, StepCheckpoint,
+                              StopAtStepEnd, Throughput, ValidateAtEnd, ValidationSample)
 from smollm.checkpoint import RunLock, check_config, find_last_checkpoint, read_checkpoint, step_files
 from smollm.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_PREEMPTED, fail, fail_on
-from smollm.config import ModelConfig
+from smollm.config import ModelConfig, estimate_memory
 from smollm.data import TextDataModule
 from smollm.errors import SmolLMError, UsageError
 from smollm.generate import complete
@@ -78,7 +78,7 @@ class SmolLMCLI(LightningCLI):
         warning = check_precision(trainer.precision)
         if warning:
             logging.getLogger("smollm").warning(warning)
-        check_size_fits(trainer, model_config)
+        check_size_fits(trainer, model_config, cfg.model.optimizer)
         root = trainer.default_root_dir or os.getcwd()
         name = cfg.name or cfg.model.preset
         if cfg.checkpoint.dirpath is None:
@@ -183,10 +183,10 @@ def apply_global_batch(cli: SmolLMCLI) -> BatchPlan:
     return plan
 
 
-def check_size_fits(trainer, config: ModelConfig) -> None:
+def check_size_fits(trainer, config: ModelConfig, optimizer: str = "adamw") -> None:
     """Before anything is built: FSDP only with CUDA GPUs (Lightning refuses it on the CPU), and on
-    the CPU enough free memory for float32 weights, gradients and AdamW state (16 bytes per
-    parameter, per process; activations come on top). A CPU run that does not fit would otherwise
+    the CPU enough free memory for float32 weights, gradients and the optimizer's state (16 bytes
+    per parameter with AdamW, per process; activations come on top). A CPU run that does not fit would otherwise
     be killed by the system without a word."""
     accelerator, strategy = str(trainer.accelerator), trainer.strategy
     on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
@@ -197,11 +197,12 @@ def check_size_fits(trainer, config: ModelConfig) -> None:
     if on_gpu or available is None:
         return
     processes = trainer.devices if isinstance(trainer.devices, int) and trainer.devices > 0 else 1
-    needed = 16 * config.num_params * processes
+    needed = estimate_memory(config, optimizer=optimizer).model_and_optimizer * processes
     if needed > available:
+        state = "Muon and AdamW" if optimizer == "muon" else "AdamW"
         raise UsageError(f"training {config.num_params / 1e6:,.0f}M parameters on the CPU in {processes} "
                          f"process(es) needs at least {needed / 1e9:.1f} GB for float32 weights, gradients and "
-                         f"AdamW state, and {available / 1e9:.1f} GB are free; use a smaller --model.preset "
+                         f"{state} state, and {available / 1e9:.1f} GB are free; use a smaller --model.preset "
                          "or a machine with more memory")
 
 
@@ -220,15 +221,18 @@ def available_memory() -> int | None:
 def configure_trainer(trainer) -> tuple[Console, StopAtStepEnd]:
     """What the CLI cannot express as a default: atomic, safe checkpoint IO (unless a subclass
     was given with --trainer.plugins), our console in place of Lightning's progress bar, Ctrl-C
-    and SIGTERM stopping at a step end, and a validation at the last step."""
+    and SIGTERM stopping at a step end, a validation at the last step, the data handed to the
+    module, and the throughput and validation sample for TensorBoard."""
     if not isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO):
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
     bars = [c for c in trainer.callbacks if isinstance(c, ProgressBar)]
     for bar in bars:
         trainer.callbacks.remove(bar)
     checkpoint = next((c for c in trainer.callbacks if isinstance(c, StepCheckpoint)), None)
-    console, stop = Console(show_progress=bool(bars)), StopAtStepEnd(checkpoint)
-    trainer.callbacks.extend([console, stop, ValidateAtEnd()])  # KeepGlobalBatch: apply_global_batch
+    throughput = Throughput()  # one measurement: the console's tokens/s is TensorBoard's
+    console, stop = Console(show_progress=bool(bars), throughput=throughput), StopAtStepEnd(checkpoint)
+    trainer.callbacks.extend([BindData(), throughput, console, stop, ValidateAtEnd(),
+                              ValidationSample()])  # KeepGlobalBatch: apply_global_batch
     return console, stop
 
 
@@ -236,7 +240,8 @@ def check_memory(model: LitSmolLM, datamodule: TextDataModule, trainer) -> None:
     """Stop before training when the estimated peak memory exceeds what the device has free."""
     device = trainer.strategy.root_device
     bf16 = "bf16" in str(trainer.precision) or "16" in str(trainer.precision)
-    need = model.estimate_memory(datamodule.batch_size, datamodule.seq_len, bf16)
+    need = estimate_memory(model.config, datamodule.batch_size, datamodule.seq_len, optimizer=model.hparams.optimizer,
+                           bf16=bf16, loss_chunk_size=model.hparams.loss_chunk_size).total
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         where = f"GPU {torch.cuda.get_device_name(device)}"

@@ -216,9 +216,30 @@ class SmolLM(nn.Module):
         return self.norm(x)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Token ids (B, T) -> next-token logits (B, T, V). Training uses `hidden_states` and
-        `chunked_cross_entropy` instead, so that full logits are never held in memory."""
+        """Token ids (B, T) -> next-token logits (B, T, V). Training uses `loss` instead, so that
+        full logits are never held in memory."""
         return self.lm_head(self.hidden_states(input_ids, cache))
+
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None = None, *,
+             chunk_size: int = 4096, compiled: bool = False) -> torch.Tensor:
+        """Mean next-token cross entropy of the logits at input_ids (B, T) against targets (B, T):
+        `F.cross_entropy(self(input_ids).flatten(0, 1), targets.flatten())`, computed from the hidden
+        states by `chunked_cross_entropy` (`chunk_size` rows of logits at a time, `compiled` fuses
+        each chunk) so that all logits are never held. Training, evaluation and the scripts all
+        score through this one entry.
+
+        loss_mask (B, T): a token where it is 0 carries no loss, and the mean is over the tokens
+        where it is 1 (a conversation's prompt masked out, its replies scored). With none masked
+        in, the loss is 0 and every gradient 0, so that a window of prompt only is not NaN."""
+        hidden = self.hidden_states(input_ids)  # (B, T, C)
+        if loss_mask is not None:
+            if loss_mask.shape != targets.shape:
+                raise ValueError(f"loss_mask has shape {tuple(loss_mask.shape)}, targets {tuple(targets.shape)}")
+            keep = loss_mask.bool()
+            hidden, targets = hidden[keep], targets[keep]  # (N, C), (N,): the scored tokens only
+            if targets.numel() == 0:  # zero, on the graph of every parameter (DDP expects their gradients)
+                return (hidden.sum() + self.lm_head.weight[:0].sum()).float() * 0.0
+        return chunked_cross_entropy(hidden, self.lm_head.weight, targets, chunk_size, compiled=compiled)
 
     @property
     def num_params(self) -> int:

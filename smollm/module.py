@@ -1,16 +1,17 @@
 """LitSmolLM: the LightningModule that trains SmolLM.
 
-Loss (chunked cross entropy, one `_step` for train and validation), gradient clipping with a
-non-finite guard, metrics and throughput; the optimizer and its schedule come from smollm.optim.
-Its typed, documented __init__ arguments are the `--model.*` options of `python -m smollm.fit`.
+It holds the model, the objective (the model's own `SmolLM.loss`, one `_step` for train and
+validation) and the optimizer hooks (gradient clipping with a non-finite guard; the optimizer and
+its schedule come from smollm.optim). What it needs of the data is handed to it (`bind_data`);
+throughput, the validation sample and the memory estimate live elsewhere (smollm.callbacks,
+smollm.config). Its typed, documented __init__ arguments are the `--model.*` options of
+`python -m smollm.fit`.
 """
 
 from __future__ import annotations
 
 import inspect
-import logging
 import math
-import time
 from typing import Any, Literal
 
 import lightning as L
@@ -20,14 +21,12 @@ from torchmetrics import MeanMetric, SumMetric
 from smollm.checkpoint import load_model, rng_state, set_rng_state, strip_compile_prefix, tokenizer_ids, vocab_digest
 from smollm.config import ModelConfig
 from smollm.errors import InitFromError, NonFiniteError, UsageError
-from smollm.generate import complete
 from smollm.gguf import load_gguf
-from smollm.model import SmolLM, chunked_cross_entropy
+from smollm.model import SmolLM
 from smollm.optim import (OPTIMIZER_SETTINGS, SCHEDULE_SETTINGS, apply_settings, check_clipping, check_strategy,
                           configure_optimizers, learning_rates, skips_on_device)
-from smollm.sharding import clip_grad_norm, full_model, is_fsdp, shard_by_layer
-
-log = logging.getLogger(__name__)
+from smollm.output import note, say
+from smollm.sharding import clip_grad_norm, is_fsdp, shard_by_layer
 
 
 class LitSmolLM(L.LightningModule):
@@ -99,13 +98,17 @@ class LitSmolLM(L.LightningModule):
                 stop the run with an error naming the step. With the fused AdamW this costs no
                 host-device synchronization per step (see NonFiniteGuard).
             peak_flops: Peak FLOP/s of one device for MFU; None looks the GPU up in a table.
-            sample_prompt: Prompt whose greedy continuation is logged at each validation.
+            sample_prompt: Prompt whose greedy continuation is logged at each validation (by
+                smollm.callbacks.ValidationSample) and printed at the end of a run.
             sample_tokens: Tokens to generate for that sample.
         """
         super().__init__()
         self.save_hyperparameters()
         self.config = ModelConfig.from_name(preset, **(config_overrides or {}))
         self._init_tokenizer: tuple[str | None, str | None] = (None, None)  # init_from's (name, ids)
+        # Of the data, handed over by bind_data once it is set up:
+        self.tokenizer: Any = None  # its vocabulary and end-of-document id; the validation sample
+        self.tokenizer_name: str | None = None  # as --data.tokenizer names it, recorded in checkpoints
         self._tokenizer_ids: str | None = None  # the data tokenizer's vocab_digest, for checkpoints
         if init_from:
             model, name, ids = load_weights(init_from)
@@ -125,39 +128,38 @@ class LitSmolLM(L.LightningModule):
         # Bits per byte: tokens and the UTF-8 bytes they stand for (each batch's "n_bytes",
         # measured in context when the cache was built), summed across batches and DDP ranks.
         self.val_tokens, self.val_bytes = SumMetric(), SumMetric()
-        self._window_start: tuple[float, int] | None = None  # (time, step) of the throughput window
-        self._first_step = 0  # global_step when training (re)started
         self._loss_sum: torch.Tensor | None = None  # this step's micro-batch losses so far, summed
         self._loss_count = 0
         self.step_lrs: dict[str, float] = {}  # the rates the last optimizer step used (learning_rates)
 
-    # ---- model ----
+    # ---- the data it is given ----
 
-    def setup(self, stage: str) -> None:
-        # The data module has set up (Lightning calls it first): its token ids must fit the model.
-        dm = self.trainer.datamodule
-        vocab = getattr(dm, "vocab_size", None) if dm is not None else None
-        if vocab is not None and vocab > self.config.vocab_size:
+    def bind_data(self, tokenizer: Any, tokenizer_name: str | None = None, seq_len: int | None = None,
+                  token_cache: Any = None) -> None:
+        """Take what the module needs of its data, once the data is set up (smollm.fit hands it
+        over through smollm.callbacks.BindData), and check that it fits the model: the tokenizer
+        (its vocabulary, its end-of-document id, the sample's text, and the digest of its ids that
+        checkpoints record), its name as --data.tokenizer gave it, the window length, and the
+        token cache, whose every id must have an embedding row. Each mismatch is one line."""
+        vocab = len(tokenizer)
+        if vocab > self.config.vocab_size:
             raise UsageError(
-                f"tokenizer {dm.hparams.get('tokenizer')!r} has {vocab} tokens but the model's vocabulary "
+                f"tokenizer {tokenizer_name!r} has {vocab} tokens but the model's vocabulary "
                 f"is {self.config.vocab_size}; use a matching tokenizer or --model.config_overrides "
                 f"'{{\"vocab_size\": {vocab}}}'")
-        seq_len, positions = getattr(dm, "seq_len", None), self.config.max_position_embeddings
+        positions = self.config.max_position_embeddings
         if seq_len is not None and seq_len > positions:  # as generate and evaluate refuse it
             raise UsageError(
                 f"--data.seq_len {seq_len} exceeds the model's max_position_embeddings {positions}; lower "
                 "--data.seq_len, or raise it with --model.config_overrides "
                 f"'{{\"max_position_embeddings\": {seq_len}}}'")
-        cache = getattr(dm, "token_cache", None) if dm is not None else None
-        if cache is not None:
-            cache.check_ids(self.config.vocab_size)  # ids the embedding has no row for: one line, not a crash
-        tokenizer = getattr(dm, "tokenizer", None) if dm is not None else None
-        if tokenizer is not None:
-            self._tokenizer_ids = vocab_digest(tokenizer)
-            self._check_init_tokenizer(dm.hparams.get("tokenizer"))
-        if vocab is not None and vocab < self.config.vocab_size // 2 and self.global_rank == 0:
-            log.warning(
-                f"tokenizer {dm.hparams.get('tokenizer')!r} has {vocab:,} tokens but the model's vocabulary is "
+        if token_cache is not None:
+            token_cache.check_ids(self.config.vocab_size)  # ids the embedding has no row for: one line, not a crash
+        self.tokenizer, self.tokenizer_name = tokenizer, tokenizer_name
+        self._tokenizer_ids = vocab_digest(tokenizer)
+        self._check_init_tokenizer(tokenizer_name)
+        if vocab < self.config.vocab_size // 2:
+            say(f"tokenizer {tokenizer_name!r} has {vocab:,} tokens but the model's vocabulary is "
                 f"{self.config.vocab_size:,}: most embedding rows will never be trained; "
                 f"--model.config_overrides '{{\"vocab_size\": {vocab}}}' matches them")
 
@@ -167,22 +169,23 @@ class LitSmolLM(L.LightningModule):
         if not init_from or self.hparams.allow_other_tokenizer:
             return
         if ids is None:
-            if self.global_rank == 0:
-                log.warning(f"note: --model.init_from {init_from} names no tokenizer, so its token ids cannot be "
-                            f"compared with those of --data.tokenizer {data_tokenizer!r}")
+            note(f"--model.init_from {init_from} names no tokenizer, so its token ids cannot be "
+                 f"compared with those of --data.tokenizer {data_tokenizer!r}")
         elif ids != self._tokenizer_ids:
             raise InitFromError(
                 f"--model.init_from {init_from} was trained with tokenizer {name!r}, whose token ids differ from "
                 f"those of --data.tokenizer {data_tokenizer!r}; pass --data.tokenizer {name!r}, or "
                 "--model.allow_other_tokenizer true to train its embedding on other ids knowingly")
 
+    # ---- model and objective ----
+
     def configure_model(self) -> None:
         if self._trainer is not None:
             shard_by_layer(self.trainer.strategy)  # under FSDP: one unit per decoder layer
         if self.hparams.compile and not getattr(self, "_compiled", False):
             # Compile each decoder layer in place (nn.Module.compile): the 30 identical layers
-            # share one compiled graph, training goes through them (it calls hidden_states, not
-            # forward), and state-dict keys get no `_orig_mod.` prefix.
+            # share one compiled graph, training goes through them (SmolLM.loss calls hidden_states,
+            # not forward), and state-dict keys get no `_orig_mod.` prefix.
             for layer in self.model.layers:
                 layer.compile()
             self._compiled = True
@@ -193,9 +196,8 @@ class LitSmolLM(L.LightningModule):
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         ids = batch["input_ids"]
         inputs, targets = ids[:, :-1], ids[:, 1:]  # (B, T) each
-        hidden = self.model.hidden_states(inputs)  # (B, T, C)
-        loss = chunked_cross_entropy(hidden, self.model.lm_head.weight, targets,
-                                     self.hparams.loss_chunk_size, compiled=self.hparams.compile)
+        loss = self.model.loss(inputs, targets, chunk_size=self.hparams.loss_chunk_size,
+                               compiled=self.hparams.compile)
         if stage == "train":  # logged once per step, in on_before_optimizer_step
             self._loss_sum = loss.detach() if self._loss_sum is None else self._loss_sum + loss.detach()
             self._loss_count += 1
@@ -225,7 +227,6 @@ class LitSmolLM(L.LightningModule):
             self.log("val/bpb", loss * tokens / math.log(2) / n_bytes.clamp(min=1), **same_on_every_rank)
             self.val_tokens.reset()
             self.val_bytes.reset()
-        self._log_sample()
 
     # ---- optimization ----
 
@@ -274,41 +275,10 @@ class LitSmolLM(L.LightningModule):
             self.guard.push(self.trainer.global_step + 1, torch.stack([bad, loss, norm.float()]))
             self.guard.check(wait=not on_device)  # a non-fused step must be stopped before it runs
 
-    # ---- throughput, MFU and samples ----
-
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # Tokens/s over the window since the last log, from host timestamps only: no device sync.
-        # Steady-state host time per step equals device time per step, because the host cannot
-        # run more than a bounded queue ahead of the device.
         self.guard.check()  # flags whose copy to the host has landed; never waits
-        every = self.trainer.log_every_n_steps
-        step = self.trainer.global_step
-        if self._window_start is None:
-            if step > self._first_step:  # from the end of the first step: whole steps timed, warm-up not
-                self._window_start = (time.perf_counter(), step)
-            return
-        t0, s0 = self._window_start
-        if step > s0 and step % every == 0:  # the console's logging steps, so both show one step's figures
-            now = time.perf_counter()
-            tokens = (step - s0) * self.trainer.accumulate_grad_batches * batch["input_ids"][:, 1:].numel()
-            tokens_per_sec = tokens * self.trainer.world_size / (now - t0)
-            self.log("train/tokens_per_sec", tokens_per_sec, rank_zero_only=True)
-            # Logged here, at logging steps only: logging a float makes a device tensor (a sync).
-            self.log("train/lr", self.step_lrs["adamw"], rank_zero_only=True)
-            if "muon" in self.step_lrs:
-                self.log("train/lr_muon", self.step_lrs["muon"], rank_zero_only=True)
-            if self.device.type == "cuda":  # the allocator's own count: no device sync
-                self.log("train/peak_memory_gib", torch.cuda.max_memory_allocated(self.device) / 2**30,
-                         rank_zero_only=True)
-            seq_len = batch["input_ids"].shape[1] - 1
-            peak = self.hparams.peak_flops or peak_flops(self.device)
-            if peak:
-                mfu = tokens_per_sec * self.config.flops_per_token(seq_len) / (peak * self.trainer.world_size)
-                self.log("train/mfu", mfu, rank_zero_only=True)
-            self._window_start = (now, step)
 
     def on_train_start(self) -> None:
-        self._window_start, self._first_step = None, self.trainer.global_step
         self._loss_sum, self._loss_count = None, 0
         self._apply_changed_settings()
 
@@ -325,46 +295,20 @@ class LitSmolLM(L.LightningModule):
         if not changed:
             return
         apply_settings(self.trainer.optimizers[0], self.lr_schedulers(), h)
-        if self.global_rank == 0:
-            log.info(f"resuming with changed settings, applied from step {self.trainer.global_step + 1} on: "
-                     + ", ".join(f"{k} {before[k]} -> {_plain(h[k])}" for k in changed))
-
-    def estimate_memory(self, batch_size: int, seq_len: int, bf16: bool) -> int:
-        """Rough peak bytes of a training step: float32 weights, gradients and AdamW's two moments
-        (16 bytes a parameter), activations kept for the backward pass (about 8 hidden-size, 2 key/
-        value and 4 MLP-size values per token per layer, in the compute dtype), and two chunks of
-        float32 logits. It errs high: 45.7 GiB for 135m at 32 x 2048 in bf16, where an H100
-        measured 37.7 GiB (compiled)."""
-        c = self.config
-        kv = c.num_key_value_heads * c.head_dim
-        per_token = c.num_hidden_layers * (8 * c.hidden_size + 2 * kv + 4 * c.intermediate_size)
-        act = batch_size * seq_len * per_token * (2 if bf16 else 4)
-        logits = 2 * min(self.hparams.loss_chunk_size, batch_size * seq_len) * c.vocab_size * 4
-        return 16 * c.num_params + act + logits
+        say(f"resuming with changed settings, applied from step {self.trainer.global_step + 1} on: "
+            + ", ".join(f"{k} {before[k]} -> {_plain(h[k])}" for k in changed))
 
     def on_train_end(self) -> None:
         self.guard.check(wait=True)  # the last steps' flags, before the run is declared done
-
-    @torch.no_grad()
-    def _log_sample(self) -> None:
-        tokenizer = getattr(self.trainer.datamodule, "tokenizer", None) if self.trainer.datamodule else None
-        experiment = getattr(self.logger, "experiment", None)
-        if tokenizer is None or self.trainer.sanity_checking or not hasattr(experiment, "add_text"):
-            return
-        with full_model(self.trainer):  # under FSDP, every rank takes part
-            text, _ = complete(self.model, tokenizer, self.hparams.sample_prompt, self.hparams.sample_tokens)
-        if self.global_rank == 0:
-            experiment.add_text("val/sample", self.hparams.sample_prompt + text, self.global_step)
 
     # ---- checkpoints ----
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.guard.check(wait=True)  # never save the state of a run that has gone non-finite
-        dm = self.trainer.datamodule if self._trainer is not None else None
         logger = self.logger if self._trainer is not None else None
         checkpoint["smollm"] = {
             "model_config": self.config.to_dict(),
-            "tokenizer": getattr(dm, "hparams", {}).get("tokenizer") if dm is not None else None,
+            "tokenizer": self.tokenizer_name,
             "tokenizer_ids": self._tokenizer_ids,
             "logger_version": getattr(logger, "version", None),
         }
@@ -451,11 +395,3 @@ def _plain(value: Any) -> Any:
     """A setting as a comparable plain value (YAML gives lists where the code has tuples)."""
     return tuple(value) if isinstance(value, (list, tuple)) else value
 
-
-def peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak FLOP/s of a CUDA device (Lightning's table tells SXM, PCIe and NVL apart)."""
-    if device.type != "cuda":
-        return None
-    from lightning.fabric.utilities.throughput import get_available_flops
-
-    return get_available_flops(device, torch.bfloat16)

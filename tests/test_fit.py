@@ -109,6 +109,18 @@ def test_tensorboard_gets_losses_rates_throughput_and_a_sample(tmp_path, data):
     assert any("sample" in tag for tag in events.Tags()["tensors"])
 
 
+def test_the_console_and_tensorboard_show_one_throughput_measurement(tmp_path, data, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert main(args(tmp_path, data, 6, extra=["--trainer.enable_progress_bar", "true"])) == 0
+    lines = [line.split("  ") for line in capsys.readouterr().err.splitlines() if line.startswith("step ")]
+    console = [float(next(p for p in parts if p.endswith(" tok/s")).split()[0].replace(",", "")) for parts in lines]
+    events = EventAccumulator(str(tmp_path / "run" / "lightning_logs" / "tiny" / "version_0")).Reload()
+    logged = [e.value for e in events.Scalars("train/tokens_per_sec")]
+    assert len(console) == len(logged) == 3  # steps 2, 4 and 6 (every 2)
+    assert console == [round(v) for v in logged]
+
+
 def test_checkpoint_of_compiled_model_loads_into_plain_model(tmp_path, data):
     # nn.Module.compile keeps state-dict keys; a checkpoint of torch.compile(model), whose keys
     # carry `_orig_mod.`, loads as well.

@@ -1,4 +1,4 @@
-"""The model: size, config checks, parity with transformers, causality, KV cache, loss."""
+"""The model: size, config checks, parity with transformers, causality, KV cache, loss; the memory estimate."""
 
 from __future__ import annotations
 
@@ -187,6 +187,83 @@ def test_chunked_cross_entropy_equals_cross_entropy(chunk_size):
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(grads[0], hidden.grad)
     torch.testing.assert_close(grads[1], weight.grad)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_models_loss_is_cross_entropy_on_its_logits(tied):
+    """SmolLM.loss, the one loss entry of training, evaluation and the scripts, equals
+    F.cross_entropy on the forward's logits in float32, gradients included."""
+    torch.manual_seed(0)
+    model = SmolLM(ModelConfig.from_name("tiny", vocab_size=300, tie_word_embeddings=tied))
+    x, targets = ids(vocab=300), ids(seed=2, vocab=300)
+    loss = model.loss(x, targets, chunk_size=7)  # 7 does not divide 2 x 12 rows
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    ref = F.cross_entropy(model(x).flatten(0, 1), targets.flatten())
+    ref.backward()
+    assert loss.dtype == torch.float32 and abs(loss.item() - ref.item()) < 1e-5
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    with torch.no_grad():  # validation and evaluation: the loss alone, the same figure
+        assert abs(model.loss(x, targets, chunk_size=5).item() - ref.item()) < 1e-5
+
+
+def test_a_loss_mask_scores_only_the_tokens_it_keeps():
+    torch.manual_seed(0)
+    model = SmolLM(ModelConfig.from_name("tiny", vocab_size=300))
+    x, targets = ids(vocab=300), ids(seed=2, vocab=300)
+    mask = torch.zeros_like(targets)
+    mask[0, 3:9] = 1
+    mask[1, 10:] = 1  # 8 tokens kept: the mean is over them, not over 24
+    per_token = F.cross_entropy(model(x).flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+    assert abs(model.loss(x, targets, mask).item() - per_token[mask.bool()].mean().item()) < 1e-5
+    assert abs(model.loss(x, targets, mask.bool(), chunk_size=3).item() - per_token[mask.bool()].mean().item()) < 1e-5
+    # A masked-out token's target changes nothing, not the loss and not a gradient.
+    other = targets.clone()
+    other[0, 0] = (other[0, 0] + 1) % 300
+    loss = model.loss(x, targets, mask)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    again = model.loss(x, other, mask)
+    again.backward()
+    assert torch.equal(loss, again)
+    assert all(torch.equal(a, p.grad) for a, p in zip(grads, model.parameters()))
+    # All ones is no mask; none kept is a loss of 0 with zero gradients for every parameter, not NaN.
+    assert torch.equal(model.loss(x, targets, torch.ones_like(targets)), model.loss(x, targets))
+    model.zero_grad()
+    empty = model.loss(x, targets, torch.zeros_like(targets))
+    empty.backward()
+    assert empty.item() == 0.0 and all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    with pytest.raises(ValueError, match="loss_mask has shape"):
+        model.loss(x, targets, mask[:, 1:])
+
+
+def test_the_memory_estimate_knows_the_optimizer():
+    """AdamW keeps two moments a parameter; Muon one momentum buffer a decoder-layer matrix, with
+    AdamW's two for the embedding and the norms. Weights and gradients are the same for both."""
+    from smollm.config import estimate_memory
+
+    config = ModelConfig.from_name("135m")
+    n = config.num_params
+    adamw = estimate_memory(config, optimizer="adamw")
+    assert (adamw.weights, adamw.gradients, adamw.optimizer) == (4 * n, 4 * n, 8 * n)
+    assert adamw.model_and_optimizer == adamw.total == 16 * n  # no batch: no activations, no logits
+    muon = estimate_memory(config, optimizer="muon")
+    matrices = sum(p.numel() for name, p in SmolLM(ModelConfig.from_name("tiny")).named_parameters()
+                   if ".layers." in f".{name}" and name.endswith("proj.weight"))
+    tiny_muon, tiny_adamw = (estimate_memory(ModelConfig.from_name("tiny"), optimizer=o) for o in ("muon", "adamw"))
+    assert tiny_adamw.optimizer - tiny_muon.optimizer == 4 * matrices
+    assert muon.optimizer < adamw.optimizer and muon.weights == adamw.weights
+    # A batch adds activations and two chunks of float32 logits, whatever the optimizer.
+    step = estimate_memory(config, 32, 2048, optimizer="adamw", bf16=True)
+    assert step.total / 2**30 == pytest.approx(45.79, abs=0.005)  # the figure fit has always checked
+    assert step.logits == 2 * 8192 * config.vocab_size * 4
+    assert estimate_memory(config, 32, 2048, optimizer="muon", bf16=True).total == step.total - (adamw.optimizer
+                                                                                                 - muon.optimizer)
+    with pytest.raises(Exception, match="unknown optimizer 'sgd'"):
+        estimate_memory(config, optimizer="sgd")
 
 
 def test_init_weights_std():

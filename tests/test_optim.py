@@ -89,6 +89,22 @@ def test_the_state_of_both_optimizers_round_trips_and_a_plain_adamw_state_is_ref
         again.load_state_dict(adamw_state)
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_the_memory_estimate_counts_the_state_the_optimizer_keeps(optimizer):
+    """smollm.config.estimate_memory's optimizer state is the bytes of the tensors the optimizer
+    really holds after a step (besides its scalar step counts)."""
+    from smollm.config import estimate_memory
+
+    torch.manual_seed(0)
+    lit = LitSmolLM(preset="tiny", optimizer=optimizer)
+    opt = lit.configure_optimizers()["optimizer"]
+    lit._step({"input_ids": torch.randint(0, 100, (2, 9))}, "train").backward()
+    opt.step()
+    held = sum(v.numel() * v.element_size() for state in opt.state.values() for v in state.values()
+               if torch.is_tensor(v) and v.dim() > 0)
+    assert estimate_memory(lit.config, optimizer=optimizer).optimizer == held
+
+
 def assert_same_muon_state(a: dict, b: dict) -> None:
     assert a["global_step"] == b["global_step"]
     for key in a["state_dict"]:
