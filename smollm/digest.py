@@ -76,6 +76,3 @@ def file_digest(path: str | os.PathLike, chunk: int = CHUNK) -> str:
             h.update(view[:n])
     return h.digest()
 
-
-def known_algorithm(digest: str) -> bool:
-    return isinstance(digest, str) and digest.startswith(ALGORITHM + ":")

@@ -30,8 +30,10 @@ from typing import Any, Iterable
 
 import torch
 
-from smollm.errors import SmolLMError, UsageError
+from smollm.cli import command
+from smollm.errors import UsageError
 from smollm.model import SmolLM
+from smollm.output import note
 
 
 @dataclass
@@ -139,19 +141,16 @@ def run_tasks(model: SmolLM, tokenizer: Any, tasks: list[str], include_path: str
 # Command line
 
 
-def load_model(path: str) -> tuple[SmolLM, dict[str, Any] | None, str | None]:
-    """(model, the training run's data or None, a tokenizer name or folder or None). The run's
-    data is {"hparams": its --data.* settings, "state": what its data module saved (cache key,
-    seq_len, training windows, world size)}; a Hugging Face folder has none."""
-    from smollm.checkpoint import load_model, read_checkpoint
+def run_data(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The training run's data, from a checkpoint's record (`smollm.checkpoint.load_model`), or
+    None (a Hugging Face folder): {"hparams": its --data.* settings, "state": what its data module
+    saved (cache key, seq_len, training windows, world size)}."""
     from smollm.data import TextDataModule
 
-    model, tokenizer = load_model(path)
-    if not Path(path).is_file():
-        return model, None, tokenizer
-    checkpoint = read_checkpoint(path)
-    return model, {"hparams": dict(checkpoint.get("datamodule_hyper_parameters") or {}),
-                   "state": dict(checkpoint.get(TextDataModule.__qualname__) or {})}, tokenizer
+    if record is None:
+        return None
+    return {"hparams": dict(record.get("datamodule_hyper_parameters") or {}),
+            "state": dict(record.get(TextDataModule.__qualname__) or {})}
 
 
 def validation_windows(dm: Any, path: str, state: dict[str, Any] | None) -> tuple[Any, bool]:
@@ -166,9 +165,9 @@ def validation_windows(dm: Any, path: str, state: dict[str, Any] | None) -> tupl
     key = dm.state_dict()["cache_key"]
     earlier = [v for v in range(1, FORMAT_VERSION) if cache_key(dm.cache_spec, v) == state["cache_key"]]
     if earlier:  # the same corpus, tokenized by an earlier smollm's rules: its split, but not its tokens
-        print(f"note: {path} was trained on this corpus as an earlier smollm tokenized it (token cache format "
-              f"{earlier[0]}, now {FORMAT_VERSION}); its validation split is scored as this version tokenizes it, "
-              "not called held-out", file=sys.stderr)
+        note(f"{path} was trained on this corpus as an earlier smollm tokenized it (token cache format "
+             f"{earlier[0]}, now {FORMAT_VERSION}); its validation split is scored as this version tokenizes it, "
+             "not called held-out")
         return dm.val_windows(state.get("world_size", 1), state.get("val_windows_validated")), False
     if key != state["cache_key"]:
         raise UsageError(f"{path} was trained on another corpus than its data options give now (token cache "
@@ -196,7 +195,7 @@ def note_unused(argv: list[str], tasks: bool, data_given: bool) -> None:
              "when data is given (all of it is scored: there is no split)")):
         given = [o for o in options if _given(argv, o)]
         if unused and given:
-            print(f"note: {', '.join(given)} {'does' if len(given) == 1 else 'do'} nothing {why}", file=sys.stderr)
+            note(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} nothing {why}")
 
 
 def build_parser():
@@ -223,36 +222,37 @@ def build_parser():
 
 def evaluate(argv: list[str]) -> tuple[dict[str, Any], str | None]:
     """Run the command line's evaluation: (the report, the --json path or None)."""
-    from smollm.checkpoint import check_tokenizer
+    from smollm.checkpoint import check_tokenizer, load_model
     from smollm.data import TextDataModule
 
     cfg = build_parser().parse_args(argv)
     if cfg.tasks:
         _require_lm_eval()  # before any time is spent
-    model, run, tokenizer_name = load_model(cfg.checkpoint)
-    run_data = run["hparams"] if run else None
+    loaded = load_model(cfg.checkpoint)
+    model, tokenizer_name, run = loaded.model, loaded.tokenizer, run_data(loaded.record)
+    trained_on = run["hparams"] if run else None
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
     model.to(device)
     data_given = _given(argv, "--data.files") or _given(argv, "--data.dataset")
     note_unused(argv, bool(cfg.tasks), data_given)
     options = {k: v for k, v in vars(cfg.data).items()}
-    if not data_given and run_data:  # the run's own validation split: its data settings...
-        options.update({k: v for k, v in run_data.items() if k in options})
+    if not data_given and trained_on:  # the run's own validation split: its data settings...
+        options.update({k: v for k, v in trained_on.items() if k in options})
         for name in options:  # ...unless given on this command line
             if _given(argv, f"--data.{name}"):
                 options[name] = getattr(cfg.data, name)
-    if run_data and run_data.get("seq_len") and not _given(argv, "--data.seq_len"):
-        options["seq_len"] = run_data["seq_len"]  # the context the model was trained on, on any text
+    if trained_on and trained_on.get("seq_len") and not _given(argv, "--data.seq_len"):
+        options["seq_len"] = trained_on["seq_len"]  # the context the model was trained on, on any text
     elif not _given(argv, "--data.seq_len"):  # a Hugging Face folder: never past the positions it has
         options["seq_len"] = min(options["seq_len"], model.config.max_position_embeddings)
     if options["seq_len"] > model.config.max_position_embeddings:
         raise UsageError(f"--data.seq_len {options['seq_len']} exceeds the model's max_position_embeddings "
                          f"{model.config.max_position_embeddings}; lower --data.seq_len")
-    if not _given(argv, "--data.tokenizer") and not (run_data and not data_given) and tokenizer_name:
+    if not _given(argv, "--data.tokenizer") and not (trained_on and not data_given) and tokenizer_name:
         options["tokenizer"] = tokenizer_name
     dm = TextDataModule(**options)
-    check_tokenizer(cfg.checkpoint, tokenizer_name, dm.tokenizer,
+    check_tokenizer(cfg.checkpoint, loaded, dm.tokenizer,
                     f"--data.tokenizer {dm.tokenizer_name!r}" if dm.tokenizer_name != tokenizer_name else None)
     dm.prepare_data()
     dm.setup("validate")
@@ -285,18 +285,9 @@ def _lm_eval_table(results: dict[str, Any]) -> str:
     return make_table(results)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from jsonargparse import ArgumentError
-
-    from smollm.cli import fail, fail_on
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        report, json_path = evaluate(argv)
-    except SmolLMError as e:
-        return fail_on(e)
-    except ArgumentError as e:
-        return fail(str(e)[:500] + " (see --help)")
+@command
+def main(argv: list[str]) -> int:
+    report, json_path = evaluate(argv)
     print(report["data"])
     what = ("all of the text" if report["split"] == "all" else "held-out validation split" if report["held_out"]
             else "validation split (not known to be held out)")

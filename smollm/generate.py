@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
-from smollm.cli import fail_on
-from smollm.errors import SmolLMError, UsageError
+from smollm.cli import command
+from smollm.errors import UsageError
 from smollm.model import KVCache, SmolLM, compute_dtype
+from smollm.output import note
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -144,18 +145,19 @@ def load_for_generation(path: str | Path) -> tuple[SmolLM, Any]:
     from smollm.assets import load_tokenizer
     from smollm.checkpoint import check_tokenizer, load_model
 
-    model, tokenizer_name = load_model(path)
+    loaded = load_model(path)
     if Path(path).is_dir():
-        return model, load_tokenizer(str(path))  # a folder without one says so in one line
-    if tokenizer_name is None:
+        return loaded.model, load_tokenizer(str(path))  # a folder without one says so in one line
+    if loaded.tokenizer is None:
         raise UsageError(f"{path}: the checkpoint names no tokenizer; convert it with "
                          "`python -m smollm.convert ckpt` and add tokenizer files to the directory")
-    tokenizer = load_tokenizer(tokenizer_name)
-    check_tokenizer(path, tokenizer_name, tokenizer)  # a folder that has changed since training
-    return model, tokenizer
+    tokenizer = load_tokenizer(loaded.tokenizer)
+    check_tokenizer(path, loaded, tokenizer)  # a folder that has changed since training
+    return loaded.model, tokenizer
 
 
-def main(argv: list[str] | None = None) -> int:
+@command
+def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m smollm.generate",
                                      description="Continue a prompt with a SmolLM model.")
     parser.add_argument("--checkpoint", required=True, help="a Hugging Face directory or a .ckpt file")
@@ -169,18 +171,15 @@ def main(argv: list[str] | None = None) -> int:
     unused = [f"--{name}" for name in ("top_k", "top_p", "seed") if getattr(args, name) is not None]
     if args.temperature == 0 and unused:
         verb = "does" if len(unused) == 1 else "do"
-        print(f"note: {', '.join(unused)} {verb} nothing at --temperature 0 (greedy: always the likeliest token); "
-              "give a temperature above 0 to sample", file=sys.stderr)
+        note(f"{', '.join(unused)} {verb} nothing at --temperature 0 (greedy: always the likeliest token); "
+             "give a temperature above 0 to sample")
 
-    try:
-        if not args.prompt:
-            raise UsageError("--prompt is empty")
-        model, tokenizer = load_for_generation(args.checkpoint)
-        generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
-        text, new = complete(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
-                        top_k=args.top_k, top_p=args.top_p, generator=generator)
-    except SmolLMError as e:
-        return fail_on(e)
+    if not args.prompt:
+        raise UsageError("--prompt is empty")
+    model, tokenizer = load_for_generation(args.checkpoint)
+    generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
+    text, new = complete(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, generator=generator)
     if args.max_new_tokens == 1:
         print(f"next token after {args.prompt!r}: {tokenizer.decode(new)!r} (id {new[0]})")
     else:

@@ -340,8 +340,8 @@ def load_weights(path: str) -> tuple[SmolLM, str | None, str | None]:
     if Path(path).suffix == ".gguf":
         model, tokenizer = load_gguf(path)  # it carries its tokenizer
         return model, path, vocab_digest(tokenizer)
-    model, name = load_model(path)
-    return model, name, tokenizer_ids(path, name)
+    loaded = load_model(path)
+    return loaded.model, loaded.tokenizer, tokenizer_ids(loaded)
 
 
 class NonFiniteGuard:

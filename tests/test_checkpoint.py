@@ -163,6 +163,24 @@ def test_every_reader_refuses_a_tokenizer_of_other_ids_than_the_checkpoints(tmp_
     assert convert(["to-gguf", str(trained), str(tmp_path / "b.gguf"), "--tokenizer", str(data[1])]) == 0
 
 
+# ---- a resume reads its checkpoint once ----
+
+def test_a_resume_reads_and_verifies_its_checkpoint_once(tmp_path, data, monkeypatch, capsys):
+    import smollm.checkpoint as checkpoint
+
+    root = tmp_path / "run"
+    assert main(args(root, data, 2)) == 0
+    loads, digests = [], []
+    load, digest = checkpoint.load_torch_file, checkpoint.file_digest
+    monkeypatch.setattr(checkpoint, "load_torch_file", lambda path, **kw: loads.append(str(path)) or load(path, **kw))
+    monkeypatch.setattr(checkpoint, "file_digest", lambda path, **kw: digests.append(str(path)) or digest(path, **kw))
+    capsys.readouterr()
+    assert main(args(root, data, 3, extra=["--ckpt_path", "last"])) == 0
+    assert "done: trained 1 steps" in capsys.readouterr().out  # Lightning resumed from the checkpoint handed to it
+    step2 = str(root / "checkpoints" / "tiny" / "step=000002.ckpt")
+    assert loads == [step2] and [os.path.realpath(p) for p in digests] == [os.path.realpath(step2)]
+
+
 # ---- last.ckpt is always the newest ----
 
 def links(folder: Path) -> dict[str, str]:

@@ -282,9 +282,9 @@ def one_line(capsys, code: int) -> str:
 
 
 def test_a_run_too_large_for_the_device_stops_before_training(tmp_path, monkeypatch, capsys):
-    import smollm.fit as fit
+    import smollm.preflight as preflight
 
-    monkeypatch.setattr(fit, "available_memory", lambda: 24 * 2**30)
+    monkeypatch.setattr(preflight, "available_memory", lambda: 24 * 2**30)
     monkeypatch.chdir(tmp_path)
     err = one_line(capsys, main([]))  # the built-in defaults: 135m at 8 x 2048 in float32 on a CPU
     assert "needs about" in err and "GiB" in err and "--data.batch_size" in err and "configs/tiny.yaml" in err

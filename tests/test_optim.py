@@ -189,7 +189,7 @@ def test_a_muon_checkpoint_generates_evaluates_converts_and_starts_a_run(tmp_pat
     assert evaluate.main(["--checkpoint", str(ckpt), "--json", str(tmp_path / "score.json")]) == 0
     assert math.isfinite(json.loads((tmp_path / "score.json").read_text())["loss"])
     assert convert.main(["ckpt", str(ckpt), str(tmp_path / "hf")]) == 0
-    model, _ = load_model(str(tmp_path / "hf"))
+    model = load_model(str(tmp_path / "hf")).model
     assert all(torch.equal(v, trained["model." + k]) for k, v in model.state_dict().items())
     # init_from a Muon checkpoint: its weights, a fresh optimizer (here AdamW), step 0
     start = tmp_path / "start.pt"

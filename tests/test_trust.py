@@ -370,9 +370,9 @@ def test_fsdp_on_the_cpu_and_a_model_too_big_for_memory_are_refused_before_start
     err = one_line_error(capsys, main(run_args(tmp_path / "run", small, 1, extra=["--trainer.strategy", "fsdp"])))
     assert err == ("error: --trainer.strategy fsdp needs CUDA GPUs (Lightning's FSDP does not run on the CPU); "
                    "on CPU use --trainer.strategy ddp")
-    import smollm.fit
+    import smollm.preflight
 
-    monkeypatch.setattr(smollm.fit, "available_memory", lambda: 10**6)  # 1 MB free
+    monkeypatch.setattr(smollm.preflight, "available_memory", lambda: 10**6)  # 1 MB free
     err = one_line_error(capsys, main(run_args(tmp_path / "run", small, 1)))
     assert "needs at least 0.0 GB for float32 weights, gradients and AdamW state, and 0.0 GB are free" in err
     assert not (tmp_path / "run").exists()  # refused before anything was written
