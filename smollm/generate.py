@@ -12,7 +12,7 @@ import argparse
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Collection
 
 import torch
 
@@ -43,8 +43,15 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
 
 
+def stop_ids(eos_token_id: int | Collection[int] | None) -> list[int]:
+    """The ids that end generation: none, one, or several (an end-of-turn token beside the EOS)."""
+    if eos_token_id is None:
+        return []
+    return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+
+
 def _check_args(model: SmolLM, input_ids: torch.Tensor, max_new_tokens: int, temperature: float,
-                top_k: int | None, top_p: float | None, eos_token_id: int | None) -> None:
+                top_k: int | None, top_p: float | None, eos_token_id: int | Collection[int] | None) -> None:
     def is_int(x: object) -> bool:
         return isinstance(x, int) and not isinstance(x, bool)
 
@@ -72,27 +79,33 @@ def _check_args(model: SmolLM, input_ids: torch.Tensor, max_new_tokens: int, tem
         raise UsageError(f"top_k must be a positive integer or None, got {top_k!r}")
     if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
         raise UsageError(f"top_p must be in (0, 1] or None, got {top_p!r}")
-    if eos_token_id is not None and (not is_int(eos_token_id) or not 0 <= eos_token_id < vocab):
-        raise UsageError(f"eos_token_id must be a token id in [0, {vocab}) or None, got {eos_token_id!r}")
+    ids = [eos_token_id] if is_int(eos_token_id) else eos_token_id
+    if eos_token_id is not None and (isinstance(ids, (str, bytes)) or not isinstance(ids, Collection)
+                                     or not all(is_int(i) and 0 <= i < vocab for i in ids)):
+        raise UsageError(f"eos_token_id must be a token id in [0, {vocab}), a collection of them, or None, "
+                         f"got {eos_token_id!r}")
 
 
 def generate(model: SmolLM, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             top_k: int | None = None, top_p: float | None = None,
+             eos_token_id: int | Collection[int] | None = None, generator: torch.Generator | None = None,
+             on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """Continue each row of input_ids (B, T) by up to max_new_tokens tokens -> (B, T + new).
 
     The prompt goes through the model once (prefill, filling the KV cache), then one token per
     step. Temperature 0 is greedy; otherwise sampling, reproducible under torch.manual_seed or
-    `generator`. With eos_token_id, a row that produced eos keeps emitting eos, and generation
-    stops early once every row has. Prompts in a batch must have equal length (no padding).
-    The model is in eval mode meanwhile and gets its training flag back afterwards.
+    `generator`. With eos_token_id (one id, or several: any of them stops a row, as transformers
+    takes a list), a row that produced a stop token keeps emitting it, and generation stops early
+    once every row has. `on_token`, if given, is called with each step's tokens (B,) as they come
+    (streaming). Prompts in a batch must have equal length (no padding). The model is in eval mode
+    meanwhile and gets its training flag back afterwards.
     """
     _check_args(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id)
     was_training = model.training
     model.eval()
     try:
-        out = _decode(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id,
-                      generator)
+        out = _decode(model, input_ids, max_new_tokens, temperature, top_k, top_p, stop_ids(eos_token_id),
+                      generator, on_token)
     finally:
         model.train(was_training)
     return out.clone()  # a normal tensor: an inference-mode one cannot be used in training later
@@ -100,8 +113,8 @@ def generate(model: SmolLM, input_ids: torch.Tensor, max_new_tokens: int, temper
 
 @torch.inference_mode()
 def _decode(model: SmolLM, input_ids: torch.Tensor, max_new_tokens: int, temperature: float,
-            top_k: int | None, top_p: float | None, eos_token_id: int | None,
-            generator: torch.Generator | None) -> torch.Tensor:
+            top_k: int | None, top_p: float | None, stop: list[int],
+            generator: torch.Generator | None, on_token: Callable[[torch.Tensor], None] | None) -> torch.Tensor:
     B, T = input_ids.shape
     device = input_ids.device
     dtype = compute_dtype(next(model.parameters()))  # the dtype keys and values are computed in
@@ -109,15 +122,18 @@ def _decode(model: SmolLM, input_ids: torch.Tensor, max_new_tokens: int, tempera
     out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=device)
     out[:, :T] = input_ids
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    stop_tokens = torch.tensor(stop, dtype=torch.long, device=device)
     ids = out[:, :T]  # the prompt first, then the last token only
     for step in range(max_new_tokens):
         hidden = model.hidden_states(ids, cache)[:, -1]  # (B, C): only the last position
         token = sample_next(model.lm_head(hidden), temperature, top_k, top_p, generator)  # (B,)
-        if eos_token_id is not None:
-            token = token.masked_fill(finished, eos_token_id)
-            finished |= token == eos_token_id
+        if stop:
+            token = torch.where(finished, out[:, T + step - 1], token)  # a finished row repeats its stop token
+            finished |= torch.isin(token, stop_tokens)
         out[:, T + step] = token
-        if eos_token_id is not None and bool(finished.all()):
+        if on_token is not None:
+            on_token(token)
+        if stop and bool(finished.all()):
             return out[:, :T + step + 1]
         ids = out[:, T + step:T + step + 1]
     return out
@@ -156,30 +172,41 @@ def load_for_generation(path: str | Path) -> tuple[SmolLM, Any]:
     return loaded.model, tokenizer
 
 
+def add_sampling_options(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    """--max_new_tokens, --temperature, --top_k, --top_p, --seed: the options of every command that generates."""
+    parser.add_argument("--max_new_tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top_k", type=int, default=None)
+    parser.add_argument("--top_p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
+
+
+def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The `generate` keywords that the sampling options give (the seed as a generator); a note for
+    those that do nothing at temperature 0."""
+    unused = [f"--{name}" for name in ("top_k", "top_p", "seed") if getattr(args, name) is not None]
+    if args.temperature == 0 and unused:
+        verb = "does" if len(unused) == 1 else "do"
+        note(f"{', '.join(unused)} {verb} nothing at --temperature 0 (greedy: always the likeliest token); "
+             "give a temperature above 0 to sample")
+    generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator)
+
+
 @command
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m smollm.generate",
                                      description="Continue a prompt with a SmolLM model.")
     parser.add_argument("--checkpoint", required=True, help="a Hugging Face directory or a .ckpt file")
     parser.add_argument("--prompt", required=True, help="the text to continue")
-    parser.add_argument("--max_new_tokens", type=int, default=50)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top_k", type=int, default=None)
-    parser.add_argument("--top_p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    add_sampling_options(parser, max_new_tokens=50)
     args = parser.parse_args(argv)
-    unused = [f"--{name}" for name in ("top_k", "top_p", "seed") if getattr(args, name) is not None]
-    if args.temperature == 0 and unused:
-        verb = "does" if len(unused) == 1 else "do"
-        note(f"{', '.join(unused)} {verb} nothing at --temperature 0 (greedy: always the likeliest token); "
-             "give a temperature above 0 to sample")
+    sampling = sampling_options(args)
 
     if not args.prompt:
         raise UsageError("--prompt is empty")
     model, tokenizer = load_for_generation(args.checkpoint)
-    generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
-    text, new = complete(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, generator=generator)
+    text, new = complete(model, tokenizer, args.prompt, args.max_new_tokens, **sampling)
     if args.max_new_tokens == 1:
         print(f"next token after {args.prompt!r}: {tokenizer.decode(new)!r} (id {new[0]})")
     else:

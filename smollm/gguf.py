@@ -9,7 +9,8 @@ llama.cpp's own converter is built on): llama.cpp's tensor names and metadata ke
 tokenizer inside (byte-level BPE: tokens, merges, special ids), weights in f32, f16, bf16 or
 q8_0. llama.cpp applies RoPE to interleaved pairs (2i, 2i+1) where we (and transformers) use
 the rotate_half pairs (i, i + head_dim/2), so q and k rows are permuted on the way out exactly as
-llama.cpp's converter does, and transformers' reader undoes it on the way in.
+llama.cpp's converter does, and transformers' reader undoes it on the way in. The tokenizer's chat
+template and its end-of-turn token (eot) go in too, so llama.cpp's chat ends a reply where it should.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from smollm.assets import end_of_turn_id
 from smollm.config import ModelConfig
 from smollm.errors import GGUFExportError, HFFormatError, MissingPathError
 from smollm.hf import config_from_hf, hf_state_dict, model_from_state
@@ -197,6 +199,9 @@ def write_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
     writer.add_add_eos_token(tokenizer.eos_token_id is not None and len(ids) > 1 and ids[-1] == tokenizer.eos_token_id)
     if getattr(tokenizer, "chat_template", None):
         writer.add_chat_template(tokenizer.chat_template)
+        eot = end_of_turn_id(tokenizer)
+        if eot is not None:  # llama.cpp's chat ends a reply at it (an end-of-generation token), as at eos
+            writer.add_eot_token_id(eot)
 
 
 def save_gguf(model: SmolLM, path: str | os.PathLike, tokenizer: Any, dtype: str = "f32",

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from smollm.assets import stop_token_ids
 from smollm.config import ModelConfig
 from smollm.errors import HFFormatError, MissingPathError, UnsafeFileError, UsageError
 from smollm.io import load_torch_file
@@ -111,6 +112,15 @@ def config_to_hf(config: ModelConfig, tokenizer: Any = None) -> dict[str, Any]:
     hf["eos_token_id"] = tokenizer.eos_token_id if tokenizer is not None else None
     hf["pad_token_id"] = tokenizer.pad_token_id if tokenizer is not None else None
     return hf
+
+
+def generation_config(tokenizer: Any) -> dict[str, Any]:
+    """generation_config.json for a folder with `tokenizer`: transformers' `generate` stops at any
+    of its eos ids, so they are the chat template's end-of-turn token (ChatML's <|im_end|>) and
+    the tokenizer's EOS; a chat reply then ends where its turn does."""
+    stop = stop_token_ids(tokenizer)
+    return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": stop[0] if len(stop) == 1 else stop or None,
+            "pad_token_id": tokenizer.pad_token_id}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,7 +253,8 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool) -> None:
 
 
 def save_hf(model: SmolLM, path: str | os.PathLike, tokenizer: Any = None, overwrite: bool = False) -> Path:
-    """Write `model` (and `tokenizer`) as a directory transformers.AutoModelForCausalLM loads.
+    """Write `model` (and `tokenizer`, with its chat template and a generation_config.json whose eos
+    ids end a chat reply) as a directory transformers.AutoModelForCausalLM loads.
 
     Weights are saved in float32 under HF names; a tied head is stored once, as
     model.embed_tokens.weight, which is what transformers writes and expects. A folder that
@@ -260,5 +271,6 @@ def save_hf(model: SmolLM, path: str | os.PathLike, tokenizer: Any = None, overw
     os.chmod(path / SAFETENSORS, 0o666 & ~_umask())
     (path / "config.json").write_text(json.dumps(config_to_hf(model.config, tokenizer), indent=2) + "\n")
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(path))
+        tokenizer.save_pretrained(str(path))  # its chat template too (chat_template.jinja)
+        (path / "generation_config.json").write_text(json.dumps(generation_config(tokenizer), indent=2) + "\n")
     return path

@@ -34,6 +34,7 @@ def test_the_command_line_is_the_default_argv(monkeypatch):
 @pytest.mark.parametrize("name, inside, argv", [
     ("smollm.fit", "check_unquoted_glob", ["--trainer.max_steps", "1"]),
     ("smollm.generate", "load_for_generation", ["--checkpoint", "x.ckpt", "--prompt", "hi"]),
+    ("smollm.chat", "load_for_generation", ["--checkpoint", "x.ckpt"]),
     ("smollm.evaluate", "evaluate", ["--checkpoint", "x.ckpt"]),
     ("smollm.convert", "convert_ckpt", ["ckpt", "x.ckpt", "out"]),
 ])

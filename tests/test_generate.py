@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from smollm.errors import UsageError
 from smollm.generate import generate
 from smollm.hf import save_hf
 
@@ -68,6 +69,19 @@ def test_eos_stops_and_pads_with_eos(tiny_model):
     alone = generate(tiny_model, other, max_new_tokens=8, eos_token_id=eos)
     assert torch.equal(out[1, :alone.shape[1]], alone[0])
     assert torch.all(out[0, 7 + first:] == eos)
+
+
+def test_any_of_several_stop_ids_stops_and_each_token_is_handed_over_as_it_comes(tiny_model):
+    greedy = generate(tiny_model, PROMPT, max_new_tokens=8)[0, 7:].tolist()
+    third, unsaid = greedy[2], next(i for i in range(10) if i not in greedy[:3])
+    assert third not in greedy[:2]
+    seen = []
+    out = generate(tiny_model, PROMPT, max_new_tokens=8, eos_token_id=[unsaid, third],
+                   on_token=lambda token: seen.append(token.tolist()))
+    assert out[0, 7:].tolist() == greedy[:3]  # stopped at the first stop id produced, whichever
+    assert seen == [[t] for t in greedy[:3]]  # one call per step, in order
+    with pytest.raises(UsageError, match="eos_token_id"):
+        generate(tiny_model, PROMPT, 2, eos_token_id=[1, 10**6])
 
 
 def test_batch_equals_each_prompt_alone(tiny_model):

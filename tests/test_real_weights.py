@@ -217,3 +217,25 @@ def test_evaluate_scores_the_real_weights_as_transformers_does(converted, refere
     # float32 both, the same sums in another order through 30 layers: 5.4e-6 apart (was rel 1e-3)
     assert report["loss"] == pytest.approx(nats / report["tokens"], rel=5e-5)
     assert report["bits_per_byte"] == pytest.approx(nats / math.log(2) / report["bytes"], rel=5e-5)
+
+
+def test_chat_answers_on_the_real_weights_and_stops_at_im_end(converted, monkeypatch, capsys):
+    import io
+
+    import smollm.chat as chat
+
+    tokenizer = load_tokenizer(str(converted))
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    replies = []
+
+    def recording(model, input_ids, *args, **kwargs):
+        out = generate(model, input_ids, *args, **kwargs)
+        replies.append(out[0, input_ids.shape[1]:].tolist())
+        return out
+
+    monkeypatch.setattr(chat, "generate", recording)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What is the capital of France?\n"))
+    assert chat.main(["--checkpoint", str(converted), "--max_new_tokens", "40"]) == 0
+    out = capsys.readouterr().out
+    assert "Paris" in out and "<|im_end|>" not in out, out
+    assert replies[0][-1] == im_end and len(replies[0]) < 40  # ended its turn itself
