@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 
 from smollm import ModelConfig, SmolLM
 from smollm.model import KVCache, document_mask, document_starts
+from smollm.module import LitSmolLM
 
 VOCAB = 300
 
@@ -165,3 +167,140 @@ def test_document_ids_are_checked_and_not_for_decoding():
         model(x, document_ids=torch.zeros(1, 7, dtype=torch.long))
     with pytest.raises(ValueError, match="decoding with a KVCache takes none"):
         model(x, KVCache(model.config, 1, 8), document_ids=torch.zeros_like(x))
+
+
+# ---- LitSmolLM: the batch contract, and a step's loss over its scored tokens ----
+
+class Kept(LitSmolLM):
+    """A LitSmolLM that keeps the gradients the clipping sees (after the step's normalization) and
+    the step's loss; with `save_to`, writes them to SAVE_TO.RANK (for processes of its own)."""
+
+    save_to: str | None = None
+
+    def configure_gradient_clipping(self, optimizer, *args, **kw):
+        kept = ({n: p.grad.clone() for n, p in self.model.named_parameters()}, self._train_loss.item())
+        self.kept.append(kept)
+        if self.save_to:
+            torch.save(kept, f"{self.save_to}.{self.global_rank}")
+        super().configure_gradient_clipping(optimizer, *args, **kw)
+
+
+def kept_module() -> Kept:
+    torch.manual_seed(0)
+    module = Kept(preset="tiny", config_overrides={"vocab_size": VOCAB}, grad_clip=0.0)
+    module.kept = []
+    return module
+
+
+def contract_batches(n: int, batch: int = 2, length: int = 16, seed: int = 0, masks: bool = True) -> list[dict]:
+    """n micro-batches in the batch contract: packed rows whose loss masks keep very different
+    numbers of tokens (a handful in one micro-batch, most in another)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for k in range(n):
+        ids = torch.randint(0, VOCAB, (batch, length + 1), generator=g)
+        keep = torch.rand(batch, length, generator=g) < (0.15 if k % 2 == 0 else 0.9)
+        keep[0, -1] = True  # at least one
+        documents = torch.cumsum(torch.rand(batch, length, generator=g) < 0.2, dim=1)
+        item = {"input_ids": ids, "document_ids": documents}
+        if masks:
+            item["loss_mask"] = keep
+        out.append(item)
+    return out
+
+
+class RankBatches(L.LightningDataModule):
+    """Each process's own micro-batches: rank r trains on per_rank[r]."""
+
+    def __init__(self, per_rank: list[list[dict]]) -> None:
+        super().__init__()
+        self.per_rank = per_rank
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(self.per_rank[self.trainer.global_rank], batch_size=None)
+
+
+def train_one_step(module, batches: list[dict], accumulate: int, processes: int = 1):
+    trainer = L.Trainer(accelerator="cpu", devices=processes, max_steps=1, accumulate_grad_batches=accumulate,
+                        strategy="ddp_spawn" if processes > 1 else "auto", use_distributed_sampler=False,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0)
+    per_rank = [batches[r * accumulate:(r + 1) * accumulate] for r in range(processes)]
+    trainer.fit(module, datamodule=RankBatches(per_rank))
+    return module.kept[0] if processes == 1 else None
+
+
+def test_a_steps_loss_is_over_all_its_scored_tokens_whatever_the_micro_batches():
+    """Accumulating micro-batches that score 4 and 27 tokens: the step's loss and gradients are the
+    sum over all 31 scored tokens / 31 (transformers' num_items_in_batch, TRL's SFTTrainer), not the
+    mean of the two micro-batches' means; one micro-batch of the same rows gives the same."""
+    batches = contract_batches(2)
+    module = kept_module()
+    model = SmolLM(module.config)
+    model.load_state_dict(module.model.state_dict())
+    total, count = 0.0, 0
+    for b in batches:  # the reference: summed per-token cross entropy, per-document positions
+        ids, mask = b["input_ids"], b["loss_mask"]
+        logits = model(ids[:, :-1], document_ids=b["document_ids"])
+        total = total + F.cross_entropy(logits[mask], ids[:, 1:][mask], reduction="sum")
+        count += int(mask.sum())
+    ref = total / count
+    ref.backward()
+    kept, loss = train_one_step(module, batches, accumulate=2)
+    assert abs(loss - ref.item()) < 1e-5
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(kept[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    means = [model.loss(b["input_ids"][:, :-1], b["input_ids"][:, 1:], b["loss_mask"],
+                        document_ids=b["document_ids"]).item() for b in batches]
+    assert abs(sum(means) / 2 - ref.item()) > 1e-2  # the mean of the means would be another loss
+
+    whole = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}  # one micro-batch of 4 rows
+    one = kept_module()
+    kept_one, loss_one = train_one_step(one, [whole], accumulate=1)
+    assert abs(loss_one - loss) < 1e-5
+    for name, g in kept.items():
+        torch.testing.assert_close(kept_one[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_without_loss_masks_a_step_is_the_mean_of_its_micro_batches_as_before():
+    batches = contract_batches(2, masks=False)
+    module = kept_module()
+    model = SmolLM(module.config)
+    model.load_state_dict(module.model.state_dict())
+    losses = [model.loss(b["input_ids"][:, :-1], b["input_ids"][:, 1:], document_ids=b["document_ids"])
+              for b in batches]
+    (sum(losses) / 2).backward()
+    kept, loss = train_one_step(module, batches, accumulate=2)
+    assert loss == pytest.approx((losses[0].item() + losses[1].item()) / 2, rel=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(kept[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_validation_weighs_each_batch_by_its_scored_tokens():
+    module = kept_module()
+    batches = contract_batches(2)
+    with torch.no_grad():
+        for b in batches:
+            module.validation_step(b, 0)
+        total = sum(module.model.loss(b["input_ids"][:, :-1], b["input_ids"][:, 1:], b["loss_mask"],
+                                      document_ids=b["document_ids"]) * b["loss_mask"].sum() for b in batches)
+    count = sum(int(b["loss_mask"].sum()) for b in batches)
+    assert abs(module.val_loss.compute().item() - (total / count).item()) < 1e-5
+
+
+@pytest.mark.slow
+def test_under_ddp_a_steps_loss_is_over_the_scored_tokens_of_every_process(tmp_path):
+    """2 processes x 2 micro-batches scoring 4 to 27 tokens each: every process applies the gradient of
+    the sum over all the step's scored tokens / their count, and logs that loss (transformers'
+    average_tokens_across_devices)."""
+    batches = contract_batches(4)
+    one = kept_module()
+    kept, loss = train_one_step(one, batches, accumulate=4)  # the same step on one process
+    ddp = kept_module()
+    ddp.save_to = str(tmp_path / "kept")
+    train_one_step(ddp, batches, accumulate=2, processes=2)
+    for rank in (0, 1):
+        grads, rank_loss = torch.load(f"{ddp.save_to}.{rank}", weights_only=True)
+        assert abs(rank_loss - loss) < 1e-5
+        for name, g in kept.items():
+            torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
