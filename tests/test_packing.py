@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from smollm import ModelConfig, SmolLM
 from smollm.model import KVCache, document_mask, document_starts
 from smollm.module import LitSmolLM
+from test_data import corpus, make_dm, ready  # noqa: F401  (the small corpus, its data modules)
 
 VOCAB = 300
 
@@ -304,3 +305,48 @@ def test_under_ddp_a_steps_loss_is_over_the_scored_tokens_of_every_process(tmp_p
         assert abs(rank_loss - loss) < 1e-5
         for name, g in kept.items():
             torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ---- --data.document_mask: pretraining windows, attention within each document ----
+
+def test_document_mask_gives_a_window_of_two_documents_the_loss_of_its_parts_run_apart(make_dm):
+    """With document_mask a window's batch carries document_ids that start a document after each
+    EOS, and a window spanning two documents scores as its two pieces run separately; off, the
+    batch is today's, key for key and value for value."""
+    dm = ready(make_dm(document_mask=True))
+    batch = next(iter(dm.train_dataloader()))
+    plain = next(iter(ready(make_dm()).train_dataloader()))
+    assert set(plain) == {"input_ids", "index", "n_bytes"} and set(batch) == set(plain) | {"document_ids"}
+    assert all(torch.equal(batch[k], plain[k]) for k in plain)
+    eos = dm.tokenizer.eos_token_id
+    for row, doc in zip(batch["input_ids"][:, :-1].tolist(), batch["document_ids"].tolist()):
+        assert doc == [sum(t == eos for t in row[:i]) for i in range(len(row))]  # EOSes strictly before
+
+    # A window with one EOS inside its inputs: two documents, the first ending with that EOS.
+    collate = dm.train_dataloader().collate_fn
+    window = next(w for w in map(dm.train_dataset.__getitem__, range(len(dm.train_dataset)))
+                  if (w["input_ids"][:-1] == eos).sum() == 1 and w["input_ids"][-2] != eos)
+    one = collate([window])
+    inputs, targets, ids = one["input_ids"][:, :-1], one["input_ids"][:, 1:], one["document_ids"]
+    cut = int((inputs[0] == eos).nonzero()[0]) + 1
+    assert ids[0].tolist() == [0] * cut + [1] * (inputs.shape[1] - cut)
+    model = SmolLM(ModelConfig.from_name("tiny", vocab_size=dm.vocab_size))
+    with torch.no_grad():
+        loss = model.loss(inputs, targets, document_ids=ids)
+        apart = (model.loss(inputs[:, :cut], targets[:, :cut]) * cut
+                 + model.loss(inputs[:, cut:], targets[:, cut:]) * (inputs.shape[1] - cut)) / inputs.shape[1]
+        assert abs(loss.item() - apart.item()) < 1e-5
+        assert abs(loss.item() - model.loss(inputs, targets).item()) > 1e-4  # the mask mattered
+
+
+def test_document_mask_is_saved_and_a_resume_with_the_other_setting_says_so(make_dm, capsys):
+    saved = ready(make_dm()).state_dict()
+    assert saved["document_mask"] is False
+    ready(make_dm()).load_state_dict(saved)
+    ready(make_dm()).load_state_dict({k: v for k, v in saved.items() if k != "document_mask"})  # an older checkpoint
+    assert "--data.document_mask" not in capsys.readouterr().err
+    ready(make_dm(document_mask=True)).load_state_dict(saved)
+    said = [line for line in capsys.readouterr().err.splitlines() if "--data.document_mask" in line]
+    assert said == ["warning: --data.document_mask false -> true since the checkpoint: from the resumed step on, "
+                    "attention stays within each document"]
+    assert "attention within documents" in ready(make_dm(document_mask=True)).describe()
