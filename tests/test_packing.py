@@ -350,3 +350,21 @@ def test_document_mask_is_saved_and_a_resume_with_the_other_setting_says_so(make
     assert said == ["warning: --data.document_mask false -> true since the checkpoint: from the resumed step on, "
                     "attention stays within each document"]
     assert "attention within documents" in ready(make_dm(document_mask=True)).describe()
+
+
+def test_a_decoder_layer_compiles_as_one_graph_for_a_packed_training_step():
+    """LitSmolLM's compile option compiles each layer: a packed row's mask and per-row positions
+    go through it as one graph, forward and backward (aot_eager traces both)."""
+    from smollm.model import DecoderLayer, RotaryEmbedding
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_name("tiny", num_hidden_layers=1)
+    layer = DecoderLayer(cfg, 0)
+    x = torch.randn(2, 16, cfg.hidden_size, requires_grad=True)
+    starts = document_starts(torch.tensor([[0] * 5 + [1] * 11, [0] * 9 + [1] * 7]))
+    cos, sin = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)(torch.arange(16) - starts, torch.float32)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    out = compiled(x, cos, sin, documents=document_mask(starts))
+    out.square().mean().backward()
+    torch.testing.assert_close(out, layer(x, cos, sin, documents=document_mask(starts)))
+    assert x.grad is not None and all(p.grad is not None for p in layer.parameters())
