@@ -54,6 +54,7 @@ class LitSmolLM(L.LightningModule):
         muon_weight_decay: float | None = None,
         compile: bool = False,
         loss_chunk_size: int = 8192,
+        document_attention: Literal["sdpa", "flex"] = "sdpa",
         check_finite: bool = True,
         peak_flops: float | None = None,
         sample_prompt: str = "The quick brown fox",
@@ -94,6 +95,9 @@ class LitSmolLM(L.LightningModule):
             muon_weight_decay: Muon's decoupled weight decay; None means weight_decay.
             compile: torch.compile the model (checkpoints still load into a plain model).
             loss_chunk_size: Rows of logits computed at a time by the chunked cross entropy.
+            document_attention: How a batch of packed documents (with document_ids) confines attention
+                to each document: "sdpa" (a bool mask) or "flex" (flex_attention, which skips the
+                masked blocks; it trains on a GPU only). Plain windows use neither.
             check_finite: Never apply a step whose loss or gradient norm is NaN or infinite, and
                 stop the run with an error naming the step. With the fused AdamW this costs no
                 host-device synchronization per step (see NonFiniteGuard).
@@ -123,6 +127,7 @@ class LitSmolLM(L.LightningModule):
             self.model.config = self.config
         else:
             self.model = SmolLM(self.config)
+        self.model.document_attention = document_attention
         self.guard = NonFiniteGuard()
         self.val_loss = MeanMetric()
         # Bits per byte: tokens and the UTF-8 bytes they stand for (each batch's "n_bytes",
@@ -185,6 +190,9 @@ class LitSmolLM(L.LightningModule):
     def configure_model(self) -> None:
         if self._trainer is not None:
             shard_by_layer(self.trainer.strategy)  # under FSDP: one unit per decoder layer
+            if self.hparams.document_attention == "flex" and self.trainer.strategy.root_device.type == "cpu":
+                raise UsageError("--model.document_attention flex trains on a GPU only (torch has no "
+                                 "flex_attention backward on CPU); use sdpa")
         if self.hparams.compile and not getattr(self, "_compiled", False):
             # Compile each decoder layer in place (nn.Module.compile): the 30 identical layers
             # share one compiled graph, training goes through them (SmolLM.loss calls hidden_states,

@@ -368,3 +368,13 @@ def test_a_decoder_layer_compiles_as_one_graph_for_a_packed_training_step():
     out.square().mean().backward()
     torch.testing.assert_close(out, layer(x, cos, sin, documents=document_mask(starts)))
     assert x.grad is not None and all(p.grad is not None for p in layer.parameters())
+
+
+def test_flex_attention_training_on_a_cpu_is_refused_in_one_line(tmp_path, data, capsys):
+    import fitutil
+    from smollm.fit import main
+
+    corpus, tok = data
+    assert main(fitutil.fit_args(tmp_path, corpus, tok, 1, extra=["--model.document_attention", "flex"])) == 2
+    err = capsys.readouterr().err
+    assert "error: --model.document_attention flex trains on a GPU only" in err and "Traceback" not in err
