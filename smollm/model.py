@@ -230,8 +230,9 @@ class DecoderLayer(nn.Module):
 
 
 class SmolLM(nn.Module):
-    # How a packed row's per-document attention runs: "sdpa" (a bool mask, the default: the fastest
-    # on CPU, scripts/bench_document_attention.py) or "flex" (flex_attention and a BlockMask).
+    # How a packed row's per-document attention runs: "sdpa" (a bool mask; the default, since torch
+    # has no flex_attention backward on CPU) or "flex" (flex_attention and a BlockMask, which skips
+    # the masked blocks). Measured side by side: scripts/bench_document_attention.py.
     document_attention: str = "sdpa"
 
     def __init__(self, config: ModelConfig) -> None:

@@ -34,7 +34,8 @@ class TextDataModule(L.LightningDataModule):
     their documents, each followed by EOS, make one token stream. A batch is
     {"input_ids": LongTensor (B, seq_len + 1), "index": LongTensor (B,)}: inputs are
     input_ids[:, :-1], targets input_ids[:, 1:], and index holds the window ids (to check that a
-    resume neither repeats nor skips a window); with document_mask, also "document_ids" (B, seq_len). Training batches come in an endless order that is a
+    resume neither repeats nor skips a window); with document_mask, also "document_ids" (B, seq_len).
+    Training batches come in an endless order that is a
     pure function of (seed, global sample index), so the Trainer must be built with
     `use_distributed_sampler=False` (this module splits data across ranks itself) and stopped by
     `max_steps`. An optimizer step takes the next `global_batch_size` samples, split into
@@ -343,8 +344,9 @@ class TextDataModule(L.LightningDataModule):
         skipped = f" ({len(c.empty)} empty skipped)" if c.empty else ""
         shards = len(self.token_cache.shards)
         masked = ", attention within documents" if self.document_mask else ""
-        windows = windows or (f"seq_len {self.seq_len}{masked}: {self.n_train_windows:,} train windows, {self.n_val_windows} "
-                              f"of {self.n_heldout_windows} held-out windows validated; {self._passes()}")
+        windows = windows or (f"seq_len {self.seq_len}{masked}: {self.n_train_windows:,} train windows, "
+                              f"{self.n_val_windows} of {self.n_heldout_windows} held-out windows validated; "
+                              f"{self._passes()}")
         return (f"data: {sources}{skipped}; {self.n_documents:,} documents, {self.n_tokens:,} tokens "
                 f"({self.tokenizer_name}, vocab {self.vocab_size}) in {shards} shard{'s' * (shards != 1)}; "
                 f"{windows}; cache {self.store.where(c)}")
