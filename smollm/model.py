@@ -1,11 +1,13 @@
 """SmolLM: a Llama-style decoder, read top to bottom, smallest piece first.
 
-RMSNorm -> rotary embedding -> Attention (GQA through SDPA) -> MLP (SwiGLU) -> DecoderLayer
--> SmolLM. Module names are Hugging Face Llama's, so converting weights is a key rename.
-Shapes: B batch, T new tokens, S cached + new tokens, C hidden_size, V vocab_size.
+RMSNorm -> rotary embedding -> document masks -> Attention (GQA through SDPA) -> MLP (SwiGLU)
+-> DecoderLayer -> SmolLM. Module names are Hugging Face Llama's, so converting weights is a key
+rename. Shapes: B batch, T new tokens, S cached + new tokens, C hidden_size, V vocab_size.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -58,10 +60,13 @@ class RotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (T,) -> cos, sin (T, head_dim); positions (B, T), one row each -> (B, 1, T, head_dim)."""
         if self.inv_freq.dtype != torch.float32:
             self.reset_inv_freq()
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # (T, head_dim / 2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (T, head_dim)
+        freqs = positions.float()[..., None] * self.inv_freq  # (T, head_dim / 2) or (B, T, head_dim / 2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, head_dim) or (B, T, head_dim)
+        if positions.dim() == 2:
+            emb = emb[:, None]  # (B, 1, T, head_dim): one row of positions per sequence, shared by the heads
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -71,7 +76,55 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin  # cos, sin (T, head_dim) broadcast over (B, heads)
+    return x * cos + rotate_half(x) * sin  # cos, sin (T, head_dim) or (B, 1, T, head_dim) broadcast over x
+
+
+def document_starts(document_ids: torch.Tensor) -> torch.Tensor:
+    """document_ids (B, T) -> (B, T): the index of the first token of each token's document.
+
+    A document starts wherever the id differs from the previous token's, so ids need only change at
+    each boundary (the batch contract makes them non-decreasing); a token's RoPE position is its
+    index minus this, and it attends to the keys from this index to itself."""
+    T = document_ids.shape[1]
+    index = torch.arange(T, device=document_ids.device)
+    new = torch.ones_like(document_ids, dtype=torch.bool)
+    new[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    return torch.where(new, index, 0).cummax(dim=1).values  # (B, T)
+
+
+def document_mask(starts: torch.Tensor) -> torch.Tensor:
+    """The block-diagonal causal mask of SDPA, (B, 1, T, T) bool: query i sees key j when j lies in
+    [starts[i], i]. Built once per forward and shared by every layer."""
+    index = torch.arange(starts.shape[1], device=starts.device)
+    keys = index[None, None, :]  # (1, 1, T)
+    mask = (keys <= index[None, :, None]) & (keys >= starts[:, :, None])  # (B, T, T)
+    return mask[:, None]  # (B, 1, T, T), broadcast over heads
+
+
+def document_block_mask(starts: torch.Tensor) -> Any:
+    """The same mask as a flex_attention BlockMask: blocks of keys wholly outside a query block's
+    documents are skipped rather than computed and masked."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def visible(b, h, q, kv):
+        return (kv <= q) & (kv >= starts[b, q])
+
+    B, T = starts.shape
+    return create_block_mask(visible, B, None, T, T, device=starts.device, _compile=True)
+
+
+_compiled_flex = None
+
+
+def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any, gqa: bool) -> torch.Tensor:
+    """torch's flex_attention, compiled once per process (uncompiled it materializes every score).
+    On CPU torch 2.13 has its forward only: use it there to score, not to train."""
+    global _compiled_flex
+    if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention as flex
+
+        _compiled_flex = torch.compile(flex, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=gqa)
 
 
 class KVCache:
@@ -113,7 +166,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q_dim, C, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, documents: Any = None) -> torch.Tensor:
+        """`documents`: None (causal over the whole row), or the mask that confines each token to
+        its own document: SDPA's bool (B, 1, T, T) or flex_attention's BlockMask."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
@@ -129,9 +184,13 @@ class Attention(nn.Module):
                 if T > 1:
                     S = past + T
                     mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=past)
-        # SDPA lets each group of n_heads / n_kv_heads query heads share a key/value head itself.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        gqa = self.n_kv_heads != self.n_heads  # each group of n_heads / n_kv_heads query heads shares a kv head
+        if documents is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
+        elif isinstance(documents, torch.Tensor):
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=documents, enable_gqa=gqa)
+        else:
+            y = flex_attention(q, k, v, documents, gqa)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, n_heads * hd)
         return self.o_proj(y)
 
@@ -158,10 +217,10 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, documents: Any = None) -> torch.Tensor:
         residual = x
         x = self.input_layernorm(x)
-        x = self.self_attn(x, cos, sin, cache)
+        x = self.self_attn(x, cos, sin, cache, documents)
         x = residual + x
 
         residual = x
@@ -171,6 +230,11 @@ class DecoderLayer(nn.Module):
 
 
 class SmolLM(nn.Module):
+    # How a packed row's per-document attention runs: "sdpa" (a bool mask; the default, since torch
+    # has no flex_attention backward on CPU) or "flex" (flex_attention and a BlockMask, which skips
+    # the masked blocks). Measured side by side: scripts/bench_document_attention.py.
+    document_attention: str = "sdpa"
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -201,27 +265,52 @@ class SmolLM(nn.Module):
         # The inverse frequencies are not a parameter; recompute them in case of a meta init.
         self.rotary.reset_inv_freq()
 
-    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """embed -> layers -> norm: the final hidden states, (B, T, C), before the lm head."""
-        start = cache.length if cache is not None else 0
-        positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                      document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """embed -> layers -> norm: the final hidden states, (B, T, C), before the lm head.
+
+        document_ids (B, T): the row holds several documents (a packed row), a new one wherever the
+        id changes. Each token then attends only to the earlier tokens of its own document, and RoPE
+        positions restart at 0 with each document: every document is scored as if it ran alone.
+        The mask is built once here for every layer: SDPA's bool mask, or with `document_attention`
+        "flex" a flex_attention BlockMask. Without document_ids the row is one causal sequence
+        (SDPA's is_causal, no mask)."""
+        if document_ids is None:
+            start = cache.length if cache is not None else 0
+            positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+            documents = None
+        else:
+            if cache is not None:
+                raise ValueError("document_ids are for training and scoring; decoding with a KVCache takes none")
+            if document_ids.shape != input_ids.shape:
+                raise ValueError(f"document_ids has shape {tuple(document_ids.shape)}, "
+                                 f"input_ids {tuple(input_ids.shape)}")
+            starts = document_starts(document_ids)  # (B, T)
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device) - starts  # (B, T)
+            documents = document_block_mask(starts) if self.document_attention == "flex" else document_mask(starts)
         x = self.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = self.rotary(positions, compute_dtype(x))
         for layer in self.layers:
             # Decoding with a cache runs each layer's eager forward: a compiled layer (see
             # LitSmolLM's compile option) is specialized to training shapes, not a growing cache.
-            x = layer(x, cos, sin) if cache is None else layer.forward(x, cos, sin, cache)
+            if cache is not None:
+                x = layer.forward(x, cos, sin, cache)
+            elif documents is None:
+                x = layer(x, cos, sin)
+            else:
+                x = layer(x, cos, sin, documents=documents)
         if cache is not None:
             cache.length += input_ids.shape[1]
         return self.norm(x)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Token ids (B, T) -> next-token logits (B, T, V). Training uses `loss` instead, so that
-        full logits are never held in memory."""
-        return self.lm_head(self.hidden_states(input_ids, cache))
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> next-token logits (B, T, V); document_ids (B, T) as in
+        `hidden_states`. Training uses `loss` instead, so that full logits are never held in memory."""
+        return self.lm_head(self.hidden_states(input_ids, cache, document_ids))
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None = None, *,
-             chunk_size: int = 4096, compiled: bool = False) -> torch.Tensor:
+             document_ids: torch.Tensor | None = None, chunk_size: int = 4096, compiled: bool = False) -> torch.Tensor:
         """Mean next-token cross entropy of the logits at input_ids (B, T) against targets (B, T):
         `F.cross_entropy(self(input_ids).flatten(0, 1), targets.flatten())`, computed from the hidden
         states by `chunked_cross_entropy` (`chunk_size` rows of logits at a time, `compiled` fuses
@@ -230,8 +319,11 @@ class SmolLM(nn.Module):
 
         loss_mask (B, T): a token where it is 0 carries no loss, and the mean is over the tokens
         where it is 1 (a conversation's prompt masked out, its replies scored). With none masked
-        in, the loss is 0 and every gradient 0, so that a window of prompt only is not NaN."""
-        hidden = self.hidden_states(input_ids)  # (B, T, C)
+        in, the loss is 0 and every gradient 0, so that a window of prompt only is not NaN.
+        document_ids (B, T), aligned with input_ids: a packed row of documents, each attended to and
+        positioned on its own (`hidden_states`). A packed row's loss is the mean over all its scored
+        tokens, so it equals the token-weighted mean of its documents' losses run one at a time."""
+        hidden = self.hidden_states(input_ids, document_ids=document_ids)  # (B, T, C)
         if loss_mask is not None:
             if loss_mask.shape != targets.shape:
                 raise ValueError(f"loss_mask has shape {tuple(loss_mask.shape)}, targets {tuple(targets.shape)}")

@@ -54,6 +54,7 @@ class LitSmolLM(L.LightningModule):
         muon_weight_decay: float | None = None,
         compile: bool = False,
         loss_chunk_size: int = 8192,
+        document_attention: Literal["sdpa", "flex"] = "sdpa",
         check_finite: bool = True,
         peak_flops: float | None = None,
         sample_prompt: str = "The quick brown fox",
@@ -94,6 +95,9 @@ class LitSmolLM(L.LightningModule):
             muon_weight_decay: Muon's decoupled weight decay; None means weight_decay.
             compile: torch.compile the model (checkpoints still load into a plain model).
             loss_chunk_size: Rows of logits computed at a time by the chunked cross entropy.
+            document_attention: How a batch of packed documents (with document_ids) confines attention
+                to each document: "sdpa" (a bool mask) or "flex" (flex_attention, which skips the
+                masked blocks; it trains on a GPU only). Plain windows use neither.
             check_finite: Never apply a step whose loss or gradient norm is NaN or infinite, and
                 stop the run with an error naming the step. With the fused AdamW this costs no
                 host-device synchronization per step (see NonFiniteGuard).
@@ -123,6 +127,7 @@ class LitSmolLM(L.LightningModule):
             self.model.config = self.config
         else:
             self.model = SmolLM(self.config)
+        self.model.document_attention = document_attention
         self.guard = NonFiniteGuard()
         self.val_loss = MeanMetric()
         # Bits per byte: tokens and the UTF-8 bytes they stand for (each batch's "n_bytes",
@@ -130,6 +135,9 @@ class LitSmolLM(L.LightningModule):
         self.val_tokens, self.val_bytes = SumMetric(), SumMetric()
         self._loss_sum: torch.Tensor | None = None  # this step's micro-batch losses so far, summed
         self._loss_count = 0
+        # With loss masks (see _step): this step's scored tokens and targets so far; None without.
+        self._scored: torch.Tensor | None = None
+        self._targets: torch.Tensor | None = None
         self.step_lrs: dict[str, float] = {}  # the rates the last optimizer step used (learning_rates)
 
     # ---- the data it is given ----
@@ -182,6 +190,9 @@ class LitSmolLM(L.LightningModule):
     def configure_model(self) -> None:
         if self._trainer is not None:
             shard_by_layer(self.trainer.strategy)  # under FSDP: one unit per decoder layer
+            if self.hparams.document_attention == "flex" and self.trainer.strategy.root_device.type == "cpu":
+                raise UsageError("--model.document_attention flex trains on a GPU only (torch has no "
+                                 "flex_attention backward on CPU); use sdpa")
         if self.hparams.compile and not getattr(self, "_compiled", False):
             # Compile each decoder layer in place (nn.Module.compile): the 30 identical layers
             # share one compiled graph, training goes through them (SmolLM.loss calls hidden_states,
@@ -194,19 +205,48 @@ class LitSmolLM(L.LightningModule):
         return self.model(input_ids)
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        """The loss of one batch: {"input_ids": (B, T + 1)} and, optionally, "loss_mask" (B, T) over the
+        targets and "document_ids" (B, T) over the inputs (a packed row: see SmolLM.hidden_states).
+
+        Without a loss_mask every micro-batch scores B x T tokens, and the step's loss is the mean of
+        its micro-batches' means (and of the processes'): today's path, exactly. With loss masks the
+        micro-batches score different numbers of tokens, and the step's loss is the sum of the cross
+        entropies of all its scored tokens (every micro-batch, every process) over their count, as in
+        transformers' Trainer with num_items_in_batch and average_tokens_across_devices (TRL's
+        SFTTrainer): a token weighs the same wherever it falls. That count is known only once the
+        step's last micro-batch is in, so each micro-batch backpropagates its summed loss over its
+        B x T targets, and `on_before_optimizer_step` (every backward done and the gradients reduced
+        across processes; before clipping and the update) reduces the step's (summed loss, scored
+        tokens, targets) across processes and multiplies the gradients by targets / scored tokens.
+        Gradients are linear in the loss, so that equals dividing by the step's count from the start:
+        no look-ahead at the micro-batches to come. Validation weighs each batch by its scored tokens."""
         ids = batch["input_ids"]
         inputs, targets = ids[:, :-1], ids[:, 1:]  # (B, T) each
-        loss = self.model.loss(inputs, targets, chunk_size=self.hparams.loss_chunk_size,
-                               compiled=self.hparams.compile)
-        if stage == "train":  # logged once per step, in on_before_optimizer_step
+        loss_mask, document_ids = batch.get("loss_mask"), batch.get("document_ids")
+        loss = self.model.loss(inputs, targets, loss_mask, document_ids=document_ids,
+                               chunk_size=self.hparams.loss_chunk_size, compiled=self.hparams.compile)
+        scored = targets.numel() if loss_mask is None else loss_mask.sum()
+        if stage != "train":
+            self.val_loss.update(loss, weight=scored)
+            if "n_bytes" in batch:
+                self.val_tokens.update(scored)
+                self.val_bytes.update(batch["n_bytes"].sum())
+            return loss
+        # The step's loss is logged once, in on_before_optimizer_step.
+        if loss_mask is None and self._scored is None:  # every token scored: the mean of the means
             self._loss_sum = loss.detach() if self._loss_sum is None else self._loss_sum + loss.detach()
             self._loss_count += 1
-        else:
-            self.val_loss.update(loss, weight=targets.numel())
-            if "n_bytes" in batch:
-                self.val_tokens.update(targets.numel())
-                self.val_bytes.update(batch["n_bytes"].sum())
-        return loss
+            return loss
+        if self._scored is None:  # the step's first micro-batch with a loss mask
+            # (micro-batches before it scored every token: their sum is their mean x their targets)
+            targets_before = self._loss_count * targets.numel()
+            self._scored = self._targets = targets.new_tensor(targets_before, dtype=torch.float32)
+            self._loss_sum = (self._loss_sum if self._loss_count else loss.new_zeros(())) * targets.numel()
+        summed = loss * scored  # the cross entropy summed over this micro-batch's scored tokens
+        self._loss_sum = self._loss_sum + summed.detach()
+        self._scored = self._scored + scored
+        self._targets = self._targets + targets.numel()
+        return summed / targets.numel()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
@@ -241,12 +281,30 @@ class LitSmolLM(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         # Once per optimizer step, its micro-batches accumulated, before the update and before the
         # scheduler moves on (Lightning steps it ahead of on_train_batch_end). The step's loss is
-        # the mean over its micro-batches and, through sync_dist, over processes: the loss whose
-        # gradient the step applies. The rates are those this update uses.
-        self._train_loss = self._loss_sum / self._loss_count
-        self._loss_sum, self._loss_count = None, 0
-        self.log("train/loss", self._train_loss, sync_dist=True)  # not prog_bar: read every step (a sync)
+        # the loss whose gradient the step applies: without loss masks the mean over its
+        # micro-batches and, through sync_dist, over processes; with them the mean over the scored
+        # tokens of all micro-batches and processes, the gradients normalized to match (see _step).
+        # The rates are those this update uses.
+        if self._scored is None:
+            self._train_loss = self._loss_sum / self._loss_count
+            self.log("train/loss", self._train_loss, sync_dist=True)  # not prog_bar: read every step (a sync)
+        else:
+            self._train_loss = self._normalize_by_scored_tokens(optimizer)
+            self.log("train/loss", self._train_loss)  # already the same on every process
+        self._loss_sum, self._loss_count, self._scored, self._targets = None, 0, None, None
         self.step_lrs = learning_rates(self.trainer.optimizers[0])
+
+    def _normalize_by_scored_tokens(self, optimizer) -> torch.Tensor:
+        """The step's loss over its scored tokens, all processes together; and its gradients, which
+        hold the sum over those tokens divided by the step's targets, divided by their count instead.
+        One all-reduce, no host-device sync."""
+        step = torch.stack([self._loss_sum.float(), self._scored.float(), self._targets.float()])
+        loss_sum, scored, n_targets = self.trainer.strategy.reduce(step, reduce_op="sum").unbind()
+        scored = scored.clamp(min=1)  # no token scored in the whole step: the loss and gradients are 0
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, (n_targets / scored).to(grads[0].device))
+        return loss_sum / scored
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # Clipping is ours (--model.grad_clip), with torch directly: Lightning's mixed-precision
@@ -279,7 +337,7 @@ class LitSmolLM(L.LightningModule):
         self.guard.check()  # flags whose copy to the host has landed; never waits
 
     def on_train_start(self) -> None:
-        self._loss_sum, self._loss_count = None, 0
+        self._loss_sum, self._loss_count, self._scored, self._targets = None, 0, None, None
         self._apply_changed_settings()
 
     def _apply_changed_settings(self) -> None:

@@ -1,5 +1,6 @@
 """On a CUDA GPU (skipped without one): bf16-mixed training through fit, no host-device sync
-per step, the compiled loss and the SDPA backends agreeing with the CPU reference; the real
+per step, the compiled loss and the SDPA backends agreeing with the CPU reference (packed rows with
+SDPA masks and flex_attention too); the real
 `--trainer.strategy fsdp` (its parameter groups and training against one plain GPU), and 16-mixed
 clipping the true gradient norm with Lightning's GradScaler and FSDP's ShardedGradScaler."""
 
@@ -135,3 +136,27 @@ def test_16_mixed_on_cuda_clips_and_logs_the_true_gradient_norm(tmp_path, data):
     sharded = recorded_run(tmp_path / "fsdp", data, "fsdp", "16-mixed")[0]
     assert [r["grad_norm"] for r in sharded] == pytest.approx([r["grad_norm"] for r in reference[0]], rel=2e-2)
     assert [r["loss"] for r in sharded] == pytest.approx([r["loss"] for r in reference[0]], rel=1e-2)
+
+
+@pytest.mark.parametrize("kind", ["sdpa", "flex"])
+def test_a_packed_row_on_cuda_trains_as_on_the_cpu(kind):
+    """Per-document attention on the GPU (SDPA's bool mask; flex_attention, whose backward CUDA has)
+    gives the CPU's loss and gradients for a packed row, float32."""
+    from smollm import ModelConfig, SmolLM
+
+    torch.manual_seed(0)
+    cpu = SmolLM(ModelConfig.from_name("tiny", vocab_size=300))
+    gpu = SmolLM(cpu.config).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    gpu.document_attention = kind
+    ids = torch.randint(0, 300, (2, 257), generator=torch.Generator().manual_seed(1))
+    documents = torch.tensor([[0] * 100 + [1] * 56 + [2] * 100, [0] * 3 + [1] * 253])
+    losses = []
+    for model, device in ((cpu, "cpu"), (gpu, "cuda")):
+        x, d = ids.to(device), documents.to(device)
+        loss = model.loss(x[:, :-1], x[:, 1:], document_ids=d)
+        loss.backward()
+        losses.append(loss.item())
+    assert abs(losses[0] - losses[1]) < 1e-4
+    for (name, p), q in zip(cpu.named_parameters(), gpu.parameters()):
+        torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-3, atol=1e-5, msg=name)

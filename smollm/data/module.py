@@ -12,7 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Sampler, default_collate
 
 from smollm.batch import BatchPlan
 from smollm.data.cache import TokenCache
@@ -20,6 +20,7 @@ from smollm.data.sources import STDLIB
 from smollm.data.store import CorpusOptions, TokenStore, names_one_cache, open_store
 from smollm.data.windows import ResumableSampler, TokenWindows, split_windows
 from smollm.errors import DataError
+from smollm.output import warn
 
 
 def _as_list(value: Any) -> list:
@@ -33,7 +34,8 @@ class TextDataModule(L.LightningDataModule):
     their documents, each followed by EOS, make one token stream. A batch is
     {"input_ids": LongTensor (B, seq_len + 1), "index": LongTensor (B,)}: inputs are
     input_ids[:, :-1], targets input_ids[:, 1:], and index holds the window ids (to check that a
-    resume neither repeats nor skips a window). Training batches come in an endless order that is a
+    resume neither repeats nor skips a window); with document_mask, also "document_ids" (B, seq_len).
+    Training batches come in an endless order that is a
     pure function of (seed, global sample index), so the Trainer must be built with
     `use_distributed_sampler=False` (this module splits data across ranks itself) and stopped by
     `max_steps`. An optimizer step takes the next `global_batch_size` samples, split into
@@ -66,6 +68,7 @@ class TextDataModule(L.LightningDataModule):
         seed: Seed of the training order; the order is a pure function of (seed, step).
         cache_dir: Cache root (default $SMOLLM_CACHE or ~/.cache/smollm); token caches go to its "tokens" folder. An object-storage URL (s3://bucket/prefix, or another fsspec URL) is a remote mirror: the cache is built once and uploaded there, and each node downloads it into its local cache ($SMOLLM_CACHE) instead of tokenizing. One built cache, named as the data line prints it (s3://bucket/prefix/tokens/KEY, or a local .../tokens/KEY or any folder holding an index.json), is used as it is, without its sources: files, dataset and the options that shape the cache are then ignored, with a note, and the tokenizer must be the one it was built with.
         encoding_errors: "strict" stops at bytes that are not UTF-8, naming the file and offset; "replace" turns them into U+FFFD.
+        document_mask: Confine attention to each document within a window and restart positions at each one (training and validation batches carry "document_ids": a new document after each end-of-document token); false attends across documents, as SmolLM2 was pretrained.
     """
 
     def __init__(
@@ -87,6 +90,7 @@ class TextDataModule(L.LightningDataModule):
         seed: int = 1234,
         cache_dir: str | None = None,
         encoding_errors: str = "strict",
+        document_mask: bool = False,
     ) -> None:
         super().__init__()
         named = names_one_cache(cache_dir)
@@ -124,6 +128,7 @@ class TextDataModule(L.LightningDataModule):
              f"num_workers must be 0 or more, got {num_workers!r}"),
             (encoding_errors in ("strict", "replace"),
              f"encoding_errors must be 'strict' or 'replace', got {encoding_errors!r}"),
+            (isinstance(document_mask, bool), f"document_mask must be true or false, got {document_mask!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -134,6 +139,7 @@ class TextDataModule(L.LightningDataModule):
         self.batch_size, self.val_fraction, self.max_val_windows = batch_size, val_fraction, max_val_windows
         self.num_workers, self.seed, self.encoding_errors = num_workers, seed, encoding_errors
         self.global_batch_size = global_batch_size
+        self.document_mask = document_mask
         self.resumed: dict[str, Any] | None = None  # the checkpoint's data state, on resume
         # Where the cache lives and its life; no data work until prepare_data / setup.
         self.store: TokenStore = open_store(cache_dir, CorpusOptions(tokenizer, files, datasets, text_key,
@@ -264,7 +270,7 @@ class TextDataModule(L.LightningDataModule):
         world = self._rank_world()[1]
         state = {"seed": self.seed, "seq_len": self.seq_len, "n_train_windows": self.n_train_windows,
                  "cache_key": self.store.corpus.key if self.store.corpus else None,
-                 "batch_size": self.batch_size, "world_size": world}
+                 "batch_size": self.batch_size, "world_size": world, "document_mask": self.document_mask}
         if self.trainer is not None:  # the batch plan's state, under the keys checkpoints have always had
             plan = self.plan
             state.update(plan.state_dict(self.trainer.global_step), tokens_per_step=plan.global_batch * self.seq_len)
@@ -292,6 +298,11 @@ class TextDataModule(L.LightningDataModule):
         if changed:
             rank_zero_warn("data changed since the checkpoint (" + "; ".join(changed) + "); the "
                            "resumed run does not continue the same sample order")
+        before = bool(state.get("document_mask", False))  # a checkpoint from before the option had none
+        if before != self.document_mask:
+            warn(f"--data.document_mask {str(before).lower()} -> {str(self.document_mask).lower()} since the "
+                 f"checkpoint: from the resumed step on, attention "
+                 + ("stays within each document" if self.document_mask else "crosses document boundaries"))
 
     # -- what evaluation reads (after setup) --
 
@@ -332,8 +343,10 @@ class TextDataModule(L.LightningDataModule):
         sources = "; ".join(d + (f" (first {cap:,} tokens)" if cap else "") for d, cap in zip(described, caps))
         skipped = f" ({len(c.empty)} empty skipped)" if c.empty else ""
         shards = len(self.token_cache.shards)
-        windows = windows or (f"seq_len {self.seq_len}: {self.n_train_windows:,} train windows, {self.n_val_windows} "
-                              f"of {self.n_heldout_windows} held-out windows validated; {self._passes()}")
+        masked = ", attention within documents" if self.document_mask else ""
+        windows = windows or (f"seq_len {self.seq_len}{masked}: {self.n_train_windows:,} train windows, "
+                              f"{self.n_val_windows} of {self.n_heldout_windows} held-out windows validated; "
+                              f"{self._passes()}")
         return (f"data: {sources}{skipped}; {self.n_documents:,} documents, {self.n_tokens:,} tokens "
                 f"({self.tokenizer_name}, vocab {self.vocab_size}) in {shards} shard{'s' * (shards != 1)}; "
                 f"{windows}; cache {self.store.where(c)}")
@@ -373,10 +386,26 @@ class TextDataModule(L.LightningDataModule):
     def _loader(self, dataset: TokenWindows | None, sampler: Sampler | None) -> DataLoader:
         if dataset is None:
             raise RuntimeError("TextDataModule.setup() must run before asking for a dataloader")
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, shuffle=False,
+        collate = DocumentIds(self.tokenizer.eos_token_id) if self.document_mask else None
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, shuffle=False, collate_fn=collate,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           pin_memory=torch.cuda.is_available(),
                           worker_init_fn=_ignore_stop_signals if self.num_workers > 0 else None)
+
+
+class DocumentIds:
+    """The collate of --data.document_mask: the default batch, plus "document_ids" (B, seq_len) over the
+    inputs input_ids[:, :-1]: the number of end-of-document tokens strictly before each position, so a
+    new document starts after each EOS (the EOS itself closes its document)."""
+
+    def __init__(self, eos_token_id: int) -> None:
+        self.eos_token_id = eos_token_id
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = default_collate(items)
+        eos = batch["input_ids"][:, :-1] == self.eos_token_id  # (B, seq_len)
+        batch["document_ids"] = eos.cumsum(dim=1) - eos.long()
+        return batch
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
