@@ -443,3 +443,31 @@ def test_a_saved_dataset_of_prompt_completion_pairs(tmp_path, chat_tok, hf_tok):
     row = dm.train_dataset[0]
     targets = row["input_ids"][1:][row["loss_mask"]].tolist()
     assert hf_tok.decode(targets).count("<|im_end|>") == len(dm.train_dataset.documents(0))
+
+
+@pytest.mark.parametrize("k", [1, -1])  # a shard that starts inside a conversation; the last, of the second source
+def test_a_damaged_chat_shard_is_rebuilt_from_its_sources(tmp_path, chat_tok, chats, monkeypatch, capfd, k):
+    from smollm.data import build
+
+    folder, _ = chats
+    monkeypatch.setattr(build, "SHARD_TOKENS", 700)
+    files = [folder / "a.jsonl", folder / "b.parquet"]
+    dm = ready(make_dm(tmp_path, chat_tok, files))
+    cache = dm.token_cache
+    assert len(cache.shards) >= 3
+    tokens, flags = cache.read(0, cache.n_tokens), cache.read(0, cache.n_tokens, flags=True)
+    path = cache.folder / cache.shards[k][0]
+    before = path.read_bytes()
+    path.write_bytes(before[:-1] + bytes([before[-1] ^ LOSS]))  # one loss flag flipped
+    for stamp in cache.folder.parent.glob(f"{cache.folder.name}.verified-*"):  # a new launch
+        stamp.unlink()
+    capfd.readouterr()
+    again = ready(make_dm(tmp_path, chat_tok, files))
+    assert "rebuilding" in capfd.readouterr().err
+    assert path.read_bytes() == before
+    assert np.array_equal(again.token_cache.read(0, cache.n_tokens), tokens)
+    assert np.array_equal(again.token_cache.read(0, cache.n_tokens, flags=True), flags)
+    # built in one go with other shard sizes, the stream is the same: shards are cut anywhere
+    monkeypatch.setattr(build, "SHARD_TOKENS", 1 << 20)
+    whole = ready(make_dm(tmp_path / "whole", chat_tok, files)).token_cache
+    assert np.array_equal(whole.read(0, whole.n_tokens, flags=True), flags)
