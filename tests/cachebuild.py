@@ -29,13 +29,13 @@ def main() -> None:
     built = 0
     append = build._ShardWriter.append
 
-    def counted(self, tokens, state_at, n_bytes=None):
+    def counted(self, tokens, state_at, *rest):
         nonlocal built
         time.sleep(delay)
         while hold and self.index["shards"] and os.path.exists(hold) and time.time() < started + 120:
             time.sleep(0.05)
         built += len(tokens)
-        return append(self, tokens, state_at, n_bytes)
+        return append(self, tokens, state_at, *rest)
 
     build._ShardWriter.append = counted
     dm = TextDataModule(**spec)

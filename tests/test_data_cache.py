@@ -273,8 +273,8 @@ def test_a_build_killed_with_sigkill_resumes_from_its_last_complete_shard(tmp_pa
     appended = []
     real = data.build._ShardWriter.append
     monkeypatch.setattr(data.build._ShardWriter, "append",
-                        lambda self, tokens, state_at, n_bytes=None: (appended.append(len(tokens)),
-                                                                  real(self, tokens, state_at, n_bytes)))
+                        lambda self, tokens, state_at, *rest: (appended.append(len(tokens)),
+                                                               real(self, tokens, state_at, *rest)))
     resumed = ready(TextDataModule(**args, num_workers=0))
     assert resumed.store.corpus.folder == folder
     assert sum(appended) == resumed.n_tokens - committed  # only what was not in a complete shard

@@ -126,9 +126,9 @@ def counted_tokens(monkeypatch) -> list[int]:
     counted = [0]
     append = data.build._ShardWriter.append
 
-    def counting(self, tokens, state_at, n_bytes=None):
+    def counting(self, tokens, state_at, *rest):
         counted[0] += len(tokens)
-        return append(self, tokens, state_at, n_bytes)
+        return append(self, tokens, state_at, *rest)
 
     monkeypatch.setattr(data.build._ShardWriter, "append", counting)
     return counted

@@ -12,6 +12,9 @@
 - `windows.py`: the stream -> fixed-length windows, the held-out validation tail, and the
   training order, a pure function of (seed, global sample index) (`ResumableSampler`); how a
   global batch splits into micro-batches on each process is smollm.batch's `BatchPlan`.
+- `chat.py`: records -> conversations, rendered by the tokenizer's chat template into tokens and a
+  loss mask (`--data.format chat`); `packing.py`: conversations -> packed windows (best-fit
+  decreasing) with `loss_mask` and `document_ids`.
 - `module.py`: `TextDataModule`, whose __init__ arguments are the `--data.*` options.
 """
 

@@ -10,6 +10,12 @@ output to arrays and the pickling, all in parallel), fed with batches of about B
 by the main process, which reads the sources and writes the shards. At most two batches per worker
 are in flight, so memory does not grow with the corpus. A tokenizer whose tokens' bytes depend on
 their context has them measured by the workers (`bytes_in_context`) and stored after the tokens.
+
+A chat cache (`chat`: the tokenizer's `ChatTemplate` and `loss_on`) gets, from sources that read
+records as conversations, each conversation rendered by the chat template and tokenized as
+apply_chat_template does (smollm.data.chat), with no EOS after it, and one byte of flags per token
+after the rest of the shard (whether it carries loss, whether it starts a conversation). A record
+that the template refuses is one line naming its file and line or row.
 """
 
 from __future__ import annotations
@@ -29,8 +35,9 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from smollm.data.cache import (BYTES_DTYPE, FORMAT_VERSION, INDEX, byte_table, byte_tokens, cpu_count, read_index,
-                               token_dtype)
+from smollm.data.cache import (BYTES_DTYPE, FLAGS_DTYPE, FORMAT_VERSION, INDEX, START, byte_table, byte_tokens,
+                               cpu_count, read_index, token_dtype)
+from smollm.data.chat import token_mask
 from smollm.data.sources import Position, Unit
 from smollm.digest import CHUNK, HashingWriter
 from smollm.errors import DataError, first_line
@@ -80,10 +87,12 @@ def bytes_in_context(text: str, offsets: list[tuple[int, int]], ids: list[int], 
 _worker: dict[str, Any] = {}
 
 
-def _init_worker(tokenizer_json: str, eos: int, dtype: str, part: np.ndarray | None) -> None:
+def _init_worker(tokenizer_json: str, eos: int, dtype: str, part: np.ndarray | None,
+                 chat: tuple[Any, str] | None = None) -> None:
     """Each worker: one single-threaded copy of the tokenizer; dies with the process that
     started it (Linux), so a killed build leaves no worker behind. With `part` (see
-    `cache.byte_tokens`), it also measures each token's bytes in context."""
+    `cache.byte_tokens`), it also measures each token's bytes in context. With `chat` (the
+    ChatTemplate and loss_on), its units are conversations."""
     from tokenizers import Tokenizer
 
     if sys.platform.startswith("linux"):
@@ -91,11 +100,14 @@ def _init_worker(tokenizer_json: str, eos: int, dtype: str, part: np.ndarray | N
             import ctypes
 
             ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    tokenizer = Tokenizer.from_str(_text_only(tokenizer_json))
-    # A document's text is text: "<|endoftext|>" written in it is tokenized as the characters it is,
-    # never as the special token, which only we insert between documents.
-    tokenizer.encode_special_tokens = True
-    _worker.update(tokenizer=tokenizer, eos=eos, dtype=np.dtype(dtype), part=part)
+    if chat is not None:  # special tokens in the rendered text are special, as apply_chat_template has them
+        tokenizer = Tokenizer.from_str(tokenizer_json)
+    else:
+        tokenizer = Tokenizer.from_str(_text_only(tokenizer_json))
+        # A document's text is text: "<|endoftext|>" written in it is tokenized as the characters it is,
+        # never as the special token, which only we insert between documents.
+        tokenizer.encode_special_tokens = True
+    _worker.update(tokenizer=tokenizer, eos=eos, dtype=np.dtype(dtype), part=part, chat=chat)
 
 
 def _text_only(tokenizer_json: str) -> str:
@@ -114,9 +126,12 @@ def _text_only(tokenizer_json: str) -> str:
 _UNREACHABLE = "\U0010fffe" * 16  # a noncharacter, 16 times: in no text that we tokenize
 
 
-def _tokenize_batch(texts: list[str], eos: list[bool]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def _tokenize_batch(texts: list[str], eos: list[bool]) -> tuple:
     """The token ids of `texts` concatenated, EOS after each text whose flag is set, the number
-    of tokens that each text contributed, and (if the worker measures them) each token's bytes."""
+    of tokens that each text contributed, (if the worker measures them) each token's bytes, and
+    (a chat worker) each token's flags and the first refused unit (its index, the message)."""
+    if _worker["chat"] is not None:
+        return _tokenize_chat(texts)
     part = _worker["part"]
     tokenizer = _worker["tokenizer"]
     encode = tokenizer.encode_batch_fast if part is None else tokenizer.encode_batch  # offsets only if needed
@@ -134,7 +149,38 @@ def _tokenize_batch(texts: list[str], eos: list[bool]) -> tuple[np.ndarray, np.n
             ids.append(eos_id)
         lengths[j] = len(x) + end
     n_bytes = _as_counts(np.concatenate(counts)) if part is not None else None
-    return np.array(ids, dtype=_worker["dtype"]), lengths, n_bytes
+    return np.array(ids, dtype=_worker["dtype"]), lengths, n_bytes, None, None
+
+
+RECORD = "\x00record\x00"  # stands for the record's file and line in a chat worker's message
+
+
+def _tokenize_chat(units: list[str]) -> tuple:
+    """`_tokenize_batch` for conversations: each rendered by the chat template, tokenized with its
+    special tokens, its mask and flags (smollm.data.chat); no EOS."""
+    template, loss_on = _worker["chat"]
+    tokenizer, part = _worker["tokenizer"], _worker["part"]
+    ids: list[int] = []
+    flags, counts = [], []
+    lengths = np.empty(len(units), dtype=np.int64)
+    for j, unit in enumerate(units):
+        try:
+            text, spans = template.render_unit(unit, loss_on, RECORD)
+        except DataError as e:
+            return None, None, None, None, (j, str(e))
+        encoding = tokenizer.encode(text, add_special_tokens=False)
+        x = encoding.ids
+        if not x:
+            return None, None, None, None, (j, f"{RECORD}: the chat template renders the conversation as no tokens")
+        f = token_mask(encoding.offsets, spans).astype(FLAGS_DTYPE)
+        f[0] |= START
+        ids += x
+        flags.append(f)
+        if part is not None:
+            counts.append(bytes_in_context(text, encoding.offsets, x, part))
+        lengths[j] = len(x)
+    n_bytes = _as_counts(np.concatenate(counts)) if part is not None else None
+    return np.array(ids, dtype=_worker["dtype"]), lengths, n_bytes, np.concatenate(flags), None
 
 
 def _as_counts(n_bytes: np.ndarray) -> np.ndarray:
@@ -184,6 +230,7 @@ class _ShardWriter:
         self.file: Any = None
         self.writer: HashingWriter | None = None
         self.counts: Any = None  # the open shard's byte counts, appended to it when it is closed
+        self.flags: Any = None  # the open shard's flags (a chat cache), appended after the counts
         self.max_id = -1
         self.start: dict[str, Any] | None = None
 
@@ -193,9 +240,12 @@ class _ShardWriter:
     def _counts_tmp(self) -> Path:
         return self._tmp().with_name(self._tmp().name + ".bytes")
 
+    def _flags_tmp(self) -> Path:
+        return self._tmp().with_name(self._tmp().name + ".flags")
+
     def append(self, tokens: np.ndarray, state_at: Callable[[int], dict[str, Any]],
-               n_bytes: np.ndarray | None = None) -> None:
-        """Append `tokens` (and their byte counts, if the cache stores them); `state_at(b)` gives
+               n_bytes: np.ndarray | None = None, flags: np.ndarray | None = None) -> None:
+        """Append `tokens` (and their byte counts and flags, if the cache stores them); `state_at(b)` gives
         the counts after token b - 1 and where the sources resume from there, for the index when
         a shard fills at token b."""
         while len(tokens):
@@ -204,6 +254,8 @@ class _ShardWriter:
                 self.writer, self.max_id = HashingWriter(self.file), -1
                 if n_bytes is not None:
                     self.counts = open(self._counts_tmp(), "w+b")
+                if flags is not None:
+                    self.flags = open(self._flags_tmp(), "w+b")
                 index = self.index  # the state after the last commit: where this shard begins
                 self.start = {"n_docs": index["n_docs"], "sources": [dict(c) for c in index["sources"]],
                               "resume": index["resume"]}
@@ -212,6 +264,9 @@ class _ShardWriter:
             if n_bytes is not None:
                 self.counts.write(np.ascontiguousarray(n_bytes[:len(take)]))
                 n_bytes = n_bytes[len(take):]
+            if flags is not None:
+                self.flags.write(np.ascontiguousarray(flags[:len(take)]))
+                flags = flags[len(take):]
             self.max_id = max(self.max_id, int(take.max()))
             self.in_shard += len(take)
             self.total += len(take)
@@ -221,13 +276,14 @@ class _ShardWriter:
 
     def _close(self) -> dict[str, Any]:
         """Make the open shard durable; its index entry (not yet listed)."""
-        if self.counts is not None:  # the byte counts after the tokens, under the same digest
-            self.counts.seek(0)
-            while chunk := self.counts.read(CHUNK):
-                self.writer.write(chunk)
-            self.counts.close()
-            self.counts = None
-            self._counts_tmp().unlink()
+        for side, tmp in ((self.counts, self._counts_tmp()), (self.flags, self._flags_tmp())):
+            if side is not None:  # the byte counts, then the flags, after the tokens, under the same digest
+                side.seek(0)
+                while chunk := side.read(CHUNK):
+                    self.writer.write(chunk)
+                side.close()
+                tmp.unlink()
+        self.counts = self.flags = None
         fsync_file(self.file)
         self.file.close()
         self.file = None
@@ -256,10 +312,11 @@ class _ShardWriter:
         if self.file is not None:
             self.file.close()
             self.file = None
-        if self.counts is not None:
-            self.counts.close()
-            self.counts = None
-        for path in (self._tmp(), self._counts_tmp()):
+        for side in (self.counts, self.flags):
+            if side is not None:
+                side.close()
+        self.counts = self.flags = None
+        for path in (self._tmp(), self._counts_tmp(), self._flags_tmp()):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
@@ -312,10 +369,12 @@ def _batches(units: Iterator[Unit], size: int) -> Iterator[tuple[list[Position],
 
 def build_cache(folder: Path, sources: list[Any], tokenizer: Any, meta: dict[str, Any],
                 max_tokens: list[int | None], workers: int | None = None, progress: bool = True,
-                on_commit: Callable[[dict[str, Any], str | None], None] | None = None) -> None:
+                on_commit: Callable[[dict[str, Any], str | None], None] | None = None,
+                chat: tuple[Any, str] | None = None) -> None:
     """Tokenize `sources` in order into the cache `folder`, each document followed by EOS, source
     i cut at its first max_tokens[i] tokens; resume from the last complete shard if an earlier
-    build was interrupted. The caller holds the cache's lock.
+    build was interrupted. The caller holds the cache's lock. With `chat` (ChatTemplate, loss_on),
+    the documents are conversations (see the module's docstring).
 
     `meta` goes into the index as it is (key, spec, tokenizer name, ...). `on_commit(index, shard)`
     runs after each commit of the index: `shard` is the file just listed, None for the final commit.
@@ -329,6 +388,8 @@ def build_cache(folder: Path, sources: list[Any], tokenizer: Any, meta: dict[str
             old.unlink()
         table = byte_table(tokenizer)
         layout = {"byte_table": table.tolist()} if table is not None else {"bytes_dtype": BYTES_DTYPE.name}
+        if chat is not None:
+            layout["flags_dtype"] = FLAGS_DTYPE.name
         index = {**meta, "format": FORMAT_VERSION, "dtype": token_dtype(len(tokenizer)).name, **layout,
                  "shard_tokens": SHARD_TOKENS, "shards": [], "n_tokens": 0, "n_docs": 0,
                  "sources": [{"source": s.describe(), "tokens": 0, "documents": 0} for s in sources],
@@ -342,7 +403,7 @@ def build_cache(folder: Path, sources: list[Any], tokenizer: Any, meta: dict[str
         say(f"resuming the tokenization at shard {len(index['shards'])} ({writer.total:,} tokens done) in {folder}",
             every_rank=True)
     start_time = time.perf_counter()
-    n_docs, counts = _tokenize(writer, sources, tokenizer, max_tokens, workers, progress, "tokenizing")
+    n_docs, counts = _tokenize(writer, sources, tokenizer, max_tokens, workers, progress, "tokenizing", chat)
     index["seconds"] = round(index.get("seconds", 0) + time.perf_counter() - start_time, 2)
     try:
         writer.commit({"n_docs": n_docs, "sources": counts, "resume": None}, complete=True)
@@ -352,7 +413,7 @@ def build_cache(folder: Path, sources: list[Any], tokenizer: Any, meta: dict[str
 
 
 def rebuild_shard(folder: Path, index: dict[str, Any], k: int, sources: list[Any], tokenizer: Any,
-                  max_tokens: list[int | None], workers: int | None = None) -> None:
+                  max_tokens: list[int | None], workers: int | None = None, chat: tuple[Any, str] | None = None) -> None:
     """Tokenize shard k of a complete cache again from where its sources stood when it was built,
     and put it in place if it comes out with the recorded digest; else one DataError naming the
     shard. The caller holds the cache's lock."""
@@ -362,7 +423,7 @@ def rebuild_shard(folder: Path, index: dict[str, Any], k: int, sources: list[Any
                         f"where its sources start; delete {folder} and run again")
     writer = _RebuildWriter(folder, index, k)
     try:
-        _tokenize(writer, sources, tokenizer, max_tokens, workers, False, f"rebuilding {entry['file']}")
+        _tokenize(writer, sources, tokenizer, max_tokens, workers, False, f"rebuilding {entry['file']}", chat)
         writer.commit({})  # the sources ended: the last shard, or sources that have shrunk
     except _Rebuilt:
         return
@@ -375,7 +436,8 @@ def rebuild_shard(folder: Path, index: dict[str, Any], k: int, sources: list[Any
 
 
 def _tokenize(writer: _ShardWriter, sources: list[Any], tokenizer: Any, max_tokens: list[int | None],
-              workers: int | None, progress: bool, desc: str) -> tuple[int, list[dict[str, Any]]]:
+              workers: int | None, progress: bool, desc: str,
+              chat: tuple[Any, str] | None = None) -> tuple[int, list[dict[str, Any]]]:
     """Tokenize the sources from where the writer's index says they resume, into `writer`:
     (documents, per-source counts) when the sources end. `writer` may stop it earlier by raising."""
     from tqdm import tqdm
@@ -386,7 +448,7 @@ def _tokenize(writer: _ShardWriter, sources: list[Any], tokenizer: Any, max_toke
     n_docs = index["n_docs"]
     workers = workers or cpu_count()
     eos_id = tokenizer.eos_token_id
-    pool = _start_workers(tokenizer, index, workers)
+    pool = _start_workers(tokenizer, index, workers, chat)
     bar = tqdm(initial=writer.total, unit="tok", unit_scale=True, desc=desc, file=sys.stderr,
                disable=not progress, mininterval=2.0)
     try:
@@ -399,7 +461,10 @@ def _tokenize(writer: _ShardWriter, sources: list[Any], tokenizer: Any, max_toke
             begin = writer.total - counts[s]["tokens"]  # where source s starts in the stream
             batches = _batches(sources[s].units(first), BATCH_BYTES)
             with contextlib.closing(_in_order(pool, batches, 2 * workers)) as tokenized:
-                for positions, eos, (tokens, lengths, n_bytes) in tokenized:
+                for positions, eos, (tokens, lengths, n_bytes, flags, refused) in tokenized:
+                    if refused is not None:  # a record the chat template refuses, named here
+                        j, message = refused
+                        raise DataError(message.replace(RECORD, sources[s].where(positions[j])))
                     # Unit j's tokens are stream[starts[j] : starts[j] + lengths[j]]; the first
                     # unit's first `skip` tokens were written before an interruption.
                     first_new = writer.total
@@ -408,9 +473,13 @@ def _tokenize(writer: _ShardWriter, sources: list[Any], tokenizer: Any, max_toke
                     eos_at = (ends - 1)[np.asarray(eos, dtype=bool)]  # where the EOS tokens go
                     if n_bytes is not None:  # the byte counts of the tokens kept, as the tokens
                         n_bytes = n_bytes[skip:]
+                    if flags is not None:
+                        flags = flags[skip:]
                     tokens, skip = tokens[skip:], 0
                     written = first_new - begin
                     cut = cap is not None and written + len(tokens) >= cap
+                    if cut and flags is not None:
+                        raise DataError("max_tokens does not cut conversations; leave it out with --data.format chat")
                     if cut:
                         tokens = tokens[:cap - written]
                         if tokens[-1] != eos_id:  # the cut document still ends: the next source starts anew
@@ -423,7 +492,7 @@ def _tokenize(writer: _ShardWriter, sources: list[Any], tokenizer: Any, max_toke
                         n_bytes = n_bytes[:len(tokens)]
                     placed = _Placed(counts, s, begin, positions, starts, ends, eos_at, first_new, n_docs,
                                      counts[s]["documents"])
-                    writer.append(tokens, placed.state_at, n_bytes)
+                    writer.append(tokens, placed.state_at, n_bytes, flags)
                     n_docs = placed.state_at(writer.total)["n_docs"]
                     bar.update(len(tokens))
                     if cut:
@@ -438,7 +507,7 @@ def _tokenize(writer: _ShardWriter, sources: list[Any], tokenizer: Any, max_toke
         pool.join()
 
 
-def _start_workers(tokenizer: Any, index: dict[str, Any], workers: int) -> Any:
+def _start_workers(tokenizer: Any, index: dict[str, Any], workers: int, chat: tuple[Any, str] | None = None) -> Any:
     """A pool of `workers` tokenizing processes (see `_init_worker`)."""
     # Workers are forked where that is possible: they start at once and share the parent's pages.
     # They use only the tokenizer and numpy, never a thread the parent started, so Python 3.12's
@@ -449,7 +518,7 @@ def _start_workers(tokenizer: Any, index: dict[str, Any], workers: int) -> Any:
         part = byte_tokens(tokenizer)[2] if "bytes_dtype" in index else None
         return context.Pool(workers, initializer=_init_worker,
                             initargs=(tokenizer.backend_tokenizer.to_str(), tokenizer.eos_token_id,
-                                      index["dtype"], part))
+                                      index["dtype"], part, chat))
 
 
 def _in_order(pool: Any, batches: Iterator[tuple[list[Position], list[str], list[bool]]],

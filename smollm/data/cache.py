@@ -8,6 +8,10 @@ index records where the next shard starts in the sources, so a build killed at a
 again from its last complete shard (`smollm.data.build`). Each shard's entry also holds its digest,
 checked by `smollm.data.verify`.
 
+A chat cache (`--data.format chat`, smollm.data.chat) stores one more byte per token after the
+rest of a shard (`flags_dtype` in the index): whether the token carries loss, and whether it starts
+a conversation; conversations follow one another with no EOS between them.
+
 Bits per byte needs the UTF-8 bytes of text that each token stands for, in context. For a
 byte-level BPE with no normalizer that is a property of the token id: the index holds the table
 (`byte_table`). For any other tokenizer (SentencePiece-style: a "▁" is one space, or none at the
@@ -91,12 +95,16 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 BYTES_DTYPE = np.dtype(np.uint16)  # a token's bytes in context, stored after a shard's tokens
+# A chat cache's flags, one byte per token after the rest of a shard: bit 0, the token carries loss
+# as a target; bit 1, it is the first token of a conversation.
+FLAGS_DTYPE = np.dtype(np.uint8)
+LOSS, START = 1, 2
 
 
 def shard_size(index: dict[str, Any], entry: dict[str, Any]) -> int:
-    """The size in bytes of shard `entry`'s file: its tokens, then their byte counts if stored."""
-    itemsize = np.dtype(index["dtype"]).itemsize + (np.dtype(index["bytes_dtype"]).itemsize
-                                                    if "bytes_dtype" in index else 0)
+    """The size in bytes of shard `entry`'s file: its tokens, then their byte counts if stored,
+    then (a chat cache) their flags."""
+    itemsize = sum(np.dtype(index[k]).itemsize for k in ("dtype", "bytes_dtype", "flags_dtype") if k in index)
     return entry["tokens"] * itemsize
 
 
@@ -132,6 +140,7 @@ class TokenCache:
         if (self.byte_table is None) == (self.bytes_dtype is None):
             raise DataError(f"{self.folder} is a token cache without byte counts (an older smollm's); delete it "
                             "and run again")
+        self.flags_dtype = np.dtype(index["flags_dtype"]) if "flags_dtype" in index else None
         self.shards = [(s["file"], s["tokens"]) for s in index["shards"]]
         self.n_tokens, self.n_documents = index["n_tokens"], index["n_docs"]
         self.starts = np.cumsum([0] + [n for _, n in self.shards])  # shard k holds [starts[k], starts[k+1])
@@ -140,7 +149,7 @@ class TokenCache:
             if not path.is_file() or path.stat().st_size != shard_size(index, {"tokens": n}):
                 raise DataError(f"token cache shard {path} is missing or damaged; delete {self.folder} and "
                                 "run again")
-        self._maps: dict[tuple[int, bool], np.ndarray] = {}
+        self._maps: dict[tuple[int, str], np.ndarray] = {}
 
     def __len__(self) -> int:
         return self.n_tokens
@@ -155,13 +164,18 @@ class TokenCache:
                                 f"cache was built with (and a vocab_size above {entry['max_id']}), or delete "
                                 f"{self.folder} and run again")
 
-    def _shard(self, k: int, counts: bool = False) -> np.ndarray:
-        """Shard k's tokens, or with `counts` the byte counts stored after them."""
-        if (k, counts) not in self._maps:
+    def _shard(self, k: int, part: str = "tokens") -> np.ndarray:
+        """Shard k's tokens, or the byte counts ("counts") or flags ("flags") stored after them."""
+        if (k, part) not in self._maps:
             name, n = self.shards[k]
-            dtype, offset = (self.bytes_dtype, n * self.dtype.itemsize) if counts else (self.dtype, 0)
-            self._maps[k, counts] = np.memmap(self.folder / name, dtype=dtype, mode="r", offset=offset, shape=(n,))
-        return self._maps[k, counts]
+            layout = [("tokens", self.dtype), ("counts", self.bytes_dtype), ("flags", self.flags_dtype)]
+            offset = 0
+            for which, dtype in layout:
+                if which == part:
+                    break
+                offset += n * dtype.itemsize if dtype is not None else 0
+            self._maps[k, part] = np.memmap(self.folder / name, dtype=dtype, mode="r", offset=offset, shape=(n,))
+        return self._maps[k, part]
 
     def n_bytes(self, start: int, stop: int, tokens: np.ndarray | None = None) -> int:
         """The UTF-8 bytes of text that tokens [start, stop) stand for in context (`tokens`: those
@@ -170,9 +184,12 @@ class TokenCache:
             return int(self.byte_table[self.read(start, stop) if tokens is None else tokens].sum())
         return int(self.read(start, stop, counts=True).sum(dtype=np.int64))
 
-    def read(self, start: int, stop: int, counts: bool = False) -> np.ndarray:
+    def read(self, start: int, stop: int, counts: bool = False, flags: bool = False) -> np.ndarray:
         """Tokens [start, stop) of the stream, a copy (stop is clipped to the end); with `counts`,
-        their stored byte counts instead."""
+        their stored byte counts instead; with `flags` (a chat cache), their flags."""
+        part = "counts" if counts else "flags" if flags else "tokens"
+        if flags and self.flags_dtype is None:
+            raise DataError(f"{self.folder} is a token cache of text, without loss masks; it holds no conversations")
         stop = min(stop, self.n_tokens)
         if not 0 <= start <= stop:
             raise IndexError(f"token range [{start}, {stop}) outside [0, {self.n_tokens})")
@@ -181,9 +198,43 @@ class TokenCache:
         while start < stop:
             begin = int(self.starts[k])
             end = min(stop, int(self.starts[k + 1]))
-            parts.append(self._shard(k, counts)[start - begin:end - begin])
+            parts.append(self._shard(k, part)[start - begin:end - begin])
             start, k = end, k + 1
-        return np.concatenate(parts) if parts else np.empty(0, self.bytes_dtype if counts else self.dtype)
+        dtype = {"counts": self.bytes_dtype, "flags": self.flags_dtype, "tokens": self.dtype}[part]
+        return np.concatenate(parts) if parts else np.empty(0, dtype)
+
+    @property
+    def is_chat(self) -> bool:
+        """Whether the cache holds conversations with loss masks (smollm.data.chat)."""
+        return self.flags_dtype is not None
+
+    def loss_mask(self, start: int, stop: int) -> np.ndarray:
+        """(stop - start,) bool: whether each token of [start, stop) carries loss as a target."""
+        return (self.read(start, stop, flags=True) & LOSS).astype(bool)
+
+    def documents(self, chunk: int = 1 << 26) -> tuple[np.ndarray, np.ndarray]:
+        """(starts, loss tokens) of a chat cache's conversations: where each begins in the stream,
+        and how many of its tokens carry loss; one streaming read of the flags."""
+        starts: list[np.ndarray] = []
+        totals: list[int] = []
+        carry = None  # loss tokens so far of the conversation still open at a chunk's end
+        for a in range(0, self.n_tokens, chunk):
+            flags = self.read(a, a + chunk, flags=True)
+            loss = (flags & LOSS).astype(np.int64)
+            at = np.flatnonzero(flags & START)
+            if not len(at):
+                carry = (carry or 0) + int(loss.sum())
+                continue
+            if carry is not None:
+                totals.append(carry + int(loss[:at[0]].sum()))
+            sums = np.add.reduceat(loss, at)  # from each start to the next (the last to the chunk's end)
+            totals.extend(sums[:-1].tolist())
+            carry = int(sums[-1])
+            starts.append(a + at)
+        if carry is not None:
+            totals.append(carry)
+        begin = np.concatenate(starts).astype(np.int64) if starts else np.empty(0, np.int64)
+        return begin, np.asarray(totals, dtype=np.int64)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_maps": {}}

@@ -2,6 +2,11 @@
 `--data.*` options. It reads in one sitting: the options are checked (`__init__`), a token store
 opens the cache (smollm.data.store), the cache is cut into windows (`setup`), and the windows are
 served by loaders; and it says in one line what it trains on.
+
+With `format="chat"` the records are conversations (smollm.data.chat): each is rendered by the
+tokenizer's chat template into the cache with its loss mask, and `setup` packs whole conversations
+into windows (smollm.data.packing), so a batch also holds `loss_mask` and `document_ids`; the
+training order, its split over processes and its resume are those of text windows.
 """
 
 from __future__ import annotations
@@ -10,17 +15,20 @@ import signal
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Sampler, default_collate
 
 from smollm.batch import BatchPlan
 from smollm.data.cache import TokenCache
+from smollm.data.chat import LOSS_ON
+from smollm.data.packing import OVERLONG, PackedWindows, fit_lengths, pack_bfd
 from smollm.data.sources import STDLIB
 from smollm.data.store import CorpusOptions, TokenStore, names_one_cache, open_store
 from smollm.data.windows import ResumableSampler, TokenWindows, split_windows
 from smollm.errors import DataError
-from smollm.output import warn
+from smollm.output import note, warn
 
 
 def _as_list(value: Any) -> list:
@@ -69,6 +77,9 @@ class TextDataModule(L.LightningDataModule):
         cache_dir: Cache root (default $SMOLLM_CACHE or ~/.cache/smollm); token caches go to its "tokens" folder. An object-storage URL (s3://bucket/prefix, or another fsspec URL) is a remote mirror: the cache is built once and uploaded there, and each node downloads it into its local cache ($SMOLLM_CACHE) instead of tokenizing. One built cache, named as the data line prints it (s3://bucket/prefix/tokens/KEY, or a local .../tokens/KEY or any folder holding an index.json), is used as it is, without its sources: files, dataset and the options that shape the cache are then ignored, with a note, and the tokenizer must be the one it was built with.
         encoding_errors: "strict" stops at bytes that are not UTF-8, naming the file and offset; "replace" turns them into U+FFFD.
         document_mask: Confine attention to each document within a window and restart positions at each one (training and validation batches carry "document_ids": a new document after each end-of-document token); false attends across documents, as SmolLM2 was pretrained.
+        format: "text": documents of text, cut into windows (pretraining). "chat": conversations, records holding "messages" (a list of {role, content}, roles system, user and assistant) or "prompt" and "completion"; each is rendered by the tokenizer's chat template, and whole conversations are packed into windows with a loss mask and per-conversation document ids.
+        loss_on: With format chat, the tokens that carry loss: "assistant" (each assistant reply and its end-of-turn token) or "all" (every token of the conversation).
+        overlong: With format chat, a conversation longer than a window (seq_len + 1 tokens) is "truncate"d to its first seq_len + 1 tokens (dropped if none of those carries loss), "drop"ped, or refused ("error"), in one line naming its record.
     """
 
     def __init__(
@@ -91,6 +102,9 @@ class TextDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         encoding_errors: str = "strict",
         document_mask: bool = False,
+        format: str = "text",
+        loss_on: str = "assistant",
+        overlong: str = "truncate",
     ) -> None:
         super().__init__()
         named = names_one_cache(cache_dir)
@@ -99,9 +113,14 @@ class TextDataModule(L.LightningDataModule):
         ignored = [f"--data.{k}" for k, v, default in (
             ("files", files, None), ("dataset", dataset, None), ("subset", subset, None), ("split", split, "train"),
             ("revision", revision, None), ("max_tokens", max_tokens, None), ("text_key", text_key, "text"),
-            ("encoding_errors", encoding_errors, "strict")) if named and v != default]
+            ("encoding_errors", encoding_errors, "strict"), ("loss_on", loss_on, "assistant"))
+            if named and v != default]
         if named:
             files, dataset, max_tokens = [], None, None
+        chat = format == "chat"
+        if chat and not named and files is None and dataset is None:
+            raise DataError("--data.format chat needs conversations: give --data.files (JSON Lines or parquet records "
+                            "holding 'messages') or --data.dataset")
         files = ([STDLIB] if dataset is None else []) if files is None else _as_list(files)
         datasets = self._dataset_specs(dataset, subset, split, revision)
         n_sources = (1 if files else 0) + len(datasets)
@@ -129,6 +148,14 @@ class TextDataModule(L.LightningDataModule):
             (encoding_errors in ("strict", "replace"),
              f"encoding_errors must be 'strict' or 'replace', got {encoding_errors!r}"),
             (isinstance(document_mask, bool), f"document_mask must be true or false, got {document_mask!r}"),
+            (not (chat and document_mask), "--data.document_mask is for text; with --data.format chat attention "
+             "always stays within each conversation: leave it out"),
+            (format in ("text", "chat"), f"format must be 'text' or 'chat', got {format!r}"),
+            (loss_on in LOSS_ON, f"loss_on must be {' or '.join(map(repr, LOSS_ON))}, got {loss_on!r}"),
+            (overlong in OVERLONG, f"overlong must be {', '.join(map(repr, OVERLONG))}, got {overlong!r}"),
+            (not chat or all(c is None for c in caps),
+             "--data.max_tokens takes the first N tokens of text and does not cut conversations; leave it out "
+             "with --data.format chat"),
         ]
         for ok, message in checks:
             if not ok:
@@ -140,10 +167,11 @@ class TextDataModule(L.LightningDataModule):
         self.num_workers, self.seed, self.encoding_errors = num_workers, seed, encoding_errors
         self.global_batch_size = global_batch_size
         self.document_mask = document_mask
+        self.format, self.loss_on, self.overlong = format, loss_on, overlong
         self.resumed: dict[str, Any] | None = None  # the checkpoint's data state, on resume
         # Where the cache lives and its life; no data work until prepare_data / setup.
         self.store: TokenStore = open_store(cache_dir, CorpusOptions(tokenizer, files, datasets, text_key,
-                                                                     encoding_errors, caps), ignored)
+                                                                     encoding_errors, caps, format, loss_on), ignored)
         self._plan: BatchPlan | None = None  # the batch plan smollm.fit hands over
         # Set by setup():
         self.token_cache: TokenCache | None = None
@@ -153,8 +181,9 @@ class TextDataModule(L.LightningDataModule):
         self.n_val_windows: int | None = None  # validated windows, all ranks together
         self.n_heldout_windows: int | None = None  # windows in the held-out tail (>= n_val_windows)
         self.val_start: int | None = None  # the first token of the held-out tail
-        self.train_dataset: TokenWindows | None = None
-        self.val_dataset: TokenWindows | None = None
+        self.train_dataset: TokenWindows | PackedWindows | None = None
+        self.val_dataset: TokenWindows | PackedWindows | None = None
+        self.packing: dict[str, Any] | None = None  # chat: the conversations and their packing (`_setup_chat`)
 
     @staticmethod
     def _dataset_specs(dataset: Any, subset: Any, split: Any, revision: Any) -> list[tuple]:
@@ -200,6 +229,12 @@ class TextDataModule(L.LightningDataModule):
         if self.train_dataset is not None:
             return
         cache = self.store.open()
+        if cache.is_chat != (self.format == "chat"):
+            built, asked = ("conversations", "text") if cache.is_chat else ("text", "conversations")
+            raise DataError(f"the token cache {cache.folder} holds {built}, but --data.format {self.format} asks for "
+                            f"{asked}; set --data.format {'chat' if cache.is_chat else 'text'}")
+        if cache.is_chat:
+            return self._setup_chat(cache)
         L_ = self.seq_len
         n_train, n_heldout, val_start = split_windows(cache.n_tokens, L_, self.val_fraction)
         rank, world = self._rank_world()
@@ -212,6 +247,64 @@ class TextDataModule(L.LightningDataModule):
         self.val_start = val_start
         self.train_dataset = TokenWindows(cache, L_, 0, range(n_train))
         self.val_dataset = TokenWindows(cache, L_, val_start, range(rank, n_val, world))
+
+    def _setup_chat(self, cache: TokenCache) -> None:
+        """Conversations -> packed windows: the last val_fraction of the conversations (at least
+        one) are held out; each part is packed on its own (best-fit decreasing); a conversation
+        longer than a window is truncated, dropped or refused (`overlong`), counted in one line."""
+        capacity = self.seq_len + 1
+        starts, loss = cache.documents()
+        n_docs = len(starts)
+        lengths = np.diff(np.append(starts, cache.n_tokens))
+        n_heldout_docs = max(1, round(self.val_fraction * n_docs))
+        if n_docs - n_heldout_docs < 1:
+            raise DataError(f"the corpus has {n_docs} conversation(s): too few for one to train on and "
+                            f"{n_heldout_docs} held out; add conversations or lower --data.val_fraction")
+        used, over = fit_lengths(lengths, capacity, self.overlong)
+        if self.overlong == "error" and len(over):
+            d = int(over[0])
+            raise DataError(f"{self.store.locate(cache, d)}: the conversation has {int(lengths[d]):,} tokens, more than a "
+                            f"window's {capacity:,} (seq_len + 1), and --data.overlong is error; raise --data.seq_len, "
+                            "or set --data.overlong truncate or drop")
+        used_loss = loss.copy()
+        used_loss[over] = 0
+        emptied = 0
+        if self.overlong == "truncate":
+            for d in over.tolist():
+                used_loss[d] = int(cache.loss_mask(int(starts[d]), int(starts[d]) + capacity).sum())
+                if used_loss[d] == 0:  # nothing left to train on
+                    used[d], emptied = 0, emptied + 1
+        if len(over):
+            what = ("dropped (--data.overlong drop)" if self.overlong == "drop" else
+                    f"truncated to their first {capacity:,} (--data.overlong truncate)" +
+                    (f", {emptied:,} of them dropped for want of a token that carries loss" if emptied else ""))
+            note(f"{len(over):,} of {n_docs:,} conversations are longer than a window of seq_len + 1 = {capacity:,} "
+                 f"tokens: {what}")
+        first_val = n_docs - n_heldout_docs
+        train, heldout = used.copy(), used.copy()
+        train[first_val:], heldout[:first_val] = 0, 0
+        order_t, bounds_t = pack_bfd(train, capacity)
+        order_v, bounds_v = pack_bfd(heldout, capacity)
+        n_train, n_heldout = len(bounds_t) - 1, len(bounds_v) - 1
+        if n_train == 0 or n_heldout == 0:
+            raise DataError(f"no conversation is left to {'train on' if n_train == 0 else 'validate on'} with "
+                            f"seq_len {self.seq_len} and --data.overlong {self.overlong}; raise --data.seq_len or set "
+                            "--data.overlong truncate")
+        rank, world = self._rank_world()
+        n_val = self._n_validated(n_heldout, world)
+        if n_val == 0:
+            raise DataError(f"the validation split has {n_heldout} window(s), fewer than the {world} "
+                            "devices; raise --data.val_fraction or add conversations")
+        pad = int(cache.index.get("eos_token_id") or 0)
+        self.token_cache, self.n_tokens, self.n_documents = cache, cache.n_tokens, n_docs
+        self.n_train_windows, self.n_heldout_windows, self.n_val_windows = n_train, n_heldout, n_val
+        self.val_start = int(starts[first_val])
+        self.train_dataset = PackedWindows(cache, self.seq_len, starts, used, order_t, bounds_t, range(n_train), pad)
+        self.val_dataset = PackedWindows(cache, self.seq_len, starts, used, order_v, bounds_v,
+                                         range(rank, n_val, world), pad)
+        self.packing = {"starts": starts, "lengths": used, "heldout": (order_v, bounds_v), "pad": pad,
+                        "n_overlong": len(over), "loss_tokens": int(loss.sum()),
+                        "train_tokens": int(train.sum()), "train_loss_tokens": int(used_loss[:first_val][train[:first_val] > 0].sum())}
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
@@ -261,7 +354,7 @@ class TextDataModule(L.LightningDataModule):
 
     # What the training order depends on: a resume with other values warns. The batch split
     # (micro-batch, processes, accumulation) is not among them: the order is per global sample.
-    ORDER = ("seed", "seq_len", "n_train_windows", "cache_key")
+    ORDER = ("seed", "seq_len", "n_train_windows", "cache_key", "overlong")
 
     def state_dict(self) -> dict[str, Any]:
         """The order's settings, the global batch (windows and tokens per step), how this run split
@@ -271,6 +364,8 @@ class TextDataModule(L.LightningDataModule):
         state = {"seed": self.seed, "seq_len": self.seq_len, "n_train_windows": self.n_train_windows,
                  "cache_key": self.store.corpus.key if self.store.corpus else None,
                  "batch_size": self.batch_size, "world_size": world, "document_mask": self.document_mask}
+        if self.format == "chat":  # what else decides the packed windows (a text run's state is as it was)
+            state["overlong"] = self.overlong
         if self.trainer is not None:  # the batch plan's state, under the keys checkpoints have always had
             plan = self.plan
             state.update(plan.state_dict(self.trainer.global_step), tokens_per_step=plan.global_batch * self.seq_len)
@@ -294,7 +389,7 @@ class TextDataModule(L.LightningDataModule):
             self._plan.load_state_dict(state)
         now = self.state_dict()
         changed = [f"{k}: {v} -> {now[k]}" for k in self.ORDER
-                   if (v := state.get(k)) is not None and now[k] is not None and v != now[k]]
+                   if (v := state.get(k)) is not None and now.get(k) is not None and v != now[k]]
         if changed:
             rank_zero_warn("data changed since the checkpoint (" + "; ".join(changed) + "); the "
                            "resumed run does not continue the same sample order")
@@ -320,6 +415,10 @@ class TextDataModule(L.LightningDataModule):
         self._need_setup()
         n = self.n_val_windows if world_size is None else self._n_validated(self.n_heldout_windows, world_size)
         n = n if limit is None else min(n, limit)
+        if self.packing is not None:
+            p = self.packing
+            return PackedWindows(self.token_cache, self.seq_len, p["starts"], p["lengths"], *p["heldout"], range(n),
+                                 p["pad"])
         return TokenWindows(self.token_cache, self.seq_len, self.val_start, range(n))
 
     def corpus_windows(self, seq_len: int | None = None) -> TokenWindows:
@@ -328,6 +427,13 @@ class TextDataModule(L.LightningDataModule):
         exactly once. Batch the last window alone (or pad it) since it may be shorter."""
         self._need_setup()
         L_ = seq_len or self.seq_len
+        if self.packing is not None:  # every conversation once, packed as training packs them
+            p = self.packing
+            lengths = np.diff(np.append(p["starts"], self.n_tokens))
+            used = fit_lengths(lengths, L_ + 1, "truncate" if self.overlong == "error" else self.overlong)[0]
+            order, bounds = pack_bfd(used, L_ + 1)
+            return PackedWindows(self.token_cache, L_, p["starts"], used, order, bounds, range(len(bounds) - 1),
+                                 p["pad"])
         n = -(-(self.n_tokens - 1) // L_)  # ceil((n_tokens - 1) / L)
         return TokenWindows(self.token_cache, L_, 0, range(n), stop=self.n_tokens)
 
@@ -343,6 +449,8 @@ class TextDataModule(L.LightningDataModule):
         sources = "; ".join(d + (f" (first {cap:,} tokens)" if cap else "") for d, cap in zip(described, caps))
         skipped = f" ({len(c.empty)} empty skipped)" if c.empty else ""
         shards = len(self.token_cache.shards)
+        if self.packing is not None:
+            return self._describe_chat(sources, skipped, shards, windows, c)
         masked = ", attention within documents" if self.document_mask else ""
         windows = windows or (f"seq_len {self.seq_len}{masked}: {self.n_train_windows:,} train windows, "
                               f"{self.n_val_windows} of {self.n_heldout_windows} held-out windows validated; "
@@ -350,6 +458,22 @@ class TextDataModule(L.LightningDataModule):
         return (f"data: {sources}{skipped}; {self.n_documents:,} documents, {self.n_tokens:,} tokens "
                 f"({self.tokenizer_name}, vocab {self.vocab_size}) in {shards} shard{'s' * (shards != 1)}; "
                 f"{windows}; cache {self.store.where(c)}")
+
+    def _describe_chat(self, sources: str, skipped: str, shards: int, windows: str | None, c: Any) -> str:
+        """The data line of conversations: how many tokens carry loss, and how full the packed windows are."""
+        p = self.packing
+        on = "the assistant replies" if self.loss_on == "assistant" else "every token"
+        capacity = self.seq_len + 1
+        fill = p["train_tokens"] / (self.n_train_windows * capacity)
+        done = {"truncate": "truncated", "drop": "dropped"}.get(self.overlong, "")
+        overlong = f", {p['n_overlong']:,} overlong conversations {done}" if p["n_overlong"] else ""
+        windows = windows or (f"seq_len {self.seq_len}: {self.n_train_windows:,} train windows packed {fill:.1%} full"
+                              f"{overlong}, {p['train_loss_tokens']:,} of their tokens carry loss; {self.n_val_windows} of "
+                              f"{self.n_heldout_windows} held-out windows validated; {self._passes()}")
+        return (f"data: {sources}{skipped}; {self.n_documents:,} conversations, {self.n_tokens:,} tokens "
+                f"({self.tokenizer_name}, vocab {self.vocab_size}, its chat template) in {shards} "
+                f"shard{'s' * (shards != 1)}, {p['loss_tokens']:,} of them carrying loss (loss on {on}); {windows}; "
+                f"cache {self.store.where(c)}")
 
     # -- helpers --
 

@@ -7,6 +7,11 @@ starts, `(item, offset, line)`: the file's index, then the byte offset (text, JS
 row (parquet, datasets), then the line number (JSON Lines). `units(start)` starts again at any
 position it yielded, which is how an interrupted tokenization resumes.
 
+With `chat` (`--data.format chat`), a record is a conversation (smollm.data.chat: `messages`, or
+`prompt` and `completion`) instead of a text field, and its unit's text is the conversation checked
+and serialized, which the cache builder renders with the chat template; text files are refused.
+`where(position)` names a unit's file and line or row, for errors found later.
+
 Every bad input is a `DataError` whose one line names the file and the line or row, and says what
 to do.
 """
@@ -29,6 +34,7 @@ import zlib
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
+from smollm.data.chat import as_unit
 from smollm.errors import DataError, first_line
 from smollm.io import write_json_atomic
 
@@ -47,6 +53,7 @@ COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".bz2": "bzip2", ".xz": "xz"}
 BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark at the start of a file: an encoding mark, not text
 # A text file is read and tokenized in pieces of at most this many bytes (see `read_pieces`).
 PIECE_BYTES = 1 << 20
+CHAT_FIELDS = ("messages", "prompt", "completion")  # what a conversation's record may hold
 PARQUET_BATCH_ROWS = 1024
 DATASET_BATCH_ROWS = 1024
 HUB_TIMEOUT_S = 10  # asking the hub which commit a dataset name means: never a long hang
@@ -430,10 +437,11 @@ class FileSource:
     """The files of --data.files, in order, as one source. Call `resolve` and `scan` first."""
 
     def __init__(self, entries: list[str], text_key: str = "text", encoding_errors: str = "strict",
-                 pieces: bool = True) -> None:
+                 pieces: bool = True, chat: bool = False) -> None:
         # pieces: read a text file in pieces of about PIECE_BYTES, which tokenize exactly as the
         # whole file only for a byte-level tokenizer (`cache.context_free`); else each file whole.
         self.entries, self.text_key, self.encoding_errors, self.pieces = entries, text_key, encoding_errors, pieces
+        self.chat = chat  # records are conversations (see the module's docstring)
         self.paths: list[Path] = []
         self.hashes: list[str] = []  # sha256 of each file of `paths`
         self.docs: list[Path] = []  # the files that hold text, in order: what `units` reads
@@ -457,6 +465,12 @@ class FileSource:
         """What decides this source's tokens: each file's format and content hash, in order."""
         return {"files": [[file_format(p), h] for p, h in zip(self.docs, self._doc_hashes)]}
 
+    def where(self, position: Position) -> str:
+        """The file and line (JSON Lines) or row (parquet) of the unit at `position`."""
+        path = self.docs[position[0]]
+        kind = file_format(path)
+        return f"{path} line {position[2] + 1}" if kind == "jsonl" else f"{path} row {position[1]}"
+
     def describe(self) -> str:
         kinds: dict[str, int] = {}
         for p in self.docs:
@@ -469,6 +483,9 @@ class FileSource:
             at = start if i == start[0] else (i, 0, 0)
             path = self.docs[i]
             kind = file_format(path)
+            if kind == "text" and self.chat:
+                raise DataError(f"{path} is a text file; --data.format chat reads conversations from JSON Lines or "
+                                "parquet records (or datasets) holding 'messages': name those files only")
             if kind == "text":
                 yield from self._text(i, path, at[1])
             elif kind == "jsonl":
@@ -521,6 +538,12 @@ class FileSource:
                     if not isinstance(record, dict):
                         raise DataError(f"{where} is a JSON {type(record).__name__}, not an object; each "
                                         'line must be one JSON object such as {"text": "..."}')
+                    if self.chat:
+                        unit = as_unit(record, where)
+                        if b"\\u" in raw:
+                            unit = self._surrogates(unit, where)
+                        yield (i, at, line_no - 1), unit, True
+                        continue
                     if key not in record:
                         fields = ", ".join(map(repr, list(record)[:8])) or "none"
                         raise DataError(f"{where} has no field {key!r} (its fields: {fields}); set "
@@ -554,6 +577,9 @@ class FileSource:
         except (OSError, pa.ArrowException) as e:
             raise DataError(f"{path} is not a readable parquet file ({first_line(e)})") from None
         names = pf.schema_arrow.names
+        if self.chat:
+            yield from self._parquet_chat(i, path, row, pf)
+            return
         if key not in names:
             raise DataError(f"{path} has no column {key!r} (its columns: {', '.join(map(repr, names[:8]))}); "
                             "set --data.text_key to the column that holds the text")
@@ -585,6 +611,29 @@ class FileSource:
                                         "(rows count from 0)")
                     yield (i, r, 0), text, True
                 first += len(texts)
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"cannot read {path} ({first_line(e)}); check the file") from None
+
+
+    def _parquet_chat(self, i: int, path: Path, row: int, pf: Any) -> Iterator[Unit]:
+        """The conversations of a parquet file (its `messages` column, or `prompt` and `completion`)."""
+        import pyarrow as pa
+
+        columns = [c for c in CHAT_FIELDS if c in pf.schema_arrow.names]
+        if not columns:
+            raise DataError(f"{path} has no column 'messages' (nor 'prompt' and 'completion'); its columns: "
+                            f"{', '.join(map(repr, pf.schema_arrow.names[:8]))}")
+        try:
+            r = 0
+            for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
+                if r + batch.num_rows <= row:
+                    r += batch.num_rows
+                    continue
+                for record in batch.to_pylist():
+                    if r >= row:
+                        unit = as_unit(record, f"{path} row {r}")
+                        yield (i, r, 0), self._surrogates(unit, f"{path} row {r}"), True
+                    r += 1
         except (OSError, pa.ArrowException) as e:
             raise DataError(f"cannot read {path} ({first_line(e)}); check the file") from None
 
@@ -638,9 +687,10 @@ class DatasetSource:
     """
 
     def __init__(self, name: str, subset: str | None, split: str, revision: str | None,
-                 text_key: str = "text", encoding_errors: str = "strict") -> None:
+                 text_key: str = "text", encoding_errors: str = "strict", chat: bool = False) -> None:
         self.name, self.subset, self.split, self.revision = name, subset, split, revision
         self.text_key, self.encoding_errors = text_key, encoding_errors
+        self.chat = chat  # records are conversations (see the module's docstring)
         self.local = Path(name).expanduser().is_dir()
         self.fingerprint: str | None = None
         self._data: Any = None
@@ -700,6 +750,9 @@ class DatasetSource:
             raise DataError(f"the saved dataset {self.name!r} is the split {str(data.split)!r}, not {self.split!r}; "
                             f"set --data.split {data.split}")
         self._check_column(data.column_names)
+        if self.chat:
+            self._data, self.fingerprint = data, data._fingerprint
+            return
         feature = data.features[self.text_key]
         if getattr(feature, "dtype", None) not in ("string", "large_string"):
             raise DataError(f"dataset {self.name!r}: column {self.text_key!r} holds {feature}, not strings; "
@@ -739,8 +792,14 @@ class DatasetSource:
             raise DataError(f"cannot stream dataset {self.describe()} ({first_line(e)}); check "
                             "--data.subset and --data.split") from None
 
+    def where(self, position: Position) -> str:
+        return f"dataset {self.describe()} row {position[1]}"
+
     def _check_column(self, columns: list[str] | None) -> None:
-        if columns is not None and self.text_key not in columns:
+        if columns is not None and self.chat and not set(CHAT_FIELDS) & set(columns):
+            raise DataError(f"dataset {self.describe()} has no column 'messages' (nor 'prompt' and 'completion'); "
+                            f"its columns: {', '.join(map(repr, columns[:8]))}")
+        if columns is not None and not self.chat and self.text_key not in columns:
             raise DataError(f"dataset {self.describe()} has no column {self.text_key!r} (its columns: "
                             f"{', '.join(map(repr, columns[:8]))}); set --data.text_key")
 
@@ -749,6 +808,12 @@ class DatasetSource:
         if self._data is None:
             self._data = self._stream()
         row, key = start[1], self.text_key
+        if self.chat:
+            for record in self._chat_records(row):
+                where = f"dataset {self.describe()} row {row}"
+                yield (0, row, 0), self._surrogates(as_unit(record, where), where), True
+                row += 1
+            return
         if self.local:
             table = self._data.with_format("arrow")
             batches = (_arrow_texts(table[i:i + DATASET_BATCH_ROWS].column(key), self.encoding_errors,
@@ -764,6 +829,34 @@ class DatasetSource:
                                     "not a string (rows count from 0); set --data.text_key")
                 yield (0, row, 0), text, True
                 row += 1
+
+    def _surrogates(self, unit: str, where: str) -> str:
+        if (found := _SURROGATE.search(unit)) is None:
+            return unit
+        if self.encoding_errors == "replace":
+            return _SURROGATE.sub("\ufffd", unit)
+        raise DataError(f"{where} holds \\u{ord(found.group()):04x}, half of a UTF-16 pair, which is not a character; "
+                        "fix that record or set --data.encoding_errors replace")
+
+    def _chat_records(self, row: int) -> Iterator[dict]:
+        """The records from `row` on, each a dict of the conversation's columns."""
+        if self.local:
+            columns = [c for c in CHAT_FIELDS if c in self._data.column_names]
+            table = self._data.with_format("arrow")
+            for i in range(row, len(self._data), DATASET_BATCH_ROWS):
+                yield from table[i:i + DATASET_BATCH_ROWS].select(columns).to_pylist()
+            return
+        stream = self._data.skip(row) if row else self._data
+        try:
+            for batch in stream.iter(batch_size=DATASET_BATCH_ROWS):
+                self._check_column(list(batch))
+                columns = [c for c in CHAT_FIELDS if c in batch]
+                yield from ({c: batch[c][j] for c in columns} for j in range(len(batch[columns[0]])))
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001  a stream that breaks mid-way: the build resumes later
+            raise DataError(f"reading dataset {self.describe()} failed ({first_line(e)}); run again to "
+                            "resume from the last complete shard") from None
 
     def _hub_batches(self, stream: Any) -> Iterator[list]:
         try:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import logging
 import re
 import time
@@ -40,8 +41,9 @@ from smollm import assets
 from smollm.data.build import build_cache, rebuild_shard
 from smollm.data.cache import (FORMAT_VERSION, INDEX, TokenCache, cache_key, context_free, is_complete, read_index,
                                token_dtype, tokenizer_fingerprint)
+from smollm.data.chat import ChatTemplate
 from smollm.data.remote import Remote, is_url
-from smollm.data.sources import DatasetSource, FileSource
+from smollm.data.sources import DatasetSource, FileSource, file_format
 from smollm.data.verify import check_shards, stamp_verified, verified_here
 from smollm.errors import DataError
 from smollm.output import global_rank, say, warn
@@ -74,6 +76,8 @@ class CorpusOptions:
     text_key: str
     encoding_errors: str
     max_tokens: list[int | None]  # one cap per source: the files, then each dataset
+    format: str = "text"  # "chat": records are conversations, rendered by the chat template (smollm.data.chat)
+    loss_on: str = "assistant"  # chat: which tokens carry loss, "assistant" (the replies) or "all"
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,16 @@ class TokenStore:
         self.token_dir = assets.cache_dir_path(cache_dir) / "tokens"
         self.corpus: Corpus | None = None  # set by find()
         self._tokenizer: Any = None
+        self._chat: ChatTemplate | None = None
+
+    @property
+    def chat(self) -> tuple[ChatTemplate, str] | None:
+        """(the tokenizer's chat template, loss_on) for a chat corpus, checked on first use; else None."""
+        if self.options.format != "chat":
+            return None
+        if self._chat is None:
+            self._chat = ChatTemplate(self.tokenizer, self.options.tokenizer)
+        return self._chat, self.options.loss_on
 
     @property
     def tokenizer(self) -> Any:
@@ -150,6 +164,19 @@ class TokenStore:
                 stamp_verified(folder, read_index(folder), began)
         return TokenCache(folder)
 
+    def locate(self, cache: TokenCache, k: int) -> str:
+        """Where document k of the cache (counting from 0) comes from: its file and line or row,
+        read again from its source (only to name a record in an error); a named cache, its number."""
+        counts = [s["documents"] for s in cache.index["sources"]]
+        sources = self.corpus.sources if self.corpus is not None else None
+        before = 0
+        for s, n in enumerate(counts):
+            if k < before + n and sources is not None:
+                unit = next(itertools.islice(sources[s].units(), k - before, None))
+                return sources[s].where(unit[0])
+            before += n
+        return f"document {k:,} (counting from 0) of the token cache {cache.folder}"
+
     def where(self, corpus: Corpus) -> str:
         """Where the data line says the cache is: its folder, and the remote it mirrors."""
         return str(corpus.folder) + (f" (mirror of {self.remote.where(corpus.folder.name)})" if self.remote else "")
@@ -174,20 +201,23 @@ class TokenStore:
             name = index["shards"][k]["file"]
             warn(f"token cache shard {corpus.folder / name} is damaged (its bytes do not match its digest); "
                  "rebuilding it from its sources", every_rank=True)
-            rebuild_shard(corpus.folder, index, k, corpus.sources, self.tokenizer, self.options.max_tokens)
+            rebuild_shard(corpus.folder, index, k, corpus.sources, self.tokenizer, self.options.max_tokens,
+                          chat=self.chat)
 
     # -- the corpus --
 
     def _find(self) -> Corpus:
         """Resolve and hash the sources, load the tokenizer, and name the cache."""
         options = self.options
+        is_chat = options.format == "chat"
         sources: list[Any] = []
         files = None
         if options.files:
-            files = FileSource(options.files, options.text_key, options.encoding_errors)
+            files = FileSource(options.files, options.text_key, options.encoding_errors, chat=is_chat)
             files.resolve()
             sources.append(files)
         fingerprint = tokenizer_fingerprint(self.tokenizer)  # fail fast, before reading files
+        chat = self.chat  # a tokenizer without a chat template: one line, before reading files
         if files is not None:
             files.pieces = context_free(self.tokenizer)  # pieces tokenize as the whole file only then
             names = "\n".join(map(str, files.paths)).encode()
@@ -198,8 +228,13 @@ class TokenStore:
                 rank_zero_warn(f"skipping {len(files.empty)} empty file(s): {shown}{more}")
             if not files.docs:
                 raise DataError(f"every file of --data.files {options.files} is empty; give files that hold text")
+            text_files = [p for p in files.docs if file_format(p) == "text"]
+            if is_chat and text_files:
+                raise DataError(f"{text_files[0]} is a text file; --data.format chat reads conversations from JSON "
+                                "Lines or parquet records (or datasets) holding 'messages': name those files only")
         for name, subset, split, revision in options.datasets:
-            source = DatasetSource(name, subset, split, revision, options.text_key, options.encoding_errors)
+            source = DatasetSource(name, subset, split, revision, options.text_key, options.encoding_errors,
+                                   chat=is_chat)
             source.open()
             sources.append(source)
         for source, cap in zip(sources, options.max_tokens):
@@ -209,6 +244,8 @@ class TokenStore:
                                "N tokens")
         spec = {"tokenizer": fingerprint, "text_key": options.text_key, "encoding_errors": options.encoding_errors,
                 "sources": [s.spec() for s in sources], "max_tokens": options.max_tokens}
+        if chat is not None:  # a text cache's spec (and key) is as it always was
+            spec.update(format="chat", loss_on=options.loss_on, chat_template=chat[0].digest)
         key = cache_key(spec)
         return Corpus(key=key, spec=spec, folder=self.token_dir / key[:24], sources=sources,
                       docs=files.docs if files else [], empty=files.empty if files else [])
@@ -227,7 +264,7 @@ class TokenStore:
                 "skipped_empty": [str(p) for p in corpus.empty]}
         # The bar on rank 0 only: another node building its own copy would print its own bar.
         build_cache(corpus.folder, sources, tokenizer, meta, self.options.max_tokens, on_commit=on_commit,
-                    progress=global_rank() == 0)
+                    progress=global_rank() == 0, chat=self.chat)
         cache = TokenCache(corpus.folder)
         say(f"tokenized {cache.n_tokens:,} tokens, {cache.n_documents:,} documents, into "
             f"{len(cache.shards)} shard(s) in {cache.index.get('seconds', 0):.1f} s")
