@@ -58,6 +58,7 @@ class Console(Callback):
         self.train_seconds = 0.0
         self.first_loss: float | None = None
         self.last_loss: float | None = None
+        self.resume_step = 0  # the checkpoint's step when resuming (set by fit)
         self.val: list[tuple[int, float, float]] = []  # (step, loss, perplexity), the first at the start
         self._seen_step = 0  # the last optimizer step whose end was handled
         self.throughput = throughput if throughput is not None else Throughput()  # tokens/s, measured once
@@ -72,7 +73,7 @@ class Console(Callback):
         ckpt = next((c for c in trainer.callbacks if isinstance(c, StepCheckpoint)), None)
         lines = [f"smollm: {model.hparams.preset} model, {cfg.num_params:,} parameters"
                  + (f", from {model.hparams.init_from}" if model.hparams.init_from else "")
-                 + (f"; resuming at step {trainer.global_step}" if trainer.global_step else "")
+                 + (f"; resuming at step {self.resume_step}" if self.resume_step else "")
                  + f"; training to step {trainer.max_steps}"]
         if dm is not None and hasattr(dm, "describe"):
             lines.append(f"  {dm.describe()}")

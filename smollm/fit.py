@@ -176,6 +176,7 @@ def main(args: list[str]) -> int:
                                           "Start with --config configs/tiny.yaml (CPU) or configs/135m.yaml (GPU)."},
         )
         console, stop = configure_trainer(cli.trainer, cli.resume_from, cli.checkpoint)
+        console.resume_step = cli.resume_step  # the start block says it: Lightning restores the step later
         cli.checkpoint = None  # Lightning's now: freed once it has restored it
         apply_global_batch(cli)
         if cli.trainer.global_rank == 0:

@@ -189,7 +189,7 @@ def gpu_node(tmp_path, monkeypatch, name, tok_dir, cache_dir, **kw) -> TextDataM
 
 
 def test_a_node_without_the_sources_trains_from_the_url_the_build_prints_and_never_tokenizes(
-        tmp_path, tok_dir, corpus, s3, small_shards, monkeypatch, capsys, caplog):
+        tmp_path, tok_dir, corpus, s3, small_shards, monkeypatch, capsys):
     one = ready(node(tmp_path, monkeypatch, "node1", tok_dir, corpus, s3.url))
     said = re.findall(r"GPU nodes: --data.cache_dir (\S+)", capsys.readouterr().err)
     url = f"{s3.url}/tokens/{one.store.corpus.folder.name}"
@@ -209,9 +209,9 @@ def test_a_node_without_the_sources_trains_from_the_url_the_build_prints_and_nev
     assert two.describe().endswith(f"cache {folder} (mirror of {url})")
 
     # --data.files naming files this node lacks: ignored, in one note.
-    caplog.clear()
+    capsys.readouterr()
     three = ready(gpu_node(tmp_path, monkeypatch, "node2", tok_dir, url, files=str(tmp_path / "not-here")))
-    notes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("note:")]
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
     assert len(notes) == 1 and notes[0].startswith(f"note: --data.files ignored: --data.cache_dir names one built "
                                                    f"cache, {url}")
     assert three.n_tokens == one.n_tokens

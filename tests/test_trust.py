@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -150,7 +151,7 @@ def test_sigterm_saves_at_the_next_step_and_the_resume_reproduces_the_run(tmp_pa
 
 # ---- Ctrl-C keeps the work ----
 
-def test_ctrl_c_in_training_saves_the_last_step_and_says_how_to_resume(tmp_path, small):
+def test_ctrl_c_in_training_saves_the_last_step_and_says_how_to_resume(tmp_path, small, capsys):
     straight = tmp_path / "straight"
     assert main(run_args(straight, small, 8, record=straight / "rec.jsonl")) == 0
     root, rec = tmp_path / "run", tmp_path / "run" / "rec.jsonl"
@@ -164,7 +165,9 @@ def test_ctrl_c_in_training_saves_the_last_step_and_says_how_to_resume(tmp_path,
     stopped = fitutil.read_records(rec)[-1]["step"]
     assert stopped < 8
     assert Path(find_last_checkpoint(str(root / "checkpoints" / "tiny"))).name == f"step={stopped:06d}.ckpt"
+    capsys.readouterr()
     assert main(run_args(root, small, 8, record=rec, extra=["--ckpt_path", "last"])) == 0
+    assert f"; resuming at step {stopped}; training to step 8" in capsys.readouterr().err  # the start block says so
     assert_same_state(checkpoint_at(root, 8), checkpoint_at(straight, 8))  # nothing lost
 
 
@@ -267,8 +270,8 @@ def test_an_empty_file_is_skipped_with_a_warning(tmp_path, small, capsys):
     corpus, _ = small
     (tmp_path / "empty.txt").write_text("  \n\n")
     files = json.dumps([str(corpus), str(tmp_path / "empty.txt")])
-    with pytest.warns(UserWarning, match="empty.txt"):
-        assert main(run_args(tmp_path / "run", small, 1) + ["--data.files", files]) == 0
+    assert main(run_args(tmp_path / "run", small, 1) + ["--data.files", files]) == 0
+    assert re.search(r"^warning: skipping 1 empty file\(s\): .*empty.txt", capsys.readouterr().err, re.M)
 
 
 def test_bytes_that_are_not_utf8(tmp_path, small, capsys):

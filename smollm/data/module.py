@@ -17,7 +17,6 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Sampler, default_collate
 
 from smollm.batch import BatchPlan
@@ -391,8 +390,8 @@ class TextDataModule(L.LightningDataModule):
         changed = [f"{k}: {v} -> {now[k]}" for k in self.ORDER
                    if (v := state.get(k)) is not None and now.get(k) is not None and v != now[k]]
         if changed:
-            rank_zero_warn("data changed since the checkpoint (" + "; ".join(changed) + "); the "
-                           "resumed run does not continue the same sample order")
+            warn("data changed since the checkpoint (" + "; ".join(changed) + "); the "
+                 "resumed run does not continue the same sample order")
         before = bool(state.get("document_mask", False))  # a checkpoint from before the option had none
         if before != self.document_mask:
             warn(f"--data.document_mask {str(before).lower()} -> {str(self.document_mask).lower()} since the "

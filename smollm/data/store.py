@@ -28,14 +28,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
-import logging
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
-
-from lightning.pytorch.utilities import rank_zero_warn
 
 from smollm import assets
 from smollm.data.build import build_cache, rebuild_shard
@@ -46,9 +43,7 @@ from smollm.data.remote import Remote, is_url
 from smollm.data.sources import DatasetSource, FileSource, file_format
 from smollm.data.verify import check_shards, stamp_verified, verified_here
 from smollm.errors import DataError
-from smollm.output import global_rank, say, warn
-
-log = logging.getLogger(__name__)
+from smollm.output import global_rank, note, say, warn
 
 NAME = re.compile(r"[0-9a-f]{24}")  # a cache folder's name: the first 24 hex digits of its key
 
@@ -225,7 +220,7 @@ class TokenStore:
             if files.empty:
                 shown = ", ".join(str(p) for p in files.empty[:5])
                 more = f" and {len(files.empty) - 5} more" if len(files.empty) > 5 else ""
-                rank_zero_warn(f"skipping {len(files.empty)} empty file(s): {shown}{more}")
+                warn(f"skipping {len(files.empty)} empty file(s): {shown}{more}")
             if not files.docs:
                 raise DataError(f"every file of --data.files {options.files} is empty; give files that hold text")
             text_files = [p for p in files.docs if file_format(p) == "text"]
@@ -239,9 +234,8 @@ class TokenStore:
             sources.append(source)
         for source, cap in zip(sources, options.max_tokens):
             if getattr(source, "streaming", False) and cap is None:
-                rank_zero_warn(f"{source.describe()} is streamed without --data.max_tokens: all of it is "
-                               "tokenized before training starts; set --data.max_tokens to take its first "
-                               "N tokens")
+                warn(f"{source.describe()} is streamed without --data.max_tokens: all of it is "
+                     "tokenized before training starts; set --data.max_tokens to take its first N tokens")
         spec = {"tokenizer": fingerprint, "text_key": options.text_key, "encoding_errors": options.encoding_errors,
                 "sources": [s.spec() for s in sources], "max_tokens": options.max_tokens}
         if chat is not None:  # a text cache's spec (and key) is as it always was
@@ -364,8 +358,8 @@ class NamedStore(TokenStore):
                             f"{built_with!r} (or that tokenizer, copied to this node)")
         if self.ignored:
             built_from = "; ".join(s["source"] for s in index.get("sources", []))
-            log.warning(f"note: {', '.join(self.ignored)} ignored: --data.cache_dir names one built cache, "
-                        f"{url}, which is used as it is (built from {built_from})")
+            note(f"{', '.join(self.ignored)} ignored: --data.cache_dir names one built cache, "
+                 f"{url}, which is used as it is (built from {built_from})")
         return Corpus(key=index["key"], spec=index["spec"], folder=folder, sources=None, index=index,
                       docs=[Path(p) for p in index.get("files", [])], empty=index.get("skipped_empty", []))
 
