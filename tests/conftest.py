@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from smollm import ModelConfig, SmolLM
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist (`-n auto`), each worker is one of several processes sharing the cores:
+    it takes its share of them as torch threads, and so do the processes its tests start (through
+    OMP_NUM_THREADS), instead of every worker running as many threads as there are cores."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
 
 TEXT = [
     "The quick brown fox jumps over the lazy dog.",
