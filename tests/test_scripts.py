@@ -23,6 +23,24 @@ def test_the_benchmark_runs_both_models_on_the_same_function(tmp_path):
     assert report["smollm"]["tokens_per_s"] > 0 and report["transformers"]["tokens_per_s"] > 0
 
 
+def test_the_sft_benchmark_writes_its_figures_and_command(tmp_path):
+    """scripts/bench_sft.py at a tiny size: every variant trains on the same supervised tokens and the
+    plain window's loss is the pre-packing model's, bit for bit (the script asserts both), and the note
+    it writes holds the command and a row per variant."""
+    note = tmp_path / "sft-speed.md"
+    proc = subprocess.run([sys.executable, "scripts/bench_sft.py", "--layers", "1", "--seq_len", "64", "--median", "20",
+                           "--conversations", "8", "--repeats", "1", "--plain_repeats", "1", "--threads", "1",
+                           "--device", "cpu", "--note", str(note)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = note.read_text()
+    assert "Command: `python scripts/bench_sft.py --layers 1 --seq_len 64" in text
+    for variant in ("packed", "padded, length-grouped", "padded, random"):
+        assert f"| {variant} |" in text and f"| {variant} |" in proc.stdout
+    assert "Plain pretraining windows" in text
+
+
 # Each script run as `python SCRIPT --help`, all in one interpreter (torch is imported once): it
 # prints SCRIPT's name and exit code, and the exit code of any script that fails is not 0.
 HELP_EACH = """
