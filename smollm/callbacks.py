@@ -285,7 +285,7 @@ class RunLength(Callback):
         if stop <= start:
             raise UsageError(f"the run resumes at step {start} and --trainer.max_epochs {epochs} ends at step {steps}: "
                              "nothing to train; raise --trainer.max_epochs to continue")
-        if stop < steps and trainer.is_global_zero:
+        if stop < steps:
             note(f"--trainer.max_steps {max_steps} stops the run before its {epochs} epoch(s) end at step {steps} (the "
                  "schedule spans the epochs); to finish them, resume with --ckpt_path last --trainer.max_steps -1")
         trainer.fit_loop.epoch_loop.max_steps = stop

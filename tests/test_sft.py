@@ -21,7 +21,7 @@ from smollm.fit import main
 from smollm.optim import lr_lambda
 from test_data_chat import chat_tokenizer, conversations, write_jsonl
 
-VOCAB = '{"vocab_size": 640}'  # the chat tokenizer's 602 tokens, rounded up
+VOCAB = '{"vocab_size": 640}'  # the chat tokenizer's tokens, rounded up
 
 
 @pytest.fixture(scope="module")
@@ -192,3 +192,58 @@ def test_init_from_anything_else_is_one_line(tmp_path, sft_data, capsys, given, 
     assert err == f"error: --model.init_from {path}: {says}" or (err.startswith(f"error: --model.init_from {path}: ")
                                                                   and says in err), err
     assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run").rglob("*.ckpt"))
+
+
+# ---- the configs: SmolLM2's SFT recipe, and the CPU demo with its conversations ----
+
+@pytest.mark.parametrize("config, says", [
+    ("sft-135m.yaml", ["preset: 135m", "init_from: smollm2", "learning_rate: 0.001", "warmup_steps: 0.1",
+                       "decay_steps: null", "schedule: cosine", "max_epochs: 2", "seq_len: 8192", "format: chat"]),
+    ("sft-demo.yaml", ["preset: 135m", "init_from: smollm2", "max_epochs: 3", "format: chat",
+                       "files: configs/sft-demo-chats.jsonl"]),
+])
+def test_the_fine_tuning_configs_parse(capsys, config, says):
+    with pytest.raises(SystemExit) as exit:
+        main(["--config", str(fitutil.ROOT / "configs" / config), "--print_config"])
+    assert exit.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert all(s in out for s in says), out
+
+
+def test_the_demo_conversations_are_the_scripts_output(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "chats.jsonl"
+    subprocess.run([sys.executable, str(fitutil.ROOT / "scripts" / "demo_chats.py"), str(out)], check=True, timeout=60)
+    assert out.read_bytes() == (fitutil.ROOT / "configs" / "sft-demo-chats.jsonl").read_bytes()
+
+
+@pytest.mark.slow
+def test_the_recipe_config_fine_tunes_the_real_weights(tmp_path):
+    """configs/sft-135m.yaml on a CPU, shrunk to one step of one 256-token window of the demo's
+    conversations: it starts from the real SmolLM2-135M-Instruct weights exactly, with their tokenizer."""
+    from smollm.checkpoint import load_model
+    from smollm.errors import DownloadError
+
+    try:
+        want = load_model("smollm2").model.state_dict()
+    except DownloadError as e:
+        pytest.skip(f"SmolLM2 GGUF not available: {e}")
+    start = tmp_path / "start.pt"
+    result = fitutil.run_fit([
+        "--config", str(fitutil.ROOT / "configs" / "sft-135m.yaml"),
+        "--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--model.compile", "false",
+        "--trainer.default_root_dir", str(tmp_path), "--data.cache_dir", str(tmp_path / "cache"),
+        "--data.files", str(fitutil.ROOT / "configs" / "sft-demo-chats.jsonl"), "--data.seq_len", "256",
+        "--data.batch_size", "1", "--data.global_batch_size", "1", "--data.num_workers", "0",
+        "--data.val_fraction", "0.05", "--data.max_val_windows", "1", "--trainer.max_steps", "1",
+        "--model.sample_tokens", "4",
+        "--trainer.callbacks+=" + json.dumps({"class_path": "fitutil.StartState", "init_args": {"path": str(start)}}),
+    ], timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "smollm: 135m model, 134,515,008 parameters, from smollm2" in result.stderr
+    assert "(smollm2, vocab 49152, its chat template)" in result.stderr and "2 epochs = " in result.stderr
+    weights = torch.load(start, weights_only=True)["weights"]
+    assert weights.keys() == want.keys() and all(torch.equal(weights[k], v) for k, v in want.items())
+    assert (tmp_path / "checkpoints" / "sft-135m" / "step=000001.ckpt").is_file()
