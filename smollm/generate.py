@@ -139,15 +139,24 @@ def _decode(model: SmolLM, input_ids: torch.Tensor, max_new_tokens: int, tempera
     return out
 
 
-def complete(model: SmolLM, tokenizer: Any, prompt: str, max_new_tokens: int,
+def complete(model: SmolLM, tokenizer: Any, prompt: str, max_new_tokens: int, chat: bool = False,
              **sampling: Any) -> tuple[str, list[int]]:
     """prompt -> token ids -> `generate` -> (the text of the new tokens, their ids); greedy unless
-    `sampling` says otherwise, stopping at the tokenizer's EOS."""
-    ids = tokenizer.encode(prompt)
+    `sampling` says otherwise, stopping at the tokenizer's EOS. With `chat`, the prompt is a user's
+    message, rendered by the tokenizer's chat template up to the assistant's cue, and the reply
+    stops at the template's end-of-turn token too (as `python -m smollm.chat` answers it)."""
+    from smollm.assets import stop_token_ids
+
+    if chat:
+        ids = list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                 tokenize=True, return_dict=False))
+    else:
+        ids = tokenizer.encode(prompt)
     if not ids:
         raise UsageError(f"the prompt {prompt!r} encodes to no tokens")
     input_ids = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
-    out = generate(model, input_ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id, **sampling)
+    stop = stop_token_ids(tokenizer) if chat else tokenizer.eos_token_id
+    out = generate(model, input_ids, max_new_tokens, eos_token_id=stop, **sampling)
     new = out[0, len(ids):].tolist()
     return tokenizer.decode(new, skip_special_tokens=True), new
 

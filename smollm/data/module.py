@@ -183,6 +183,7 @@ class TextDataModule(L.LightningDataModule):
         self.train_dataset: TokenWindows | PackedWindows | None = None
         self.val_dataset: TokenWindows | PackedWindows | None = None
         self.packing: dict[str, Any] | None = None  # chat: the conversations and their packing (`_setup_chat`)
+        self.epochs: int | None = None  # passes over the training windows the run makes, when it counts them
 
     @staticmethod
     def _dataset_specs(dataset: Any, subset: Any, split: Any, revision: Any) -> list[tuple]:
@@ -476,13 +477,31 @@ class TextDataModule(L.LightningDataModule):
 
     # -- helpers --
 
+    def epoch_steps(self, epochs: int) -> int:
+        """The optimizer step at which `epochs` passes over the training windows end: epochs x the
+        training windows, in global batches (smollm.batch's `step_after`: a resume on another global
+        batch counts from the samples already seen). An epoch is a pass in the training order (every
+        window once, shuffled anew each pass), so the last step may take the first windows of the next."""
+        self._need_setup()
+        return self.plan.step_after(epochs * self.n_train_windows)
+
+    def epoch_at(self, step: int) -> float:
+        """Passes over the training windows made after optimizer step `step` (2.5: halfway through the third)."""
+        self._need_setup()
+        return self.plan.samples_at(step) / self.n_train_windows
+
     def _passes(self) -> str:
-        """How many passes over the training windows the run's max_steps makes."""
+        """How many passes over the training windows the run makes: its epochs, or what its max_steps make."""
         trainer = self.trainer
         max_steps = getattr(trainer, "max_steps", -1) if trainer is not None else -1
+        per_step = self.plan.global_batch
+        if self.epochs:
+            steps = self.epoch_steps(self.epochs)
+            stop = f", stopping at step {max_steps:,} (--trainer.max_steps)" if 0 <= max_steps < steps else ""
+            return (f"{self.epochs} epoch{'s' * (self.epochs != 1)} = {steps:,} steps of {per_step} windows"
+                    f"{stop}")
         if max_steps is None or max_steps < 0:
             return "no max_steps, so no count of passes"
-        per_step = self.plan.global_batch
         return (f"max_steps {max_steps:,} x {per_step} windows = "
                 f"{max_steps * per_step / self.n_train_windows:.3g} passes over the training windows")
 
