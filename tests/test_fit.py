@@ -118,7 +118,8 @@ def test_the_console_and_tensorboard_show_one_throughput_measurement(tmp_path, d
     events = EventAccumulator(str(tmp_path / "run" / "lightning_logs" / "tiny" / "version_0")).Reload()
     logged = [e.value for e in events.Scalars("train/tokens_per_sec")]
     assert len(console) == len(logged) == 3  # steps 2, 4 and 6 (every 2)
-    assert console == [round(v) for v in logged]
+    # the console prints whole tokens/s; TensorBoard keeps float32, so the same figure can round the other way
+    assert all(abs(c - v) <= 0.5 + 1e-3 for c, v in zip(console, logged)), (console, logged)
 
 
 def test_checkpoint_of_compiled_model_loads_into_plain_model(tmp_path, data):
