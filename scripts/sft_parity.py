@@ -12,7 +12,8 @@ step's training loss and their difference.
   into a window of seq_len + 1 tokens; with seq_len + 1 the longest conversation's length and every
   conversation longer than half of it, each window holds exactly one conversation (padded at its
   end, the padding its own document): one conversation per row, as TRL without packing.
-- TRL: SFTTrainer with packing and padding_free off, assistant_only_loss, max_length seq_len + 1
+- TRL: SFTTrainer with packing and padding_free off (and transformers' embedding without its
+  padding_idx: see `run_trl`), assistant_only_loss, max_length seq_len + 1
   (nothing is truncated on either side), the micro-batches in the order smollm trained them
   (train_sampling_strategy "sequential" over those conversations). The loss on the replies needs
   {% generation %} markers, which SmolLM2's ChatML template lacks: `with_generation_markers` adds
@@ -227,6 +228,11 @@ def run_trl(model_dir: Path, tokenizer_dir: Path, rows: list[list[dict[str, str]
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     tokenizer.chat_template = with_generation_markers(tokenizer.chat_template)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    # transformers' Llama builds its embedding with padding_idx = config.pad_token_id, whose row then
+    # gets no gradient from the inputs. SmolLM2-Instruct pads with <|im_end|> (id 2), which every
+    # conversation holds: TRL would never train that row as an input, smollm does (its embedding is
+    # plain, the padding masked by the loss and attention instead). The same model on both sides:
+    model.get_input_embeddings().padding_idx = None
     args = SFTConfig(
         output_dir=str(work / "trl"), max_steps=hp.steps, per_device_train_batch_size=hp.batch_size,
         gradient_accumulation_steps=hp.accumulation, learning_rate=hp.lr, lr_scheduler_type="cosine",

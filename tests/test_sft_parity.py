@@ -5,6 +5,7 @@ runs both; notes/sft-parity.md has the same on the real SmolLM2 weights)."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -27,7 +28,9 @@ VOCAB = 640
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """(work folder, HF folder of tiny random weights with a ChatML tokenizer of 602 tokens)."""
+    """(work folder, HF folder of tiny random weights with a ChatML tokenizer of 602 tokens that
+    pads with <|im_end|>, as SmolLM2-Instruct's does: transformers then builds the embedding with
+    that padding_idx, a row TRL would not train as an input unless the script clears it)."""
     from transformers import AutoTokenizer
 
     work = tmp_path_factory.mktemp("sft-parity")
@@ -36,8 +39,11 @@ def tiny(tmp_path_factory):
     tok = AutoTokenizer.from_pretrained(str(work / "tok"))
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tok.chat_template = CHATML
+    tok.pad_token = "<|im_end|>"
     torch.manual_seed(0)
-    return work, save_hf(SmolLM(ModelConfig.from_name("tiny", vocab_size=VOCAB)), work / "hf", tokenizer=tok)
+    folder = save_hf(SmolLM(ModelConfig.from_name("tiny", vocab_size=VOCAB)), work / "hf", tokenizer=tok)
+    assert json.loads((folder / "config.json").read_text())["pad_token_id"] == tok.convert_tokens_to_ids("<|im_end|>")
+    return work, folder
 
 
 @pytest.fixture(scope="module")
