@@ -12,6 +12,12 @@ default corpus's validation split, not called held-out. With data given, it scor
 `--data.*` options are smollm.fit's, so every source fit reads is accepted; the tokenizer's ids and
 `--data.seq_len` must be the model's (at most its positions).
 
+With `--data.format chat` (or a checkpoint of a chat run) the data are conversations, packed into
+windows as training packs them, each attended to on its own; the loss, perplexity and bits per
+byte are over the tokens that carry loss (the assistant replies and their end-of-turn tokens, as
+`--data.loss_on` says), each token weighing the same: what validation during fit reports. A chat
+run's held-out split is its last conversations (`--data.val_fraction` of them).
+
 Bits per byte is the total loss in bits over the UTF-8 bytes of the text scored, each token's
 bytes measured in context when the cache was built (`smollm.data.cache`; the end-of-document
 tokens we insert stand for none): unlike perplexity it compares models with different tokenizers. `--tasks` runs lm-evaluation-harness (the optional extra
@@ -49,41 +55,53 @@ class Score:
 
 
 @torch.no_grad()
-def score(model: SmolLM, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], max_windows: int | None = None,
+def score(model: SmolLM, batches: Iterable[dict[str, torch.Tensor]], max_windows: int | None = None,
           chunk_size: int = 4096) -> Score:
-    """Score batches (windows, their bytes): windows (B, T + 1) of token ids, inputs [:, :-1] and
-    targets [:, 1:]; bytes (B,), the UTF-8 bytes of text that each window's targets stand for."""
+    """Score batches of the batch contract (`batches`): "input_ids" (B, T + 1), inputs [:, :-1] and
+    targets [:, 1:]; "n_bytes" (B,), the UTF-8 bytes of text that each window's scored targets
+    stand for; and for packed conversations "loss_mask" (B, T), the targets scored (the assistant
+    replies), and "document_ids" (B, T), each conversation attended to on its own. The loss is the
+    mean over all scored tokens, each weighing the same (as validation during fit weighs them)."""
     device = next(model.parameters()).device
     model.eval()
     nats, tokens, n_bytes, windows = 0.0, 0, 0, 0
-    for batch, batch_bytes in batches:
+    for batch in batches:
         if max_windows is not None and windows >= max_windows:
             break
         if max_windows is not None:
-            batch, batch_bytes = batch[:max_windows - windows], batch_bytes[:max_windows - windows]
-        batch = batch.to(device)
-        inputs, targets = batch[:, :-1], batch[:, 1:]
+            batch = {k: v[:max_windows - windows] for k, v in batch.items()}
+        ids = batch["input_ids"].to(device)
+        inputs, targets = ids[:, :-1], ids[:, 1:]
+        loss_mask, document_ids = (batch[k].to(device) if k in batch else None for k in ("loss_mask", "document_ids"))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            mean = model.loss(inputs, targets, chunk_size=chunk_size)  # as training scores validation
-        nats += mean.item() * targets.numel()
-        tokens += targets.numel()
-        n_bytes += int(batch_bytes.sum())
-        windows += batch.shape[0]
+            mean = model.loss(inputs, targets, loss_mask, document_ids=document_ids,
+                              chunk_size=chunk_size)  # as training scores validation
+        scored = targets.numel() if loss_mask is None else int(loss_mask.sum())
+        nats += mean.item() * scored
+        tokens += scored
+        n_bytes += int(batch["n_bytes"].sum())
+        windows += ids.shape[0]
     if tokens == 0:
-        raise UsageError("no window to score: the data holds fewer tokens than one window; lower --data.seq_len")
+        raise UsageError("no token to score: the data holds fewer tokens than one window (lower --data.seq_len), "
+                         "or no token of it carries loss")
     loss = nats / tokens
     return Score(loss=loss, perplexity=math.exp(min(loss, 700.0)),
                  bits_per_byte=nats / math.log(2) / max(n_bytes, 1), tokens=tokens, bytes=n_bytes,
                  windows=windows)
 
 
-def batches(windows: Any, batch_size: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-    """Stack windows into (B, T + 1) batches, with their bytes (B,); a window of another length
-    (the corpus's last, shorter one) starts a batch of its own."""
+BATCH_KEYS = ("input_ids", "n_bytes", "loss_mask", "document_ids")
+
+
+def batches(windows: Any, batch_size: int) -> Iterable[dict[str, torch.Tensor]]:
+    """Stack windows into batches of up to `batch_size`: their "input_ids" (B, T + 1) and "n_bytes"
+    (B,), and the "loss_mask" and "document_ids" (B, T) of packed conversations. A window of
+    another length (the corpus's last, shorter one) starts a batch of its own."""
     pending: list[dict[str, Any]] = []
 
-    def stacked() -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.stack([w["input_ids"] for w in pending]), torch.tensor([w["n_bytes"] for w in pending])
+    def stacked() -> dict[str, torch.Tensor]:
+        return {k: torch.stack([w[k] for w in pending]) if k != "n_bytes" else
+                torch.tensor([w[k] for w in pending]) for k in BATCH_KEYS if k in pending[0]}
 
     for i in range(len(windows)):
         window = windows[i]
@@ -174,12 +192,30 @@ def validation_windows(dm: Any, path: str, state: dict[str, Any] | None) -> tupl
                          f"{key[:24]}, the checkpoint's {state['cache_key'][:24]}), so that validation split is not "
                          "held out; restore the checkpoint's corpus, or score text with --data.files (all of it, "
                          "not called held-out)")
+    if dm.packing is not None:  # conversations: the run held out those from its val_start on
+        return _held_out_conversations(dm, path, state)
     trained_to = state["n_train_windows"] * state["seq_len"]  # the last token of its last training window
     if dm.val_start <= trained_to:
         raise UsageError(f"with --data.seq_len {dm.seq_len} and --data.val_fraction {dm.val_fraction} the validation "
                          f"split starts at token {dm.val_start:,}, inside the windows {path} trained on (tokens 0 to "
                          f"{trained_to:,}); leave them as the checkpoint's")
     return dm.val_windows(state.get("world_size", 1), state.get("val_windows_validated")), True
+
+
+def _held_out_conversations(dm: Any, path: str, state: dict[str, Any]) -> tuple[Any, bool]:
+    """A chat run's validation windows, and whether they are held out: the run held out its last
+    conversations, from the token `val_start` of its cache on; the split scored now must start
+    there or later (another --data.val_fraction moves it)."""
+    windows = dm.val_windows(state.get("world_size", 1), state.get("val_windows_validated"))
+    if state.get("val_start") is None:  # recorded since evaluate scores conversations
+        note(f"{path} does not record where its held-out conversations start; its validation split is scored, "
+             "not called held-out")
+        return windows, False
+    if dm.val_start < state["val_start"]:
+        raise UsageError(f"with --data.val_fraction {dm.val_fraction} the validation split starts at token "
+                         f"{dm.val_start:,}, among the conversations {path} trained on (its held-out ones start at "
+                         f"token {state['val_start']:,}); leave --data.val_fraction as the checkpoint's")
+    return windows, True
 
 
 def _given(argv: list[str], option: str) -> bool:
@@ -262,13 +298,18 @@ def evaluate(argv: list[str]) -> tuple[dict[str, Any], str | None]:
         windows, held_out = validation_windows(dm, cfg.checkpoint, run["state"] if run else None)
     dm.token_cache.check_ids(model.config.vocab_size)
     result = score(model, batches(windows, dm.batch_size), cfg.max_windows)
-    of = f"{result.windows:,} of its {dm.n_heldout_windows:,} windows of {dm.seq_len} tokens"
-    scored = (f"scoring all of its text: {result.windows:,} windows of {dm.seq_len} tokens" if data_given else
+    chat = dm.packing is not None
+    kind = "packed windows" if chat else "windows"
+    of = f"{result.windows:,} of its {dm.n_heldout_windows:,} {kind} of {dm.seq_len} tokens"
+    scored = (f"scoring all of its {'conversations' if chat else 'text'}: {result.windows:,} {kind} of {dm.seq_len} "
+              "tokens" if data_given else
               f"scoring the held-out validation split: {of}" if held_out else
               f"scoring the validation split, not known to be held out from the model's training: {of}")
+    on = ("the assistant replies" if dm.loss_on == "assistant" else "every token but each conversation's first"
+          ) if chat else "every token"
     report: dict[str, Any] = {"checkpoint": cfg.checkpoint, "split": "all" if data_given else "validation",
                               "held_out": held_out, "seq_len": dm.seq_len, "data": dm.describe(scored),
-                              **asdict(result)}
+                              "format": dm.format, "scored": on, **asdict(result)}
     if cfg.tasks:
         tasks = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
         results = run_tasks(model, dm.tokenizer, tasks, cfg.include_path, cfg.eval_batch_size, cfg.limit,
@@ -289,10 +330,12 @@ def _lm_eval_table(results: dict[str, Any]) -> str:
 def main(argv: list[str]) -> int:
     report, json_path = evaluate(argv)
     print(report["data"])
-    what = ("all of the text" if report["split"] == "all" else "held-out validation split" if report["held_out"]
-            else "validation split (not known to be held out)")
-    print(f"{report['checkpoint']}: {what}, {report['windows']:,} windows of {report['seq_len']} "
-          f"tokens ({report['tokens']:,} tokens, {report['bytes']:,} bytes)")
+    chat = report["format"] == "chat"
+    what = (f"all of the {'conversations' if chat else 'text'}" if report["split"] == "all" else
+            "held-out validation split" if report["held_out"] else "validation split (not known to be held out)")
+    tokens = (f"{report['tokens']:,} tokens scored, {report['scored']}" if chat else f"{report['tokens']:,} tokens")
+    print(f"{report['checkpoint']}: {what}, {report['windows']:,} {'packed ' * chat}windows of {report['seq_len']} "
+          f"tokens ({tokens}, {report['bytes']:,} bytes)")
     print(f"loss {report['loss']:.4f} nats/token   perplexity {report['perplexity']:,.3f}   "
           f"bits per byte {report['bits_per_byte']:.4f}")
     if "lm_eval_table" in report:

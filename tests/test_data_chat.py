@@ -353,6 +353,16 @@ def test_the_cache_key_follows_format_loss_on_and_template(tmp_path, chat_tok, c
     assert int((flags & LOSS).astype(bool).sum()) == cache.n_tokens - 30  # all but each conversation's first
 
 
+def test_a_chat_cache_key_names_the_cache_format(tmp_path, chat_tok, chats):
+    # as a text cache's key does: evaluate tells a checkpoint of an earlier cache format by it
+    from smollm.data.cache import FORMAT_VERSION, cache_key
+
+    folder, _ = chats
+    corpus = make_dm(tmp_path, chat_tok, [folder / "a.jsonl"]).store.find()
+    assert corpus.key == cache_key(corpus.spec)
+    assert all(cache_key(corpus.spec, v) != corpus.key for v in range(1, FORMAT_VERSION))
+
+
 def test_a_damaged_flag_is_caught_by_the_shard_digest(tmp_path, chat_tok, chats):
     from smollm.data.verify import check_shards
 

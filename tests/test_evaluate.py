@@ -58,7 +58,7 @@ def test_score_equals_transformers_on_the_same_windows(tiny_model):
     torch.manual_seed(0)
     windows = torch.randint(0, 49152, (6, 33))
     table = torch.randint(1, 5, (49152,))
-    ours = score(tiny_model, [(w, table[w[:, 1:]].sum(1)) for w in windows.split(4)])
+    ours = score(tiny_model, [{"input_ids": w, "n_bytes": table[w[:, 1:]].sum(1)} for w in windows.split(4)])
     theirs = to_transformers(tiny_model)
     with torch.no_grad():
         logits = theirs(input_ids=windows[:, :-1]).logits
@@ -393,3 +393,92 @@ def test_a_two_process_runs_validation_score_is_reproduced(tmp_path, data):
     assert report["windows"] == 6 and report["held_out"]
     assert report["loss"] == pytest.approx(logged(tmp_path, "val/loss"), rel=1e-6)
     assert report["bits_per_byte"] == pytest.approx(logged(tmp_path, "val/bpb"), rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Conversations: the loss on the assistant replies
+
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory):
+    """A 4-step tiny run on 30 conversations (--data.format chat), its last 3 held out and all
+    of them validated at its last step: (run folder, tokenizer folder, conversations)."""
+    from test_data_chat import chat_tokenizer, conversations, write_jsonl
+
+    root = tmp_path_factory.mktemp("chat-run")
+    tok = chat_tokenizer(root / "tok")
+    convs = conversations(30, seed=5)
+    records = write_jsonl(root / "chats.jsonl", [{"messages": m} for m in convs])
+    assert fit(fitutil.fit_args(root, records, tok, 4, extra=[
+        "--data.format", "chat", "--data.seq_len", str(CHAT_SEQ), "--model.config_overrides", '{"vocab_size": 640}',
+        "--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "1.0",
+        "--data.max_val_windows", "null"])) == 0
+    return root, tok, convs
+
+
+CHAT_SEQ = 400  # every conversation fits a window: none is truncated
+
+
+def one_at_a_time(model: SmolLM, tok_dir: str, convs: list) -> tuple[float, int]:
+    """(the mean loss over the reply tokens, their count) of the conversations, each run alone
+    through SmolLM.loss with its tokens and loss mask as the chat template gives them."""
+    from transformers import AutoTokenizer
+
+    from smollm.data.chat import ChatTemplate, as_unit, encode
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    template = ChatTemplate(tok, "test")
+    nats, scored = 0.0, 0
+    for messages in convs:
+        ids, mask, _, _ = encode(template, tok.backend_tokenizer, as_unit({"messages": messages}, "r"), "assistant")
+        assert len(ids) <= CHAT_SEQ + 1
+        ids, mask = torch.tensor([ids]), torch.from_numpy(mask[None, 1:])  # the mask over the targets ids[1:]
+        with torch.no_grad():
+            loss = model.eval().loss(ids[:, :-1], ids[:, 1:], mask)
+        nats += loss.item() * int(mask.sum())
+        scored += int(mask.sum())
+    return nats / scored, scored
+
+
+def test_a_chat_checkpoint_is_scored_on_its_held_out_conversations_as_its_validation_reported(chat_run, tmp_path,
+                                                                                            capsys):
+    from smollm.checkpoint import model_from_checkpoint
+
+    root, tok, convs = chat_run
+    ckpt = root / "checkpoints" / "tiny" / "last.ckpt"
+    report = scores(tmp_path, ["--checkpoint", str(ckpt)])
+    assert report["split"] == "validation" and report["held_out"] and report["format"] == "chat"
+    assert report["scored"] == "the assistant replies"
+    # what validation during fit reported for this checkpoint (float32 sums there)
+    assert report["loss"] == pytest.approx(logged(root, "val/loss"), rel=1e-6)
+    assert report["bits_per_byte"] == pytest.approx(logged(root, "val/bpb"), rel=1e-6)
+    # the held-out conversations (the last 3 of 30), one at a time: the packed windows score the same
+    loss, scored = one_at_a_time(model_from_checkpoint(ckpt)[0], tok, convs[-3:])
+    assert report["tokens"] == scored
+    assert report["loss"] == pytest.approx(loss, abs=1e-5)
+    assert report["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
+    printed = capsys.readouterr().out
+    assert f"{scored:,} tokens scored, the assistant replies" in printed and "packed windows" in printed
+
+
+def test_given_conversations_are_scored_whole_on_the_assistant_tokens(chat_run, tmp_path):
+    from test_data_chat import conversations, write_jsonl
+
+    from smollm.checkpoint import model_from_checkpoint
+
+    root, tok, _ = chat_run
+    ckpt = root / "checkpoints" / "tiny" / "last.ckpt"
+    other = conversations(7, seed=11)
+    records = write_jsonl(tmp_path / "other.jsonl", [{"messages": m} for m in other])
+    report = scores(tmp_path, ["--checkpoint", str(ckpt), "--data.format", "chat", "--data.files", str(records),
+                               "--data.seq_len", str(CHAT_SEQ), "--data.cache_dir", str(tmp_path / "c")])
+    loss, scored = one_at_a_time(model_from_checkpoint(ckpt)[0], tok, other)
+    assert report["split"] == "all" and not report["held_out"] and report["tokens"] == scored
+    assert report["loss"] == pytest.approx(loss, abs=1e-5)
+    assert report["windows"] < len(other)  # packed: several conversations share a window
+
+
+def test_a_chat_split_that_reaches_into_the_trained_conversations_is_refused(chat_run, tmp_path, capsys):
+    root, _, _ = chat_run
+    code = main(["--checkpoint", str(root / "checkpoints" / "tiny" / "last.ckpt"), "--data.val_fraction", "0.3"])
+    assert "among the conversations" in one_line_error(capsys, code)

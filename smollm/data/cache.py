@@ -111,8 +111,9 @@ def shard_size(index: dict[str, Any], entry: dict[str, Any]) -> int:
 def cache_key(spec: dict[str, Any], version: int = FORMAT_VERSION) -> str:
     """sha256 of the cache's spec: format, tokenizer, text key, sources (files by content hash, a
     dataset by name, subset, split, revision and fingerprint) and max_tokens. `version` names an
-    earlier format's key for the same spec (what a checkpoint of an earlier smollm recorded)."""
-    return hashlib.sha256(json.dumps({"format": version, **spec}, sort_keys=True).encode()).hexdigest()
+    earlier format's key for the same spec (what a checkpoint of an earlier smollm recorded). The
+    version is written last, so that no field of a spec can stand in for it."""
+    return hashlib.sha256(json.dumps({**spec, "format": version}, sort_keys=True).encode()).hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -366,6 +366,7 @@ class TextDataModule(L.LightningDataModule):
                  "batch_size": self.batch_size, "world_size": world, "document_mask": self.document_mask}
         if self.format == "chat":  # what else decides the packed windows (a text run's state is as it was)
             state["overlong"] = self.overlong
+            state["val_start"] = self.val_start  # the first held-out conversation's first token (evaluate)
         if self.trainer is not None:  # the batch plan's state, under the keys checkpoints have always had
             plan = self.plan
             state.update(plan.state_dict(self.trainer.global_step), tokens_per_step=plan.global_batch * self.seq_len)

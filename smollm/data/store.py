@@ -239,7 +239,7 @@ class TokenStore:
         spec = {"tokenizer": fingerprint, "text_key": options.text_key, "encoding_errors": options.encoding_errors,
                 "sources": [s.spec() for s in sources], "max_tokens": options.max_tokens}
         if chat is not None:  # a text cache's spec (and key) is as it always was
-            spec.update(format="chat", loss_on=options.loss_on, chat_template=chat[0].digest)
+            spec.update(data_format="chat", loss_on=options.loss_on, chat_template=chat[0].digest)
         key = cache_key(spec)
         return Corpus(key=key, spec=spec, folder=self.token_dir / key[:24], sources=sources,
                       docs=files.docs if files else [], empty=files.empty if files else [])
