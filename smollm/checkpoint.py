@@ -33,19 +33,21 @@ import json
 import os
 import random
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
 
-from smollm.assets import WEIGHT_ASSETS, asset_weights, load_tokenizer
+from smollm.assets import WEIGHT_ASSETS, asset_weights, cache_dir_path, load_tokenizer
 from smollm.config import ModelConfig
 from smollm.digest import HashingWriter, file_digest
 from smollm.errors import (CheckpointError, DamagedCheckpointError, HFFormatError, MissingPathError, SmolLMError,
                            UnsafeFileError, UsageError)
 from smollm.gguf import load_gguf
-from smollm.hf import load_hf, model_from_state
+from smollm.hf import load_hf, model_from_state, save_hf
 from smollm.io import fsync_dir, fsync_file, load_torch_file, tmp_path
 from smollm.model import SmolLM
 from smollm.output import note
@@ -243,12 +245,43 @@ def load_model(path: str | os.PathLike, option: str | None = None) -> LoadedMode
     if kind == "folder":
         has_tokenizer = (p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file()
         return LoadedModel(load_hf(p), str(p) if has_tokenizer else None)
-    if kind in ("asset", "gguf"):
-        gguf = asset_weights(str(path)) if kind == "asset" else p
-        model, tokenizer = load_gguf(gguf)  # it carries its tokenizer
-        name = WEIGHT_ASSETS[str(path)] if kind == "asset" else str(path)
-        return LoadedModel(model.eval(), name, None, vocab_digest(tokenizer))
+    if kind == "asset":
+        model, digest = asset_model(str(path))
+        return LoadedModel(model, WEIGHT_ASSETS[str(path)], None, digest)
+    if kind == "gguf":
+        model, tokenizer = load_gguf(p)  # it carries its tokenizer
+        return LoadedModel(model.eval(), str(path), None, vocab_digest(tokenizer))
     return model_in_checkpoint(p, read_checkpoint(p))
+
+
+def asset_model(name: str) -> tuple[SmolLM, str]:
+    """The weights an asset name ("smollm2") stands for, as a float32 SmolLM in eval mode, and the
+    `vocab_digest` of the tokenizer its GGUF carries. Dequantizing the GGUF through transformers
+    takes most of a minute, so the result is kept once in the cache folder as a Hugging Face folder
+    beside a record of its file's digest, and read back in seconds; a copy that does not match its
+    record (a crash, a damaged disk) is made again from the GGUF."""
+    folder = cache_dir_path() / f"{name}-weights"
+    record_path = folder / "smollm-record.json"
+    try:
+        record = json.loads(record_path.read_text())
+        if file_digest(folder / "model.safetensors") == record["digest"]:
+            return load_hf(folder).eval(), record["vocab_digest"]
+        note(f"{folder}: its weights no longer match their record; made again from the GGUF")
+    except (OSError, ValueError, KeyError, TypeError, SmolLMError):
+        pass  # not made yet, or half made
+    model, tokenizer = load_gguf(asset_weights(name))
+    record = {"source": asset_weights(name).name, "vocab_digest": vocab_digest(tokenizer)}
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{name}-weights-") as tmp:
+        staged = save_hf(model, Path(tmp) / "weights")
+        record["digest"] = file_digest(staged / "model.safetensors")
+        (staged / "smollm-record.json").write_text(json.dumps(record, indent=1) + "\n")
+        shutil.rmtree(folder, ignore_errors=True)  # a damaged or half-made copy
+        try:
+            os.rename(staged, folder)
+        except OSError:  # another process made it first
+            pass
+    return model.eval(), record["vocab_digest"]
 
 
 def vocab_digest(tokenizer: Any) -> str:

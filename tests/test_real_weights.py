@@ -18,7 +18,9 @@ from smollm.errors import DownloadError
 from smollm.generate import generate
 from smollm.hf import load_hf
 
-pytestmark = pytest.mark.slow
+# one worker takes every test here under `-n auto` (conftest's loadgroup): the fixtures below read
+# the 135m weights three ways, once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("real-weights")]
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [
@@ -61,6 +63,38 @@ def reference(gguf):
 @pytest.fixture(scope="module")
 def ours(converted):
     return load_hf(converted)
+
+
+def test_smollm2_is_dequantized_once_and_its_kept_copy_is_checked(gguf, ours, reference, tmp_path, monkeypatch,
+                                                                   capsys):
+    """`--model.init_from smollm2` reads the GGUF once (most of a minute through transformers) and then a
+    copy kept in the cache folder, bit for bit the same; a copy that no longer matches its record is
+    made again. (load_gguf stands in with what it gives, `ours`: the other tests hold that equal.)"""
+    import copy
+
+    import smollm.checkpoint as checkpoint
+
+    monkeypatch.setenv("SMOLLM_CACHE", str(tmp_path))
+    (tmp_path / gguf.name).symlink_to(gguf)
+    reads = []
+    monkeypatch.setattr(checkpoint, "load_gguf", lambda path: reads.append(path) or (copy.deepcopy(ours), reference[1]))
+    want = ours.state_dict()
+    ids = checkpoint.vocab_digest(reference[1])
+    for _ in range(2):
+        loaded = checkpoint.load_model("smollm2")
+        assert loaded.tokenizer == "smollm2" and loaded.ids == ids and not loaded.model.training
+        got = loaded.model.state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], v) for k, v in want.items())
+    assert len(reads) == 1
+    kept = tmp_path / "smollm2-weights" / "model.safetensors"
+    damaged = bytearray(kept.read_bytes())
+    damaged[-5] ^= 1
+    kept.write_bytes(bytes(damaged))
+    capsys.readouterr()
+    got = checkpoint.load_model("smollm2").model.state_dict()
+    assert len(reads) == 2 and "no longer match their record; made again" in capsys.readouterr().err
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+    assert checkpoint.load_model("smollm2") and len(reads) == 2
 
 
 def test_converted_dir_loads_everywhere(converted, ours, reference):
