@@ -280,3 +280,13 @@ def test_two_processes_train_a_dpo_run_as_one(tmp_path, dpo_data):
         assert a["global_step"] == b["global_step"] == 3
         for key, value in a["state_dict"].items():
             torch.testing.assert_close(b["state_dict"][key], value, rtol=0, atol=2e-5, msg=f"{name} {key}")
+
+
+def test_the_recipe_config_parses(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["--config", str(fitutil.ROOT / "configs" / "dpo-135m.yaml"), "--print_config"])
+    assert exit.value.code in (0, None)
+    out = capsys.readouterr().out
+    for says in ("objective: dpo", "dpo_beta: 0.5", "learning_rate: 1.0e-06", "max_epochs: 2", "seq_len: 1023",
+                 "format: preference", "init_from: smollm2", "global_batch_size: 128"):
+        assert says in out, says

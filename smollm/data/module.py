@@ -586,8 +586,14 @@ class TextDataModule(L.LightningDataModule):
 
     def describe_batch(self) -> str:
         """The batch line: windows and tokens per step, and how this run splits them; on a resume
-        on another number of processes, that too."""
-        return self.plan.describe(self.seq_len)
+        on another number of processes, that too. Preference pairs: pairs per step, each two rows of at
+        most seq_len + 1 tokens."""
+        line = self.plan.describe(self.seq_len)
+        if self.pairs is not None:
+            G = self.plan.global_batch
+            line = line.replace(f"{G} windows x {self.seq_len} = {G * self.seq_len:,} tokens per step",
+                                f"{G} pairs per step (chosen and rejected rows of at most {self.seq_len + 1:,} tokens)")
+        return line
 
     def _need_setup(self) -> None:
         if self.token_cache is None:
