@@ -229,6 +229,10 @@ def test_a_dpo_run_starts_at_ln2_logs_rewards_and_resumes_bit_exact(tmp_path, dp
     fitutil.assert_same_state(final(straight), final(split), loops=True)
     assert final(split)["smollm"]["dpo_reference"]["kind"] == "frozen"
     assert not any(k.startswith("reference") for k in final(split)["state_dict"])  # not trained, not saved
+    from smollm.evaluate import main as evaluate
+    capsys.readouterr()
+    err = one_line(capsys, evaluate(["--checkpoint", str(split / "checkpoints" / "tiny" / "last.ckpt")]))
+    assert "evaluate scores text and conversations, not preference pairs" in err
     # the reference's weights changed since the run began: one line
     _, _, init = dpo_data
     changed = tmp_path / "init"
