@@ -249,14 +249,17 @@ class StopAtStepEnd(Callback):
 class BindData(Callback):
     """Once the data module is set up (Lightning sets it up before the callbacks), hand the model
     what it needs of the data: `LitSmolLM.bind_data` takes the tokenizer, its name, the window
-    length and the token cache, and checks that they fit the model. The module itself never reads
+    length, the token cache, the data's format and (preference pairs) a way to read the pairs, and
+    checks that they fit the model. The module itself never reads
     the data module."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         dm = trainer.datamodule
         if dm is not None and hasattr(pl_module, "bind_data"):
+            pairs = getattr(dm, "pairs", None) is not None  # preference pairs: a precomputed DPO reference scores them
             pl_module.bind_data(dm.tokenizer, dm.tokenizer_name, seq_len=dm.seq_len,
-                                token_cache=getattr(dm, "token_cache", None))
+                                token_cache=getattr(dm, "token_cache", None), data_format=getattr(dm, "format", None),
+                                reference_pairs=dm.reference_pairs if pairs else None)
 
 
 class RunLength(Callback):
@@ -386,8 +389,9 @@ class ValidationSample(Callback):
 
 
 def is_chat(datamodule: Any) -> bool:
-    """Whether a run trains on conversations: its samples are then the replies to a user's message."""
-    return getattr(datamodule, "format", "text") == "chat"
+    """Whether a run trains on conversations (or preference pairs): its samples are then the replies to
+    a user's message."""
+    return getattr(datamodule, "format", "text") in ("chat", "preference")
 
 
 class KeepGlobalBatch(Callback):

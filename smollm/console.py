@@ -58,8 +58,9 @@ class Console(Callback):
         self.train_seconds = 0.0
         self.first_loss: float | None = None
         self.last_loss: float | None = None
+        self.last_accuracy: float | None = None  # DPO: the step's reward accuracy
         self.resume_step = 0  # the checkpoint's step when resuming (set by fit)
-        self.val: list[tuple[int, float, float]] = []  # (step, loss, perplexity), the first at the start
+        self.val: list[tuple[int, float, float | None]] = []  # (step, loss, perplexity: None for DPO), the first at the start
         self._seen_step = 0  # the last optimizer step whose end was handled
         self.throughput = throughput if throughput is not None else Throughput()  # tokens/s, measured once
 
@@ -112,6 +113,9 @@ class Console(Callback):
         at_log = step % trainer.log_every_n_steps == 0 or step >= trainer.max_steps
         if self.first_loss is None or at_log:  # the first step's loss too: where the run starts
             loss = trainer.callback_metrics.get("train/loss")
+            accuracy = trainer.callback_metrics.get("train/rewards/accuracies")  # a DPO run's
+            if accuracy is not None:
+                self.last_accuracy = float(accuracy)
             if loss is not None:
                 self.last_loss = float(loss)  # a device sync, at logging steps only
                 if self.first_loss is None:
@@ -122,6 +126,8 @@ class Console(Callback):
     def _progress(self, trainer, step: int, tps: float | None, lrs: dict[str, float]) -> None:
         # Tokens/s of this very step (Throughput's), and the rates the step used, as the module recorded them.
         loss = f"loss {self.last_loss:.4f}" if self.last_loss is not None else ""
+        if self.last_accuracy is not None:
+            loss += f" reward accuracy {self.last_accuracy:.2f}"
         speed = f"{float(tps):,.0f} tok/s" if tps is not None else ""
         dm = trainer.datamodule  # a run that counts epochs says where in them it is
         epoch = f"epoch {dm.epoch_at(step):.2f}" if getattr(dm, "epochs", None) else ""
@@ -141,11 +147,14 @@ class Console(Callback):
         value = getattr(pl_module, "last_val_loss", None)
         if value is None:
             return
-        perplexity = math.exp(min(value, 50.0))
+        rewards = getattr(pl_module, "last_val_rewards", None)  # DPO: a perplexity of its loss means nothing
+        perplexity = None if rewards else math.exp(min(value, 50.0))
         self.val.append((trainer.global_step, value, perplexity))
         if trainer.is_global_zero:
             when = "at the start" if trainer.sanity_checking else f"at step {trainer.global_step}"
-            line = f"validation {when}: loss {value:.4f}, perplexity {perplexity:,.2f}"
+            line = f"validation {when}: loss {value:.4f}, " + (
+                f"perplexity {perplexity:,.2f}" if rewards is None else
+                f"reward accuracy {rewards['rewards/accuracies']:.2f}, margin {rewards['rewards/margins']:.4f}")
             if self.bar is not None:
                 self.bar.write(line, file=sys.stderr)
             else:
@@ -179,7 +188,8 @@ class Console(Callback):
         if self.val:
             first, last = self.val[0], self.val[-1]
             change = f"{first[1]:.4f} (step {first[0]}) -> " if len(self.val) > 1 else ""
-            out.append(f"validation loss {change}{last[1]:.4f} (step {last[0]}), perplexity {last[2]:,.2f}")
+            out.append(f"validation loss {change}{last[1]:.4f} (step {last[0]})"
+                       + (f", perplexity {last[2]:,.2f}" if last[2] is not None else ""))
         return out
 
 

@@ -287,6 +287,10 @@ def evaluate(argv: list[str]) -> tuple[dict[str, Any], str | None]:
                          f"{model.config.max_position_embeddings}; lower --data.seq_len")
     if not _given(argv, "--data.tokenizer") and not (trained_on and not data_given) and tokenizer_name:
         options["tokenizer"] = tokenizer_name
+    if options.get("format") == "preference":  # a DPO run's own data, or asked for
+        raise UsageError("evaluate scores text and conversations, not preference pairs (a DPO run's rewards on its "
+                         "held-out pairs are its validation's: val/rewards/* in TensorBoard); give --data.files with "
+                         "--data.format chat or text")
     dm = TextDataModule(**options)
     check_tokenizer(cfg.checkpoint, loaded, dm.tokenizer,
                     f"--data.tokenizer {dm.tokenizer_name!r}" if dm.tokenizer_name != tokenizer_name else None)

@@ -40,9 +40,9 @@ from smollm.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_PREEMPTED, command
 from smollm.config import ModelConfig
 from smollm.console import Console, print_summary, resume_command, setup_output
 from smollm.data import TextDataModule
-from smollm.errors import SmolLMError
+from smollm.errors import SmolLMError, UsageError
 from smollm.io import check_writable
-from smollm.module import LitSmolLM
+from smollm.module import LitSmolLM, check_objective
 from smollm.optim import check_clipping, check_precision, check_strategy
 from smollm.output import global_rank, say, warn
 from smollm.preflight import (check_accelerator, check_fresh_folder, check_memory, check_resume, check_run_length,
@@ -77,6 +77,7 @@ class SmolLMCLI(LightningCLI):
         if warning:
             say(warning)
         check_size_fits(trainer, model_config, cfg.model.optimizer)
+        check_objective(cfg.model.objective, cfg.data.format)
         root = trainer.default_root_dir or os.getcwd()
         name = cfg.name or cfg.model.preset
         if cfg.checkpoint.dirpath is None:
@@ -98,12 +99,19 @@ class SmolLMCLI(LightningCLI):
             cfg.data.global_batch_size = resumed_global_batch(cfg.data.global_batch_size, self.data_state,
                                                               self.resume_step)
             check_steps_left(path, self.resume_step, trainer.max_steps)
-            if cfg.model.init_from:  # the weights come from the checkpoint: record what the run uses
+            # A DPO run's frozen reference is its initial weights, rebuilt from the checkpoint's run's
+            # init_from (its digest, in the checkpoint, is checked): the weights still come from the checkpoint.
+            reference = dpo_reference_source(checkpoint)
+            if cfg.model.init_from and cfg.model.init_from != reference:  # the weights come from the checkpoint
                 warn(f"--model.init_from {cfg.model.init_from} is ignored when resuming: the weights "
-                     f"come from {path}")
-                cfg.model.init_from = None
+                     f"come from {path}" + (f" (and DPO's reference from {reference}, as the run began)"
+                                            if reference else ""))
+            cfg.model.init_from = reference
         else:
             check_fresh_folder(cfg.checkpoint.dirpath)
+            if cfg.model.objective == "dpo" and not cfg.model.init_from:
+                raise UsageError("--model.objective dpo fine-tunes a model against its own starting point: give the "
+                                 "weights to start from with --model.init_from (smollm2, a folder, a .ckpt or a GGUF)")
         check_writable(self.logs_root, "the log folder")
         check_writable(cfg.checkpoint.dirpath, "the checkpoint folder")
         if trainer.logger in (None, True):
@@ -111,6 +119,15 @@ class SmolLMCLI(LightningCLI):
             # so its TensorBoard curve is continuous.
             trainer.logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                               "init_args": {"save_dir": self.logs_root, "name": name, "version": version}}
+
+
+def dpo_reference_source(checkpoint: dict) -> str | None:
+    """The weights a DPO checkpoint's frozen reference was copied from (its run's --model.init_from), or
+    None: not a DPO run, or one whose reference was precomputed (the checkpoint holds it)."""
+    reference = checkpoint.get("smollm", {}).get("dpo_reference") or {}
+    if reference.get("kind") != "frozen":
+        return None
+    return (checkpoint.get("hyper_parameters") or {}).get("init_from")
 
 
 def apply_global_batch(cli: SmolLMCLI) -> BatchPlan:

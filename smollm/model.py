@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from smollm.config import ModelConfig
 
@@ -333,9 +334,36 @@ class SmolLM(nn.Module):
                 return (hidden.sum() + self.lm_head.weight[:0].sum()).float() * 0.0
         return chunked_cross_entropy(hidden, self.lm_head.weight, targets, chunk_size, compiled=compiled)
 
+    def sequence_logps(self, input_ids: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor, *,
+                       chunk_size: int = 4096) -> torch.Tensor:
+        """(B,) float32: for each row, the sum of the log-probabilities of its targets where loss_mask
+        (B, T) is 1: a reply's log-probability given its prompt, as DPO scores it (TRL's logps). Logits
+        are computed for the scored tokens only, `chunk_size` rows at a time, and under autograd each
+        chunk is recomputed in the backward pass (activation checkpointing): all logits are never held."""
+        hidden = self.hidden_states(input_ids)  # (B, T, C)
+        keep = loss_mask.bool()
+        rows = keep.nonzero(as_tuple=True)[0]  # the row of each scored token
+        hidden, targets = hidden[keep], targets[keep]  # (N, C), (N,)
+        weight = self.lm_head.weight
+        grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+        parts = []
+        for start in range(0, targets.numel(), chunk_size):
+            h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
+            parts.append(checkpoint(token_logps, h, weight, t, use_reentrant=False) if grad else token_logps(h, weight, t))
+        sums = torch.zeros(input_ids.shape[0], device=hidden.device, dtype=torch.float32)
+        if not parts:  # nothing scored: zeros, on the graph of every parameter (DDP expects their gradients)
+            return sums + (hidden.sum() + weight[:0].sum()).float() * 0.0
+        return sums.index_add(0, rows, torch.cat(parts))
+
     @property
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(n,) float32 log-probabilities of targets (n,) under the lm head's logits of hidden (n, C)."""
+    x = (hidden.to(compute_dtype(hidden)) @ weight.to(compute_dtype(hidden)).t()).float()  # (n, V)
+    return x.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(x, dim=-1)
 
 
 def chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

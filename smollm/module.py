@@ -1,7 +1,8 @@
 """LitSmolLM: the LightningModule that trains SmolLM.
 
 It holds the model, the objective (the model's own `SmolLM.loss`, one `_step` for train and
-validation) and the optimizer hooks (gradient clipping with a non-finite guard; the optimizer and
+validation; or DPO on preference pairs, smollm.dpo, with its reference behind `reference_logps`)
+and the optimizer hooks (gradient clipping with a non-finite guard; the optimizer and
 its schedule come from smollm.optim). What it needs of the data is handed to it (`bind_data`);
 throughput, the validation sample and the memory estimate live elsewhere (smollm.callbacks,
 smollm.config). Its typed, documented __init__ arguments are the `--model.*` options of
@@ -10,6 +11,7 @@ smollm.config). Its typed, documented __init__ arguments are the `--model.*` opt
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from typing import Any, Literal
@@ -20,6 +22,8 @@ from torchmetrics import MeanMetric, SumMetric
 
 from smollm.checkpoint import load_model, rng_state, set_rng_state, strip_compile_prefix, tokenizer_ids, vocab_digest
 from smollm.config import ModelConfig
+from smollm.digest import Hasher
+from smollm.dpo import preference_loss, reward_means, reward_sums
 from smollm.errors import InitFromError, NonFiniteError, UsageError
 from smollm.model import SmolLM
 from smollm.optim import (OPTIMIZER_SETTINGS, SCHEDULE_SETTINGS, apply_settings, check_clipping, check_strategy,
@@ -58,6 +62,10 @@ class LitSmolLM(L.LightningModule):
         peak_flops: float | None = None,
         sample_prompt: str = "The quick brown fox",
         sample_tokens: int = 24,
+        objective: Literal["next_token", "dpo"] = "next_token",
+        dpo_beta: float = 0.1,
+        dpo_loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid",
+        dpo_precompute_reference: bool = False,
     ) -> None:
         """
         Args:
@@ -109,9 +117,23 @@ class LitSmolLM(L.LightningModule):
             sample_prompt: Prompt whose greedy continuation is logged at each validation (by
                 smollm.callbacks.ValidationSample) and printed at the end of a run.
             sample_tokens: Tokens to generate for that sample.
+            objective: "next_token": the cross entropy of the next token (pretraining; SFT with --data.format
+                chat, on the replies). "dpo": Direct Preference Optimization on preference pairs (--data.format
+                preference): the policy (this model) learns to prefer each chosen reply over its rejected one
+                relative to the reference, the weights it starts from (--model.init_from), frozen.
+            dpo_beta: DPO's beta: how far the policy may move from the reference (the rewards are beta x the
+                log-probability ratios; a larger beta keeps it closer). TRL's default is 0.1, SmolLM2's recipe 0.5.
+            dpo_loss: "sigmoid" (DPO's own), "ipo" (IPO: a squared loss on the per-token log-ratio margin,
+                beta its regularization) or "hinge" (SLiC), as TRL's loss_type of the same names.
+            dpo_precompute_reference: Score every pair under the reference once, before training, and keep
+                only those log-probabilities (in memory and in checkpoints) instead of a frozen copy of the
+                model: half the weights in memory, one forward pass less per step (TRL's
+                precompute_ref_log_probs).
         """
         super().__init__()
         check_schedule_options(warmup_steps, decay_steps)
+        if objective == "dpo" and not (isinstance(dpo_beta, (int, float)) and dpo_beta > 0):
+            raise UsageError(f"--model.dpo_beta must be a positive number (0.1 is TRL's default), got {dpo_beta!r}")
         self.save_hyperparameters()
         self.config = ModelConfig.from_name(preset, **(config_overrides or {}))
         self._init_tokenizer: tuple[str | None, str | None] = (None, None)  # init_from's (name, ids)
@@ -133,6 +155,11 @@ class LitSmolLM(L.LightningModule):
         else:
             self.model = SmolLM(self.config)
         self.model.document_attention = document_attention
+        # DPO's reference: the initial weights, frozen (not a submodule: not trained, saved or wrapped),
+        # or their log-probabilities of every pair, scored before training (see reference_logps).
+        self.reference = Reference(self.model, precompute=dpo_precompute_reference) if objective == "dpo" else None
+        self._reference_pairs: Any = None  # the data's pairs to score once (bind_data), when precomputed
+        self._dpo_sums: torch.Tensor | None = None  # this step's (or validation's) reward_sums so far
         self.guard = NonFiniteGuard()
         self.val_loss = MeanMetric()
         # Bits per byte: tokens and the UTF-8 bytes they stand for (each batch's "n_bytes",
@@ -153,12 +180,19 @@ class LitSmolLM(L.LightningModule):
     # ---- the data it is given ----
 
     def bind_data(self, tokenizer: Any, tokenizer_name: str | None = None, seq_len: int | None = None,
-                  token_cache: Any = None) -> None:
+                  token_cache: Any = None, data_format: str | None = None, reference_pairs: Any = None) -> None:
         """Take what the module needs of its data, once the data is set up (smollm.fit hands it
         over through smollm.callbacks.BindData), and check that it fits the model: the tokenizer
         (its vocabulary, its end-of-document id, the sample's text, and the digest of its ids that
         checkpoints record), its name as --data.tokenizer gave it, the window length, and the
-        token cache, whose every id must have an embedding row. Each mismatch is one line."""
+        token cache, whose every id must have an embedding row; the data's format, which must fit the
+        objective (preference pairs for DPO, and only for it), and for a precomputed DPO reference the
+        data's pairs (`reference_pairs(rank, world)`: this process's share of them, in batches). Each
+        mismatch is one line."""
+        check_objective(self.hparams.objective, data_format)
+        self._reference_pairs = reference_pairs
+        if self.reference is not None and token_cache is not None:
+            self.reference.data_key = token_cache.index.get("key")
         vocab = len(tokenizer)
         if vocab > self.config.vocab_size:
             raise UsageError(
@@ -215,7 +249,7 @@ class LitSmolLM(L.LightningModule):
         return self.model(input_ids)
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        """The loss of one batch: {"input_ids": (B, T + 1)} and, optionally, "loss_mask" (B, T) over the
+        """The loss of one batch (DPO's: `_dpo_step`): {"input_ids": (B, T + 1)} and, optionally, "loss_mask" (B, T) over the
         targets and "document_ids" (B, T) over the inputs (a packed row: see SmolLM.hidden_states).
 
         Without a loss_mask every micro-batch scores B x T tokens, and the step's loss is the mean of
@@ -230,6 +264,8 @@ class LitSmolLM(L.LightningModule):
         tokens, targets) across processes and multiplies the gradients by targets / scored tokens.
         Gradients are linear in the loss, so that equals dividing by the step's count from the start:
         no look-ahead at the micro-batches to come. Validation weighs each batch by its scored tokens."""
+        if self.reference is not None:
+            return self._dpo_step(batch, stage)
         ids = batch["input_ids"]
         inputs, targets = ids[:, :-1], ids[:, 1:]  # (B, T) each
         loss_mask, document_ids = batch.get("loss_mask"), batch.get("document_ids")
@@ -258,13 +294,51 @@ class LitSmolLM(L.LightningModule):
         self._targets = self._targets + targets.numel()
         return summed / targets.numel()
 
+    def _dpo_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        """DPO's loss of a batch of P preference pairs (smollm.data.pairs: input_ids (2P, T + 1), the
+        chosen sides then the rejected ones; loss_mask over their replies; index, the pairs): the mean
+        over the pairs of smollm.dpo's loss, from each reply's summed log-probability under the policy
+        and under the reference (TRL's DPOTrainer, term for term). Every micro-batch holds P pairs, so
+        the step's loss is the mean of its micro-batches' means (and of the processes'): the mean over
+        its pairs. The rewards are summed over the step (or the validation) and logged once."""
+        ids, mask = batch["input_ids"], batch["loss_mask"]
+        inputs, targets = ids[:, :-1], ids[:, 1:]
+        pairs = batch["index"].shape[0]
+        policy = self.model.sequence_logps(inputs, targets, mask, chunk_size=self.hparams.loss_chunk_size)
+        reference = self.reference_logps(batch)
+        tokens = mask.sum(dim=1)
+        per_pair, chosen, rejected = preference_loss(
+            policy[:pairs], policy[pairs:], reference[:pairs], reference[pairs:], self.hparams.dpo_beta,
+            self.hparams.dpo_loss, tokens[:pairs], tokens[pairs:])
+        sums = reward_sums(per_pair, chosen, rejected)
+        self._dpo_sums = sums if self._dpo_sums is None else self._dpo_sums + sums
+        return per_pair.mean()
+
+    def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(2P,) float32: DPO's reference log-probability of each row's reply in a preference batch,
+        without gradient. The one place that knows what the reference is: the initial weights, frozen
+        (a copy, scored on the batch), or their log-probabilities precomputed before training
+        (`dpo_precompute_reference`, looked up by the pairs' numbers)."""
+        if self.reference.logps is not None:
+            return self.reference.logps[batch["index"].to(self.reference.logps.device)].t().reshape(-1).to(self.device)
+        ids = batch["input_ids"]
+        with torch.no_grad():
+            return self.reference.model.sequence_logps(ids[:, :-1], ids[:, 1:], batch["loss_mask"],
+                                                       chunk_size=self.hparams.loss_chunk_size)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
 
+    def on_validation_epoch_start(self) -> None:
+        if self.reference is not None:
+            self._dpo_sums = None  # validation runs between steps: no training sums are pending
+
     def on_validation_epoch_end(self) -> None:
+        if self.reference is not None:
+            return self._log_dpo("val")
         loss = self.val_loss.compute()  # before Lightning resets it; validation syncs anyway
         self.last_val_loss = float(loss)  # for the console, also after the sanity check
         # Perplexity and bits per byte come from metrics already reduced over all processes, so
@@ -277,6 +351,22 @@ class LitSmolLM(L.LightningModule):
             self.log("val/bpb", loss * tokens / math.log(2) / n_bytes.clamp(min=1), **same_on_every_rank)
             self.val_tokens.reset()
             self.val_bytes.reset()
+
+    def _log_dpo(self, stage: str) -> torch.Tensor:
+        """Log the DPO loss and rewards of the step (stage "train") or the validation ("val"), all its
+        micro-batches and processes together (one all-reduce), under TRL's names; returns the loss."""
+        sums = self._dpo_sums if self._dpo_sums is not None else torch.zeros(5, device=self.device)
+        if self._trainer is not None:
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        self._dpo_sums = None
+        means = reward_means(sums)
+        same_on_every_rank = {"sync_dist": True, "reduce_fx": "max"}  # already reduced: no second mean
+        for name, value in means.items():
+            self.log(f"{stage}/{name}", value, **same_on_every_rank)
+        if stage == "val":
+            self.last_val_loss = float(means["loss"])  # for the console, also after the sanity check
+            self.last_val_rewards = {k: float(v) for k, v in means.items()}
+        return means["loss"]
 
     # ---- optimization ----
 
@@ -311,7 +401,9 @@ class LitSmolLM(L.LightningModule):
         # micro-batches and, through sync_dist, over processes; with them the mean over the scored
         # tokens of all micro-batches and processes, the gradients normalized to match (see _step).
         # The rates are those this update uses.
-        if self._scored is None:
+        if self.reference is not None:  # DPO: the mean over the step's pairs, with its rewards
+            self._train_loss = self._log_dpo("train")
+        elif self._scored is None:
             self._train_loss = self._loss_sum / self._loss_count
             self.log("train/loss", self._train_loss, sync_dist=True)  # not prog_bar: read every step (a sync)
         else:
@@ -364,6 +456,7 @@ class LitSmolLM(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._loss_sum, self._loss_count, self._scored, self._targets = None, 0, None, None
+        self._dpo_sums = None
         self._apply_changed_settings()
 
     def _apply_changed_settings(self) -> None:
@@ -402,19 +495,125 @@ class LitSmolLM(L.LightningModule):
             checkpoint["smollm"]["schedule"] = dict(self._schedule)
         # Lightning saves no RNG state; keep it so a resumed run draws the same random numbers.
         checkpoint["smollm"]["rng"] = rng_state()
+        if self.reference is not None:
+            checkpoint["smollm"]["dpo_reference"] = self.reference.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = strip_compile_prefix(checkpoint.get("state_dict", {}))
         self._resumed_hparams = checkpoint.get("hyper_parameters")
         self._resumed_schedule = checkpoint.get("smollm", {}).get("schedule")
         self._rng_to_restore = checkpoint.get("smollm", {}).get("rng")
+        saved = (checkpoint.get("hyper_parameters") or {}).get("objective", "next_token")
+        if saved != self.hparams.objective:
+            raise UsageError(f"the checkpoint was trained with --model.objective {saved}, this run asks for "
+                             f"{self.hparams.objective}; a resume keeps its objective: start the new one from the "
+                             "checkpoint's weights with --model.init_from CHECKPOINT instead of --ckpt_path")
+        if self.reference is not None:
+            self.reference.load_state_dict(checkpoint.get("smollm", {}).get("dpo_reference") or {})
 
     def on_fit_start(self) -> None:
+        if self.reference is not None:
+            self._prepare_reference()
         # Restore RNG last, after everything that set up the run drew from it.
         rng = getattr(self, "_rng_to_restore", None)
         if rng is not None:
             set_rng_state(rng)
             self._rng_to_restore = None
+
+
+    def _prepare_reference(self) -> None:
+        """Before training: the frozen copy on the model's device and in its dtype; or, for a
+        precomputed reference not restored from a checkpoint, every pair scored by the model as it
+        starts (the initial weights), each process a share, summed across processes."""
+        reference, p = self.reference, next(self.model.parameters())
+        if reference.model is not None:
+            reference.model.to(device=p.device, dtype=p.dtype)
+            return
+        pairs = self._reference_pairs
+        if reference.logps is not None or pairs is None:
+            return
+        if self.trainer.ckpt_path is not None:  # restored later (FSDP restores after this hook)
+            return
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        loader = pairs(rank, world)
+        table = torch.zeros((len(loader.dataset.table), 2), dtype=torch.float32, device=p.device)
+        training = self.model.training
+        self.model.eval()
+        with torch.no_grad(), self.trainer.precision_plugin.forward_context():
+            for batch in loader:
+                ids, mask = batch["input_ids"].to(p.device), batch["loss_mask"].to(p.device)
+                logps = self.model.sequence_logps(ids[:, :-1], ids[:, 1:], mask, chunk_size=self.hparams.loss_chunk_size)
+                index = batch["index"].to(p.device)
+                table[index] = logps.view(2, -1).t().float()
+        self.model.train(training)
+        reference.logps = self.trainer.strategy.reduce(table, reduce_op="sum") if world > 1 else table
+        say(f"DPO reference: {len(loader.dataset) * world:,} pairs' log-probabilities precomputed under the initial "
+            "weights (--model.dpo_precompute_reference)")
+
+
+class Reference:
+    """DPO's reference model, behind `LitSmolLM.reference_logps`: a frozen copy of the initial weights
+    (`model`; not a submodule of the LightningModule, so it is neither trained, nor saved with the
+    weights, nor wrapped by DDP), or with `precompute`, no copy but each pair's log-probabilities
+    under those weights (`logps` (n_pairs, 2): chosen, rejected), scored before training.
+
+    A checkpoint records what makes a resume exact: for the copy, the digest of its weights (the copy
+    itself is rebuilt from --model.init_from, which smollm.fit keeps on resume for this); for the
+    precomputed kind, the table itself and the key of the token cache it was scored on."""
+
+    def __init__(self, model: SmolLM, precompute: bool = False) -> None:
+        self.model: SmolLM | None = None
+        self.logps: torch.Tensor | None = None
+        self.digest: str | None = None
+        self.data_key: str | None = None  # the token cache's key (bind_data): what a precomputed table scored
+        if not precompute:
+            self.model = copy.deepcopy(model).eval().requires_grad_(False)
+            self.digest = weights_digest(self.model)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.model is not None:
+            return {"kind": "frozen", "digest": self.digest}
+        return {"kind": "precomputed", "logps": None if self.logps is None else self.logps.detach().cpu(),
+                "data_key": self.data_key}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        kind = "frozen" if self.model is not None else "precomputed"
+        if state.get("kind") != kind:
+            raise UsageError(f"the checkpoint's DPO reference is {state.get('kind') or 'absent'}, this run's "
+                             f"{kind}; keep --model.dpo_precompute_reference as the checkpoint's run had it")
+        if kind == "frozen":
+            if state.get("digest") != self.digest:
+                raise InitFromError("the DPO reference rebuilt from --model.init_from is not the one the checkpoint's run "
+                                    "started from (its weights' digest differs): resume with the same --model.init_from "
+                                    "weights, unchanged")
+            return
+        if state.get("data_key") != self.data_key and self.data_key is not None:
+            raise UsageError("the checkpoint's precomputed DPO reference scored other preference pairs than the data "
+                             "given now (another token cache); resume on the checkpoint's data")
+        self.logps = state.get("logps")
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """The digest of a model's weights: names, dtypes, shapes and bytes, in state-dict order."""
+    hasher = Hasher()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        hasher.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        if t.numel():
+            hasher.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return hasher.digest()
+
+
+def check_objective(objective: str, data_format: str | None) -> None:
+    """Preference pairs are DPO's data, and DPO's only: one line for any other pairing."""
+    if data_format is None:
+        return
+    if objective == "dpo" and data_format != "preference":
+        raise UsageError(f"--model.objective dpo trains on preference pairs, but --data.format is {data_format}; "
+                         "set --data.format preference (records with prompt, chosen and rejected)")
+    if objective != "dpo" and data_format == "preference":
+        raise UsageError(f"--data.format preference holds pairs for DPO, but --model.objective is {objective}; "
+                         "set --model.objective dpo (or --data.format chat to fine-tune on conversations)")
 
 
 def load_weights(path: str) -> tuple[SmolLM, str | None, str | None]:

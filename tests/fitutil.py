@@ -218,6 +218,29 @@ class Recorder(L.Callback):
             f.flush()
 
 
+class MetricsRecorder(L.Callback):
+    """Appends one JSON line of the logged metrics (`trainer.callback_metrics`) at each optimizer step's
+    end and after each validation but the sanity check: {"step", "at": "train" or "val", metric: value}."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.seen = path, 0
+
+    def _write(self, trainer, at: str) -> None:
+        record = {"step": trainer.global_step, "at": at,
+                  **{k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step != self.seen and trainer.is_global_zero:
+            self.seen = trainer.global_step
+            self._write(trainer, "train")
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking and trainer.is_global_zero:
+            self._write(trainer, "val")
+
+
 class StartState(L.Callback):
     """Saves what training starts from, once it starts (a checkpoint resumed, weights loaded):
     the step, the model's weights, the optimizer's class and state dict, and the schedulers'

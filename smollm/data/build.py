@@ -14,8 +14,9 @@ their context has them measured by the workers (`bytes_in_context`) and stored a
 A chat cache (`chat`: the tokenizer's `ChatTemplate` and `loss_on`) gets, from sources that read
 records as conversations, each conversation rendered by the chat template and tokenized as
 apply_chat_template does (smollm.data.chat), with no EOS after it, and one byte of flags per token
-after the rest of the shard (whether it carries loss, whether it starts a conversation). A record
-that the template refuses is one line naming its file and line or row.
+after the rest of the shard (whether it carries loss, whether it starts a conversation). A
+preference pair is one document: its chosen side, then its rejected side, whose first token is
+flagged SPLIT. A record that the template refuses is one line naming its file and line or row.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from smollm.data.cache import (BYTES_DTYPE, FLAGS_DTYPE, FORMAT_VERSION, INDEX, START, byte_table, byte_tokens,
+from smollm.data.cache import (BYTES_DTYPE, FLAGS_DTYPE, FORMAT_VERSION, INDEX, SPLIT, START, byte_table, byte_tokens,
                                cpu_count, read_index, token_dtype)
 from smollm.data.chat import token_mask
 from smollm.data.sources import Position, Unit
@@ -165,20 +166,22 @@ def _tokenize_chat(units: list[str]) -> tuple:
     lengths = np.empty(len(units), dtype=np.int64)
     for j, unit in enumerate(units):
         try:
-            text, spans = template.render_unit(unit, loss_on, RECORD)
+            rendered = template.render_units(unit, loss_on, RECORD)
         except DataError as e:
             return None, None, None, None, (j, str(e))
-        encoding = tokenizer.encode(text, add_special_tokens=False)
-        x = encoding.ids
-        if not x:
-            return None, None, None, None, (j, f"{RECORD}: the chat template renders the conversation as no tokens")
-        f = token_mask(encoding.offsets, spans).astype(FLAGS_DTYPE)
-        f[0] |= START
-        ids += x
-        flags.append(f)
-        if part is not None:
-            counts.append(bytes_in_context(text, encoding.offsets, x, part))
-        lengths[j] = len(x)
+        lengths[j] = 0
+        for k, (text, spans) in enumerate(rendered):  # a conversation; or a pair's chosen, then rejected side
+            encoding = tokenizer.encode(text, add_special_tokens=False)
+            x = encoding.ids
+            if not x:
+                return None, None, None, None, (j, f"{RECORD}: the chat template renders the conversation as no tokens")
+            f = token_mask(encoding.offsets, spans).astype(FLAGS_DTYPE)
+            f[0] |= START if k == 0 else SPLIT
+            ids += x
+            flags.append(f)
+            if part is not None:
+                counts.append(bytes_in_context(text, encoding.offsets, x, part))
+            lengths[j] += len(x)
     n_bytes = _as_counts(np.concatenate(counts)) if part is not None else None
     return np.array(ids, dtype=_worker["dtype"]), lengths, n_bytes, np.concatenate(flags), None
 

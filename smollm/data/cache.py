@@ -10,7 +10,9 @@ checked by `smollm.data.verify`.
 
 A chat cache (`--data.format chat`, smollm.data.chat) stores one more byte per token after the
 rest of a shard (`flags_dtype` in the index): whether the token carries loss, and whether it starts
-a conversation; conversations follow one another with no EOS between them.
+a conversation; conversations follow one another with no EOS between them. A preference cache
+(`--data.format preference`) is a chat cache whose documents are pairs: the chosen side, then the
+rejected side, whose first token is flagged too.
 
 Bits per byte needs the UTF-8 bytes of text that each token stands for, in context. For a
 byte-level BPE with no normalizer that is a property of the token id: the index holds the table
@@ -96,9 +98,10 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 BYTES_DTYPE = np.dtype(np.uint16)  # a token's bytes in context, stored after a shard's tokens
 # A chat cache's flags, one byte per token after the rest of a shard: bit 0, the token carries loss
-# as a target; bit 1, it is the first token of a conversation.
+# as a target; bit 1, it is the first token of a conversation; bit 2 (a preference cache, whose
+# documents are pairs: the chosen side, then the rejected side), the first token of the rejected side.
 FLAGS_DTYPE = np.dtype(np.uint8)
-LOSS, START = 1, 2
+LOSS, START, SPLIT = 1, 2, 4
 
 
 def shard_size(index: dict[str, Any], entry: dict[str, Any]) -> int:
@@ -208,6 +211,17 @@ class TokenCache:
     def is_chat(self) -> bool:
         """Whether the cache holds conversations with loss masks (smollm.data.chat)."""
         return self.flags_dtype is not None
+
+    @property
+    def data_format(self) -> str:
+        """What the cache holds: "text", "chat" (conversations) or "preference" (pairs)."""
+        return self.index.get("spec", {}).get("data_format") or ("chat" if self.is_chat else "text")
+
+    def splits(self, chunk: int = 1 << 26) -> np.ndarray:
+        """Where each pair's rejected side begins in the stream (a preference cache), in order; one
+        streaming read of the flags."""
+        found = [a + np.flatnonzero(self.read(a, a + chunk, flags=True) & SPLIT) for a in range(0, self.n_tokens, chunk)]
+        return np.concatenate(found).astype(np.int64) if found else np.empty(0, np.int64)
 
     def loss_mask(self, start: int, stop: int) -> np.ndarray:
         """(stop - start,) bool: whether each token of [start, stop) carries loss as a target."""

@@ -25,6 +25,14 @@ model must generate). `loss_on="all"` puts loss on every token but a conversatio
 
 The mask is per token: `mask[j]` says whether token j carries loss as a target (predicted from
 tokens before it), so `mask[0]` is always False.
+
+A preference record (`--data.format preference`, DPO) is a pair: `prompt`, `chosen` and `rejected`.
+The prompt is a string (a user turn) or a list of messages; each reply is a string (an assistant
+turn), a list of messages, or the whole conversation starting with the prompt's messages (the
+UltraFeedback-binarized form, whose prompt is a string and whose replies are [user, assistant]).
+`preference_pair` checks a record and gives the three lists of messages. Each side of the pair is
+rendered as prompt + reply and ends with the reply's end-of-turn token (the separator after it is
+left out: the model never generates it); the loss mask marks the reply as in a conversation.
 """
 
 from __future__ import annotations
@@ -101,9 +109,58 @@ def conversation(record: Any, where: str) -> tuple[list[dict[str, str]], int]:
     return messages, first
 
 
-def as_unit(record: Any, where: str) -> str:
-    """A record as the text of a source's unit: its conversation checked and serialized (JSON),
-    which the cache builder's workers render (`ChatTemplate.render_unit`)."""
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+
+
+def _reply(value: Any, prompt: list[dict[str, str]], where: str, field: str) -> list[dict[str, str]]:
+    """The reply messages of a pair's `chosen` or `rejected`: a string is one assistant turn; a list
+    of messages that starts with the prompt's messages is the whole conversation (those are cut);
+    any other list is the reply itself, which must start with an assistant turn."""
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": value}]
+    messages = _messages(value, where, field)
+    if messages[:len(prompt)] == prompt:
+        messages = messages[len(prompt):]
+    elif messages and messages[0]["role"] != "assistant":
+        raise DataError(f"{where}: {field!r} starts with a {messages[0]['role']} message that is not the prompt's; "
+                        f"give the reply only, or the whole conversation starting with the prompt's messages")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: {field!r} holds no assistant reply after the prompt; there is nothing to "
+                        "compare: fix or drop that record")
+    return messages
+
+
+def preference_pair(record: Any, where: str) -> tuple[list[dict[str, str]], list[dict[str, str]],
+                                                         list[dict[str, str]]]:
+    """(prompt, chosen reply, rejected reply) messages of one preference record, or a DataError
+    naming `where` (the file and line or row) and what is wrong: a field missing, a reply that is
+    not one, or chosen equal to rejected."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where} is {_json_type(record)}, not a record with 'prompt', 'chosen' and 'rejected'")
+    missing = [f for f in PAIR_FIELDS if record.get(f) is None]
+    if missing:
+        fields = ", ".join(map(repr, list(record)[:8])) or "none"
+        raise DataError(f"{where} has no {' and no '.join(map(repr, missing))} (its fields: {fields}); "
+                        "--data.format preference reads records holding 'prompt', 'chosen' and 'rejected', each a "
+                        "string or a list of messages")
+    value = record["prompt"]
+    prompt = [{"role": "user", "content": value}] if isinstance(value, str) else _messages(value, where, "prompt")
+    if not prompt:
+        raise DataError(f"{where}: 'prompt' is empty; a pair needs a prompt to reply to")
+    chosen, rejected = (_reply(record[f], prompt, where, f) for f in ("chosen", "rejected"))
+    if chosen == rejected:
+        raise DataError(f"{where}: 'chosen' and 'rejected' are the same reply, which teaches nothing; a preference "
+                        "pair needs two different replies: fix or drop that record")
+    return prompt, chosen, rejected
+
+
+def as_unit(record: Any, where: str, kind: str | bool = "chat") -> str:
+    """A record as the text of a source's unit: its conversation (or, with kind "preference", its
+    pair) checked and serialized (JSON), which the cache builder's workers render
+    (`ChatTemplate.render_units`)."""
+    if kind == "preference":
+        prompt, chosen, rejected = preference_pair(record, where)
+        return json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}, ensure_ascii=False)
     messages, first = conversation(record, where)
     return json.dumps({"messages": messages, "first": first}, ensure_ascii=False)
 
@@ -216,6 +273,28 @@ class ChatTemplate:
             message = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise DataError(f"{where}: the chat template of tokenizer {self.name!r} refuses the conversation "
                             f"({message}); fix or drop that record") from None
+
+
+    def render_units(self, unit: str, loss_on: str, where: str = "a conversation") -> list[tuple[str, list[tuple[int, int]]]]:
+        """[(text, spans)] of a source's unit: one conversation (`render_unit`), or a preference
+        pair's two sides, chosen then rejected, each rendered as prompt + reply and cut after the
+        reply's end-of-turn token, with the reply's spans."""
+        record = json.loads(unit)
+        if "chosen" not in record:
+            return [self.render_unit(unit, loss_on, where)]
+        prompt, out = record["prompt"], []
+        for side in ("chosen", "rejected"):
+            messages = prompt + record[side]
+            try:
+                text, spans = self.render(messages), self._reply_spans(messages, len(prompt), where)
+            except DataError:
+                raise
+            except Exception as e:  # noqa: BLE001  the template's raise_exception, or any jinja error
+                message = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise DataError(f"{where}: the chat template of tokenizer {self.name!r} refuses the {side} side of "
+                                f"the pair ({message}); fix or drop that record") from None
+            out.append((text[:spans[-1][1]], spans))
+        return out
 
 
 def token_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> np.ndarray:

@@ -7,6 +7,11 @@ With `format="chat"` the records are conversations (smollm.data.chat): each is r
 tokenizer's chat template into the cache with its loss mask, and `setup` packs whole conversations
 into windows (smollm.data.packing), so a batch also holds `loss_mask` and `document_ids`; the
 training order, its split over processes and its resume are those of text windows.
+
+With `format="preference"` the records are preference pairs (prompt, chosen, rejected; DPO): each
+side is rendered by the chat template into the cache with its reply's loss mask, and a training
+"window" is a pair: a batch of P pairs holds 2P right-padded rows, the chosen sides then the rejected
+ones (smollm.data.pairs), with the same order, split over processes and resume as windows.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from smollm.batch import BatchPlan
 from smollm.data.cache import TokenCache
 from smollm.data.chat import LOSS_ON
 from smollm.data.packing import OVERLONG, PackedWindows, fit_lengths, pack_bfd
+from smollm.data.pairs import PadPairs, PreferencePairs, fit_pairs, pair_table
 from smollm.data.sources import STDLIB
 from smollm.data.store import CorpusOptions, TokenStore, names_one_cache, open_store
 from smollm.data.windows import ResumableSampler, TokenWindows, split_windows
@@ -76,9 +82,9 @@ class TextDataModule(L.LightningDataModule):
         cache_dir: Cache root (default $SMOLLM_CACHE or ~/.cache/smollm); token caches go to its "tokens" folder. An object-storage URL (s3://bucket/prefix, or another fsspec URL) is a remote mirror: the cache is built once and uploaded there, and each node downloads it into its local cache ($SMOLLM_CACHE) instead of tokenizing. One built cache, named as the data line prints it (s3://bucket/prefix/tokens/KEY, or a local .../tokens/KEY or any folder holding an index.json), is used as it is, without its sources: files, dataset and the options that shape the cache are then ignored, with a note, and the tokenizer must be the one it was built with.
         encoding_errors: "strict" stops at bytes that are not UTF-8, naming the file and offset; "replace" turns them into U+FFFD.
         document_mask: Confine attention to each document within a window and restart positions at each one (training and validation batches carry "document_ids": a new document after each end-of-document token); false attends across documents, as SmolLM2 was pretrained.
-        format: "text": documents of text, cut into windows (pretraining). "chat": conversations, records holding "messages" (a list of {role, content}, roles system, user and assistant) or "prompt" and "completion"; each is rendered by the tokenizer's chat template, and whole conversations are packed into windows with a loss mask and per-conversation document ids.
-        loss_on: With format chat, the tokens that carry loss: "assistant" (each assistant reply and its end-of-turn token) or "all" (every token of the conversation).
-        overlong: With format chat, a conversation longer than a window (seq_len + 1 tokens) is "truncate"d to its first seq_len + 1 tokens (dropped if none of those carries loss), "drop"ped, or refused ("error"), in one line naming its record.
+        format: "text": documents of text, cut into windows (pretraining). "chat": conversations, records holding "messages" (a list of {role, content}, roles system, user and assistant) or "prompt" and "completion"; each is rendered by the tokenizer's chat template, and whole conversations are packed into windows with a loss mask and per-conversation document ids. "preference": preference pairs for DPO (--model.objective dpo), records holding "prompt", "chosen" and "rejected", each a string or a list of messages (the replies may be whole conversations starting with the prompt, as UltraFeedback-binarized has them); each side is rendered as prompt + reply by the chat template, one pair per training sample (a batch holds its chosen and rejected sequences, padded).
+        loss_on: With format chat, the tokens that carry loss: "assistant" (each assistant reply and its end-of-turn token) or "all" (every token of the conversation). With format preference, the reply's tokens are scored: "assistant" only.
+        overlong: With format chat, a conversation longer than a window (seq_len + 1 tokens) is "truncate"d to its first seq_len + 1 tokens (dropped if none of those carries loss), "drop"ped, or refused ("error"), in one line naming its record. With format preference, the same for each side of a pair (a pair with a side truncated to no reply token, or a side too long with drop, is dropped whole).
     """
 
     def __init__(
@@ -116,10 +122,11 @@ class TextDataModule(L.LightningDataModule):
             if named and v != default]
         if named:
             files, dataset, max_tokens = [], None, None
-        chat = format == "chat"
+        chat = format in ("chat", "preference")  # records rendered by the chat template
         if chat and not named and files is None and dataset is None:
-            raise DataError("--data.format chat needs conversations: give --data.files (JSON Lines or parquet records "
-                            "holding 'messages') or --data.dataset")
+            held = "'messages'" if format == "chat" else "'prompt', 'chosen' and 'rejected'"
+            raise DataError(f"--data.format {format} needs {'conversations' if format == 'chat' else 'preference pairs'}: "
+                            f"give --data.files (JSON Lines or parquet records holding {held}) or --data.dataset")
         files = ([STDLIB] if dataset is None else []) if files is None else _as_list(files)
         datasets = self._dataset_specs(dataset, subset, split, revision)
         n_sources = (1 if files else 0) + len(datasets)
@@ -147,14 +154,16 @@ class TextDataModule(L.LightningDataModule):
             (encoding_errors in ("strict", "replace"),
              f"encoding_errors must be 'strict' or 'replace', got {encoding_errors!r}"),
             (isinstance(document_mask, bool), f"document_mask must be true or false, got {document_mask!r}"),
-            (not (chat and document_mask), "--data.document_mask is for text; with --data.format chat attention "
+            (not (chat and document_mask), f"--data.document_mask is for text; with --data.format {format} attention "
              "always stays within each conversation: leave it out"),
-            (format in ("text", "chat"), f"format must be 'text' or 'chat', got {format!r}"),
+            (format in ("text", "chat", "preference"), f"format must be 'text', 'chat' or 'preference', got {format!r}"),
+            (format != "preference" or loss_on == "assistant", "--data.loss_on all does not apply to --data.format "
+             "preference: DPO scores each pair's replies; leave it out"),
             (loss_on in LOSS_ON, f"loss_on must be {' or '.join(map(repr, LOSS_ON))}, got {loss_on!r}"),
             (overlong in OVERLONG, f"overlong must be {', '.join(map(repr, OVERLONG))}, got {overlong!r}"),
             (not chat or all(c is None for c in caps),
              "--data.max_tokens takes the first N tokens of text and does not cut conversations; leave it out "
-             "with --data.format chat"),
+             f"with --data.format {format}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -183,6 +192,7 @@ class TextDataModule(L.LightningDataModule):
         self.train_dataset: TokenWindows | PackedWindows | None = None
         self.val_dataset: TokenWindows | PackedWindows | None = None
         self.packing: dict[str, Any] | None = None  # chat: the conversations and their packing (`_setup_chat`)
+        self.pairs: dict[str, Any] | None = None  # preference: the pairs and which of them are used (`_setup_preference`)
         self.epochs: int | None = None  # passes over the training windows the run makes, when it counts them
 
     @staticmethod
@@ -229,10 +239,12 @@ class TextDataModule(L.LightningDataModule):
         if self.train_dataset is not None:
             return
         cache = self.store.open()
-        if cache.is_chat != (self.format == "chat"):
-            built, asked = ("conversations", "text") if cache.is_chat else ("text", "conversations")
-            raise DataError(f"the token cache {cache.folder} holds {built}, but --data.format {self.format} asks for "
-                            f"{asked}; set --data.format {'chat' if cache.is_chat else 'text'}")
+        if cache.data_format != self.format:
+            what = {"text": "text", "chat": "conversations", "preference": "preference pairs"}
+            raise DataError(f"the token cache {cache.folder} holds {what[cache.data_format]}, but --data.format "
+                            f"{self.format} asks for {what[self.format]}; set --data.format {cache.data_format}")
+        if cache.data_format == "preference":
+            return self._setup_preference(cache)
         if cache.is_chat:
             return self._setup_chat(cache)
         L_ = self.seq_len
@@ -306,6 +318,58 @@ class TextDataModule(L.LightningDataModule):
                         "n_overlong": len(over), "loss_tokens": int(loss.sum()),
                         "train_tokens": int(train.sum()), "train_loss_tokens": int(used_loss[:first_val][train[:first_val] > 0].sum())}
 
+    def _setup_preference(self, cache: TokenCache) -> None:
+        """Pairs -> samples: the last val_fraction of the pairs (at least one) are held out; a side
+        longer than a window is truncated, or its pair dropped or refused (`overlong`), counted in
+        one line. A training "window" is a pair."""
+        capacity = self.seq_len + 1
+        table = pair_table(cache)
+        n_pairs = len(table)
+        n_heldout_pairs = max(1, round(self.val_fraction * n_pairs))
+        if n_pairs - n_heldout_pairs < 1:
+            raise DataError(f"the corpus has {n_pairs} preference pair(s): too few for one to train on and "
+                            f"{n_heldout_pairs} held out; add pairs or lower --data.val_fraction")
+        lengths, over, emptied = fit_pairs(cache, table, capacity, self.overlong)
+        if self.overlong == "error" and len(over):
+            k = int(over[0])
+            raise DataError(f"{self.store.locate(cache, k)}: a side of the pair has {int(table[k, :, 1].max()):,} tokens, "
+                            f"more than a window's {capacity:,} (seq_len + 1), and --data.overlong is error; raise "
+                            "--data.seq_len, or set --data.overlong truncate or drop")
+        if len(over):
+            what = ("dropped (--data.overlong drop)" if self.overlong == "drop" else
+                    f"truncated to their first {capacity:,} tokens (--data.overlong truncate)" +
+                    (f", {emptied:,} pairs of them dropped for want of a reply token" if emptied else ""))
+            note(f"{len(over):,} of {n_pairs:,} preference pairs have a side longer than a window of seq_len + 1 = "
+                 f"{capacity:,} tokens: {what}")
+        first_val = n_pairs - n_heldout_pairs
+        kept = (lengths > 0).all(axis=1)
+        train, heldout = np.flatnonzero(kept[:first_val]), first_val + np.flatnonzero(kept[first_val:])
+        if len(train) == 0 or len(heldout) == 0:
+            raise DataError(f"no preference pair is left to {'train on' if len(train) == 0 else 'validate on'} with "
+                            f"seq_len {self.seq_len} and --data.overlong {self.overlong}; raise --data.seq_len or set "
+                            "--data.overlong truncate")
+        rank, world = self._rank_world()
+        n_val = self._n_validated(len(heldout), world)
+        if n_val == 0:
+            raise DataError(f"the validation split has {len(heldout)} pair(s), fewer than the {world} "
+                            "devices; raise --data.val_fraction or add pairs")
+        self.token_cache, self.n_tokens, self.n_documents = cache, cache.n_tokens, n_pairs
+        self.n_train_windows, self.n_heldout_windows, self.n_val_windows = len(train), len(heldout), n_val
+        self.val_start = int(table[first_val, 0, 0])
+        self.train_dataset = PreferencePairs(cache, table, lengths, train)
+        self.val_dataset = PreferencePairs(cache, table, lengths, heldout[rank:n_val:world])
+        self.pairs = {"table": table, "lengths": lengths, "used": np.flatnonzero(kept), "n_over": len(over),
+                      "pad": int(cache.index.get("eos_token_id") or 0)}
+
+    def reference_pairs(self, rank: int = 0, world: int = 1) -> DataLoader:
+        """Every pair used (trained or validated on), this process's share (rank::world), in batches
+        of batch_size as training makes them: what `--model.dpo_precompute_reference` scores once."""
+        self._need_setup()
+        p = self.pairs
+        dataset = PreferencePairs(self.token_cache, p["table"], p["lengths"], p["used"][rank::world])
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, collate_fn=PadPairs(p["pad"]),
+                          num_workers=0)
+
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         if trainer is not None and getattr(getattr(trainer, "_accelerator_connector", None),
@@ -364,7 +428,7 @@ class TextDataModule(L.LightningDataModule):
         state = {"seed": self.seed, "seq_len": self.seq_len, "n_train_windows": self.n_train_windows,
                  "cache_key": self.store.corpus.key if self.store.corpus else None,
                  "batch_size": self.batch_size, "world_size": world, "document_mask": self.document_mask}
-        if self.format == "chat":  # what else decides the packed windows (a text run's state is as it was)
+        if self.format in ("chat", "preference"):  # what else decides the windows or pairs (a text run's as it was)
             state["overlong"] = self.overlong
             state["val_start"] = self.val_start  # the first held-out conversation's first token (evaluate)
         if self.trainer is not None:  # the batch plan's state, under the keys checkpoints have always had
@@ -452,6 +516,8 @@ class TextDataModule(L.LightningDataModule):
         shards = len(self.token_cache.shards)
         if self.packing is not None:
             return self._describe_chat(sources, skipped, shards, windows, c)
+        if self.pairs is not None:
+            return self._describe_pairs(sources, skipped, shards, windows, c)
         masked = ", attention within documents" if self.document_mask else ""
         windows = windows or (f"seq_len {self.seq_len}{masked}: {self.n_train_windows:,} train windows, "
                               f"{self.n_val_windows} of {self.n_heldout_windows} held-out windows validated; "
@@ -476,6 +542,17 @@ class TextDataModule(L.LightningDataModule):
                 f"shard{'s' * (shards != 1)}, {p['loss_tokens']:,} of them carrying loss (loss on {on}); {windows}; "
                 f"cache {self.store.where(c)}")
 
+    def _describe_pairs(self, sources: str, skipped: str, shards: int, windows: str | None, c: Any) -> str:
+        """The data line of preference pairs."""
+        p = self.pairs
+        done = {"truncate": "truncated", "drop": "dropped"}.get(self.overlong, "")
+        overlong = f", {p['n_over']:,} pairs with an overlong side {done}" if p["n_over"] else ""
+        windows = windows or (f"seq_len {self.seq_len}: {self.n_train_windows:,} train pairs{overlong}; {self.n_val_windows} "
+                              f"of {self.n_heldout_windows} held-out pairs validated; {self._passes()}")
+        return (f"data: {sources}{skipped}; {self.n_documents:,} preference pairs, {self.n_tokens:,} tokens "
+                f"({self.tokenizer_name}, vocab {self.vocab_size}, its chat template; chosen and rejected sides, loss on "
+                f"the replies) in {shards} shard{'s' * (shards != 1)}; {windows}; cache {self.store.where(c)}")
+
     # -- helpers --
 
     def epoch_steps(self, epochs: int) -> int:
@@ -496,20 +573,27 @@ class TextDataModule(L.LightningDataModule):
         trainer = self.trainer
         max_steps = getattr(trainer, "max_steps", -1) if trainer is not None else -1
         per_step = self.plan.global_batch
+        unit = "pairs" if self.pairs is not None else "windows"  # a preference run's samples are pairs
         if self.epochs:
             steps = self.epoch_steps(self.epochs)
             stop = f", stopping at step {max_steps:,} (--trainer.max_steps)" if 0 <= max_steps < steps else ""
-            return (f"{self.epochs} epoch{'s' * (self.epochs != 1)} = {steps:,} steps of {per_step} windows"
+            return (f"{self.epochs} epoch{'s' * (self.epochs != 1)} = {steps:,} steps of {per_step} {unit}"
                     f"{stop}")
         if max_steps is None or max_steps < 0:
             return "no max_steps, so no count of passes"
-        return (f"max_steps {max_steps:,} x {per_step} windows = "
-                f"{max_steps * per_step / self.n_train_windows:.3g} passes over the training windows")
+        return (f"max_steps {max_steps:,} x {per_step} {unit} = "
+                f"{max_steps * per_step / self.n_train_windows:.3g} passes over the training {unit}")
 
     def describe_batch(self) -> str:
         """The batch line: windows and tokens per step, and how this run splits them; on a resume
-        on another number of processes, that too."""
-        return self.plan.describe(self.seq_len)
+        on another number of processes, that too. Preference pairs: pairs per step, each two rows of at
+        most seq_len + 1 tokens."""
+        line = self.plan.describe(self.seq_len)
+        if self.pairs is not None:
+            G = self.plan.global_batch
+            line = line.replace(f"{G} windows x {self.seq_len} = {G * self.seq_len:,} tokens per step",
+                                f"{G} pairs per step (chosen and rejected rows of at most {self.seq_len + 1:,} tokens)")
+        return line
 
     def _need_setup(self) -> None:
         if self.token_cache is None:
@@ -530,6 +614,8 @@ class TextDataModule(L.LightningDataModule):
         if dataset is None:
             raise RuntimeError("TextDataModule.setup() must run before asking for a dataloader")
         collate = DocumentIds(self.tokenizer.eos_token_id) if self.document_mask else None
+        if self.pairs is not None:
+            collate = PadPairs(self.pairs["pad"])
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, shuffle=False, collate_fn=collate,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           pin_memory=torch.cuda.is_available(),

@@ -8,7 +8,7 @@ row (parquet, datasets), then the line number (JSON Lines). `units(start)` start
 position it yielded, which is how an interrupted tokenization resumes.
 
 With `chat` (`--data.format chat`), a record is a conversation (smollm.data.chat: `messages`, or
-`prompt` and `completion`) instead of a text field, and its unit's text is the conversation checked
+`prompt` and `completion`; with chat "preference", a pair: `prompt`, `chosen`, `rejected`) instead of a text field, and its unit's text is the conversation checked
 and serialized, which the cache builder renders with the chat template; text files are refused.
 `where(position)` names a unit's file and line or row, for errors found later.
 
@@ -53,7 +53,7 @@ COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".bz2": "bzip2", ".xz": "xz"}
 BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark at the start of a file: an encoding mark, not text
 # A text file is read and tokenized in pieces of at most this many bytes (see `read_pieces`).
 PIECE_BYTES = 1 << 20
-CHAT_FIELDS = ("messages", "prompt", "completion")  # what a conversation's record may hold
+CHAT_FIELDS = ("messages", "prompt", "completion", "chosen", "rejected")  # what a conversation's or a pair's record may hold
 PARQUET_BATCH_ROWS = 1024
 DATASET_BATCH_ROWS = 1024
 HUB_TIMEOUT_S = 10  # asking the hub which commit a dataset name means: never a long hang
@@ -437,7 +437,7 @@ class FileSource:
     """The files of --data.files, in order, as one source. Call `resolve` and `scan` first."""
 
     def __init__(self, entries: list[str], text_key: str = "text", encoding_errors: str = "strict",
-                 pieces: bool = True, chat: bool = False) -> None:
+                 pieces: bool = True, chat: bool | str = False) -> None:
         # pieces: read a text file in pieces of about PIECE_BYTES, which tokenize exactly as the
         # whole file only for a byte-level tokenizer (`cache.context_free`); else each file whole.
         self.entries, self.text_key, self.encoding_errors, self.pieces = entries, text_key, encoding_errors, pieces
@@ -539,7 +539,7 @@ class FileSource:
                         raise DataError(f"{where} is a JSON {type(record).__name__}, not an object; each "
                                         'line must be one JSON object such as {"text": "..."}')
                     if self.chat:
-                        unit = as_unit(record, where)
+                        unit = as_unit(record, where, self.chat)
                         if b"\\u" in raw:
                             unit = self._surrogates(unit, where)
                         yield (i, at, line_no - 1), unit, True
@@ -631,7 +631,7 @@ class FileSource:
                     continue
                 for record in batch.to_pylist():
                     if r >= row:
-                        unit = as_unit(record, f"{path} row {r}")
+                        unit = as_unit(record, f"{path} row {r}", self.chat)
                         yield (i, r, 0), self._surrogates(unit, f"{path} row {r}"), True
                     r += 1
         except (OSError, pa.ArrowException) as e:
@@ -687,7 +687,7 @@ class DatasetSource:
     """
 
     def __init__(self, name: str, subset: str | None, split: str, revision: str | None,
-                 text_key: str = "text", encoding_errors: str = "strict", chat: bool = False) -> None:
+                 text_key: str = "text", encoding_errors: str = "strict", chat: bool | str = False) -> None:
         self.name, self.subset, self.split, self.revision = name, subset, split, revision
         self.text_key, self.encoding_errors = text_key, encoding_errors
         self.chat = chat  # records are conversations (see the module's docstring)
@@ -811,7 +811,7 @@ class DatasetSource:
         if self.chat:
             for record in self._chat_records(row):
                 where = f"dataset {self.describe()} row {row}"
-                yield (0, row, 0), self._surrogates(as_unit(record, where), where), True
+                yield (0, row, 0), self._surrogates(as_unit(record, where, self.chat), where), True
                 row += 1
             return
         if self.local:

@@ -71,7 +71,8 @@ class CorpusOptions:
     text_key: str
     encoding_errors: str
     max_tokens: list[int | None]  # one cap per source: the files, then each dataset
-    format: str = "text"  # "chat": records are conversations, rendered by the chat template (smollm.data.chat)
+    format: str = "text"  # "chat": records are conversations, rendered by the chat template (smollm.data.chat);
+    # "preference": records are pairs (prompt, chosen, rejected), both sides rendered by that template
     loss_on: str = "assistant"  # chat: which tokens carry loss, "assistant" (the replies) or "all"
 
 
@@ -124,8 +125,9 @@ class TokenStore:
 
     @property
     def chat(self) -> tuple[ChatTemplate, str] | None:
-        """(the tokenizer's chat template, loss_on) for a chat corpus, checked on first use; else None."""
-        if self.options.format != "chat":
+        """(the tokenizer's chat template, loss_on) for a chat or preference corpus, checked on first use;
+        else None."""
+        if self.options.format not in ("chat", "preference"):
             return None
         if self._chat is None:
             self._chat = ChatTemplate(self.tokenizer, self.options.tokenizer)
@@ -204,11 +206,12 @@ class TokenStore:
     def _find(self) -> Corpus:
         """Resolve and hash the sources, load the tokenizer, and name the cache."""
         options = self.options
-        is_chat = options.format == "chat"
+        is_chat = options.format in ("chat", "preference")
+        kind = options.format if is_chat else False  # what a record is: a conversation or a preference pair
         sources: list[Any] = []
         files = None
         if options.files:
-            files = FileSource(options.files, options.text_key, options.encoding_errors, chat=is_chat)
+            files = FileSource(options.files, options.text_key, options.encoding_errors, chat=kind)
             files.resolve()
             sources.append(files)
         fingerprint = tokenizer_fingerprint(self.tokenizer)  # fail fast, before reading files
@@ -229,7 +232,7 @@ class TokenStore:
                                 "Lines or parquet records (or datasets) holding 'messages': name those files only")
         for name, subset, split, revision in options.datasets:
             source = DatasetSource(name, subset, split, revision, options.text_key, options.encoding_errors,
-                                   chat=is_chat)
+                                   chat=kind)
             source.open()
             sources.append(source)
         for source, cap in zip(sources, options.max_tokens):
@@ -239,7 +242,7 @@ class TokenStore:
         spec = {"tokenizer": fingerprint, "text_key": options.text_key, "encoding_errors": options.encoding_errors,
                 "sources": [s.spec() for s in sources], "max_tokens": options.max_tokens}
         if chat is not None:  # a text cache's spec (and key) is as it always was
-            spec.update(data_format="chat", loss_on=options.loss_on, chat_template=chat[0].digest)
+            spec.update(data_format=options.format, loss_on=options.loss_on, chat_template=chat[0].digest)
         key = cache_key(spec)
         return Corpus(key=key, spec=spec, folder=self.token_dir / key[:24], sources=sources,
                       docs=files.docs if files else [], empty=files.empty if files else [])
