@@ -7,7 +7,14 @@ A checkpoint is Lightning's dict, written by `torch.save`, plus our "smollm" ent
     hyper_parameters     LitSmolLM's __init__ arguments; datamodule_hyper_parameters likewise
     smollm               {"model_config": ModelConfig fields, "tokenizer": name or folder,
                           "tokenizer_ids": its `vocab_digest`, "logger_version": TensorBoard
-                          version, "rng": every generator's state}
+                          version, "rng": every generator's state; with LoRA "lora": {"rank",
+                          "alpha", "dropout", "targets", "base": {"init_from", "digest"}}}
+
+With LoRA (`--model.lora_rank`) the state dict holds the adapters alone (`....q_proj.lora_A`, `lora_B`)
+and the record names the frozen base: where it came from (an absolute path, or "smollm2") and the
+digest of its weights (`smollm.lora.base_digest`). Whoever reads the model (`load_model`: export,
+generate, evaluate, a new run's init_from) loads the base from there, checks the digest, and merges
+the adapters in; a resume loads the base the same way and keeps the adapters apart.
 
 Everything in it is tensors and plain Python values, so it is read with `weights_only=True`:
 a file whose pickle asks for anything else (code to run) is refused, never executed. Files are
@@ -45,10 +52,11 @@ from smollm.assets import WEIGHT_ASSETS, asset_weights, cache_dir_path, load_tok
 from smollm.config import ModelConfig
 from smollm.digest import HashingWriter, file_digest
 from smollm.errors import (CheckpointError, DamagedCheckpointError, HFFormatError, MissingPathError, SmolLMError,
-                           UnsafeFileError, UsageError)
+                           UnsafeFileError, UsageError, first_line)
 from smollm.gguf import load_gguf
 from smollm.hf import load_hf, model_from_state, save_hf
 from smollm.io import fsync_dir, fsync_file, load_torch_file, tmp_path
+from smollm.lora import adapter_state_dict, apply_lora, base_digest, merge_lora
 from smollm.model import SmolLM
 from smollm.output import note
 
@@ -177,15 +185,47 @@ class LoadedModel(NamedTuple):
 
 
 def model_in_checkpoint(path: str | os.PathLike, checkpoint: dict[str, Any]) -> LoadedModel:
-    """A training checkpoint, read (`read_checkpoint`) -> its model, tokenizer and record."""
+    """A training checkpoint, read (`read_checkpoint`) -> its model, tokenizer and record. A LoRA
+    checkpoint's model is its base, loaded from where the record says, with the adapters merged in:
+    a plain SmolLM."""
     state = {key[len("model."):]: value for key, value in strip_compile_prefix(checkpoint["state_dict"]).items()
              if key.startswith("model.")}
-    try:
-        model = model_from_state(checkpoint_config(checkpoint), state)  # checks the key set and every shape
-    except HFFormatError as e:
-        raise CheckpointError(f"checkpoint {path}: {e}") from None
+    if checkpoint["smollm"].get("lora"):
+        model = merged_lora_model(path, checkpoint, state)
+    else:
+        try:
+            model = model_from_state(checkpoint_config(checkpoint), state)  # checks the key set and every shape
+        except HFFormatError as e:
+            raise CheckpointError(f"checkpoint {path}: {e}") from None
     record = {key: value for key, value in checkpoint.items() if key not in ("state_dict", "optimizer_states")}
     return LoadedModel(model, checkpoint["smollm"].get("tokenizer"), record)
+
+
+def merged_lora_model(path: str | os.PathLike, checkpoint: dict[str, Any], adapters: dict[str, torch.Tensor]) -> SmolLM:
+    """The base weights a LoRA checkpoint names (its source, checked against the digest recorded),
+    the checkpoint's adapters put on them, and merged: a plain float32 SmolLM in eval mode."""
+    record = checkpoint["smollm"]["lora"]
+    source = record["base"]["init_from"]
+    try:
+        base = load_model(source).model
+    except SmolLMError as e:
+        raise CheckpointError(f"checkpoint {path} holds LoRA adapters over the base weights {source}, which cannot "
+                              f"be loaded: {e}") from None
+    differ = checkpoint_config(checkpoint).diff(base.config)
+    if [d for d in differ if not d.startswith("initializer_range:")] or base_digest(base) != record["base"]["digest"]:
+        raise CheckpointError(f"checkpoint {path} holds LoRA adapters over the base weights {source}, and the weights "
+                              "there now are others (their digest differs from the one recorded); put the base it "
+                              "was trained on back there")
+    apply_lora(base, record["rank"], record["alpha"], targets=record["targets"])
+    try:
+        base.load_state_dict(adapters, strict=False, assign=False)
+        missing = sorted(set(adapter_state_dict(base)) ^ set(adapters))
+    except RuntimeError as e:  # a shape that differs
+        raise CheckpointError(f"checkpoint {path}: its adapters do not fit its base ({first_line(e)})") from None
+    if missing:
+        raise CheckpointError(f"checkpoint {path}: its adapters do not match its record of them: "
+                              f"{', '.join(missing[:3])} ...")
+    return merge_lora(base).eval()
 
 
 def model_from_checkpoint(path: str | os.PathLike) -> tuple[SmolLM, str | None]:

@@ -124,7 +124,7 @@ class MemoryEstimate:
 
 
 def estimate_memory(config: ModelConfig, batch_size: int = 0, seq_len: int = 0, *, optimizer: str = "adamw",
-                    bf16: bool = False, loss_chunk_size: int = 8192) -> MemoryEstimate:
+                    bf16: bool = False, loss_chunk_size: int = 8192, trainable: int | None = None) -> MemoryEstimate:
     """Rough peak bytes of a training step at micro-batch `batch_size` x `seq_len` (0 x 0: the
     weights, gradients and optimizer state alone). Float32 weights and gradients (8 bytes a
     parameter); AdamW keeps two float32 moments a parameter (8 bytes), while with optimizer "muon"
@@ -132,7 +132,8 @@ def estimate_memory(config: ModelConfig, batch_size: int = 0, seq_len: int = 0, 
     (embedding, head, norms) AdamW's two; activations kept for the backward pass (about 8
     hidden-size, 2 key/value and 4 MLP-size values per token per layer, in the compute dtype); two
     chunks of float32 logits. It errs high: 45.8 GiB for 135m with AdamW at 32 x 2048 in bf16, where
-    an H100 measured 37.7 GiB (compiled)."""
+    an H100 measured 37.7 GiB (compiled). `trainable`: the parameters that train, when not all do
+    (LoRA: the adapters, with AdamW); only they have gradients and optimizer state."""
     c = config
     kv = c.num_key_value_heads * c.head_dim
     q = c.num_attention_heads * c.head_dim
@@ -147,6 +148,9 @@ def estimate_memory(config: ModelConfig, batch_size: int = 0, seq_len: int = 0, 
     per_token = c.num_hidden_layers * (8 * c.hidden_size + 2 * kv + 4 * c.intermediate_size)
     activations = batch_size * seq_len * per_token * (2 if bf16 else 4)
     logits = 2 * min(loss_chunk_size, batch_size * seq_len) * c.vocab_size * 4
+    if trainable is not None:
+        return MemoryEstimate(weights=4 * (c.num_params + trainable), gradients=4 * trainable, optimizer=8 * trainable,
+                              activations=activations, logits=logits)
     return MemoryEstimate(weights=4 * c.num_params, gradients=4 * c.num_params, optimizer=state,
                           activations=activations, logits=logits)
 

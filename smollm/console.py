@@ -76,6 +76,12 @@ class Console(Callback):
                  + (f", from {model.hparams.init_from}" if model.hparams.init_from else "")
                  + (f"; resuming at step {self.resume_step}" if self.resume_step else "")
                  + f"; training to step {trainer.max_steps}"]
+        h = model.hparams
+        if h.get("lora_rank") is not None:  # what trains: the adapters, the base frozen
+            trainable = model.lora_trainable
+            lines.append(f"  LoRA: rank {h.lora_rank}, alpha {h.lora_alpha or 2 * h.lora_rank:g}, dropout "
+                         f"{h.lora_dropout:g} on {', '.join(h.lora_targets)}: {trainable:,} trainable parameters "
+                         f"({trainable / cfg.num_params:.2%} of the frozen base's)")
         if dm is not None and hasattr(dm, "describe"):
             lines.append(f"  {dm.describe()}")
         if dm is not None and hasattr(dm, "describe_batch"):

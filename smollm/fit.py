@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 import torch
 from jsonargparse import ArgumentError
@@ -32,6 +33,7 @@ from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from smollm import lora
 from smollm.batch import BatchPlan, resumed_global_batch
 from smollm.callbacks import (AtomicCheckpointIO, BindData, Interrupted, KeepGlobalBatch, RunLength, StepCheckpoint,
                               StopAtStepEnd, Throughput, ValidateAtEnd, ValidationSample)
@@ -76,7 +78,9 @@ class SmolLMCLI(LightningCLI):
         warning = check_precision(trainer.precision)
         if warning:
             say(warning)
-        check_size_fits(trainer, model_config, cfg.model.optimizer)
+        lora.check_options(cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_dropout, cfg.model.lora_targets,
+                           cfg.model.init_from or cfg.ckpt_path, cfg.model.optimizer)
+        check_size_fits(trainer, model_config, cfg.model.optimizer, lora_options(cfg.model))
         check_objective(cfg.model.objective, cfg.data.format)
         root = trainer.default_root_dir or os.getcwd()
         name = cfg.name or cfg.model.preset
@@ -91,7 +95,7 @@ class SmolLMCLI(LightningCLI):
             # A damaged file (also the newest, under `last`) stops the run with one line naming it and
             # the newest intact checkpoint of the run: resuming from an older step is the user's call.
             checkpoint = self.checkpoint = read_checkpoint(path)
-            check_resume(path, checkpoint, model_config, cfg.model.optimizer)
+            check_resume(path, checkpoint, model_config, cfg.model.optimizer, lora_options(cfg.model))
             self.resume_from, self.resume_step = path, int(checkpoint.get("global_step", 0))
             version = checkpoint["smollm"].get("logger_version")
             self.data_state = checkpoint.get(TextDataModule.__qualname__)
@@ -99,14 +103,18 @@ class SmolLMCLI(LightningCLI):
             cfg.data.global_batch_size = resumed_global_batch(cfg.data.global_batch_size, self.data_state,
                                                               self.resume_step)
             check_steps_left(path, self.resume_step, trainer.max_steps)
-            # A DPO run's frozen reference is its initial weights, rebuilt from the checkpoint's run's
-            # init_from (its digest, in the checkpoint, is checked): the weights still come from the checkpoint.
-            reference = dpo_reference_source(checkpoint)
-            if cfg.model.init_from and cfg.model.init_from != reference:  # the weights come from the checkpoint
-                warn(f"--model.init_from {cfg.model.init_from} is ignored when resuming: the weights "
-                     f"come from {path}" + (f" (and DPO's reference from {reference}, as the run began)"
-                                            if reference else ""))
-            cfg.model.init_from = reference
+            adapted = (checkpoint["smollm"].get("lora") or {}).get("base")
+            if adapted:  # LoRA: the checkpoint holds the adapters; the frozen base comes from its source again
+                cfg.model.init_from = cfg.model.init_from or adapted["init_from"]  # its digest is checked
+            else:
+                # A DPO run's frozen reference is its initial weights, rebuilt from the checkpoint's run's
+                # init_from (its digest, in the checkpoint, is checked): the weights still come from the checkpoint.
+                reference = dpo_reference_source(checkpoint)
+                if cfg.model.init_from and cfg.model.init_from != reference:  # the weights come from the checkpoint
+                    warn(f"--model.init_from {cfg.model.init_from} is ignored when resuming: the weights "
+                         f"come from {path}" + (f" (and DPO's reference from {reference}, as the run began)"
+                                                if reference else ""))
+                cfg.model.init_from = reference
         else:
             check_fresh_folder(cfg.checkpoint.dirpath)
             if cfg.model.objective == "dpo" and not cfg.model.init_from:
@@ -128,6 +136,13 @@ def dpo_reference_source(checkpoint: dict) -> str | None:
     if reference.get("kind") != "frozen":
         return None
     return (checkpoint.get("hyper_parameters") or {}).get("init_from")
+
+
+def lora_options(model: Any) -> dict[str, Any] | None:
+    """The run's LoRA options as smollm.preflight takes them, or None without LoRA."""
+    if model.lora_rank is None:
+        return None
+    return {"rank": model.lora_rank, "alpha": model.lora_alpha, "targets": list(model.lora_targets)}
 
 
 def apply_global_batch(cli: SmolLMCLI) -> BatchPlan:
@@ -195,6 +210,8 @@ def main(args: list[str]) -> int:
         )
         console, stop = configure_trainer(cli.trainer, cli.resume_from, cli.checkpoint)
         console.resume_step = cli.resume_step  # the start block says it: Lightning restores the step later
+        if cli.checkpoint is not None:  # with LoRA: the base just loaded is the one the adapters were trained on
+            cli.model.check_lora_resume(cli.resume_from, cli.checkpoint)
         cli.checkpoint = None  # Lightning's now: freed once it has restored it
         apply_global_batch(cli)
         if cli.trainer.global_rank == 0:

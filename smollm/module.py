@@ -14,17 +14,20 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import os
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from torchmetrics import MeanMetric, SumMetric
 
+from smollm import lora
+from smollm.assets import WEIGHT_ASSETS
 from smollm.checkpoint import load_model, rng_state, set_rng_state, strip_compile_prefix, tokenizer_ids, vocab_digest
 from smollm.config import ModelConfig
 from smollm.digest import Hasher
 from smollm.dpo import preference_loss, reward_means, reward_sums
-from smollm.errors import InitFromError, NonFiniteError, UsageError
+from smollm.errors import CheckpointError, InitFromError, NonFiniteError, UsageError
 from smollm.model import SmolLM
 from smollm.optim import (OPTIMIZER_SETTINGS, SCHEDULE_SETTINGS, apply_settings, check_clipping, check_strategy,
                           configure_optimizers, learning_rates, skips_on_device)
@@ -58,6 +61,10 @@ class LitSmolLM(L.LightningModule):
         compile: bool = False,
         loss_chunk_size: int = 8192,
         document_attention: Literal["sdpa", "flex"] = "sdpa",
+        lora_rank: int | None = None,
+        lora_alpha: float | None = None,
+        lora_dropout: float = 0.0,
+        lora_targets: list[str] = list(lora.TARGETS),
         check_finite: bool = True,
         peak_flops: float | None = None,
         sample_prompt: str = "The quick brown fox",
@@ -110,6 +117,13 @@ class LitSmolLM(L.LightningModule):
             document_attention: How a batch of packed documents (with document_ids) confines attention
                 to each document: "sdpa" (a bool mask) or "flex" (flex_attention, which skips the
                 masked blocks; it trains on a GPU only). Plain windows use neither.
+            lora_rank: Train LoRA adapters of this rank on the init_from weights, which stay frozen
+                (docs/lora.md); null trains every weight.
+            lora_alpha: The adapters' update is scaled by lora_alpha / lora_rank; null means
+                2 x lora_rank (a scaling of 2 at every rank, as litgpt's r 8, alpha 16).
+            lora_dropout: Dropout on the adapters' input (PEFT's default 0: none).
+            lora_targets: The decoder layers' linear layers that get adapters, by name; all seven
+                by default (QLoRA's finding: adapting every linear layer matches full fine-tuning).
             check_finite: Never apply a step whose loss or gradient norm is NaN or infinite, and
                 stop the run with an error naming the step. With the fused AdamW this costs no
                 host-device synchronization per step (see NonFiniteGuard).
@@ -134,6 +148,7 @@ class LitSmolLM(L.LightningModule):
         check_schedule_options(warmup_steps, decay_steps)
         if objective == "dpo" and not (isinstance(dpo_beta, (int, float)) and dpo_beta > 0):
             raise UsageError(f"--model.dpo_beta must be a positive number (0.1 is TRL's default), got {dpo_beta!r}")
+        lora.check_options(lora_rank, lora_alpha, lora_dropout, lora_targets, init_from, optimizer)
         self.save_hyperparameters()
         self.config = ModelConfig.from_name(preset, **(config_overrides or {}))
         self._init_tokenizer: tuple[str | None, str | None] = (None, None)  # init_from's (name, ids)
@@ -154,10 +169,19 @@ class LitSmolLM(L.LightningModule):
             self.model.config = self.config
         else:
             self.model = SmolLM(self.config)
+        # With LoRA: what identifies the frozen base (its source and the digest of its weights),
+        # recorded in every checkpoint; None without.
+        self.lora_base: dict[str, str] | None = None
+        if lora_rank is not None:
+            self.lora_base = {"init_from": base_source(init_from), "digest": lora.base_digest(self.model)}
+            lora.apply_lora(self.model, lora_rank, lora_alpha, lora_dropout, lora_targets)
+            self.lora_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.model.document_attention = document_attention
         # DPO's reference: the initial weights, frozen (not a submodule: not trained, saved or wrapped),
         # or their log-probabilities of every pair, scored before training (see reference_logps).
-        self.reference = Reference(self.model, precompute=dpo_precompute_reference) if objective == "dpo" else None
+        # With LoRA, the reference is this model with its adapters off (smollm.lora.adapters_off): no copy.
+        self.reference = (Reference(self.model, precompute=dpo_precompute_reference, adapters=lora_rank is not None)
+                          if objective == "dpo" else None)
         self._reference_pairs: Any = None  # the data's pairs to score once (bind_data), when precomputed
         self._dpo_sums: torch.Tensor | None = None  # this step's (or validation's) reward_sums so far
         self.guard = NonFiniteGuard()
@@ -318,10 +342,15 @@ class LitSmolLM(L.LightningModule):
         """(2P,) float32: DPO's reference log-probability of each row's reply in a preference batch,
         without gradient. The one place that knows what the reference is: the initial weights, frozen
         (a copy, scored on the batch), or their log-probabilities precomputed before training
-        (`dpo_precompute_reference`, looked up by the pairs' numbers)."""
+        (`dpo_precompute_reference`, looked up by the pairs' numbers); with LoRA, this very model with
+        its adapters switched off (the base it adapts: no second model in memory)."""
         if self.reference.logps is not None:
             return self.reference.logps[batch["index"].to(self.reference.logps.device)].t().reshape(-1).to(self.device)
         ids = batch["input_ids"]
+        if self.reference.adapters:
+            with torch.no_grad(), lora.adapters_off(self.model):
+                return self.model.sequence_logps(ids[:, :-1], ids[:, 1:], batch["loss_mask"],
+                                                 chunk_size=self.hparams.loss_chunk_size)
         with torch.no_grad():
             return self.reference.model.sequence_logps(ids[:, :-1], ids[:, 1:], batch["loss_mask"],
                                                        chunk_size=self.hparams.loss_chunk_size)
@@ -497,9 +526,22 @@ class LitSmolLM(L.LightningModule):
         checkpoint["smollm"]["rng"] = rng_state()
         if self.reference is not None:
             checkpoint["smollm"]["dpo_reference"] = self.reference.state_dict()
+        if self.lora_base is not None:  # the adapters alone, and what identifies the frozen base
+            checkpoint["smollm"]["lora"] = self.lora_record()
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                        if not k.startswith("model.") or lora.is_adapter_key(k)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = strip_compile_prefix(checkpoint.get("state_dict", {}))
+        self.check_lora_resume("the checkpoint", checkpoint)
+        if self.lora_base is not None:
+            # It holds the adapters alone; the base, loaded from its source, was checked just now.
+            ours = {"model." + k for k in lora.adapter_state_dict(self.model)}
+            theirs = {k for k in checkpoint["state_dict"] if k.startswith("model.")}
+            if ours != theirs:
+                raise CheckpointError(f"the checkpoint's adapters are {len(theirs)} tensors where this model has "
+                                      f"{len(ours)}: {sorted(ours ^ theirs)[:3]} ...")
+            self.strict_loading = False  # the base's keys are not in it: they are loaded already
         self._resumed_hparams = checkpoint.get("hyper_parameters")
         self._resumed_schedule = checkpoint.get("smollm", {}).get("schedule")
         self._rng_to_restore = checkpoint.get("smollm", {}).get("rng")
@@ -510,6 +552,25 @@ class LitSmolLM(L.LightningModule):
                              "checkpoint's weights with --model.init_from CHECKPOINT instead of --ckpt_path")
         if self.reference is not None:
             self.reference.load_state_dict(checkpoint.get("smollm", {}).get("dpo_reference") or {})
+
+    def lora_record(self) -> dict[str, Any]:
+        """What a LoRA checkpoint records of the adapters and of the base they adapt."""
+        h = self.hparams
+        return {"rank": h.lora_rank, "alpha": lora.default_alpha(h.lora_rank, h.lora_alpha),
+                "dropout": h.lora_dropout, "targets": list(h.lora_targets), "base": dict(self.lora_base)}
+
+    def check_lora_resume(self, path: str, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint resumes this run only with LoRA on or off as it was, the same adapters (rank,
+        alpha, targets) and the same base weights (their digest); each mismatch is one line, pointing to
+        --model.init_from to start afresh from the checkpoint's weights."""
+        lora.check_resume(path, checkpoint, self.hparams.lora_rank, self.hparams.lora_alpha,
+                          self.hparams.lora_targets)
+        saved = checkpoint.get("smollm", {}).get("lora")
+        if saved and self.lora_base is not None and saved["base"]["digest"] != self.lora_base["digest"]:
+            raise CheckpointError(
+                f"the base weights from --model.init_from {self.hparams.init_from} are not those the adapters of "
+                f"{path} were trained on ({saved['base']['init_from']}: their digests differ); give "
+                "--model.init_from the base it was trained from")
 
     def on_fit_start(self) -> None:
         if self.reference is not None:
@@ -526,6 +587,8 @@ class LitSmolLM(L.LightningModule):
         precomputed reference not restored from a checkpoint, every pair scored by the model as it
         starts (the initial weights), each process a share, summed across processes."""
         reference, p = self.reference, next(self.model.parameters())
+        if reference.adapters:  # the model itself, adapters off: nothing to prepare
+            return
         if reference.model is not None:
             reference.model.to(device=p.device, dtype=p.dtype)
             return
@@ -561,26 +624,32 @@ class Reference:
     itself is rebuilt from --model.init_from, which smollm.fit keeps on resume for this); for the
     precomputed kind, the table itself and the key of the token cache it was scored on."""
 
-    def __init__(self, model: SmolLM, precompute: bool = False) -> None:
+    def __init__(self, model: SmolLM, precompute: bool = False, adapters: bool = False) -> None:
         self.model: SmolLM | None = None
         self.logps: torch.Tensor | None = None
         self.digest: str | None = None
         self.data_key: str | None = None  # the token cache's key (bind_data): what a precomputed table scored
-        if not precompute:
+        # LoRA: the policy with its adapters off is the reference; the checkpoint's LoRA record identifies the base
+        self.adapters = adapters and not precompute
+        if not precompute and not adapters:
             self.model = copy.deepcopy(model).eval().requires_grad_(False)
             self.digest = weights_digest(self.model)
 
     def state_dict(self) -> dict[str, Any]:
+        if self.adapters:
+            return {"kind": "adapters off"}
         if self.model is not None:
             return {"kind": "frozen", "digest": self.digest}
         return {"kind": "precomputed", "logps": None if self.logps is None else self.logps.detach().cpu(),
                 "data_key": self.data_key}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        kind = "frozen" if self.model is not None else "precomputed"
+        kind = "adapters off" if self.adapters else "frozen" if self.model is not None else "precomputed"
         if state.get("kind") != kind:
             raise UsageError(f"the checkpoint's DPO reference is {state.get('kind') or 'absent'}, this run's "
                              f"{kind}; keep --model.dpo_precompute_reference as the checkpoint's run had it")
+        if kind == "adapters off":
+            return
         if kind == "frozen":
             if state.get("digest") != self.digest:
                 raise InitFromError("the DPO reference rebuilt from --model.init_from is not the one the checkpoint's run "
@@ -623,6 +692,12 @@ def load_weights(path: str) -> tuple[SmolLM, str | None, str | None]:
     A path of no such kind is one line naming --model.init_from."""
     loaded = load_model(path, option="--model.init_from")
     return loaded.model, loaded.tokenizer, tokenizer_ids(loaded)
+
+
+def base_source(init_from: str) -> str:
+    """How a checkpoint names the base weights: an absolute path (a run resumed or exported from
+    another folder still finds them), or the asset's name ("smollm2")."""
+    return init_from if init_from in WEIGHT_ASSETS else os.path.abspath(os.path.expanduser(init_from))
 
 
 def check_schedule_options(warmup_steps: Any, decay_steps: Any) -> None:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from smollm.errors import UsageError
+from smollm.lora import ADAPTER_NAMES, LoRALinear
 from smollm.model import DecoderLayer, RMSNorm
 
 OPTIMIZERS = ("adamw", "muon")
@@ -73,7 +74,8 @@ def parameter_groups(model: nn.Module, muon: bool = False) -> dict[str, list[tup
     A Linear's weight inside a decoder layer (q, k, v, o, gate, up, down) is "muon" with Muon
     (Muon orthogonalizes whole hidden-layer matrices, as its authors and torchtitan split it),
     else "decay"; the embedding (tied to the head) and any other Linear weight (an untied head)
-    "decay"; norm weights and biases "no_decay". A parameter of any other module is refused
+    "decay"; norm weights and biases "no_decay"; LoRA's adapter matrices "decay" (AdamW, as PEFT
+    and litgpt train them; the frozen base is in no group). A parameter of any other module is refused
     rather than guessed at (FSDP's flat parameters, with use_orig_params false, are such).
     Names are `plain_name`s.
     """
@@ -86,7 +88,9 @@ def parameter_groups(model: nn.Module, muon: bool = False) -> dict[str, list[tup
                 continue
             seen.add(id(param))
             name = plain_name(f"{module_name}.{short}" if module_name else short)
-            if isinstance(module, nn.Linear) and short == "weight":
+            if isinstance(module, LoRALinear) and short in ADAPTER_NAMES:
+                kind = "decay"  # LoRA's A and B: AdamW with the other matrices (check_options refuses Muon)
+            elif isinstance(module, nn.Linear) and short == "weight":
                 in_layer = any(module_name.startswith(prefix) for prefix in layers)
                 kind = "muon" if muon and in_layer else "decay"
             elif isinstance(module, nn.Embedding):

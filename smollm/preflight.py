@@ -6,7 +6,7 @@ run that dies an hour in, or a resume that quietly trains something else.
   `check_memory` once the model and data are);
 - the launcher: under torchrun or srun, the number of processes and nodes is theirs;
 - a resume: the checkpoint to resume (`--ckpt_path last` finds the newest or stops), of this
-  model configuration, optimizer and parameter groups, with steps left to train; a fresh run
+  model configuration, optimizer, LoRA adapters (or none) and parameter groups, with steps left to train; a fresh run
   never writes into a folder that holds another run's checkpoints;
 - the command line: an unquoted glob that the shell expanded.
 
@@ -24,6 +24,8 @@ import torch
 from smollm.checkpoint import check_config, find_last_checkpoint, step_files
 from smollm.config import ModelConfig, estimate_memory
 from smollm.errors import UsageError
+from smollm.lora import apply_lora, trainable_count
+from smollm.lora import check_resume as check_lora_resume
 from smollm.model import SmolLM
 from smollm.optim import check_same_groups, check_same_optimizer
 
@@ -41,11 +43,13 @@ def check_accelerator(trainer: Any) -> None:
                          "use configs/tiny.yaml, or add --trainer.accelerator cpu --trainer.precision 32-true")
 
 
-def check_size_fits(trainer, config: ModelConfig, optimizer: str = "adamw") -> None:
+def check_size_fits(trainer, config: ModelConfig, optimizer: str = "adamw",
+                    lora_options: dict[str, Any] | None = None) -> None:
     """Before anything is built: FSDP only with CUDA GPUs (Lightning refuses it on the CPU), and on
     the CPU enough free memory for float32 weights, gradients and the optimizer's state (16 bytes
-    per parameter with AdamW, per process; activations come on top). A CPU run that does not fit would otherwise
-    be killed by the system without a word."""
+    per parameter with AdamW, per process; with LoRA, gradients and state for the adapters alone;
+    activations come on top). A CPU run that does not fit would otherwise be killed by the system
+    without a word."""
     accelerator, strategy = str(trainer.accelerator), trainer.strategy
     on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
     if isinstance(strategy, str) and strategy.startswith("fsdp") and not on_gpu:
@@ -55,7 +59,8 @@ def check_size_fits(trainer, config: ModelConfig, optimizer: str = "adamw") -> N
     if on_gpu or available is None:
         return
     processes = trainer.devices if isinstance(trainer.devices, int) and trainer.devices > 0 else 1
-    needed = estimate_memory(config, optimizer=optimizer).model_and_optimizer * processes
+    trainable = trainable_count(config, lora_options["rank"], lora_options["targets"]) if lora_options else None
+    needed = estimate_memory(config, optimizer=optimizer, trainable=trainable).model_and_optimizer * processes
     if needed > available:
         state = "Muon and AdamW" if optimizer == "muon" else "AdamW"
         raise UsageError(f"training {config.num_params / 1e6:,.0f}M parameters on the CPU in {processes} "
@@ -80,8 +85,10 @@ def check_memory(model, datamodule, trainer) -> None:
     """Stop before training when the estimated peak memory exceeds what the device has free."""
     device = trainer.strategy.root_device
     bf16 = "bf16" in str(trainer.precision) or "16" in str(trainer.precision)
+    lora = getattr(model, "lora_base", None) is not None
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if lora else None
     need = estimate_memory(model.config, datamodule.batch_size, datamodule.seq_len, optimizer=model.hparams.optimizer,
-                           bf16=bf16, loss_chunk_size=model.hparams.loss_chunk_size).total
+                           bf16=bf16, loss_chunk_size=model.hparams.loss_chunk_size, trainable=trainable).total
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         where = f"GPU {torch.cuda.get_device_name(device)}"
@@ -147,13 +154,21 @@ def checkpoint_to_resume(ckpt_path: str, dirpath: str) -> str:
     return path
 
 
-def check_resume(path: str, checkpoint: dict[str, Any], config: ModelConfig, optimizer: str) -> None:
+def check_resume(path: str, checkpoint: dict[str, Any], config: ModelConfig, optimizer: str,
+                 lora_options: dict[str, Any] | None = None) -> None:
     """A checkpoint read from `path` resumes this run only with the same model configuration,
-    optimizer and parameter groups."""
+    optimizer, LoRA adapters (or none, as it had) and parameter groups. `lora_options`: the run's
+    {"rank", "alpha", "targets"}, or None without LoRA."""
     check_config(path, checkpoint, config)
+    lora_options = lora_options or {}
+    check_lora_resume(path, checkpoint, lora_options.get("rank"), lora_options.get("alpha"),
+                      lora_options.get("targets"))
     check_same_optimizer(path, checkpoint, optimizer)
     with torch.device("meta"):  # the parameter groups' sizes only: no memory, no init
-        check_same_groups(path, checkpoint, SmolLM(config), optimizer)
+        model = SmolLM(config)
+        if lora_options:
+            apply_lora(model, lora_options["rank"], lora_options["alpha"], targets=lora_options["targets"])
+        check_same_groups(path, checkpoint, model, optimizer)
 
 
 def check_run_length(trainer: Any) -> None:
