@@ -327,6 +327,9 @@ def setup_output() -> None:
     # A resume with another --checkpoint.every_n_train_steps: Lightning keys the callback's state
     # by its settings and says so; the new interval simply applies.
     warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks used to create")
+    # LoRA under FSDP: torch's FSDP warns, for every decoder layer on every process, that the unit holds
+    # frozen and trainable weights; LitSmolLM.configure_model says what that costs once.
+    warnings.filterwarnings("ignore", message=r".* has both parameters with requires_grad=True and False")
 
 
 __all__ = ["Console", "command_line", "print_summary", "resume_command", "setup_output"]

@@ -404,7 +404,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     the gradients with respect to `hidden` and `weight`; it then drops the chunk's logits. Peak
     extra memory is about two chunks of logits instead of all of them (16 x 2048 x 49152 float32
     logits are 6.4 GB), and no matmul is repeated. The backward pass only scales the stored
-    gradients.
+    gradients. A frozen weight (LoRA: the tied embedding / lm head) gets no gradient, and neither
+    its (V, C) float32 buffer nor the matmul that fills it.
     """
 
     @staticmethod
@@ -414,25 +415,29 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         dtype = compute_dtype(hidden)
         w = weight.to(dtype)
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        frozen = not ctx.needs_input_grad[1]
+        grad_weight = None if frozen else torch.zeros_like(weight, dtype=torch.float32)
         loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
         for start in range(0, n, chunk_size):
             h = hidden[start:start + chunk_size].to(dtype)
             chunk_loss, grad = chunk_fn(h @ w.t(), targets[start:start + chunk_size])
             loss += chunk_loss
             grad_hidden[start:start + chunk_size] = (grad @ w).to(hidden.dtype)
-            if dtype == torch.float32:  # accumulate in place: no (V, C) temporary
+            if frozen:
+                pass
+            elif dtype == torch.float32:  # accumulate in place: no (V, C) temporary
                 grad_weight.addmm_(grad.t(), h, alpha=1.0 / n)
             else:
                 grad_weight.add_(grad.t() @ h, alpha=1.0 / n)
             del grad  # free this chunk's logits before the next chunk allocates its own
-        ctx.save_for_backward(grad_hidden.div_(n), grad_weight.to(weight.dtype))
+        ctx.save_for_backward(grad_hidden.div_(n), None if frozen else grad_weight.to(weight.dtype))
         return loss / n
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_output, grad_weight * grad_output, None, None, None
+        grad_weight = None if grad_weight is None else grad_weight * grad_output
+        return grad_hidden * grad_output, grad_weight, None, None, None
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

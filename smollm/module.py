@@ -176,6 +176,9 @@ class LitSmolLM(L.LightningModule):
             self.lora_base = {"init_from": base_source(init_from), "digest": lora.base_digest(self.model)}
             lora.apply_lora(self.model, lora_rank, lora_alpha, lora_dropout, lora_targets)
             self.lora_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            # A checkpoint holds the adapters alone (the base is loaded already): Lightning loads it
+            # unstrictly, and on_load_checkpoint checks that it holds exactly this model's adapters.
+            self.strict_loading = False
         self.model.document_attention = document_attention
         # DPO's reference: the initial weights, frozen (not a submodule: not trained, saved or wrapped),
         # or their log-probabilities of every pair, scored before training (see reference_logps).
@@ -258,6 +261,9 @@ class LitSmolLM(L.LightningModule):
     def configure_model(self) -> None:
         if self._trainer is not None:
             shard_by_layer(self.trainer.strategy)  # under FSDP: one unit per decoder layer
+            if self.lora_base is not None and is_fsdp(self.trainer):
+                note("LoRA under FSDP: each decoder layer is one unit holding its frozen weights and its adapters, "
+                     "and FSDP keeps gradient memory for the whole unit; the adapters alone train")
             if self.hparams.document_attention == "flex" and self.trainer.strategy.root_device.type == "cpu":
                 raise UsageError("--model.document_attention flex trains on a GPU only (torch has no "
                                  "flex_attention backward on CPU); use sdpa")
@@ -534,14 +540,6 @@ class LitSmolLM(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = strip_compile_prefix(checkpoint.get("state_dict", {}))
         self.check_lora_resume("the checkpoint", checkpoint)
-        if self.lora_base is not None:
-            # It holds the adapters alone; the base, loaded from its source, was checked just now.
-            ours = {"model." + k for k in lora.adapter_state_dict(self.model)}
-            theirs = {k for k in checkpoint["state_dict"] if k.startswith("model.")}
-            if ours != theirs:
-                raise CheckpointError(f"the checkpoint's adapters are {len(theirs)} tensors where this model has "
-                                      f"{len(ours)}: {sorted(ours ^ theirs)[:3]} ...")
-            self.strict_loading = False  # the base's keys are not in it: they are loaded already
         self._resumed_hparams = checkpoint.get("hyper_parameters")
         self._resumed_schedule = checkpoint.get("smollm", {}).get("schedule")
         self._rng_to_restore = checkpoint.get("smollm", {}).get("rng")
@@ -566,11 +564,21 @@ class LitSmolLM(L.LightningModule):
         lora.check_resume(path, checkpoint, self.hparams.lora_rank, self.hparams.lora_alpha,
                           self.hparams.lora_targets)
         saved = checkpoint.get("smollm", {}).get("lora")
-        if saved and self.lora_base is not None and saved["base"]["digest"] != self.lora_base["digest"]:
+        if not saved or self.lora_base is None:
+            return
+        if saved["base"]["digest"] != self.lora_base["digest"]:
             raise CheckpointError(
                 f"the base weights from --model.init_from {self.hparams.init_from} are not those the adapters of "
                 f"{path} were trained on ({saved['base']['init_from']}: their digests differ); give "
                 "--model.init_from the base it was trained from")
+        # It holds the adapters alone, exactly this model's (Lightning loads it unstrictly). Under FSDP,
+        # Lightning has taken the weights out of it by the time on_load_checkpoint sees it; fit has
+        # checked the same dict before.
+        theirs = {k for k in checkpoint.get("state_dict", {}) if k.startswith("model.")}
+        ours = {"model." + k for k in lora.adapter_state_dict(self.model)}
+        if theirs and ours != theirs:
+            raise CheckpointError(f"{path} holds {len(theirs)} adapter tensors where this model has {len(ours)} "
+                                  f"(first differing: {sorted(ours ^ theirs)[0]}); it is not a checkpoint of this run")
 
     def on_fit_start(self) -> None:
         if self.reference is not None:
