@@ -62,6 +62,8 @@ def child(args: argparse.Namespace) -> None:
     with torch.device("meta"):
         model = SmolLM(config)
     model = model.to(dtype).to_empty(device=device)  # the weights allocated once, in the side's dtype
+    if config.tie_word_embeddings:  # to_empty gives the two names a tensor each: tie them again
+        model.lm_head.weight = model.embed_tokens.weight
     model.init_weights()
     if kind == "lora":
         apply_lora(model, args.rank)
@@ -221,7 +223,8 @@ def main() -> None:
             f"{args.threads} threads, torch {torch.__version__}, device {args.device}.\n\n"
             f"{text}\n\n"
             "Peak RSS is the child process's ru_maxrss (its start-up, Python and torch included); the estimate is "
-            "smollm.config.estimate_memory's (errs high). Seconds per step after the first: "
+            "smollm.config.estimate_memory's, made before anything is built (it leaves out the runtime and the "
+            "allocator's slack). Seconds per step after the first: "
             + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()) + ".\n")
 
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -92,3 +94,23 @@ def test_the_slurm_batch_script_runs_fit_under_srun(tmp_path, data):
     assert "device: 1 x cpu (CPU)" in proc.stderr
     assert "continue:    relaunch the same way (srun) with: python -m smollm.fit" in proc.stdout
     assert (tmp_path / "run" / "checkpoints" / "tiny" / "step=000002.ckpt").exists()
+
+
+@pytest.mark.slow
+def test_the_lora_memory_benchmark_measures_each_side_in_its_own_process(tmp_path):
+    """scripts/bench_lora_memory.py at the tiny size: a row per side with its peak RSS, LoRA's trainable
+    parameters those of smollm.lora, and the command in the note."""
+    from smollm.config import ModelConfig
+    from smollm.lora import trainable_count
+
+    note = tmp_path / "lora-memory.md"
+    proc = subprocess.run([sys.executable, "scripts/bench_lora_memory.py", "--preset", "tiny", "--seq_len", "16",
+                           "--steps", "1", "--rank", "4", "--sides", "lora-fp32,full-fp32", "--threads", "1",
+                           "--note", str(note)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = note.read_text()
+    assert "Command: `python scripts/bench_lora_memory.py --preset tiny --seq_len 16" in text
+    lora = f"| LoRA | 2 | fp32 | {trainable_count(ModelConfig.from_name('tiny'), 4):,} ("
+    assert lora in text and "| full fine-tuning | 2 | fp32 | 3,236,672 |" in text
+    assert text.count("GiB | not measured (no GPU lent) |") == 2
