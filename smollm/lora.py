@@ -38,8 +38,7 @@ from smollm.model import DecoderLayer
 
 # Every linear layer of a decoder layer: QLoRA's finding (Dettmers et al. 2023, section 4) is that
 # adapting all of them is what matches full fine-tuning; PEFT's Llama default (q_proj and v_proj, from
-# the original LoRA paper's GPT-3 runs) falls short of it. The alignment handbook's LoRA recipes use
-# these seven.
+# the original LoRA paper's GPT-3 runs) falls short of it.
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_NAMES = ("lora_A", "lora_B")
 
@@ -124,7 +123,8 @@ def check_resume(path: str, checkpoint: dict[str, Any], rank: int | None, alpha:
     if not saved:
         return
     ours = {"rank": rank, "alpha": default_alpha(rank, alpha), "targets": list(targets)}
-    differ = [f"--model.lora_{k} {saved[k]} -> {v}" for k, v in ours.items() if saved[k] != v]
+    same = {"rank": lambda a, b: a == b, "alpha": lambda a, b: a == b, "targets": lambda a, b: sorted(a) == sorted(b)}
+    differ = [f"--model.lora_{k} {saved[k]} -> {v}" for k, v in ours.items() if not same[k](saved[k], v)]
     if differ:
         raise UsageError(f"checkpoint {path} holds other LoRA adapters than this run asks for ({'; '.join(differ)}); "
                          f"resume with the checkpoint's, or {fresh} for new adapters on its merged weights")
