@@ -56,7 +56,7 @@ from smollm.errors import (CheckpointError, DamagedCheckpointError, HFFormatErro
 from smollm.gguf import load_gguf
 from smollm.hf import load_hf, model_from_state, save_hf
 from smollm.io import fsync_dir, fsync_file, load_torch_file, tmp_path
-from smollm.lora import adapter_state_dict, apply_lora, base_digest, merge_lora
+from smollm.lora import adapter_state_dict, apply_lora, base_digest, is_adapter_key, merge_lora
 from smollm.model import SmolLM
 from smollm.output import note
 
@@ -206,8 +206,14 @@ def merged_lora_model(path: str | os.PathLike, checkpoint: dict[str, Any], adapt
     the checkpoint's adapters put on them, and merged: a plain float32 SmolLM in eval mode."""
     record = checkpoint["smollm"]["lora"]
     source = record["base"]["init_from"]
+    held = {k: v for k, v in adapters.items() if not is_adapter_key(k)}  # a random init's base, held beside them
+    adapters = {k: v for k, v in adapters.items() if is_adapter_key(k)}
     try:
-        base = load_model(source).model
+        if source is None:
+            source = "the random init it holds"
+            base = model_from_state(checkpoint_config(checkpoint), held)
+        else:
+            base = load_model(source).model
     except SmolLMError as e:
         raise CheckpointError(f"checkpoint {path} holds LoRA adapters over the base weights {source}, which cannot "
                               f"be loaded: {e}") from None

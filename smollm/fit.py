@@ -79,7 +79,7 @@ class SmolLMCLI(LightningCLI):
         if warning:
             say(warning)
         lora.check_options(cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_dropout, cfg.model.lora_targets,
-                           cfg.model.init_from or cfg.ckpt_path, cfg.model.optimizer)
+                           cfg.model.optimizer)
         check_size_fits(trainer, model_config, cfg.model.optimizer, lora_options(cfg.model))
         check_objective(cfg.model.objective, cfg.data.format)
         root = trainer.default_root_dir or os.getcwd()

@@ -81,7 +81,7 @@ class LoRALinear(nn.Linear):
 
 
 def check_options(rank: Any, alpha: Any = None, dropout: Any = 0.0, targets: Any = TARGETS,
-                  init_from: Any = "given", optimizer: str = "adamw") -> None:
+                  optimizer: str = "adamw") -> None:
     """LoRA's options, each bad one as one line naming it. `rank` None means no LoRA (nothing to check)."""
     if rank is None:
         return
@@ -96,9 +96,6 @@ def check_options(rank: Any, alpha: Any = None, dropout: Any = 0.0, targets: Any
     if isinstance(targets, str) or not targets or not all(isinstance(t, str) for t in targets):
         raise UsageError(f"--model.lora_targets {targets!r}: a list of module names, e.g. "
                          f"[{', '.join(TARGETS)}]")
-    if not init_from:
-        raise UsageError(f"--model.lora_rank {rank} adapts given weights, and this run starts from a random init; "
-                         "give --model.init_from (a Hugging Face folder, a .ckpt, a GGUF or 'smollm2')")
     if optimizer != "adamw":
         raise UsageError(f"--model.optimizer {optimizer} with --model.lora_rank {rank}: LoRA's adapters train with "
                          "AdamW (Muon is for whole hidden-layer matrices; a rank-r factor is not one); drop "

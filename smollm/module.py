@@ -117,8 +117,8 @@ class LitSmolLM(L.LightningModule):
             document_attention: How a batch of packed documents (with document_ids) confines attention
                 to each document: "sdpa" (a bool mask) or "flex" (flex_attention, which skips the
                 masked blocks; it trains on a GPU only). Plain windows use neither.
-            lora_rank: Train LoRA adapters of this rank on the init_from weights, which stay frozen
-                (docs/lora.md); null trains every weight.
+            lora_rank: Train LoRA adapters of this rank on the init_from weights (or a random init), which stay
+                frozen (docs/lora.md); null trains every weight.
             lora_alpha: The adapters' update is scaled by lora_alpha / lora_rank; null means
                 2 x lora_rank (a scaling of 2 at every rank, as litgpt's r 8, alpha 16).
             lora_dropout: Dropout on the adapters' input (PEFT's default 0: none).
@@ -148,7 +148,7 @@ class LitSmolLM(L.LightningModule):
         check_schedule_options(warmup_steps, decay_steps)
         if objective == "dpo" and not (isinstance(dpo_beta, (int, float)) and dpo_beta > 0):
             raise UsageError(f"--model.dpo_beta must be a positive number (0.1 is TRL's default), got {dpo_beta!r}")
-        lora.check_options(lora_rank, lora_alpha, lora_dropout, lora_targets, init_from, optimizer)
+        lora.check_options(lora_rank, lora_alpha, lora_dropout, lora_targets, optimizer)
         self.save_hyperparameters()
         self.config = ModelConfig.from_name(preset, **(config_overrides or {}))
         self._init_tokenizer: tuple[str | None, str | None] = (None, None)  # init_from's (name, ids)
@@ -173,7 +173,9 @@ class LitSmolLM(L.LightningModule):
         # recorded in every checkpoint; None without.
         self.lora_base: dict[str, str] | None = None
         if lora_rank is not None:
-            self.lora_base = {"init_from": base_source(init_from), "digest": lora.base_digest(self.model)}
+            # a random init (no init_from) is named nowhere else: its checkpoints hold it too
+            self.lora_base = {"init_from": base_source(init_from) if init_from else None,
+                              "digest": lora.base_digest(self.model)}
             lora.apply_lora(self.model, lora_rank, lora_alpha, lora_dropout, lora_targets)
             self.lora_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
             # A checkpoint holds the adapters alone (the base is loaded already): Lightning loads it
@@ -534,8 +536,9 @@ class LitSmolLM(L.LightningModule):
             checkpoint["smollm"]["dpo_reference"] = self.reference.state_dict()
         if self.lora_base is not None:  # the adapters alone, and what identifies the frozen base
             checkpoint["smollm"]["lora"] = self.lora_record()
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
-                                        if not k.startswith("model.") or lora.is_adapter_key(k)}
+            if self.lora_base["init_from"] is not None:  # else the base is a random init, kept here as well
+                checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                            if not k.startswith("model.") or lora.is_adapter_key(k)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = strip_compile_prefix(checkpoint.get("state_dict", {}))
@@ -566,6 +569,20 @@ class LitSmolLM(L.LightningModule):
         saved = checkpoint.get("smollm", {}).get("lora")
         if not saved or self.lora_base is None:
             return
+        if (saved["base"]["init_from"] is None) != (self.lora_base["init_from"] is None):
+            raise CheckpointError(
+                f"the adapters of {path} were trained on " + (
+                    "a random init that the checkpoint holds; resume without --model.init_from"
+                    if saved["base"]["init_from"] is None else
+                    f"{saved['base']['init_from']}; resume with --model.init_from {saved['base']['init_from']}"))
+        theirs = {k for k in checkpoint.get("state_dict", {}) if k.startswith("model.")}
+        if saved["base"]["init_from"] is None:  # the base is in the checkpoint: Lightning loads it with the adapters
+            ours = {"model." + k for k in self.model.state_dict()}
+            if theirs and ours != theirs:
+                raise CheckpointError(f"{path} holds {len(theirs)} tensors where this model has {len(ours)} (first "
+                                      f"differing: {sorted(ours ^ theirs)[0]}); it is not a checkpoint of this run")
+            self.lora_base = dict(saved["base"])
+            return
         if saved["base"]["digest"] != self.lora_base["digest"]:
             raise CheckpointError(
                 f"the base weights from --model.init_from {self.hparams.init_from} are not those the adapters of "
@@ -574,7 +591,6 @@ class LitSmolLM(L.LightningModule):
         # It holds the adapters alone, exactly this model's (Lightning loads it unstrictly). Under FSDP,
         # Lightning has taken the weights out of it by the time on_load_checkpoint sees it; fit has
         # checked the same dict before.
-        theirs = {k for k in checkpoint.get("state_dict", {}) if k.startswith("model.")}
         ours = {"model." + k for k in lora.adapter_state_dict(self.model)}
         if theirs and ours != theirs:
             raise CheckpointError(f"{path} holds {len(theirs)} adapter tensors where this model has {len(ours)} "
