@@ -11,7 +11,7 @@ streaming pass that writes the bytes (`HashingWriter`), and verified by one stre
 from __future__ import annotations
 
 import os
-from typing import BinaryIO
+from typing import Any, BinaryIO, Callable
 
 import xxhash
 
@@ -76,3 +76,18 @@ def file_digest(path: str | os.PathLike, chunk: int = CHUNK) -> str:
             h.update(view[:n])
     return h.digest()
 
+
+def state_digest(module: Any, skip: Callable[[str], bool] | None = None) -> str:
+    """The digest of a module's weights: every state-dict entry (but those `skip` names) by name,
+    dtype, shape and bytes, in name order: the same weights give the same digest whatever file they
+    were read from."""
+    import torch
+
+    h = Hasher()
+    for key, value in sorted(module.state_dict().items()):
+        if skip is not None and skip(key):
+            continue
+        t = value.detach().to("cpu").contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().data if t.numel() else b"")
+    return h.digest()

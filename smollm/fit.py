@@ -44,7 +44,8 @@ from smollm.console import Console, print_summary, resume_command, setup_output
 from smollm.data import TextDataModule
 from smollm.errors import SmolLMError, UsageError
 from smollm.io import check_writable
-from smollm.module import LitSmolLM, check_objective
+from smollm.dpo import check_objective
+from smollm.module import LitSmolLM
 from smollm.optim import check_clipping, check_precision, check_strategy
 from smollm.output import global_rank, say, warn
 from smollm.preflight import (check_accelerator, check_fresh_folder, check_memory, check_resume, check_run_length,

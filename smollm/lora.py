@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smollm.digest import Hasher
+from smollm.digest import state_digest
 from smollm.errors import UsageError
 from smollm.model import DecoderLayer
 
@@ -227,11 +227,4 @@ def base_digest(model: nn.Module) -> str:
     """The digest of the base weights (every entry of the state dict but the adapters, by name,
     dtype, shape and bytes, in name order): the same weights give the same digest whatever file
     they were read from."""
-    h = Hasher()
-    for key, value in sorted(model.state_dict().items()):
-        if is_adapter_key(key):
-            continue
-        t = value.detach().to("cpu").contiguous()
-        h.update(f"{key}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().data if t.numel() else b"")
-    return h.digest()
+    return state_digest(model, skip=is_adapter_key)

@@ -11,7 +11,6 @@ smollm.config). Its typed, documented __init__ arguments are the `--model.*` opt
 
 from __future__ import annotations
 
-import copy
 import inspect
 import math
 import os
@@ -25,8 +24,7 @@ from smollm import lora
 from smollm.assets import WEIGHT_ASSETS
 from smollm.checkpoint import load_model, rng_state, set_rng_state, strip_compile_prefix, tokenizer_ids, vocab_digest
 from smollm.config import ModelConfig
-from smollm.digest import Hasher
-from smollm.dpo import preference_loss, reward_means, reward_sums
+from smollm.dpo import Reference, check_objective, preference_loss, reward_means, reward_sums
 from smollm.errors import CheckpointError, InitFromError, NonFiniteError, UsageError
 from smollm.model import SmolLM
 from smollm.optim import (OPTIMIZER_SETTINGS, SCHEDULE_SETTINGS, apply_settings, check_clipping, check_strategy,
@@ -636,77 +634,6 @@ class LitSmolLM(L.LightningModule):
         reference.logps = self.trainer.strategy.reduce(table, reduce_op="sum") if world > 1 else table
         say(f"DPO reference: {len(loader.dataset) * world:,} pairs' log-probabilities precomputed under the initial "
             "weights (--model.dpo_precompute_reference)")
-
-
-class Reference:
-    """DPO's reference model, behind `LitSmolLM.reference_logps`: a frozen copy of the initial weights
-    (`model`; not a submodule of the LightningModule, so it is neither trained, nor saved with the
-    weights, nor wrapped by DDP), or with `precompute`, no copy but each pair's log-probabilities
-    under those weights (`logps` (n_pairs, 2): chosen, rejected), scored before training.
-
-    A checkpoint records what makes a resume exact: for the copy, the digest of its weights (the copy
-    itself is rebuilt from --model.init_from, which smollm.fit keeps on resume for this); for the
-    precomputed kind, the table itself and the key of the token cache it was scored on."""
-
-    def __init__(self, model: SmolLM, precompute: bool = False, adapters: bool = False) -> None:
-        self.model: SmolLM | None = None
-        self.logps: torch.Tensor | None = None
-        self.digest: str | None = None
-        self.data_key: str | None = None  # the token cache's key (bind_data): what a precomputed table scored
-        # LoRA: the policy with its adapters off is the reference; the checkpoint's LoRA record identifies the base
-        self.adapters = adapters and not precompute
-        if not precompute and not adapters:
-            self.model = copy.deepcopy(model).eval().requires_grad_(False)
-            self.digest = weights_digest(self.model)
-
-    def state_dict(self) -> dict[str, Any]:
-        if self.adapters:
-            return {"kind": "adapters off"}
-        if self.model is not None:
-            return {"kind": "frozen", "digest": self.digest}
-        return {"kind": "precomputed", "logps": None if self.logps is None else self.logps.detach().cpu(),
-                "data_key": self.data_key}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        kind = "adapters off" if self.adapters else "frozen" if self.model is not None else "precomputed"
-        if state.get("kind") != kind:
-            raise UsageError(f"the checkpoint's DPO reference is {state.get('kind') or 'absent'}, this run's "
-                             f"{kind}; keep --model.dpo_precompute_reference as the checkpoint's run had it")
-        if kind == "adapters off":
-            return
-        if kind == "frozen":
-            if state.get("digest") != self.digest:
-                raise InitFromError("the DPO reference rebuilt from --model.init_from is not the one the checkpoint's run "
-                                    "started from (its weights' digest differs): resume with the same --model.init_from "
-                                    "weights, unchanged")
-            return
-        if state.get("data_key") != self.data_key and self.data_key is not None:
-            raise UsageError("the checkpoint's precomputed DPO reference scored other preference pairs than the data "
-                             "given now (another token cache); resume on the checkpoint's data")
-        self.logps = state.get("logps")
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    """The digest of a model's weights: names, dtypes, shapes and bytes, in state-dict order."""
-    hasher = Hasher()
-    for name, tensor in model.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        hasher.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        if t.numel():
-            hasher.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-    return hasher.digest()
-
-
-def check_objective(objective: str, data_format: str | None) -> None:
-    """Preference pairs are DPO's data, and DPO's only: one line for any other pairing."""
-    if data_format is None:
-        return
-    if objective == "dpo" and data_format != "preference":
-        raise UsageError(f"--model.objective dpo trains on preference pairs, but --data.format is {data_format}; "
-                         "set --data.format preference (records with prompt, chosen and rejected)")
-    if objective != "dpo" and data_format == "preference":
-        raise UsageError(f"--data.format preference holds pairs for DPO, but --model.objective is {objective}; "
-                         "set --model.objective dpo (or --data.format chat to fine-tune on conversations)")
 
 
 def load_weights(path: str) -> tuple[SmolLM, str | None, str | None]:

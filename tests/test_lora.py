@@ -9,7 +9,6 @@ are fitutil's corpus and test_sft's conversations.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
