@@ -20,7 +20,11 @@ Corpora: "stdlib", the project's default corpus (this Python's standard library 
 "prose", English prose: the paragraphs (<p> elements; code listings, tables and navigation
 dropped) of the Rust project's books as the rustup toolchain ships them, offline, in
 share/doc/rust/html (The Rust Programming Language, the Reference, the Rustonomicon, Cargo,
-rustc, Rust by Example, ...): technical English about programming, written by people.
+rustc, Rust by Example, ...): technical English about programming, written by people; and
+"man", this machine's manual pages as their roff source (sections 1-8 in English, comment lines,
+`.so` redirections and the 16,631 generated gcloud pages left out): a markup language
+interleaved with terse reference English, in many short documents. scripts/bench_recipe.py runs
+the staged comparison of rates, schedules and document masking on the same pieces.
 
 Printed: the held-out loss of every run at every point, the best learning rate of each side (by
 the mean final loss over seeds), the ratio tokens Muon needs to reach AdamW's best final held-out
@@ -103,6 +107,38 @@ def prose_corpus(folder: Path) -> list[str]:
     return sorted(str(p) for p in folder.glob("*.txt"))
 
 
+def man_pages() -> list[Path]:
+    """This machine's English manual pages (sections 1-8), sorted, minus the generated gcloud ones."""
+    root = Path("/usr/share/man")
+    return sorted(p for d in range(1, 9) for p in (root / f"man{d}").glob("*")
+                  if p.is_file() and not p.is_symlink() and not p.name.startswith("gcloud"))
+
+
+def man_corpus(folder: Path) -> list[str]:
+    """Write one text file per manual page's roff source into `folder` (once), comment lines
+    dropped, `.so` redirections and pages under 200 bytes left out, in a fixed shuffled order."""
+    import gzip
+
+    done = folder / "DONE"
+    if not done.exists():
+        pages = []
+        for path in man_pages():
+            raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+            text = raw.decode("utf-8", errors="replace")
+            if text.startswith(".so ") or len(text) < 200:
+                continue
+            lines = [line for line in text.splitlines() if not line.startswith(('.\\"', "'\\\"", '.\\#'))]
+            pages.append("\n".join(lines).strip() + "\n")
+        if not pages:
+            sys.exit("error: no manual page found under /usr/share/man/man1-8; choose other --corpora")
+        random.Random(0).shuffle(pages)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, text in enumerate(pages):
+            (folder / f"{i:05d}.txt").write_text(text, encoding="utf-8")
+        done.write_text(json.dumps({"pages": len(pages)}))
+    return sorted(str(p) for p in folder.glob("*.txt"))
+
+
 def train_tokenizer(folder: Path, files: list[str], max_bytes: int = 8_000_000) -> str:
     """A byte-level BPE of MODEL's vocabulary trained on (up to `max_bytes` of) `files`, saved as
     a Hugging Face tokenizer folder, EOS "<|endoftext|>" as SmolLM2's."""
@@ -129,31 +165,56 @@ def train_tokenizer(folder: Path, files: list[str], max_bytes: int = 8_000_000) 
     return str(folder)
 
 
-def data_module(corpus: str, work: Path, seed: int, args):
+CORPORA = ("stdlib", "prose", "man")
+
+
+def data_module(corpus: str, work: Path, seed: int, args, seq_len: int | None = None,
+                batch_size: int | None = None, document_mask: bool = False):
+    """The corpus's TextDataModule (windows of `seq_len`, default args.seq_len); with
+    `document_mask`, its batches carry "document_ids" as --data.document_mask gives them."""
     from smollm.data import TextDataModule
     from smollm.data.sources import stdlib_files
 
     if corpus == "stdlib":
         files, source = ["@stdlib"], [str(p) for p in stdlib_files()]
+    elif corpus == "man":
+        files = source = man_corpus(work / "man")
     else:
         files = source = prose_corpus(work / "prose")
     tokenizer = train_tokenizer(work / f"tokenizer-{corpus}", source)
-    dm = TextDataModule(files=files, tokenizer=tokenizer, seq_len=args.seq_len, batch_size=args.batch_size,
-                        val_fraction=args.val_fraction, max_val_windows=args.eval_windows, num_workers=0,
-                        seed=seed, cache_dir=str(work / "cache"), max_tokens=args.max_tokens)
+    dm = TextDataModule(files=files, tokenizer=tokenizer, seq_len=seq_len or args.seq_len,
+                        batch_size=batch_size or args.batch_size, val_fraction=args.val_fraction,
+                        max_val_windows=args.eval_windows, num_workers=0, seed=seed, cache_dir=str(work / "cache"),
+                        max_tokens=args.max_tokens, document_mask=document_mask)
     dm.prepare_data()
     dm.setup("fit")
     return dm
 
 
-def run(corpus: str, optimizer: str, lr: float, seed: int, dm, args) -> dict:
-    """Train one model; return its held-out loss at each evaluation step and its step times."""
+def held_out(model, dm, batch_size: int, per_document: bool = False) -> float:
+    """Held-out loss over the corpus's first held-out windows (smollm.evaluate.score); with
+    `per_document`, each document within a window attended to on its own (the document_ids that
+    --data.document_mask's collate gives), else each window as one causal sequence."""
+    from smollm.data.module import DocumentIds
     from smollm.evaluate import batches, score
+
+    windows = dm.val_windows()
+    if not per_document:
+        return score(model, batches(windows, batch_size)).loss
+    collate = DocumentIds(dm.tokenizer.eos_token_id)
+    return score(model, (collate([windows[j] for j in range(i, min(len(windows), i + batch_size))])
+                         for i in range(0, len(windows), batch_size))).loss
+
+
+def run(corpus: str, optimizer: str, lr: float, seed: int, dm, args, schedule: str = "wsd") -> dict:
+    """Train one model; return its held-out loss at each evaluation step and its step times.
+    A `dm` built with document_mask trains with document_ids (attention within documents). The
+    final model is also scored per document ("loss_per_document")."""
     from smollm.module import LitSmolLM
 
     torch.manual_seed(seed)
     lit = LitSmolLM(preset="tiny", config_overrides=MODEL, optimizer=optimizer, learning_rate=lr,
-                    warmup_steps=args.warmup, decay_steps=args.steps, schedule="wsd", min_lr_ratio=0.1,
+                    warmup_steps=args.warmup, decay_steps=args.steps, schedule=schedule, min_lr_ratio=0.1,
                     weight_decay=0.01, grad_clip=1.0)
     model = lit.model.train()
     configured = lit.configure_optimizers()  # exactly what smollm.fit trains with
@@ -162,24 +223,25 @@ def run(corpus: str, optimizer: str, lr: float, seed: int, dm, args) -> dict:
     every = max(1, args.steps // args.points)
     for step, batch in enumerate(dm.train_dataloader(), start=1):
         start = time.perf_counter()
-        loss = train_step(model, opt, scheduler, batch["input_ids"])
+        loss = train_step(model, opt, scheduler, batch["input_ids"], batch.get("document_ids"))
         step_times.append(time.perf_counter() - start)
         if step % every == 0 or step == args.steps:
-            held_out = score(model, batches(dm.val_windows(), args.batch_size)).loss
+            evals.append((step, held_out(model, dm, dm.batch_size)))
             model.train()
-            evals.append((step, held_out))
         if step == args.steps:
             break
-    tokens_per_step = args.batch_size * args.seq_len
-    return {"corpus": corpus, "optimizer": optimizer, "lr": lr, "seed": seed,
+    tokens_per_step = dm.batch_size * dm.seq_len
+    return {"corpus": corpus, "optimizer": optimizer, "lr": lr, "seed": seed, "schedule": schedule,
+            "seq_len": dm.seq_len, "document_mask": dm.document_mask,
             "tokens": [s * tokens_per_step for s, _ in evals], "loss": [v for _, v in evals],
+            "loss_per_document": held_out(model, dm, dm.batch_size, per_document=True),
             "s_per_step": statistics.median(step_times[5:] or step_times),
             "train_loss": loss.item()}
 
 
-def train_step(model, opt, scheduler, ids: torch.Tensor) -> torch.Tensor:
+def train_step(model, opt, scheduler, ids: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
     """One optimizer step as smollm.fit takes it (chunked loss, clipping at 1.0, the schedule)."""
-    loss = model.loss(ids[:, :-1], ids[:, 1:], chunk_size=8192)
+    loss = model.loss(ids[:, :-1], ids[:, 1:], document_ids=document_ids, chunk_size=8192)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
@@ -270,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2],
                         help="peak learning rates tried by each side (Muon: both groups)")
-    parser.add_argument("--corpora", nargs="+", default=["stdlib", "prose"], choices=["stdlib", "prose"])
+    parser.add_argument("--corpora", nargs="+", default=["stdlib", "prose"], choices=CORPORA)
     parser.add_argument("--timing-steps", type=int, default=20, help="paired steps timed per corpus")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)

@@ -114,3 +114,55 @@ def test_the_lora_memory_benchmark_measures_each_side_in_its_own_process(tmp_pat
     lora = f"| LoRA | 2 | fp32 | {trainable_count(ModelConfig.from_name('tiny'), 4):,} ("
     assert lora in text and "| full fine-tuning | 2 | fp32 | 3,236,672 |" in text
     assert text.count("GiB | not measured (no GPU lent) |") == 2
+
+
+def test_the_recipe_benchmark_resumes_from_its_json_and_takes_only_what_wins_on_every_corpus(tmp_path):
+    """scripts/bench_recipe.py with every run already in its JSON trains nothing (a resumed stage
+    skips finished runs), and its verdict takes a choice only where it wins on every corpus: here
+    Muon wins on both, cosine on one of two (so warmup-stable-decay stays), and document masking
+    wins for Muon on both scored both ways but for AdamW only when scored as windows."""
+    grid = {"adamw": [0.01, 0.02], "muon": [0.03, 0.06]}
+    finals = {"adamw": {0.01: 5.0, 0.02: 5.2}, "muon": {0.03: 4.8, 0.06: 4.9}}
+    cosine = {("stdlib", "muon"): -0.1, ("prose", "muon"): +0.1, ("stdlib", "adamw"): +0.1, ("prose", "adamw"): +0.1}
+    runs = {}
+
+    def add(corpus, optimizer, lr, seed, schedule="wsd", mask=False, final=None, per_document=None):
+        final = final if final is not None else finals[optimizer][lr] + 0.01 * seed
+        runs[f"{corpus}|{optimizer}|{lr:g}|{seed}|{schedule}|4|{'mask' if mask else 'nomask'}"] = {
+            "corpus": corpus, "optimizer": optimizer, "lr": lr, "seed": seed, "schedule": schedule, "seq_len": 4,
+            "document_mask": mask, "tokens": [4, 8], "loss": [final + 1, final],
+            "loss_per_document": final if per_document is None else per_document, "s_per_step": 0.1,
+            "train_loss": final}
+
+    for corpus in ("stdlib", "prose"):
+        for optimizer, lrs in grid.items():
+            for lr in lrs:
+                add(corpus, optimizer, lr, 0)
+            best = lrs[0]
+            add(corpus, optimizer, best, 1)
+            for seed in (0, 1):
+                add(corpus, optimizer, best, seed, "cosine", final=finals[optimizer][best] + cosine[corpus, optimizer])
+                on = finals[optimizer][best] - 0.05
+                add(corpus, optimizer, best, seed, mask=True, final=on,
+                    per_document=on if optimizer == "muon" else on + 0.1)
+    stats = {"documents": 3, "tokens": 100, "train_windows": 20, "cut_share_4": 0.1, "val_windows_4": 2}
+    timings = {f"{c}|{k}": v for c in ("stdlib", "prose") for k, v in
+               (("optimizers", {"adamw": 0.1, "muon": 0.11}),
+                ("masks", {"adamw": 0.1, "adamw+mask": 0.12, "muon": 0.11, "muon+mask": 0.13}))}
+    (tmp_path / "bench.json").write_text(json.dumps({"runs": runs, "timings": timings, "corpora": {
+        "stdlib": stats, "prose": stats}}))
+    proc = subprocess.run([sys.executable, "scripts/bench_recipe.py", "--corpora", "stdlib", "prose", "--steps", "2",
+                           "--points", "2", "--seq-len", "4", "--batch-size", "1", "--adamw-lrs", "0.01", "0.02",
+                           "--muon-lrs", "0.03", "0.06", "--json", str(tmp_path / "bench.json"),
+                           "--notes", str(tmp_path / "recipe.md"), "--work", str(tmp_path / "work")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (tmp_path / "work").exists()  # nothing was prepared, let alone trained
+    assert json.loads((tmp_path / "bench.json").read_text())["runs"] == runs
+    text = (tmp_path / "recipe.md").read_text()
+    rows = {line.split(" | ")[0].strip("| "): line.rsplit(" | ", 1)[1] for line in
+            text.split("## Verdict")[1].splitlines() if line.startswith(("| optimizer |", "| schedule (", "| document mask ("))}
+    assert rows == {"optimizer": "**muon** |", "schedule (adamw)": "**wsd** |", "schedule (muon)": "**wsd** |",
+                    "document mask (adamw)": "**off** |", "document mask (muon)": "**on** |"}
+    assert "| muon | 0.03 (best; the grid's edge) |" in text
+    assert "nice python scripts/bench_recipe.py --corpora stdlib prose" in text
