@@ -53,7 +53,8 @@ def fit_args(root: Path, corpus: Path, tokenizer: Path, max_steps: int, every: i
              extra: list[str] | None = None) -> list[str]:
     """Command-line arguments of a tiny CPU run: ~300-token vocabulary, 16-token windows. The
     global batch is not set (tiny.yaml's is), so it is batch_size x processes unless `extra`
-    sets it."""
+    sets it. The optimizer and schedule are pinned (AdamW, cosine: what the tests' expected
+    rates and optimizer states are written for, and what FSDP takes), whatever tiny.yaml's demo uses."""
     return [
         "--config", str(ROOT / "configs" / "tiny.yaml"),
         "--trainer.default_root_dir", str(root),
@@ -66,6 +67,8 @@ def fit_args(root: Path, corpus: Path, tokenizer: Path, max_steps: int, every: i
         "--model.warmup_steps", "3",
         "--model.decay_steps", "20",
         "--model.learning_rate", "0.01",
+        "--model.optimizer", "adamw",
+        "--model.schedule", "cosine",
         "--model.sample_tokens", "4",
         "--data.files", json.dumps([str(corpus)]),
         "--data.tokenizer", str(tokenizer),

@@ -46,6 +46,8 @@ def sft_args(root: Path, data, extra: list[str] = ()) -> list[str]:
         "--trainer.enable_progress_bar", "false",
         "--model.config_overrides", VOCAB,
         "--model.learning_rate", "0.01",
+        "--model.optimizer", "adamw",  # pinned, whatever tiny.yaml's demo uses
+        "--model.schedule", "cosine",
         "--model.warmup_steps", "0.25",
         "--model.decay_steps", "null",
         "--model.min_lr_ratio", "0.0",
