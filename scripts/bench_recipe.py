@@ -1,7 +1,7 @@
 """The default recipe decided by measurement: Muon's and AdamW's rates, the schedule, document masking.
 
     nice python scripts/bench_recipe.py [--stages rates seeds schedules masks report]
-        [--corpora stdlib prose man] [--seeds 0 1] [--json notes/bench-recipe-cpu.json]
+        [--corpora stdlib prose man] [--seeds 0 1] [--json notes/recipe-cpu.json]
 
 A staged search on scripts/bench_optim.py's pieces (the same small model, per-corpus 2,048-token
 BPE, the optimizer and schedule smollm.fit builds, TextDataModule's (seed, step) order, held-out
@@ -255,9 +255,12 @@ def report(res: Results, args) -> str:
     v = verdicts(res, args)
     L, Lm = args.seq_len, args.mask_seq_len
     lines = ["# The default recipe decided by measurement (CPU): optimizer and rate, schedule, document masking", "",
-             "Written by `scripts/bench_recipe.py` from its JSON ([bench-recipe-cpu.json](bench-recipe-cpu.json)); "
-             "the commands that made it:", ""]
-    lines += [f"    {c}" for c in res.commands] + [""]
+             f"Written by `scripts/bench_recipe.py` from its JSON ([{args.json.name}]({args.json.name})"
+             + (f"; its printed output: [{txt.name}]({txt.name})" if (txt := args.notes.with_suffix(".txt")).exists()
+                else "") + "); the commands that made it:", ""]
+    lines += [f"    {c}" for c in res.commands]
+    lines += ["", "(Every command resumes from the JSON and skips the runs it holds: stages can run one at a time, "
+              "in any order after `rates`, and a crash loses only the run in progress.)", ""]
     lines += [
         f"Setup: scripts/bench_optim.py's model (width 128, 4 layers, MLP 384, 4/2 heads of 32; 1.05M parameters, "
         f"786k of them the decoder matrices Muon takes) with a 2,048-token byte-level BPE trained on each corpus; "
@@ -351,11 +354,12 @@ def verdict_text(v: dict, args) -> list[str]:
         return []
     rows, wins = [], {}
 
-    def row(name: str, per: dict[str, str | None], winner_if_all: str, fallback: str) -> None:
+    def row(name: str, per: dict[str, str | None], *options: str) -> None:
+        """The choice of `options` that wins on every corpus, else "neither" (the configs keep theirs)."""
         cells = [per.get(c) or "-" for c in corpora]
         done = all(per.get(c) for c in corpora)
-        every = done and all(per[c].startswith(winner_if_all) for c in corpora)
-        wins[name] = winner_if_all if every else (fallback if done else None)
+        every = [o for o in options if done and all(per[c].startswith(o + " ") for c in corpora)]
+        wins[name] = (every[0] if every else "neither") if done else None
         rows.append(f"| {name} | " + " | ".join(cells) + f" | {'**' + wins[name] + '**' if done else 'not measured'} |")
 
     def only(seeds: list[int]) -> str:
@@ -370,7 +374,7 @@ def verdict_text(v: dict, args) -> list[str]:
 
     row("optimizer", {c: cmp(v[c]["wsd"]["muon"], v[c]["wsd"]["adamw"], "muon", "adamw") for c in corpora},
         "muon", "adamw")
-    chosen = wins["optimizer"] or "adamw"
+    chosen = wins["optimizer"] if wins["optimizer"] in SIDES else "adamw"
     rates = {c: v[c]["best"][chosen] for c in corpora}
     rows.append(f"| {chosen}'s best rate | " + " | ".join(f"{rates[c]:g}" for c in corpora) + " | |")
     for o in SIDES:
@@ -423,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("SMOLLM_CACHE", Path.home() / ".cache" /
                                                                           "smollm")) / "bench_optim")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--json", type=Path, default=ROOT / "notes" / "bench-recipe-cpu.json")
+    parser.add_argument("--json", type=Path, default=ROOT / "notes" / "recipe-cpu.json")
     parser.add_argument("--notes", type=Path, default=ROOT / "notes" / "recipe-cpu.md")
     args = parser.parse_args(argv)
     args.mask_seq_len = args.mask_seq_len or args.seq_len
