@@ -81,6 +81,8 @@ def dpo_args(root: Path, data, extra: list[str] = ()) -> list[str]:
         "--model.objective", "dpo",
         "--model.dpo_beta", "0.5",
         "--model.learning_rate", "0.003",
+        "--model.optimizer", "adamw",  # pinned, whatever tiny.yaml's demo uses (LoRA refuses Muon)
+        "--model.schedule", "cosine",
         "--model.warmup_steps", "2",
         "--model.decay_steps", "10",
         "--model.sample_tokens", "2",
