@@ -74,6 +74,12 @@ class SmolLMCLI(LightningCLI):
         check_run_length(trainer)
         model_config = ModelConfig.from_name(cfg.model.preset, **(cfg.model.config_overrides or {}))
         self.launcher = take_processes_from_launcher(trainer, self.argv)
+        if cfg.model.lora_rank is not None and cfg.model.optimizer == "muon":
+            # Muon orthogonalizes whole hidden-layer matrices, and under LoRA those are frozen: what
+            # trains (the adapters) is AdamW's either way, so a config's Muon default does not stop LoRA.
+            say("LoRA: the adapters train with AdamW (--model.optimizer muon takes whole hidden-layer matrices, and "
+                "those stay frozen)")
+            cfg.model.optimizer = "adamw"
         check_strategy(cfg.model.optimizer, trainer.strategy)
         check_clipping(cfg.model.grad_clip, trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
         warning = check_precision(trainer.precision)

@@ -266,6 +266,20 @@ def test_lora_on_a_random_init_trains_the_adapters_alone_resumes_exactly_and_kee
     assert "were trained on a random init that the checkpoint holds; resume without --model.init_from" in err
 
 
+def test_a_configs_muon_default_trains_the_adapters_with_adamw(tmp_path, text_data, capsys):
+    """The configs say Muon; under LoRA the hidden-layer matrices Muon takes are frozen, so the command
+    line trains the adapters with AdamW, says so, and records AdamW (a resume finds the same)."""
+    from smollm.checkpoint import read_checkpoint
+
+    assert main(text_args(tmp_path, text_data, 1, [*LORA, "--model.optimizer", "muon"])) == 0
+    assert "LoRA: the adapters train with AdamW (--model.optimizer muon takes whole hidden-layer matrices" \
+        in capsys.readouterr().err
+    saved = read_checkpoint(ckpt(tmp_path, 1))
+    assert saved["hyper_parameters"]["optimizer"] == "adamw"
+    assert [g["name"] for g in saved["optimizer_states"][0]["param_groups"]] == ["decay", "no_decay"]
+    assert main(text_args(tmp_path, text_data, 2, [*LORA, "--model.optimizer", "muon", "--ckpt_path", "last"])) == 0
+
+
 @pytest.mark.parametrize("extra, says", [
     (["--model.lora_rank", "0"], "--model.lora_rank 0: the rank of LoRA's adapters must be a positive whole number"),
     (["--model.lora_rank", "-4"], "--model.lora_rank -4: the rank of LoRA's adapters must be a positive whole number"),
@@ -274,8 +288,6 @@ def test_lora_on_a_random_init_trains_the_adapters_alone_resumes_exactly_and_kee
     ([*LORA, "--model.lora_targets", '["q_proj", "qproj"]'],
      "--model.lora_targets: 'qproj' names no linear layer of the model; the decoder layers' are q_proj, k_proj"),
     ([*LORA, "--model.lora_targets", '["lm_head"]'], "it shares the embedding's matrix: tied weights stay frozen"),
-    ([*LORA, "--model.optimizer", "muon"], "--model.optimizer muon with --model.lora_rank 4: LoRA's adapters train "
-                                           "with AdamW"),
 ])
 def test_bad_lora_options_are_one_line(tmp_path, text_data, capsys, extra, says):
     err = one_line(capsys, main(text_args(tmp_path, text_data, 2, extra)))
