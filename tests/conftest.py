@@ -18,8 +18,6 @@ def pytest_configure(config) -> None:
         threads = max(1, (os.cpu_count() or 1) // workers)
         os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
-    if getattr(config.option, "dist", None) == "load":  # `-n auto`: keep an xdist_group's tests on one worker
-        config.option.dist = "loadgroup"
 
 
 TEXT = [

@@ -18,9 +18,7 @@ from smollm.errors import DownloadError
 from smollm.generate import generate
 from smollm.hf import load_hf
 
-# one worker takes every test here under `-n auto` (conftest's loadgroup): the fixtures below read
-# the 135m weights three ways, once.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("real-weights")]
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [
