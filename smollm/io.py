@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from typing import IO, Any
@@ -64,6 +65,25 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[str]:
+    """A temporary folder beside `path` to fill (yielded, not yet created); when the block ends
+    without an error it takes the place of `path`, replacing a half-made or damaged one. If another
+    process puts its own there first, theirs stays. On an error `path` is untouched."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}-") as tmp:
+        staged = os.path.join(tmp, os.path.basename(path))
+        yield staged
+        shutil.rmtree(path, ignore_errors=True)
+        try:
+            os.rename(staged, path)
+        except OSError:  # another process put its own there in between
+            if not os.path.isdir(path):
+                raise
+        fsync_dir(os.path.dirname(path))
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
