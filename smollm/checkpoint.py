@@ -40,8 +40,6 @@ import json
 import os
 import random
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -55,7 +53,7 @@ from smollm.errors import (CheckpointError, DamagedCheckpointError, HFFormatErro
                            UnsafeFileError, UsageError, first_line)
 from smollm.gguf import load_gguf
 from smollm.hf import load_hf, model_from_state, save_hf
-from smollm.io import fsync_dir, fsync_file, load_torch_file, tmp_path
+from smollm.io import atomic_folder, fsync_dir, fsync_file, load_torch_file, tmp_path
 from smollm.lora import adapter_state_dict, apply_lora, base_digest, is_adapter_key, merge_lora
 from smollm.model import SmolLM
 from smollm.output import note
@@ -307,26 +305,24 @@ def asset_model(name: str) -> tuple[SmolLM, str]:
     beside a record of its file's digest, and read back in seconds; a copy that does not match its
     record (a crash, a damaged disk) is made again from the GGUF."""
     folder = cache_dir_path() / f"{name}-weights"
-    record_path = folder / "smollm-record.json"
+    gguf = asset_weights(name)
+    source = file_digest(gguf)  # another GGUF put in its place is other weights
     try:
-        record = json.loads(record_path.read_text())
-        if file_digest(folder / "model.safetensors") == record["digest"]:
+        record = json.loads((folder / "smollm-record.json").read_text())
+        if record["source_digest"] != source:
+            note(f"{folder}: kept from another file than {gguf} is now; made again from it")
+        elif file_digest(folder / "model.safetensors") == record["digest"]:
             return load_hf(folder).eval(), record["vocab_digest"]
-        note(f"{folder}: its weights no longer match their record; made again from the GGUF")
+        else:
+            note(f"{folder}: its weights no longer match their record; made again from the GGUF")
     except (OSError, ValueError, KeyError, TypeError, SmolLMError):
         pass  # not made yet, or half made
-    model, tokenizer = load_gguf(asset_weights(name))
-    record = {"source": asset_weights(name).name, "vocab_digest": vocab_digest(tokenizer)}
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{name}-weights-") as tmp:
-        staged = save_hf(model, Path(tmp) / "weights")
-        record["digest"] = file_digest(staged / "model.safetensors")
-        (staged / "smollm-record.json").write_text(json.dumps(record, indent=1) + "\n")
-        shutil.rmtree(folder, ignore_errors=True)  # a damaged or half-made copy
-        try:
-            os.rename(staged, folder)
-        except OSError:  # another process made it first
-            pass
+    model, tokenizer = load_gguf(gguf)
+    record = {"source": gguf.name, "source_digest": source, "vocab_digest": vocab_digest(tokenizer)}
+    with atomic_folder(folder) as staged:
+        save_hf(model, staged)
+        record["digest"] = file_digest(Path(staged) / "model.safetensors")
+        (Path(staged) / "smollm-record.json").write_text(json.dumps(record, indent=1) + "\n")
     return model.eval(), record["vocab_digest"]
 
 

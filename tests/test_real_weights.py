@@ -93,6 +93,14 @@ def test_smollm2_is_dequantized_once_and_its_kept_copy_is_checked(gguf, ours, re
     assert len(reads) == 2 and "no longer match their record; made again" in capsys.readouterr().err
     assert all(torch.equal(got[k], v) for k, v in want.items())
     assert checkpoint.load_model("smollm2") and len(reads) == 2
+    # another GGUF put in the cache folder (the download's hint says to): the kept copy is not its weights
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"GGUF another file")
+    (tmp_path / gguf.name).unlink()
+    (tmp_path / gguf.name).symlink_to(other)
+    capsys.readouterr()
+    checkpoint.load_model("smollm2")
+    assert len(reads) == 3 and "kept from another file than" in capsys.readouterr().err
 
 
 def test_converted_dir_loads_everywhere(converted, ours, reference):
