@@ -23,6 +23,7 @@ from smollm.dpo import preference_loss
 from smollm.errors import DataError
 from smollm.fit import main
 from test_data_chat import chat_tokenizer, conversations, write_jsonl
+from test_sft import final, one_line
 
 VOCAB = '{"vocab_size": 640}'
 
@@ -97,17 +98,6 @@ def dpo_args(root: Path, data, extra: list[str] = ()) -> list[str]:
         "--checkpoint.every_n_train_steps", "1000",
         *extra,
     ]
-
-
-def one_line(capsys, code: int) -> str:
-    assert code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: ") and not any("Traceback" in line for line in err), err
-    return err[-1]
-
-
-def final(root: Path) -> dict:
-    return torch.load(root / "checkpoints" / "tiny" / "last.ckpt", weights_only=True)
 
 
 # ---- pairs -> tokens ----
