@@ -300,8 +300,8 @@ def load_model(path: str | os.PathLike, option: str | None = None) -> LoadedMode
 
 def asset_model(name: str) -> tuple[SmolLM, str]:
     """The weights an asset name ("smollm2") stands for, as a float32 SmolLM in eval mode, and the
-    `vocab_digest` of the tokenizer its GGUF carries. Dequantizing the GGUF through transformers
-    takes most of a minute, so the result is kept once in the cache folder as a Hugging Face folder
+    `vocab_digest` of the tokenizer its GGUF carries. Reading the GGUF (dequantizing it, parsing its
+    tokenizer) takes tens of seconds, so the result is kept once in the cache folder as a Hugging Face folder
     beside a record of its file's digest, and read back in seconds; a copy that does not match its
     record (a crash, a damaged disk) is made again from the GGUF."""
     folder = cache_dir_path() / f"{name}-weights"

@@ -224,6 +224,14 @@ def load_hf(path: str | os.PathLike) -> SmolLM:
     return model_from_state(config, _read_weights(path))
 
 
+def hf_keys(config: ModelConfig) -> list[str]:
+    """The Hugging Face Llama names of a model's weights, as `hf_state_dict` gives them."""
+    with torch.device("meta"):
+        keys = list(SmolLM(config).state_dict())
+    tied = config.tie_word_embeddings
+    return [key if key == "lm_head.weight" else "model." + key for key in keys if not (tied and key == "lm_head.weight")]
+
+
 def hf_state_dict(model: SmolLM) -> dict[str, torch.Tensor]:
     """The model's weights under Hugging Face Llama names ("model." + ours), float32 on the CPU;
     a tied head is left out (stored once, as model.embed_tokens.weight, as transformers does)."""

@@ -18,7 +18,7 @@ from smollm import ModelConfig, SmolLM
 from smollm.assets import load_tokenizer
 from smollm.convert import main as convert_main
 from smollm.errors import GGUFExportError
-from smollm.gguf import permute_for_llama_cpp, save_gguf
+from smollm.gguf import load_gguf, permute_for_llama_cpp, save_gguf, unpermute_from_llama_cpp
 from smollm.hf import save_hf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +65,20 @@ def test_f32_export_is_our_model_in_transformers(tmp_path, tiny_tokenizer, tied)
     read_config = config_from_hf(theirs.config.to_dict())
     assert read_config == dataclasses.replace(model.config, initializer_range=read_config.initializer_range)
     torch.testing.assert_close(logits(theirs), logits(model), rtol=0, atol=1e-4)
+    assert_read_as_transformers_does(tmp_path / "m.gguf", theirs)
+
+
+def assert_read_as_transformers_does(path: Path, theirs) -> None:
+    """smollm's own reading of a GGUF (load_gguf) gives transformers' config and weights, bit for bit."""
+    from smollm.hf import config_from_hf, hf_state_dict
+
+    ours = load_gguf(path)[0]
+    read_config = config_from_hf(theirs.config.to_dict())
+    assert ours.config == dataclasses.replace(read_config, initializer_range=ours.config.initializer_range)
+    mine, want = hf_state_dict(ours), theirs.state_dict()
+    assert set(mine) == set(want) - ({"lm_head.weight"} if ours.config.tie_word_embeddings else set())
+    for key, value in mine.items():
+        assert torch.equal(value, want[key]), key
 
 
 def rounded(model: SmolLM, types: dict[str, str]) -> SmolLM:
@@ -92,7 +106,9 @@ def test_lower_precision_exports_lose_only_their_rounding(tmp_path, tiny_tokeniz
     assert types["blk.0.attn_q.weight"] == dtype.upper()
     if dtype == "q8_0":  # tiny's MLP is 172 wide: rows of ffn_down are not whole blocks of 32
         assert types["blk.0.ffn_down.weight"] == "F16"
-    theirs = logits(read_back(tmp_path / "m.gguf")[0])
+    read = read_back(tmp_path / "m.gguf")[0]
+    assert_read_as_transformers_does(tmp_path / "m.gguf", read)
+    theirs = logits(read)
     torch.testing.assert_close(theirs, logits(rounded(model, types)), rtol=0, atol=1e-4)
     ours = logits(model)
     error = (theirs - ours).abs().max() / ours.abs().max()
@@ -123,6 +139,7 @@ def test_q_and_k_rows_are_interleaved_for_llama_cpp():
     w = torch.arange(16.0).reshape(16, 1)  # two heads
     permuted = permute_for_llama_cpp(w, n_heads=2).flatten().tolist()
     assert permuted == [0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15]
+    assert torch.equal(unpermute_from_llama_cpp(permute_for_llama_cpp(w, n_heads=2), n_heads=2), w)
 
 
 def test_a_tokenizer_llama_cpp_cannot_read_is_refused(tmp_path):

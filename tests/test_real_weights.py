@@ -65,7 +65,7 @@ def ours(converted):
 
 def test_smollm2_is_dequantized_once_and_its_kept_copy_is_checked(gguf, ours, reference, tmp_path, monkeypatch,
                                                                    capsys):
-    """`--model.init_from smollm2` reads the GGUF once (most of a minute through transformers) and then a
+    """`--model.init_from smollm2` reads the GGUF once (tens of seconds) and then a
     copy kept in the cache folder, bit for bit the same; a copy that no longer matches its record is
     made again. (load_gguf stands in with what it gives, `ours`: the other tests hold that equal.)"""
     import copy
@@ -116,6 +116,18 @@ def test_converted_dir_loads_everywhere(converted, ours, reference):
     assert tokenizer.encode(PROMPTS[0]) == reference[1].encode(PROMPTS[0])
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, ours(ids), rtol=0, atol=1e-4)
+
+
+def test_our_reading_of_the_gguf_is_transformers_weight_for_weight(ours, reference):
+    """Q4_1 and Q8_0 dequantized, llama.cpp's names mapped and its q/k order undone, as transformers
+    reads the file: every weight equal, bit for bit."""
+    from smollm.hf import hf_state_dict
+
+    theirs = reference[0].state_dict()
+    mine = hf_state_dict(ours)
+    assert set(mine) == set(theirs) - {"lm_head.weight"}  # the tied head is the embedding
+    for key, value in mine.items():
+        assert torch.equal(value, theirs[key]), key
 
 
 def test_logits_match_transformers_on_the_gguf(ours, reference):
