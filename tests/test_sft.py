@@ -149,7 +149,7 @@ def test_two_processes_train_a_chat_run_as_one(tmp_path, sft_data):
     """The same global batch of 4 packed windows on one process (micro-batches of 2, accumulated) and
     on two (one micro-batch of 2 each): the same weights after 3 steps, to summation order."""
     one, two = tmp_path / "one", tmp_path / "two"
-    assert fitutil.run_fit(sft_args(one, sft_data, ["--trainer.max_steps", "3"])).returncode == 0
+    assert main(sft_args(one, sft_data, ["--trainer.max_steps", "3"])) == 0
     ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
     result = fitutil.run_fit(sft_args(two, sft_data, ["--trainer.max_steps", "3", *ddp]))
     assert result.returncode == 0, result.stderr[-3000:]
