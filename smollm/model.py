@@ -7,6 +7,7 @@ rename. Shapes: B batch, T new tokens, S cached + new tokens, C hidden_size, V v
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -141,6 +142,12 @@ def _torch_varlen_attn() -> Any:
 torch_varlen_attn = _torch_varlen_attn()
 
 
+@functools.cache
+def flash_capable(device: torch.device) -> bool:
+    """Whether torch's flash kernels run on this CUDA device: Ampere (sm80) or newer."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 class DocumentSpans:
     """A packed batch's documents as spans of its tokens read row after row (B x T of them), the form
     varlen attention takes: document i is tokens bounds[i]:bounds[i + 1] (a row's start always starts
@@ -162,11 +169,12 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document
     q (B, n_heads, T, hd), k and v (B, n_kv, T, hd) -> (B, n_heads, T, hd).
 
     On CUDA in bf16 or fp16: torch's flash `varlen_attn` over the flattened batch, one kernel for
-    all the documents. Elsewhere (CPU, float32, a torch without it): causal SDPA over each
-    document's slice alone, the outputs concatenated back; on CPU it gives the mask's numbers."""
+    all the documents. Elsewhere (CPU, float32, a torch or GPU without it): causal SDPA over each
+    document's slice alone, the outputs concatenated back; on CPU the mask's numbers within rounding."""
     B, H, T, D = q.shape
     q, k, v = (x.transpose(1, 2).reshape(B * T, x.shape[1], D) for x in (q, k, v))  # (B*T, heads, hd)
-    if torch_varlen_attn is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+    if (torch_varlen_attn is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+            and flash_capable(q.device)):
         cu, n = documents.cu_seqlens, documents.max_len
         y = torch_varlen_attn(q, k, v, cu, cu, n, n, window_size=(-1, 0), enable_gqa=gqa)  # (B*T, n_heads, hd)
     else:
