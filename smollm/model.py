@@ -152,7 +152,8 @@ class DocumentSpans:
     """A packed batch's documents as spans of its tokens read row after row (B x T of them), the form
     varlen attention takes: document i is tokens bounds[i]:bounds[i + 1] (a row's start always starts
     one). Built once per forward from `document_starts`, with the one read of the boundaries to the
-    host that the per-document loop needs, and shared by every layer."""
+    host that the per-document loop and the kernel's max_len need (on CUDA a packed batch's forward
+    thus waits for the GPU once), and shared by every layer."""
 
     def __init__(self, starts: torch.Tensor) -> None:
         B, T = starts.shape
