@@ -1,5 +1,6 @@
-"""Per-document attention in a packed row: what it costs against plain causal attention, and SDPA's
-bool mask against flex_attention's BlockMask, measured side by side in one run.
+"""Per-document attention in a packed row: what it costs against plain causal attention, and
+varlen (each document on its own), SDPA's bool mask and flex_attention's BlockMask against each
+other, measured side by side in one run.
 
     python scripts/bench_document_attention.py [--layers 2] [--seq_len 2048] [--batch 1] [--repeats 5]
         [--mean_doc 400] [--device cpu|cuda] [--threads N]
@@ -8,11 +9,14 @@ The model has SmolLM2-135M's widths and heads (fewer layers, so that a CPU run t
 Each row packs documents of lengths drawn from a log-normal around `mean_doc` (conversations and
 web pages are long-tailed). Timed, as medians of runs that alternate between the variants:
   - training: SmolLM.loss forward + backward, plain rows (is_causal, today's path) against the
-    same tokens as packed documents (`document_ids`, SDPA with a (B, 1, T, T) bool mask; with
-    flex_attention too where torch has its backward: not on CPU);
-  - scoring: the same loss without gradients, plain, SDPA mask and flex_attention (compiled);
+    same tokens as packed documents (`document_ids`: varlen, the default, which computes no pair
+    across documents; SDPA with a (B, 1, T, T) bool mask; with flex_attention too where torch has
+    its backward: not on CPU);
+  - scoring: the same loss without gradients, plain, varlen, SDPA mask and flex_attention (compiled);
   - the attention kernel alone (the 135M's 9 query and 3 key/value heads), with and without
-    backward, the mask built inside each run as the model builds it once per forward.
+    backward, the mask (or varlen's spans) built inside each run as the model builds it once per
+    forward. On CUDA the model runs in float32 here, where varlen is SDPA per document (its flash
+    kernel takes bf16/fp16: scripts/bench_sft.py times that).
 The figures printed are ratios within this run; absolute times depend on what else runs.
 """
 
@@ -79,10 +83,11 @@ def bench(layers: int, seq_len: int, batch: int, repeats: int, mean_doc: float, 
                 loss(kind)
         return step
 
-    variants = {"train plain": train(None), "train sdpa mask": train("sdpa")}
+    variants = {"train plain": train(None), "train varlen": train("varlen"), "train sdpa mask": train("sdpa")}
     if flex_trains:
         variants["train flex"] = train("flex")
-    variants.update({"score plain": score(None), "score sdpa mask": score("sdpa"), "score flex": score("flex")})
+    variants.update({"score plain": score(None), "score varlen": score("varlen"), "score sdpa mask": score("sdpa"),
+                     "score flex": score("flex")})
 
     # The variants compute the same loss up to summation order: packed documents are not the plain row.
     with torch.no_grad():
@@ -90,7 +95,10 @@ def bench(layers: int, seq_len: int, batch: int, repeats: int, mean_doc: float, 
         flex_loss = model.loss(inputs, targets, document_ids=documents)
         model.document_attention = "sdpa"
         sdpa_loss = model.loss(inputs, targets, document_ids=documents)
+        model.document_attention = "varlen"
+        varlen_loss = model.loss(inputs, targets, document_ids=documents)
     assert abs(flex_loss.item() - sdpa_loss.item()) < 1e-4, (flex_loss.item(), sdpa_loss.item())
+    assert abs(varlen_loss.item() - sdpa_loss.item()) < 1e-4, (varlen_loss.item(), sdpa_loss.item())
 
     for fn in variants.values():  # warm-up (flex compiles here)
         fn()
@@ -101,7 +109,8 @@ def bench(layers: int, seq_len: int, batch: int, repeats: int, mean_doc: float, 
     median = {name: statistics.median(t) for name, t in times.items()}
 
     # The attention kernel alone, the 135M's heads: (B, 9 query heads, T, 64) against 3 key/value heads.
-    from smollm.model import document_block_mask, document_mask, document_starts, flex_attention
+    from smollm.model import (DocumentSpans, document_block_mask, document_mask, document_starts, flex_attention,
+                              varlen_attention)
 
     starts = document_starts(documents)
     heads, kv_heads, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -116,6 +125,8 @@ def bench(layers: int, seq_len: int, batch: int, repeats: int, mean_doc: float, 
             with torch.set_grad_enabled(grad):
                 if kind is None:
                     y = sdpa(*x, is_causal=True, enable_gqa=True)
+                elif kind == "varlen":
+                    y = varlen_attention(*x, DocumentSpans(starts), True)
                 elif kind == "sdpa":
                     y = sdpa(*x, attn_mask=document_mask(starts), enable_gqa=True)
                 else:
@@ -124,11 +135,12 @@ def bench(layers: int, seq_len: int, batch: int, repeats: int, mean_doc: float, 
                     y.sum().backward()
         return step
 
-    kernels = {"attn train plain": attend(None, True), "attn train sdpa mask": attend("sdpa", True)}
+    kernels = {"attn train plain": attend(None, True), "attn train varlen": attend("varlen", True),
+               "attn train sdpa mask": attend("sdpa", True)}
     if flex_trains:
         kernels["attn train flex"] = attend("flex", True)
-    kernels.update({"attn fwd plain": attend(None, False), "attn fwd sdpa mask": attend("sdpa", False),
-                    "attn fwd flex": attend("flex", False)})
+    kernels.update({"attn fwd plain": attend(None, False), "attn fwd varlen": attend("varlen", False),
+                    "attn fwd sdpa mask": attend("sdpa", False), "attn fwd flex": attend("flex", False)})
     for fn in kernels.values():
         fn()
     for name in kernels:
@@ -145,12 +157,16 @@ def bench(layers: int, seq_len: int, batch: int, repeats: int, mean_doc: float, 
     for name, t in median.items():
         print(f"  {name:20s} {tokens / t:9.0f} tok/s   runs: {', '.join(f'{x * 1000:.0f}ms' for x in times[name])}")
     result = {"train sdpa mask / plain": median["train sdpa mask"] / median["train plain"],
+              "train varlen / plain": median["train varlen"] / median["train plain"],
+              "train varlen / sdpa mask": median["train varlen"] / median["train sdpa mask"],
               "score sdpa mask / plain": median["score sdpa mask"] / median["score plain"],
+              "score varlen / sdpa mask": median["score varlen"] / median["score sdpa mask"],
               "score flex / sdpa mask": median["score flex"] / median["score sdpa mask"]}
     if flex_trains:
         result["train flex / sdpa mask"] = median["train flex"] / median["train sdpa mask"]
     for kind in ("train", "fwd"):
         result[f"attn {kind} sdpa mask / plain"] = median[f"attn {kind} sdpa mask"] / median[f"attn {kind} plain"]
+        result[f"attn {kind} varlen / sdpa mask"] = median[f"attn {kind} varlen"] / median[f"attn {kind} sdpa mask"]
         if kind == "fwd" or flex_trains:
             result[f"attn {kind} flex / sdpa mask"] = median[f"attn {kind} flex"] / median[f"attn {kind} sdpa mask"]
     for name, ratio in result.items():

@@ -3,7 +3,7 @@ measured side by side in one run; writes its figures and the command to a note.
 
     python scripts/bench_sft.py [--layers 2] [--seq_len 2048] [--conversations 32] [--rows 1]
         [--repeats 3] [--median 400] [--sigma 0.9] [--device cpu|cuda] [--threads N]
-        [--no-prototype] [--note notes/sft-speed.md [--append]]
+        [--note notes/sft-speed.md [--append]]
 
 The conversations: `--conversations` lengths drawn from a log-normal with median `--median` tokens
 and shape `--sigma` (no real chat data is at hand offline; smol-smoltalk-like: a median near 400,
@@ -14,17 +14,19 @@ the same supervised tokens (checked); supervised tokens per second = those token
 pass over them (forward + backward + clip_grad_norm_ + AdamW step, LitSmolLM's defaults).
   - packed: smollm's chat windows, as `--data.format chat` builds them (smollm.data.packing:
     best-fit decreasing, `pack_row`'s input_ids, loss_mask and document_ids), `--rows` windows a
-    step, through SmolLM.loss with per-document attention (SDPA with a block-diagonal causal mask;
-    on CUDA also flex_attention, `--model.document_attention flex`);
+    step, through SmolLM.loss with its default per-document attention (`--model.document_attention
+    varlen`: each conversation attended to on its own, flash varlen_attn on CUDA in bf16, causal
+    SDPA per conversation on CPU; no pair across conversations computed);
+  - packed, SDPA mask: the same windows through SDPA with a block-diagonal causal mask over the
+    whole window (`--model.document_attention sdpa`: every pair computed, the masked ones dropped);
+  - packed, flex_attention (CUDA only; torch has no flex backward on CPU): `--model.document_attention
+    flex`, a BlockMask that skips the blocks of pairs across conversations;
   - padded, length-grouped: one conversation per row, right-padded to the longest in its batch (TRL's
     DataCollatorForLanguageModeling), loss off on the padding, plain causal attention; batches in the
     order of transformers' `train_sampling_strategy="group_by_length"` (get_length_grouped_indices)
     with mega-batches of 50 batches, which at this size hold all the conversations: each batch holds
     neighbours in length, the least padding a fixed batch size can have (the stronger baseline);
-  - padded, random: the same rows in random batches (TRL's default sampler);
-  - packed, per-document SDPA (prototype; `--no-prototype` leaves it out): the packed windows with
-    causal SDPA run over each conversation's slice alone, swapped into the model's flex slot for the
-    run: the work varlen attention would do (no masked pairs computed). Not a path of smollm's.
+  - padded, random: the same rows in random batches (TRL's default sampler).
 The padded batch size is the packed step's conversations on average (rows x conversations per
 window), so both take about the same number of optimizer steps. One model (the same weights and
 optimizer throughout) trains on all of them, their steps interleaved within each repeat (each
@@ -46,7 +48,6 @@ against the model code of commit BEFORE (the last one before per-document attent
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import platform
 import shlex
@@ -122,42 +123,6 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-class Segments:
-    """What the prototype hands the layers instead of a mask: each row's documents as (start, end)."""
-
-    def __init__(self, starts: torch.Tensor) -> None:
-        T = starts.shape[1]
-        index = torch.arange(T, device=starts.device)
-        self.bounds = []
-        for row in (starts == index).cpu():  # a document starts where its start is the token itself
-            firsts = torch.nonzero(row).flatten().tolist() + [T]
-            self.bounds.append(list(zip(firsts[:-1], firsts[1:])))
-
-
-def per_document_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments,
-                      gqa: bool) -> torch.Tensor:
-    """Causal SDPA over each document's slice alone: the work of varlen attention (no masked blocks)."""
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    return torch.cat([torch.cat([sdpa(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e], is_causal=True,
-                                      enable_gqa=gqa) for s, e in bounds], dim=2)
-                      for b, bounds in enumerate(segments.bounds)], dim=0)
-
-
-@contextlib.contextmanager
-def attention(kind: str):
-    """SmolLM's document_attention for a variant: "sdpa", "flex", or the prototype "per-document",
-    which takes flex's slot in smollm.model (its mask builder and its kernel) for as long as it runs."""
-    import smollm.model as m
-
-    saved = m.document_block_mask, m.flex_attention
-    if kind == "per-document":
-        m.document_block_mask, m.flex_attention = Segments, per_document_sdpa
-    try:
-        yield "flex" if kind == "per-document" else kind
-    finally:
-        m.document_block_mask, m.flex_attention = saved
-
-
 def model_before_packing(config: ModelConfig, state: dict, device: str) -> SmolLM | None:
     """smollm/model.py as of commit BEFORE, holding `state`; None where git or the commit is missing."""
     try:
@@ -200,14 +165,14 @@ def bench(args: argparse.Namespace) -> dict:
     packed = packed_batches(docs, capacity, args.rows)
     windows = sum(len(b["input_ids"]) for b in packed)
     size = max(1, round(args.rows * len(docs) / windows))
-    variants = {"packed": ("sdpa", packed)}
+    # (document_attention, batches); padded rows have no document_ids, so theirs is not used
+    variants = {"packed": ("varlen", packed), "packed, SDPA mask": ("sdpa", packed)}
     if device == "cuda":
         variants["packed, flex_attention"] = ("flex", packed)
-    if args.prototype:
-        variants["packed, per-document SDPA (prototype)"] = ("per-document", packed)
-    variants["padded, length-grouped"] = ("sdpa", padded_batches(docs, length_grouped(lengths, size, args.seed), size))
+    variants["padded, length-grouped"] = ("varlen", padded_batches(docs, length_grouped(lengths, size, args.seed),
+                                                                   size))
     random_order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    variants["padded, random"] = ("sdpa", padded_batches(docs, random_order, size))
+    variants["padded, random"] = ("varlen", padded_batches(docs, random_order, size))
 
     supervised = {name: int(sum(b["loss_mask"].sum() for b in batches)) for name, (_, batches) in variants.items()}
     assert len(set(supervised.values())) == 1, supervised  # every variant trains on the same tokens
@@ -226,8 +191,8 @@ def bench(args: argparse.Namespace) -> dict:
         losses = {}
         for name, (kind, batches) in variants.items():
             if name.startswith("packed"):
-                with attention(kind) as model.document_attention:
-                    losses[name] = loss_of(batches[0]).item()
+                model.document_attention = kind
+                losses[name] = loss_of(batches[0]).item()
     loss_spread = max(losses.values()) - min(losses.values())
     assert loss_spread < 1e-3, losses
 
@@ -242,8 +207,8 @@ def bench(args: argparse.Namespace) -> dict:
     schedule = sorted(((k + 0.5) / len(batches), name, k) for name, (_, batches) in variants.items()
                       for k in range(len(batches)))
     for name, (kind, batches) in variants.items():  # warm-up: the longest batch of each (flex compiles here)
-        with attention(kind) as model.document_attention:
-            step(max(batches, key=lambda b: b["input_ids"].numel()))
+        model.document_attention = kind
+        step(max(batches, key=lambda b: b["input_ids"].numel()))
     times: dict[str, list[float]] = {name: [] for name in variants}
     cpu_times: dict[str, list[float]] = {name: [] for name in variants}
     load_start = os.getloadavg()[0]
@@ -251,13 +216,13 @@ def bench(args: argparse.Namespace) -> dict:
         wall, cpu = dict.fromkeys(variants, 0.0), dict.fromkeys(variants, 0.0)
         for _, name, k in schedule:
             kind, batches = variants[name]
-            with attention(kind) as model.document_attention:
-                sync(device)
-                start, cpu_start = time.perf_counter(), time.process_time()
-                step(batches[k])
-                sync(device)
-                wall[name] += time.perf_counter() - start
-                cpu[name] += time.process_time() - cpu_start
+            model.document_attention = kind
+            sync(device)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            step(batches[k])
+            sync(device)
+            wall[name] += time.perf_counter() - start
+            cpu[name] += time.process_time() - cpu_start
         for name in variants:
             times[name].append(wall[name])
             cpu_times[name].append(cpu[name])
@@ -349,9 +314,9 @@ def report(args: argparse.Namespace, result: dict) -> list[str]:
                  f"{'met' if random_ >= 2 else 'not met'} against random batches.")
     for name in base:
         if name.startswith("packed,"):
-            lines.append(f"{name[8:]}: {base[name] / packed:.2f}x the SDPA mask's speed, "
-                         f"{base[name] / base['padded, length-grouped']:.2f}x padded length-grouped's, "
-                         f"{base[name] / base['padded, random']:.2f}x padded random's.")
+            lines.append(f"Packed with {name[8:]} instead: {base[name] / base['padded, length-grouped']:.2f}x padded "
+                         f"length-grouped's speed, {base[name] / base['padded, random']:.2f}x padded random's; "
+                         f"the default (varlen) runs {packed / base[name]:.2f}x its speed.")
     lines.append(f"The packed variants' losses on the first window agree within {result['loss_spread']:.1e}.")
     plain = result["plain"]
     lines.append("")
@@ -395,8 +360,6 @@ if __name__ == "__main__":
     parser.add_argument("--median", type=float, default=400, help="median conversation length, tokens")
     parser.add_argument("--sigma", type=float, default=0.9, help="log-normal shape of the lengths")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--prototype", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time packed rows with causal SDPA over each document's slice (not smollm's path)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--note", default=str(ROOT / "notes" / "sft-speed.md"),

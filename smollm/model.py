@@ -1,12 +1,14 @@
 """SmolLM: a Llama-style decoder, read top to bottom, smallest piece first.
 
-RMSNorm -> rotary embedding -> document masks -> Attention (GQA through SDPA) -> MLP (SwiGLU)
+RMSNorm -> rotary embedding -> per-document attention -> Attention (GQA through SDPA) -> MLP (SwiGLU)
 -> DecoderLayer -> SmolLM. Module names are Hugging Face Llama's, so converting weights is a key
 rename. Shapes: B batch, T new tokens, S cached + new tokens, C hidden_size, V vocab_size.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 import torch
@@ -128,6 +130,62 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask
     return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=gqa)
 
 
+def _torch_varlen_attn() -> Any:
+    """torch's flash varlen attention where it has causal windows and GQA (torch 2.13 has), else None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch < 2.10
+        return None
+    return varlen_attn if {"window_size", "enable_gqa"} <= inspect.signature(varlen_attn).parameters.keys() else None
+
+
+torch_varlen_attn = _torch_varlen_attn()
+
+
+@functools.cache
+def flash_capable(device: torch.device) -> bool:
+    """Whether torch's flash kernels run on this CUDA device: Ampere (sm80) or newer."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+class DocumentSpans:
+    """A packed batch's documents as spans of its tokens read row after row (B x T of them), the form
+    varlen attention takes: document i is tokens bounds[i]:bounds[i + 1] (a row's start always starts
+    one). Built once per forward from `document_starts`, with the one read of the boundaries to the
+    host that the per-document loop and the kernel's max_len need (on CUDA a packed batch's forward
+    thus waits for the GPU once), and shared by every layer."""
+
+    def __init__(self, starts: torch.Tensor) -> None:
+        B, T = starts.shape
+        first = (starts == torch.arange(T, device=starts.device)).flatten().cpu()  # (B*T,): a document starts here
+        self.bounds = torch.nonzero(first).flatten().tolist() + [B * T]
+        self.spans = list(zip(self.bounds[:-1], self.bounds[1:]))
+        self.max_len = max(end - start for start, end in self.spans)
+        self.cu_seqlens = torch.tensor(self.bounds, dtype=torch.int32).to(starts.device)  # varlen_attn's, (n + 1,)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: DocumentSpans,
+                     gqa: bool) -> torch.Tensor:
+    """Causal attention within each document, computing no query-key pair across documents.
+    q (B, n_heads, T, hd), k and v (B, n_kv, T, hd) -> (B, n_heads, T, hd).
+
+    On CUDA in bf16 or fp16: torch's flash `varlen_attn` over the flattened batch, one kernel for
+    all the documents. Elsewhere (CPU, float32, a torch or GPU without it): causal SDPA over each
+    document's slice alone, the outputs concatenated back; on CPU the mask's numbers within rounding."""
+    B, H, T, D = q.shape
+    q, k, v = (x.transpose(1, 2).reshape(B * T, x.shape[1], D) for x in (q, k, v))  # (B*T, heads, hd)
+    if (torch_varlen_attn is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+            and flash_capable(q.device)):
+        cu, n = documents.cu_seqlens, documents.max_len
+        y = torch_varlen_attn(q, k, v, cu, cu, n, n, window_size=(-1, 0), enable_gqa=gqa)  # (B*T, n_heads, hd)
+    else:
+        q, k, v = (x.transpose(0, 1)[None] for x in (q, k, v))  # (1, heads, B*T, hd)
+        y = torch.cat([F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True,
+                                                      enable_gqa=gqa)[0].transpose(0, 1)  # (e - s, n_heads, hd)
+                       for s, e in documents.spans])  # (B*T, n_heads, hd)
+    return y.view(B, T, H, D).transpose(1, 2)  # (B, n_heads, T, hd)
+
+
 class KVCache:
     """Preallocated keys and values of every layer, for incremental decoding.
 
@@ -168,8 +226,16 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None, documents: Any = None) -> torch.Tensor:
-        """`documents`: None (causal over the whole row), or the mask that confines each token to
-        its own document: SDPA's bool (B, 1, T, T) or flex_attention's BlockMask."""
+        """Causal self-attention; `documents` says what each query may see, and so which kernel runs:
+
+        - None: the whole row, causally (plain windows, and decoding with `cache`): SDPA, is_causal;
+        - DocumentSpans (a packed row, `document_attention` "varlen", the default): only its own
+          document's earlier tokens, each document attended to on its own (`varlen_attention`:
+          flash varlen on CUDA in bf16/fp16, causal SDPA per document elsewhere); no pair across
+          documents is computed;
+        - a bool (B, 1, T, T) tensor ("sdpa", and "varlen" under torch.compile): SDPA with that
+          block-diagonal causal mask, every pair of the row computed and the masked ones discarded;
+        - a flex_attention BlockMask ("flex"): blocks of pairs across documents skipped."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
@@ -188,6 +254,8 @@ class Attention(nn.Module):
         gqa = self.n_kv_heads != self.n_heads  # each group of n_heads / n_kv_heads query heads shares a kv head
         if documents is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
+        elif isinstance(documents, DocumentSpans):
+            y = varlen_attention(q, k, v, documents, gqa)
         elif isinstance(documents, torch.Tensor):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=documents, enable_gqa=gqa)
         else:
@@ -231,10 +299,11 @@ class DecoderLayer(nn.Module):
 
 
 class SmolLM(nn.Module):
-    # How a packed row's per-document attention runs: "sdpa" (a bool mask; the default, since torch
-    # has no flex_attention backward on CPU) or "flex" (flex_attention and a BlockMask, which skips
-    # the masked blocks). Measured side by side: scripts/bench_document_attention.py.
-    document_attention: str = "sdpa"
+    # How a packed row's per-document attention runs (Attention.forward): "varlen" (each document
+    # on its own: flash varlen on CUDA, SDPA per document elsewhere; no masked pair computed), "sdpa"
+    # (a block-diagonal bool mask over the whole row) or "flex" (flex_attention and a BlockMask; its
+    # backward is CUDA's only). Measured side by side: scripts/bench_sft.py, bench_document_attention.py.
+    document_attention: str = "varlen"
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -273,9 +342,11 @@ class SmolLM(nn.Module):
         document_ids (B, T): the row holds several documents (a packed row), a new one wherever the
         id changes. Each token then attends only to the earlier tokens of its own document, and RoPE
         positions restart at 0 with each document: every document is scored as if it ran alone.
-        The mask is built once here for every layer: SDPA's bool mask, or with `document_attention`
-        "flex" a flex_attention BlockMask. Without document_ids the row is one causal sequence
-        (SDPA's is_causal, no mask)."""
+        What the layers take for it is built once here, for all of them, by `document_attention`:
+        "varlen" the documents' spans (the boundaries read to the host once), "sdpa" SDPA's bool mask,
+        "flex" a flex_attention BlockMask. Traced by torch.compile (the whole model), "varlen" takes
+        the mask: its loop over documents would be a graph per batch. Without document_ids the row
+        is one causal sequence (SDPA's is_causal, no mask)."""
         if document_ids is None:
             start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
@@ -288,7 +359,15 @@ class SmolLM(nn.Module):
                                  f"input_ids {tuple(input_ids.shape)}")
             starts = document_starts(document_ids)  # (B, T)
             positions = torch.arange(input_ids.shape[1], device=input_ids.device) - starts  # (B, T)
-            documents = document_block_mask(starts) if self.document_attention == "flex" else document_mask(starts)
+            kind = self.document_attention
+            if kind == "varlen" and not torch.compiler.is_compiling():
+                documents = DocumentSpans(starts)
+            elif kind == "flex":
+                documents = document_block_mask(starts)
+            elif kind in ("sdpa", "varlen"):
+                documents = document_mask(starts)
+            else:
+                raise ValueError(f"document_attention is {kind!r}: one of 'varlen', 'sdpa', 'flex'")
         x = self.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = self.rotary(positions, compute_dtype(x))
         for layer in self.layers:

@@ -58,7 +58,7 @@ class LitSmolLM(L.LightningModule):
         muon_weight_decay: float | None = None,
         compile: bool = False,
         loss_chunk_size: int = 8192,
-        document_attention: Literal["sdpa", "flex"] = "sdpa",
+        document_attention: Literal["varlen", "sdpa", "flex"] = "varlen",
         lora_rank: int | None = None,
         lora_alpha: float | None = None,
         lora_dropout: float = 0.0,
@@ -113,8 +113,12 @@ class LitSmolLM(L.LightningModule):
             compile: torch.compile the model (checkpoints still load into a plain model).
             loss_chunk_size: Rows of logits computed at a time by the chunked cross entropy.
             document_attention: How a batch of packed documents (with document_ids) confines attention
-                to each document: "sdpa" (a bool mask) or "flex" (flex_attention, which skips the
-                masked blocks; it trains on a GPU only). Plain windows use neither.
+                to each document: "varlen" (each document attended to on its own, no pair across
+                documents computed: flash varlen_attn on CUDA in bf16/fp16, causal SDPA per document
+                elsewhere), "sdpa" (a block-diagonal bool mask over the whole row: every pair computed)
+                or "flex" (flex_attention, which skips the masked blocks; it trains on a GPU only).
+                With compile, "varlen" takes the mask (its loop over documents would recompile the
+                layers for every batch). Plain windows use none of them.
             lora_rank: Train LoRA adapters of this rank on the init_from weights (or a random init), which stay
                 frozen (docs/lora.md); null trains every weight.
             lora_alpha: The adapters' update is scaled by lora_alpha / lora_rank; null means
@@ -179,7 +183,8 @@ class LitSmolLM(L.LightningModule):
             # A checkpoint holds the adapters alone (the base is loaded already): Lightning loads it
             # unstrictly, and on_load_checkpoint checks that it holds exactly this model's adapters.
             self.strict_loading = False
-        self.model.document_attention = document_attention
+        # Compiled layers take the mask: varlen's documents change every batch, and so would their graph.
+        self.model.document_attention = "sdpa" if compile and document_attention == "varlen" else document_attention
         # DPO's reference: the initial weights, frozen (not a submodule: not trained, saved or wrapped),
         # or their log-probabilities of every pair, scored before training (see reference_logps).
         # With LoRA, the reference is this model with its adapters off (smollm.lora.adapters_off): no copy.
@@ -266,7 +271,7 @@ class LitSmolLM(L.LightningModule):
                      "and FSDP keeps gradient memory for the whole unit; the adapters alone train")
             if self.hparams.document_attention == "flex" and self.trainer.strategy.root_device.type == "cpu":
                 raise UsageError("--model.document_attention flex trains on a GPU only (torch has no "
-                                 "flex_attention backward on CPU); use sdpa")
+                                 "flex_attention backward on CPU); use varlen (the default) or sdpa")
         if self.hparams.compile and not getattr(self, "_compiled", False):
             # Compile each decoder layer in place (nn.Module.compile): the 30 identical layers
             # share one compiled graph, training goes through them (SmolLM.loss calls hidden_states,

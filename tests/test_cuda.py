@@ -1,6 +1,6 @@
 """On a CUDA GPU (skipped without one): bf16-mixed training through fit, no host-device sync
 per step, the compiled loss and the SDPA backends agreeing with the CPU reference (packed rows with
-SDPA masks and flex_attention too); the real
+SDPA masks, flex_attention and flash varlen_attn too); the real
 `--trainer.strategy fsdp` (its parameter groups and training against one plain GPU), and 16-mixed
 clipping the true gradient norm with Lightning's GradScaler and FSDP's ShardedGradScaler."""
 
@@ -138,10 +138,11 @@ def test_16_mixed_on_cuda_clips_and_logs_the_true_gradient_norm(tmp_path, data):
     assert [r["loss"] for r in sharded] == pytest.approx([r["loss"] for r in reference[0]], rel=1e-2)
 
 
-@pytest.mark.parametrize("kind", ["sdpa", "flex"])
+@pytest.mark.parametrize("kind", ["varlen", "sdpa", "flex"])
 def test_a_packed_row_on_cuda_trains_as_on_the_cpu(kind):
-    """Per-document attention on the GPU (SDPA's bool mask; flex_attention, whose backward CUDA has)
-    gives the CPU's loss and gradients for a packed row, float32."""
+    """Per-document attention on the GPU (varlen, which in float32 is causal SDPA per document; SDPA's
+    bool mask; flex_attention, whose backward CUDA has) gives the CPU's loss and gradients for a
+    packed row, float32."""
     from smollm import ModelConfig, SmolLM
 
     torch.manual_seed(0)
@@ -160,3 +161,50 @@ def test_a_packed_row_on_cuda_trains_as_on_the_cpu(kind):
     assert abs(losses[0] - losses[1]) < 1e-4
     for (name, p), q in zip(cpu.named_parameters(), gpu.parameters()):
         torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_varlen_attention_on_cuda_in_bf16_trains_as_the_mask():
+    """The default per-document attention on CUDA under bf16 autocast runs torch's flash varlen_attn
+    (one kernel over the flattened batch, GQA, causal within each document), and gives the loss and
+    gradients of the SDPA mask within bf16's error: two rows of several documents each, the losses
+    against the float32 CPU reference too."""
+    import smollm.model as m
+    from smollm import ModelConfig, SmolLM
+
+    assert m.torch_varlen_attn is not None  # torch 2.13 has it: the kernel below is the one tested
+    kernel, calls = m.torch_varlen_attn, []
+
+    def counted(*args, **kw):
+        calls.append(1)
+        return kernel(*args, **kw)
+
+    torch.manual_seed(0)
+    cpu = SmolLM(ModelConfig.from_name("tiny", vocab_size=300))
+    assert cpu.config.num_key_value_heads < cpu.config.num_attention_heads  # GQA
+    gpu = SmolLM(cpu.config).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    ids = torch.randint(0, 300, (2, 257), generator=torch.Generator().manual_seed(1))
+    documents = torch.tensor([[0] * 100 + [1] * 56 + [2] * 37 + [3] * 63, [0] * 3 + [1] * 200 + [2] * 53])
+    mask = torch.rand(2, 256, generator=torch.Generator().manual_seed(2)) < 0.7
+    cpu.document_attention = "sdpa"
+    reference = cpu.loss(ids[:, :-1], ids[:, 1:], mask, document_ids=documents).item()
+    results = {}
+    m.torch_varlen_attn = counted
+    try:
+        for kind in ("varlen", "sdpa"):
+            calls.clear()
+            gpu.document_attention = kind
+            x, d = ids.cuda(), documents.cuda()
+            with torch.autocast("cuda", torch.bfloat16):
+                loss = gpu.loss(x[:, :-1], x[:, 1:], mask.cuda(), document_ids=d)
+            loss.backward()
+            results[kind] = loss.item(), {n: p.grad.float().cpu() for n, p in gpu.named_parameters()}, len(calls)
+            gpu.zero_grad(set_to_none=True)
+    finally:
+        m.torch_varlen_attn = kernel
+    assert results["varlen"][2] == cpu.config.num_hidden_layers and results["sdpa"][2] == 0  # the kernel ran
+    for kind, (loss, _, _) in results.items():
+        assert abs(loss - reference) < 2e-2, (kind, loss, reference)
+    for name, g in results["sdpa"][1].items():
+        error = (results["varlen"][1][name] - g).norm() / g.norm()
+        assert error < 2e-2, (name, error.item())

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from smollm import ModelConfig, SmolLM
-from smollm.model import KVCache, document_mask, document_starts
+from smollm.model import DocumentSpans, KVCache, document_mask, document_starts
 from smollm.module import LitSmolLM
 from test_data import corpus, make_dm, ready  # noqa: F401  (the small corpus, its data modules)
 
@@ -56,11 +56,14 @@ def grads(model: SmolLM) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.parametrize("kind", ["varlen", "sdpa"])
 @pytest.mark.parametrize("scored", ["all", "replies"])
-def test_a_packed_batch_scores_as_its_documents_one_at_a_time(scored):
+def test_a_packed_batch_scores_as_its_documents_one_at_a_time(scored, kind):
     """Two rows of 24: documents of 5, 9, 3 and 7 tokens (the last row padded) give each document's
-    own logits, and the loss and every parameter's gradient of the documents run one at a time."""
+    own logits, and the loss and every parameter's gradient of the documents run one at a time,
+    with per-document attention (varlen, the default) and with the mask (sdpa)."""
     model = tiny()
+    model.document_attention = kind
     lengths = [[5, 9, 3, 7], [11, 6]]
     rows = [documents(n, seed=i) for i, n in enumerate(lengths)]
     all_docs = [d for row in rows for d in row]
@@ -156,9 +159,53 @@ def test_flex_attention_scores_as_the_sdpa_mask():
     model = tiny().eval()
     x = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(7))
     ids = torch.tensor([[0] * 13 + [1] * 20 + [2] * 7, [0] * 3 + [1] * 37])
+    model.document_attention = "sdpa"
     sdpa = model(x, document_ids=ids)
     model.document_attention = "flex"
     torch.testing.assert_close(model(x, document_ids=ids), sdpa, rtol=1e-5, atol=1e-5)
+
+
+def test_varlen_attention_gives_the_masks_loss_and_gradients():
+    """The default per-document attention (causal SDPA over each document's slice on CPU, no pair
+    across documents computed) gives the loss and every gradient of SDPA with the block-diagonal
+    mask: two rows of several documents, the tiny model's GQA (4 query heads, 2 kv heads)."""
+    model = tiny()
+    assert model.document_attention == "varlen" and model.config.num_key_value_heads < model.config.num_attention_heads
+    x = torch.randint(0, VOCAB, (2, 41), generator=torch.Generator().manual_seed(8))
+    ids = torch.tensor([[0] * 13 + [1] * 20 + [2] * 7, [0] * 3 + [1] * 30 + [2] + [3] * 6])
+    mask = torch.rand(2, 40, generator=torch.Generator().manual_seed(9)) < 0.7
+    results = {}
+    for kind in ("varlen", "sdpa"):
+        model.document_attention = kind
+        loss = model.loss(x[:, :-1], x[:, 1:], mask, document_ids=ids)
+        loss.backward()
+        results[kind] = loss.item(), grads(model)
+    assert results["varlen"][0] == pytest.approx(results["sdpa"][0], abs=1e-6)
+    for name, g in results["sdpa"][1].items():
+        torch.testing.assert_close(results["varlen"][1][name], g, rtol=0, atol=1e-6, msg=name)
+
+
+def test_document_spans_are_the_documents_of_the_flattened_batch_read_once_per_forward(monkeypatch):
+    """varlen's spans: the documents of the batch read row after row (each row starts one), as
+    cu_seqlens; built once per forward for every layer, so the boundaries go to the host once."""
+    ids = torch.tensor([[0, 0, 0, 1, 1, 2, 3, 3], [5, 5, 5, 5, 5, 5, 5, 9]])
+    spans = DocumentSpans(document_starts(ids))
+    assert spans.bounds == [0, 3, 5, 6, 8, 15, 16] and spans.max_len == 7
+    assert spans.cu_seqlens.dtype == torch.int32 and spans.cu_seqlens.tolist() == spans.bounds
+
+    class Counted(DocumentSpans):
+        built = 0
+
+        def __init__(self, starts: torch.Tensor) -> None:
+            Counted.built += 1
+            super().__init__(starts)
+
+    monkeypatch.setattr("smollm.model.DocumentSpans", Counted)
+    model = tiny()
+    assert model.config.num_hidden_layers > 1
+    with torch.no_grad():
+        model(torch.randint(0, VOCAB, (2, 8)), document_ids=ids)
+    assert Counted.built == 1
 
 
 def test_document_ids_are_checked_and_not_for_decoding():
@@ -368,6 +415,22 @@ def test_a_decoder_layer_compiles_as_one_graph_for_a_packed_training_step():
     out.square().mean().backward()
     torch.testing.assert_close(out, layer(x, cos, sin, documents=document_mask(starts)))
     assert x.grad is not None and all(p.grad is not None for p in layer.parameters())
+
+
+def test_under_compile_packed_rows_take_the_mask_and_trace_as_one_graph():
+    """varlen's loop over documents would be a graph per batch: LitSmolLM's compile option gives its
+    compiled layers the mask (whose compiled step the test above checks), and a model compiled whole
+    takes the mask too, so its forward over a packed batch is one graph (fullgraph raises otherwise)."""
+    assert LitSmolLM(preset="tiny", config_overrides={"vocab_size": VOCAB}).model.document_attention == "varlen"
+    assert LitSmolLM(preset="tiny", config_overrides={"vocab_size": VOCAB}, compile=True).model.document_attention \
+        == "sdpa"
+    model = tiny().eval()
+    x = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(10))
+    ids = torch.tensor([[0] * 5 + [1] * 11, [0] * 9 + [1] * 7])
+    with torch.no_grad():
+        expected = model(x, document_ids=ids)
+        compiled = torch.compile(model, fullgraph=True, backend="eager")(x, document_ids=ids)
+    torch.testing.assert_close(compiled, expected, rtol=0, atol=1e-5)
 
 
 def test_flex_attention_training_on_a_cpu_is_refused_in_one_line(tmp_path, data, capsys):

@@ -38,7 +38,7 @@ def test_the_sft_benchmark_writes_its_figures_and_command(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = note.read_text()
     assert "Command: `python scripts/bench_sft.py --layers 1 --seq_len 64" in text
-    for variant in ("packed", "padded, length-grouped", "padded, random"):
+    for variant in ("packed", "packed, SDPA mask", "padded, length-grouped", "padded, random"):
         assert f"| {variant} |" in text and f"| {variant} |" in proc.stdout
     assert "Plain pretraining windows" in text
 
