@@ -20,6 +20,34 @@ def pytest_configure(config) -> None:
         torch.set_num_threads(threads)
 
 
+# Modules whose module-scoped fixtures take most of a minute (the real weights, read by transformers and
+# converted by smollm): under pytest-xdist their tests go to one worker together, so that those fixtures
+# are built once rather than once on every worker.
+TOGETHER = ("test_real_weights.py",)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The slow tests first, in their files' order: under pytest-xdist they then start early and the
+    quick ones fill the gaps at the end, rather than one worker running the last minute-long test alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # a stable sort
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's load scheduling (one test at a time to whichever worker is free), except that each module of
+    TOGETHER is one unit of work. (pytest-xdist's own `--dist loadgroup` does this by renaming tests, which
+    this pytest no longer sees.)"""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::")[0]
+            return module if module.endswith(TOGETHER) else nodeid
+
+    return Scheduling(config, log)
+
 TEXT = [
     "The quick brown fox jumps over the lazy dog.",
     "The capital of France is Paris, and the capital of Italy is Rome.",
