@@ -173,21 +173,19 @@ def convert(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300, env=fitutil.subprocess_env())
 
 
-def test_to_gguf_from_a_training_checkpoint_and_from_a_hugging_face_directory(tmp_path, trained):
+def test_to_gguf_from_a_training_checkpoint_and_from_a_hugging_face_directory(tmp_path, trained, capsys):
     from smollm.checkpoint import model_from_checkpoint
 
     model, tokenizer_dir = model_from_checkpoint(trained)
-    proc = convert("to-gguf", trained, tmp_path / "ckpt.gguf")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == str(tmp_path / "ckpt.gguf")
+    assert convert_main(["to-gguf", str(trained), str(tmp_path / "ckpt.gguf")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "ckpt.gguf")
     theirs, tokenizer = read_back(tmp_path / "ckpt.gguf")
     torch.testing.assert_close(logits(theirs), logits(model), rtol=0, atol=1e-4)
     assert tokenizer.encode(TEXT) == load_tokenizer(tokenizer_dir).encode(TEXT)  # the one it trained with
 
     save_hf(model, tmp_path / "hf", tokenizer=tokenizer)
-    proc = convert("to-gguf", tmp_path / "hf", tmp_path / "hf.gguf", "--dtype", "q8_0")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "kept in f16" in proc.stderr  # tiny's 172-wide MLP rows, said once
+    assert convert_main(["to-gguf", str(tmp_path / "hf"), str(tmp_path / "hf.gguf"), "--dtype", "q8_0"]) == 0
+    assert "kept in f16" in capsys.readouterr().err  # tiny's 172-wide MLP rows, said once
     assert (tmp_path / "hf.gguf").stat().st_size < (tmp_path / "ckpt.gguf").stat().st_size / 2
 
 
