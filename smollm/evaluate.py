@@ -144,7 +144,12 @@ def run_tasks(model: SmolLM, tokenizer: Any, tasks: list[str], include_path: str
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=include_path)
+    manager = None
+    if include_path:  # lm-eval's own tasks take half a minute to index: skipped when the folder holds every task
+        local = TaskManager(include_path=include_path, include_defaults=False)
+        if all(t in local.all_subtasks for t in tasks):
+            manager = local
+    manager = manager or TaskManager(include_path=include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise UsageError(f"unknown lm-eval task(s) {', '.join(unknown)}; `lm_eval --tasks list` lists them, "

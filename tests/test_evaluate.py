@@ -354,7 +354,7 @@ def test_lm_eval_scores_equal_lm_evals_own_hf_model(run, data, tmp_path, capsys,
     from lm_eval.tasks import TaskManager
 
     theirs = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder}", tasks=["smollm_local_mc"],
-                                     task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+                                     task_manager=TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False),
                                      batch_size=8, device="cpu")
     theirs_ll = choice_loglikelihoods(theirs["samples"]["smollm_local_mc"])
     assert len(ours_ll) == 4 * len(rows)
