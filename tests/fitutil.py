@@ -88,6 +88,28 @@ def run_fit(args: list[str], timeout: float = 300, env: dict | None = None) -> s
                           timeout=timeout, cwd=ROOT, env=subprocess_env(env))
 
 
+def run_here(args: list[str], capsys, env: dict | None = None, command: str = "fit") -> subprocess.CompletedProcess:
+    """`python -m smollm.<command> ARGS` run in this process, `env` set for the run: what run_fit gives
+    (exit code, stdout, stderr), without a fresh process's import of torch and Lightning (most of a
+    tiny run's time). For sequential single-process runs; signals, DDP and clean-exit checks need run_fit."""
+    import importlib
+
+    main = importlib.import_module(f"smollm.{command}").main
+    saved = {key: os.environ.get(key) for key in env or {}}
+    os.environ.update(env or {})
+    capsys.readouterr()
+    try:
+        code = main(args)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess([command, *args], code, out.out, out.err)
+
+
 def free_port() -> int:
     import socket
 

@@ -546,7 +546,8 @@ def test_bad_input_is_one_line_within_seconds_and_harms_nothing(tmp_path, tok_di
 
 
 @pytest.mark.slow
-def test_fit_on_two_nodes_from_one_bucket_and_a_missing_bucket_in_one_line(tmp_path, data, s3):
+def test_fit_on_two_nodes_from_one_bucket_and_a_missing_bucket_in_one_line(tmp_path, data, s3, capsys):
+    """Each node's run in this process in turn (fitutil.run_here), its own $SMOLLM_CACHE as its disk."""
     import fitutil
 
     corpus, tokenizer = data
@@ -554,7 +555,7 @@ def test_fit_on_two_nodes_from_one_bucket_and_a_missing_bucket_in_one_line(tmp_p
     for name in ("node1", "node2"):
         args = fitutil.fit_args(tmp_path / name, corpus, tokenizer, max_steps=4,
                                 extra=["--data.cache_dir", s3.url, *recorder(tmp_path / f"{name}.jsonl")])
-        runs[name] = fitutil.run_fit(args, env={**s3.env, "SMOLLM_CACHE": str(tmp_path / name / "local")})
+        runs[name] = fitutil.run_here(args, capsys, env={"SMOLLM_CACHE": str(tmp_path / name / "local")})
         assert runs[name].returncode == 0, runs[name].stderr[-3000:]
     assert "tokenizing" in runs["node1"].stderr and "tokenizing" not in runs["node2"].stderr
     assert "downloading" in runs["node2"].stderr
@@ -568,11 +569,11 @@ def test_fit_on_two_nodes_from_one_bucket_and_a_missing_bucket_in_one_line(tmp_p
     # 2 steps and resumed: the same windows and losses as node 1's straight run.
     (url,) = re.findall(r"GPU nodes: --data.cache_dir (\S+)", runs["node1"].stderr)
     gone = tmp_path / "not-on-this-node"
-    env3 = {**s3.env, "SMOLLM_CACHE": str(tmp_path / "node3" / "local")}
+    env3 = {"SMOLLM_CACHE": str(tmp_path / "node3" / "local")}
     for steps, resume in ((2, []), (4, ["--ckpt_path", "last"])):
         args = fitutil.fit_args(tmp_path / "node3", gone, tokenizer, max_steps=steps, extra=[
             "--data.cache_dir", url, *resume, *recorder(tmp_path / "node3.jsonl")])
-        run = fitutil.run_fit(args, env=env3)
+        run = fitutil.run_here(args, capsys, env=env3)
         assert run.returncode == 0, run.stderr[-3000:]
         assert "tokenizing" not in run.stderr and "note: --data.files ignored" in run.stderr
         assert ("downloading" in run.stderr) == (not resume)  # once; the resumed run finds its copy
@@ -583,15 +584,14 @@ def test_fit_on_two_nodes_from_one_bucket_and_a_missing_bucket_in_one_line(tmp_p
 
     # Evaluate that run on a fourth node, also without the sources: from the checkpoint's data options.
     ckpt = tmp_path / "node3" / "checkpoints" / "tiny" / "last.ckpt"
-    scored = subprocess.run([sys.executable, "-m", "smollm.evaluate", "--checkpoint", str(ckpt)], capture_output=True,
-                            text=True, timeout=300, cwd=TESTS.parent, env=fitutil.subprocess_env(
-                                {**s3.env, "SMOLLM_CACHE": str(tmp_path / "node4")}))
+    scored = fitutil.run_here(["--checkpoint", str(ckpt)], capsys, env={"SMOLLM_CACHE": str(tmp_path / "node4")},
+                              command="evaluate")
     assert scored.returncode == 0, scored.stderr[-3000:]
     assert "downloading" in scored.stderr and "tokenizing" not in scored.stderr
     assert f"(mirror of {url})" in scored.stdout and re.search(r"perplexity [\d.,]+", scored.stdout)
 
     args = fitutil.fit_args(tmp_path / "bad", corpus, tokenizer, max_steps=4,
                             extra=["--data.cache_dir", "s3://no-such-bucket-here/runs"])
-    bad = fitutil.run_fit(args, env={**s3.env, "SMOLLM_CACHE": str(tmp_path / "bad" / "local")})
+    bad = fitutil.run_here(args, capsys, env={"SMOLLM_CACHE": str(tmp_path / "bad" / "local")})
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("error: bucket 'no-such-bucket-here' of --data.cache_dir")
