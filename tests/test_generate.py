@@ -136,21 +136,20 @@ def run_cli(*args):
                           capture_output=True, text=True, timeout=120)
 
 
-def test_cli_on_hf_dir(tmp_path, tiny_model, tiny_tokenizer):
-    save_hf(tiny_model, tmp_path, tokenizer=tiny_tokenizer)
-    proc = run_cli("--checkpoint", str(tmp_path), "--prompt", "The quick brown fox",
-                   "--max_new_tokens", "5", "--temperature", "0.7", "--top_k", "20", "--seed", "1")
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("The quick brown fox")
+def test_cli_on_hf_dir(tmp_path, tiny_model, tiny_tokenizer, capsys):
+    from smollm.generate import main
 
-    proc = run_cli("--checkpoint", str(tmp_path), "--prompt", "The quick brown fox",
-                   "--max_new_tokens", "1")
-    assert proc.returncode == 0, proc.stderr
+    save_hf(tiny_model, tmp_path, tokenizer=tiny_tokenizer)
+    assert main(["--checkpoint", str(tmp_path), "--prompt", "The quick brown fox",
+                 "--max_new_tokens", "5", "--temperature", "0.7", "--top_k", "20", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("The quick brown fox")
+
+    assert main(["--checkpoint", str(tmp_path), "--prompt", "The quick brown fox", "--max_new_tokens", "1"]) == 0
     ids = tiny_tokenizer.encode("The quick brown fox")
     with torch.no_grad():
         token = tiny_model(torch.tensor([ids]))[0, -1].argmax().item()
-    assert proc.stdout.strip() == (f"next token after 'The quick brown fox': "
-                                   f"{tiny_tokenizer.decode([token])!r} (id {token})")
+    assert capsys.readouterr().out.strip() == (f"next token after 'The quick brown fox': "
+                                               f"{tiny_tokenizer.decode([token])!r} (id {token})")
 
 
 @pytest.mark.parametrize("make_path", [lambda p: p / "absent", lambda p: p / "weights.pt"])

@@ -199,15 +199,16 @@ def test_gguf_of_another_architecture_is_refused(tmp_path):
     ("gguf", "fake.gguf", b"not a gguf", "not a readable GGUF file"),
     ("ckpt", "absent.ckpt", None, "absent.ckpt: no such file"),
 ])
-def test_convert_errors_are_one_line(tmp_path, source, name, content, message):
+def test_convert_errors_are_one_line(tmp_path, source, name, content, message, capsys):
+    """(In this process: test_gguf runs the command in a fresh one for its one-line errors.)"""
+    from smollm.convert import main as convert_main
+
     if content is not None:
         (tmp_path / name).write_bytes(content)
-    proc = subprocess.run([sys.executable, "-m", "smollm.convert", source, str(tmp_path / name),
-                           str(tmp_path / "out")], check=False, cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
-    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert convert_main([source, str(tmp_path / name), str(tmp_path / "out")]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.startswith("error: ") and out.err.count("\n") == 1, out.err
+    assert message in out.err and not (tmp_path / "out").exists()
 
 
 def test_convert_refuses_to_overwrite_a_model_and_writes_ordinary_files(tmp_path, tiny_model, capsys):

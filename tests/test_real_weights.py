@@ -6,7 +6,8 @@ $SMOLLM_CACHE); skipped, with the reason, when the registry cannot be reached.
 
 from __future__ import annotations
 
-import subprocess
+import contextlib
+import io
 import sys
 from pathlib import Path
 
@@ -14,13 +15,13 @@ import pytest
 import torch
 
 from smollm.assets import load_tokenizer, smollm2_gguf
+from smollm.convert import main as convert_main
 from smollm.errors import DownloadError
 from smollm.generate import generate
 from smollm.hf import load_hf
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
@@ -41,10 +42,10 @@ def gguf() -> Path:
 @pytest.fixture(scope="module")
 def converted(gguf, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("smollm2-hf")
-    proc = subprocess.run([sys.executable, "-m", "smollm.convert", "gguf", str(gguf), str(out)],
-                          check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip() == str(out)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # `python -m smollm.convert gguf GGUF OUT`, in this process
+        assert convert_main(["gguf", str(gguf), str(out)]) == 0
+    assert printed.getvalue().strip() == str(out)
     return out
 
 
@@ -152,12 +153,12 @@ def test_greedy_continuations_match_transformers(ours, reference):
     assert "Paris" in tokenizer.decode(generate(ours, torch.tensor([tokenizer.encode(PROMPTS[0])]), 4)[0])
 
 
-def test_generate_cli_says_paris(converted):
-    proc = subprocess.run([sys.executable, "-m", "smollm.generate", "--checkpoint", str(converted),
-                           "--prompt", "The capital of France is", "--max_new_tokens", "8"],
-                          check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.startswith("The capital of France is") and "Paris" in proc.stdout
+def test_generate_cli_says_paris(converted, capsys):
+    from smollm.generate import main
+
+    assert main(["--checkpoint", str(converted), "--prompt", "The capital of France is", "--max_new_tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("The capital of France is") and "Paris" in out
 
 
 def test_smollm2_tokenizer_for_pretraining(gguf, reference):
@@ -174,9 +175,8 @@ def test_smollm2_tokenizer_for_pretraining(gguf, reference):
 @pytest.fixture(scope="module")
 def exported(converted, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("smollm2-gguf") / "smollm2-f32.gguf"
-    proc = subprocess.run([sys.executable, "-m", "smollm.convert", "to-gguf", str(converted), str(out)],
-                          check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert convert_main(["to-gguf", str(converted), str(out)]) == 0
     return out
 
 

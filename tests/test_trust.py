@@ -118,8 +118,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, sma
     assert Path(last).name == "step=000002.ckpt"
     load_checkpoint_model(last)  # loads
     # and the run resumes from it
-    result = fitutil.run_fit(run_args(root, small, 5, extra=["--ckpt_path", "last"]))
-    assert result.returncode == 0, result.stderr
+    assert main(run_args(root, small, 5, extra=["--ckpt_path", "last"])) == 0
     assert torch.load(folder / "step=000005.ckpt", weights_only=True)["global_step"] == 5
 
 
@@ -488,7 +487,7 @@ def test_ddp_output_is_as_clean_as_one_process(ddp_straight):
 
 
 @pytest.mark.slow
-def test_resume_on_another_number_of_processes_keeps_the_global_batch(tmp_path, small, ddp_straight):
+def test_resume_on_another_number_of_processes_keeps_the_global_batch(tmp_path, small, ddp_straight, capsys):
     """2 -> 1 and 1 -> 2 processes, 4 windows per step throughout: each step trains on the windows
     of the uninterrupted two-process run, and the final weights are its own within 1e-4 (the
     float sums of a gradient run in another order). The 1 -> 2 resume is started as srun starts
@@ -501,7 +500,8 @@ def test_resume_on_another_number_of_processes_keeps_the_global_batch(tmp_path, 
     one = tmp_path / "one"
     (one / "checkpoints" / "tiny").mkdir(parents=True)
     shutil.copy(straight / "checkpoints" / "tiny" / "step=000003.ckpt", one / "checkpoints" / "tiny")
-    result = fitutil.run_fit(run_args(one, small, 6, every=3, record=one / "rec.jsonl", extra=["--ckpt_path", "last"]))
+    result = fitutil.run_here(run_args(one, small, 6, every=3, record=one / "rec.jsonl", extra=["--ckpt_path", "last"]),
+                              capsys)
     assert result.returncode == 0, result.stderr[-3000:]
     assert ("batch: 4 windows x 16 = 64 tokens per step, as in the checkpoint; resumed on 1 process (was 2): "
             "2 micro-batches of 2 per step") in result.stderr
@@ -511,8 +511,8 @@ def test_resume_on_another_number_of_processes_keeps_the_global_batch(tmp_path, 
     # 1 -> 2: three steps on one process (the global batch set: 2 micro-batches of 2), then
     # resumed on two "nodes" of one process each, under SLURM
     two = tmp_path / "two"
-    result = fitutil.run_fit(run_args(two, small, 3, every=3, record=two / "rec.jsonl",
-                                      extra=["--data.global_batch_size", "4"]))
+    result = fitutil.run_here(run_args(two, small, 3, every=3, record=two / "rec.jsonl",
+                                       extra=["--data.global_batch_size", "4"]), capsys)
     assert result.returncode == 0, result.stderr[-3000:]
     assert windows_per_step(fitutil.read_records(two / "rec.jsonl"), 2) == per_step[:3]
     results = fitutil.srun(run_args(two, small, 6, every=3, record=two / "resumed.jsonl",
