@@ -21,9 +21,9 @@ def pytest_configure(config) -> None:
 
 
 # Modules whose module-scoped fixtures take most of a minute (the real weights, read by transformers and
-# converted by smollm): under pytest-xdist their tests go to one worker together, so that those fixtures
-# are built once rather than once on every worker.
-TOGETHER = ("test_real_weights.py",)
+# converted by smollm; one two-process DDP run that several tests compare with): under pytest-xdist each
+# module's tests go to one worker together, so that those fixtures are built once, not once per worker.
+TOGETHER = ("test_real_weights.py", "test_processes.py")
 
 
 def pytest_collection_modifyitems(config, items) -> None:

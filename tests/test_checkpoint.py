@@ -66,22 +66,20 @@ def test_a_crafted_checkpoint_runs_nothing_through_the_library(tmp_path, trained
 
 
 @pytest.mark.parametrize("command", ["generate", "convert", "fit --ckpt_path", "fit --model.init_from"])
-def test_a_crafted_checkpoint_runs_nothing_through_the_commands(tmp_path, trained, data, command):
+def test_a_crafted_checkpoint_runs_nothing_through_the_commands(tmp_path, trained, data, command, capsys):
+    """Each command's own main, in this process (where a payload that ran would leave its marker)."""
     path, marker = crafted(tmp_path, trained)
-    argv = {
-        "generate": ["-m", "smollm.generate", "--checkpoint", str(path), "--prompt", "the", "--max_new_tokens", "1"],
-        "convert": ["-m", "smollm.convert", "ckpt", str(path), str(tmp_path / "hf")],
-        "fit --ckpt_path": ["-m", "smollm.fit", *args(tmp_path / "run", data, 4, extra=["--ckpt_path", str(path)])],
-        "fit --model.init_from": ["-m", "smollm.fit", *args(tmp_path / "run", data, 1,
-                                                            extra=["--model.init_from", str(path)])],
+    module, argv = {
+        "generate": ("generate", ["--checkpoint", str(path), "--prompt", "the", "--max_new_tokens", "1"]),
+        "convert": ("convert", ["ckpt", str(path), str(tmp_path / "hf")]),
+        "fit --ckpt_path": ("fit", args(tmp_path / "run", data, 4, extra=["--ckpt_path", str(path)])),
+        "fit --model.init_from": ("fit", args(tmp_path / "run", data, 1, extra=["--model.init_from", str(path)])),
     }[command]
-    result = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=fitutil.ROOT,
-                            env=fitutil.subprocess_env(), timeout=300)
+    result = fitutil.run_here(argv, capsys, command=module)
     assert result.returncode == 2, result.stderr
     assert not marker.exists()
     err = result.stderr.strip().splitlines()
     assert err[-1].startswith("error: ") and "refused" in err[-1] and str(path) in err[-1]
-    assert "Traceback" not in result.stderr
 
 
 def test_a_crafted_pytorch_model_bin_runs_nothing(tmp_path, tiny_model):

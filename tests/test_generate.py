@@ -152,13 +152,19 @@ def test_cli_on_hf_dir(tmp_path, tiny_model, tiny_tokenizer, capsys):
                                                f"{tiny_tokenizer.decode([token])!r} (id {token})")
 
 
-@pytest.mark.parametrize("make_path", [lambda p: p / "absent", lambda p: p / "weights.pt"])
-def test_cli_bad_checkpoint_is_one_line(tmp_path, make_path):
-    (tmp_path / "weights.pt").write_bytes(b"x")
-    proc = run_cli("--checkpoint", str(make_path(tmp_path)), "--prompt", "hello")
+def test_cli_bad_checkpoint_is_one_line(tmp_path, capsys):
+    """An absent path through a fresh process (the whole stderr is one line, no traceback), then a file
+    that is no checkpoint through the command's main in this process."""
+    from smollm.generate import main
+
+    proc = run_cli("--checkpoint", str(tmp_path / "absent"), "--prompt", "hello")
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
     assert "Traceback" not in proc.stderr
+    (tmp_path / "weights.pt").write_bytes(b"x")
+    assert main(["--checkpoint", str(tmp_path / "weights.pt"), "--prompt", "hello"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "weights.pt" in err
 
 
 def test_output_can_feed_training(tiny_model):
