@@ -501,12 +501,17 @@ def _tokenize(writer: _ShardWriter, sources: list[Any], tokenizer: Any, max_toke
                     if cut:
                         break
         return n_docs, counts
-    except BaseException:
+    except BaseException as e:
         writer.discard()
+        if not isinstance(e, Exception):  # Ctrl-C, SystemExit: a worker may have died with its batch
+            pool.terminate()
         raise
     finally:
         bar.close()
-        pool.terminate()
+        # The workers finish the few batches in flight and exit. Not terminate() here: its handler
+        # thread can fork a replacement for a worker it is killing and hang (a build stopped by a bad
+        # record waited forever once in the tests).
+        pool.close()
         pool.join()
 
 
