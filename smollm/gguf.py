@@ -40,11 +40,15 @@ def _reader(path: Path) -> Any:
         raise HFFormatError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
 
 
-def gguf_architecture(path: str | os.PathLike) -> str:
-    field = _reader(Path(path)).fields.get("general.architecture")
+def _architecture(path: Path, reader: Any) -> str:
+    field = reader.fields.get("general.architecture")
     if field is None:
         raise HFFormatError(f"{path}: not a readable GGUF file (no general.architecture)")
     return str(field.contents())
+
+
+def gguf_architecture(path: str | os.PathLike) -> str:
+    return _architecture(Path(path), _reader(Path(path)))
 
 
 def _config_from_gguf(path: Path, reader: Any) -> ModelConfig:
@@ -66,6 +70,11 @@ def _config_from_gguf(path: Path, reader: Any) -> ModelConfig:
           "tie_word_embeddings": "output.weight" not in tensors}
     if value("rope.scaling.type", "none") not in ("none", "linear") or value("rope.scaling.factor", 1.0) != 1.0:
         raise HFFormatError(f"{path}: RoPE scaling is not supported (only plain RoPE)")
+    head_dim = hf["head_dim"] or (hf["hidden_size"] // hf["num_attention_heads"] if hf["num_attention_heads"] else None)
+    for key in ("rope.dimension_count", "attention.value_length"):  # partial RoPE, other value heads
+        if value(key) not in (None, head_dim):
+            raise HFFormatError(f"{path}: llama.{key} is {value(key)}, not the head size {head_dim}: "
+                                "a model this reader does not build")
     try:
         return config_from_hf(hf)
     except HFFormatError as e:
@@ -86,7 +95,7 @@ def load_gguf(path: str | os.PathLike) -> tuple[SmolLM, Any]:
     The weights are read with the gguf package (llama.cpp's own Python reader, which transformers'
     GGUF loading is built on): each tensor dequantized, renamed from llama.cpp's names to Hugging
     Face's, and the q and k rows put back from llama.cpp's RoPE order; the same numbers as
-    transformers' reading (tests/test_gguf.py), in a third of its time. The tokenizer is read by
+    transformers' reading (tests/test_gguf.py), in about half its time. The tokenizer is read by
     transformers.
     """
     from gguf import MODEL_ARCH, dequantize, get_tensor_name_map
@@ -96,8 +105,7 @@ def load_gguf(path: str | os.PathLike) -> tuple[SmolLM, Any]:
     if not path.is_file():
         raise MissingPathError(f"{path}: no such file")
     reader = _reader(path)
-    arch = reader.fields.get("general.architecture")
-    arch = None if arch is None else str(arch.contents())
+    arch = _architecture(path, reader)
     if arch != "llama":
         raise HFFormatError(f"{path}: GGUF architecture is {arch!r}, expected 'llama'")
     config = _config_from_gguf(path, reader)
@@ -109,7 +117,10 @@ def load_gguf(path: str | os.PathLike) -> tuple[SmolLM, Any]:
         tensor = tensors.get(name)
         if tensor is None:
             raise HFFormatError(f"{path}: no tensor {name} ({hf_key})")
-        values = dequantize(tensor.data, tensor.tensor_type).reshape(tuple(reversed(tensor.shape.tolist())))
+        try:
+            values = dequantize(tensor.data, tensor.tensor_type).reshape(tuple(reversed(tensor.shape.tolist())))
+        except (NotImplementedError, ValueError) as e:  # a type gguf cannot dequantize, bytes that do not fit
+            raise HFFormatError(f"{path}: tensor {name} ({tensor.tensor_type.name}) cannot be read: {e}") from None
         weight = torch.from_numpy(np.array(values, dtype=np.float32))  # a copy: the file is mapped read-only
         if hf_key.endswith("self_attn.q_proj.weight"):
             weight = unpermute_from_llama_cpp(weight, config.num_attention_heads)

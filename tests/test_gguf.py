@@ -17,7 +17,7 @@ import fitutil
 from smollm import ModelConfig, SmolLM
 from smollm.assets import load_tokenizer
 from smollm.convert import main as convert_main
-from smollm.errors import GGUFExportError
+from smollm.errors import GGUFExportError, HFFormatError
 from smollm.gguf import load_gguf, permute_for_llama_cpp, save_gguf, unpermute_from_llama_cpp
 from smollm.hf import save_hf
 
@@ -198,6 +198,22 @@ def test_an_existing_output_is_never_replaced_without_overwrite(tmp_path, tiny_t
     assert out.read_bytes() == b"precious"
     assert convert_main(["to-gguf", str(tmp_path / "hf"), str(out), "--overwrite"]) == 0
     assert out.read_bytes()[:4] == b"GGUF"
+
+
+@pytest.mark.parametrize("key, setter", [("rope.dimension_count", "add_rope_dimension_count"),
+                                         ("attention.value_length", "add_value_length")])
+def test_a_gguf_of_another_attention_shape_is_refused_not_read_as_ours(tmp_path, tiny_tokenizer, monkeypatch, key,
+                                                                       setter):
+    """A llama GGUF whose RoPE covers part of each head, or whose value heads have another size, is a
+    model SmolLM does not build: refused in one line rather than loaded as full-RoPE heads."""
+    from gguf import GGUFWriter
+
+    write = getattr(GGUFWriter, setter)
+    monkeypatch.setattr(GGUFWriter, setter, lambda self, n: write(self, n // 2))
+    save_gguf(tiny(), tmp_path / "m.gguf", tiny_tokenizer, "f32")
+    monkeypatch.undo()
+    with pytest.raises(HFFormatError, match=f"llama.{key} is 8, not the head size 16"):
+        load_gguf(tmp_path / "m.gguf")
 
 
 @pytest.mark.parametrize("case, message", [
