@@ -130,16 +130,16 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask
     return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=gqa)
 
 
-def _torch_varlen_attn() -> Any:
-    """torch's flash varlen attention where it has causal windows and GQA (torch 2.13 has), else None."""
+@functools.cache
+def torch_varlen_attn() -> Any:
+    """torch's flash varlen attention where it has causal windows and GQA (torch 2.13 has), else None.
+    Looked up on first use: its module imports torch._dynamo, ~1.7 s of every process's start on CPU."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:  # torch < 2.10
         return None
     return varlen_attn if {"window_size", "enable_gqa"} <= inspect.signature(varlen_attn).parameters.keys() else None
 
-
-torch_varlen_attn = _torch_varlen_attn()
 
 
 @functools.cache
@@ -174,10 +174,10 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document
     document's slice alone, the outputs concatenated back; on CPU the mask's numbers within rounding."""
     B, H, T, D = q.shape
     q, k, v = (x.transpose(1, 2).reshape(B * T, x.shape[1], D) for x in (q, k, v))  # (B*T, heads, hd)
-    if (torch_varlen_attn is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
-            and flash_capable(q.device)):
+    if (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and flash_capable(q.device)
+            and torch_varlen_attn() is not None):
         cu, n = documents.cu_seqlens, documents.max_len
-        y = torch_varlen_attn(q, k, v, cu, cu, n, n, window_size=(-1, 0), enable_gqa=gqa)  # (B*T, n_heads, hd)
+        y = torch_varlen_attn()(q, k, v, cu, cu, n, n, window_size=(-1, 0), enable_gqa=gqa)  # (B*T, n_heads, hd)
     else:
         q, k, v = (x.transpose(0, 1)[None] for x in (q, k, v))  # (1, heads, B*T, hd)
         y = torch.cat([F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True,

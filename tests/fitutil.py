@@ -20,6 +20,7 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
+import forked
 from helpers_data import make_tokenizer
 from smollm.callbacks import AtomicCheckpointIO
 
@@ -82,10 +83,46 @@ def fit_args(root: Path, corpus: Path, tokenizer: Path, max_steps: int, every: i
     ]
 
 
-def run_fit(args: list[str], timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python -m smollm.fit ARGS` in a fresh process, as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "smollm.fit", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=subprocess_env(env))
+def run_fit(args: list[str], timeout: float = 300, env: dict | None = None,
+            fresh: bool = False) -> subprocess.CompletedProcess:
+    """`python -m smollm.fit ARGS` in a new process, as a user runs it: forked from one that has
+    imported torch and Lightning already (tests/forked.py), or, with `fresh` or an environment that
+    changes what an import reads, a fresh interpreter (what a test of the process's start needs)."""
+    return run_python(["-m", "smollm.fit", *args], timeout, env, fresh)
+
+
+def run_python(argv: list[str], timeout: float = 300, env: dict | None = None,
+               fresh: bool = False) -> subprocess.CompletedProcess:
+    """`python ARGV` (`-m MODULE ARGS` or `SCRIPT ARGS`) in a new process, as run_fit."""
+    environment = subprocess_env(env)
+    if not fresh and forked.can_fork(SESSION_ENVIRONMENT, env):
+        return forked.run(argv, environment, ROOT, timeout)
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env=environment)
+
+
+def run_ranks(args: list[str], processes: int = 2, timeout: float = 300,
+              env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m smollm.fit ARGS --trainer.devices N` on N CPU processes, each started as Lightning's DDP
+    launcher starts its children (MASTER_ADDR/PORT, NODE_RANK, LOCAL_RANK and WORLD_SIZE set), but forked
+    (tests/forked.py) rather than a fresh interpreter: for the tests whose subject is what the
+    processes train, not how they start (the `ddp_straight` run of test_processes.py goes through
+    Lightning's own launcher). What comes back is one run's: the first failing exit code, and every
+    rank's output, in rank order."""
+    assert "--trainer.devices" in args and args[args.index("--trainer.devices") + 1] == str(processes), args
+    port = free_port()
+    common = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": "0", "WORLD_SIZE": str(processes)}
+    ranks = [start_fit(args, {**(env or {}), **common, "LOCAL_RANK": str(rank)}) for rank in range(processes)]
+    outputs = []
+    try:
+        for proc in ranks:
+            outputs.append(proc.communicate(timeout=timeout))
+    finally:
+        for proc in ranks:
+            proc.kill()
+    code = next((proc.returncode for proc in ranks if proc.returncode), 0)
+    return subprocess.CompletedProcess(ranks[0].args, code, "".join(out for out, _ in outputs),
+                                       "".join(err for _, err in outputs))
 
 
 def run_here(args: list[str], capsys, env: dict | None = None, command: str = "fit") -> subprocess.CompletedProcess:
@@ -119,9 +156,17 @@ def free_port() -> int:
 
 
 def launch(commands: list[tuple[list[str], dict]], timeout: float = 400) -> list[subprocess.CompletedProcess]:
-    """Start every (argv, environment) at once, as a cluster starts its nodes, and wait for all."""
-    procs = [subprocess.Popen(argv, cwd=ROOT, env=subprocess_env(env), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for argv, env in commands]
+    """Start every (argv, environment) at once, as a cluster starts its nodes, and wait for all. A
+    `python -m smollm.*` command is forked (tests/forked.py) where its environment allows."""
+    procs = []
+    for argv, env in commands:
+        environment = subprocess_env(env)
+        ours = argv[0] == sys.executable and argv[1] == "-m" and argv[2].startswith("smollm.")
+        if ours and forked.can_fork(SESSION_ENVIRONMENT, env):
+            procs.append(forked.Forked(argv[1:], environment, ROOT))
+        else:
+            procs.append(subprocess.Popen(argv, cwd=ROOT, env=environment, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True))
     results = []
     for (argv, _), proc in zip(commands, procs):
         try:
@@ -166,9 +211,13 @@ def srun(args: list[str], nodes: int) -> list[subprocess.CompletedProcess]:
     return launch(commands)
 
 
-def start_fit(args: list[str]) -> subprocess.Popen:
-    """`python -m smollm.fit ARGS` started in the background, to be signalled by a test."""
-    return subprocess.Popen([sys.executable, "-m", "smollm.fit", *args], cwd=ROOT, env=subprocess_env(),
+def start_fit(args: list[str], env: dict | None = None) -> subprocess.Popen | forked.Forked:
+    """`python -m smollm.fit ARGS` started in the background (forked where it can be, as run_fit), to
+    be signalled by a test."""
+    environment = subprocess_env(env)
+    if forked.can_fork(SESSION_ENVIRONMENT, env):
+        return forked.Forked(["-m", "smollm.fit", *args], environment, ROOT)
+    return subprocess.Popen([sys.executable, "-m", "smollm.fit", *args], cwd=ROOT, env=environment,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -187,6 +236,11 @@ def subprocess_env(extra: dict | None = None) -> dict:
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.update(extra or {})
     return env
+
+
+# The environment the test session started with, which the processes forked by tests/forked.py import
+# under: a run whose environment differs from it in what an import reads gets a fresh interpreter.
+SESSION_ENVIRONMENT = subprocess_env()
 
 
 def checkpoint_at(root: Path, step: int) -> dict:

@@ -132,7 +132,7 @@ def test_under_ddp_the_logged_loss_is_the_mean_over_processes_too(tmp_path, smal
     assert main(run_args(one, small, 1, batch=4, global_batch=4, extra=EVERY_STEP)) == 0
     ddp = tmp_path / "ddp"  # 2 processes x 2 micro-batches of 1: the same 4 windows
     two = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
-    result = fitutil.run_fit(run_args(ddp, small, 1, batch=1, global_batch=4, extra=[*EVERY_STEP, *two]))
+    result = fitutil.run_ranks(run_args(ddp, small, 1, batch=1, global_batch=4, extra=[*EVERY_STEP, *two]))
     assert result.returncode == 0, result.stderr[-3000:]
     assert logged(ddp, "train/loss") == pytest.approx(logged(one, "train/loss"), rel=1e-6, abs=0)
 
@@ -142,7 +142,7 @@ def test_under_ddp_a_signal_to_one_process_stops_all_at_the_same_step_end(tmp_pa
     root = tmp_path / "run"  # 2 processes x 3 micro-batches of 1; only rank 1 is signalled
     two = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
     stop = callback("fitutil.SignalAt", step=2, micro=1, signal="SIGTERM", rank=1)
-    result = fitutil.run_fit(run_args(root, small, 4, batch=1, extra=[*two, stop]))
+    result = fitutil.run_ranks(run_args(root, small, 4, batch=1, extra=[*two, stop]))
     assert result.returncode == 143, result.stderr[-3000:]
     last = torch.load(find_last_checkpoint(str(root / "checkpoints" / "tiny")), weights_only=True)
     assert last["global_step"] == 2 and last["TextDataModule"]["samples_seen"] == 2 * 6

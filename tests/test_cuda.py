@@ -171,8 +171,8 @@ def test_varlen_attention_on_cuda_in_bf16_trains_as_the_mask():
     import smollm.model as m
     from smollm import ModelConfig, SmolLM
 
-    assert m.torch_varlen_attn is not None  # torch 2.13 has it: the kernel below is the one tested
-    kernel, calls = m.torch_varlen_attn, []
+    kernel, calls = m.torch_varlen_attn(), []
+    assert kernel is not None  # torch 2.13 has it: the kernel below is the one tested
 
     def counted(*args, **kw):
         calls.append(1)
@@ -189,7 +189,8 @@ def test_varlen_attention_on_cuda_in_bf16_trains_as_the_mask():
     cpu.document_attention = "sdpa"
     reference = cpu.loss(ids[:, :-1], ids[:, 1:], mask, document_ids=documents).item()
     results = {}
-    m.torch_varlen_attn = counted
+    lookup = m.torch_varlen_attn
+    m.torch_varlen_attn = lambda: counted
     try:
         for kind in ("varlen", "sdpa"):
             calls.clear()
@@ -201,7 +202,7 @@ def test_varlen_attention_on_cuda_in_bf16_trains_as_the_mask():
             results[kind] = loss.item(), {n: p.grad.float().cpu() for n, p in gpu.named_parameters()}, len(calls)
             gpu.zero_grad(set_to_none=True)
     finally:
-        m.torch_varlen_attn = kernel
+        m.torch_varlen_attn = lookup
     assert results["varlen"][2] == cpu.config.num_hidden_layers and results["sdpa"][2] == 0  # the kernel ran
     for kind, (loss, _, _) in results.items():
         assert abs(loss - reference) < 2e-2, (kind, loss, reference)

@@ -270,7 +270,7 @@ def test_two_processes_train_a_dpo_run_as_one(tmp_path, dpo_data):
     for name, extra in (("frozen", []), ("precomputed", ["--model.dpo_precompute_reference", "true"])):
         one, two = tmp_path / f"{name}-one", tmp_path / f"{name}-two"
         assert main(dpo_args(one, dpo_data, ["--trainer.max_steps", "3", *extra])) == 0
-        result = fitutil.run_fit(dpo_args(two, dpo_data, ["--trainer.max_steps", "3", *extra, *ddp]))
+        result = fitutil.run_ranks(dpo_args(two, dpo_data, ["--trainer.max_steps", "3", *extra, *ddp]))
         assert result.returncode == 0, result.stderr[-3000:]
         a, b = final(one), final(two)
         assert a["global_step"] == b["global_step"] == 3

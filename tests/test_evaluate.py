@@ -385,7 +385,7 @@ def test_a_two_process_runs_validation_score_is_reproduced(tmp_path, data):
     # 2 processes validate 6 of at most 7 held-out windows: evaluate scores those 6, so it gives
     # what training logged (a float32 figure), not the 7 windows' score.
     corpus, tok = data
-    result = fitutil.run_fit(fitutil.fit_args(tmp_path, corpus, tok, 2, extra=[
+    result = fitutil.run_ranks(fitutil.fit_args(tmp_path, corpus, tok, 2, extra=[
         "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
         "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1.0", "--data.max_val_windows", "7"]))
     assert result.returncode == 0, result.stderr[-3000:]

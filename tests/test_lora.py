@@ -342,7 +342,7 @@ def test_two_processes_train_the_adapters_as_one(tmp_path, text_data, sft_data, 
             return sft_args(root, sft_data, [*LORA, "--model.init_from", str(chat_base), "--trainer.max_steps", "3",
                                              *extra])
     assert main(args(one, [])) == 0
-    result = fitutil.run_fit(args(two, ddp))
+    result = fitutil.run_ranks(args(two, ddp))
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = torch.load(ckpt(one), weights_only=True), torch.load(ckpt(two), weights_only=True)
     assert a["global_step"] == b["global_step"] == 3 and a["state_dict"].keys() == b["state_dict"].keys()

@@ -227,7 +227,7 @@ def test_the_build_matches_the_model_for_every_preset_shape():
 @pytest.mark.slow
 def test_muon_with_ddp_on_two_processes_resumes_exactly(tmp_path, small):
     straight = tmp_path / "straight"
-    result = fitutil.run_fit(run_args(straight, small, 6, every=3, record=straight / "rec.jsonl", extra=[*DDP, *MUON]))
+    result = fitutil.run_ranks(run_args(straight, small, 6, every=3, record=straight / "rec.jsonl", extra=[*DDP, *MUON]))
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [fitutil.read_records(Path(f"{straight / 'rec.jsonl'}.rank{r}")) for r in (0, 1)]
     for a, b in zip(*ranks):
@@ -235,8 +235,8 @@ def test_muon_with_ddp_on_two_processes_resumes_exactly(tmp_path, small):
         assert a["lr"] == b["lr"]
     # resumed from the straight run's step 3 (its first three steps are the same launch's)
     run = tmp_path / "resumed"
-    result = fitutil.run_fit(run_args(run, small, 6, every=3, record=run / "rec.jsonl",
-                                      extra=[*DDP, *MUON, "--ckpt_path", str(straight / "checkpoints" / "tiny" / "step=000003.ckpt")]))
+    result = fitutil.run_ranks(run_args(run, small, 6, every=3, record=run / "rec.jsonl",
+                                        extra=[*DDP, *MUON, "--ckpt_path", str(straight / "checkpoints" / "tiny" / "step=000003.ckpt")]))
     assert result.returncode == 0, result.stderr[-3000:]
     for r in (0, 1):
         resumed = fitutil.read_records(Path(f"{run / 'rec.jsonl'}.rank{r}"))

@@ -19,7 +19,7 @@ def assert_two_process_resume_is_exact(run: Path, small, extra: list[str], strai
     """3 steps, then resumed to 6, on two processes: each rank's windows and losses are those of
     the uninterrupted run `straight` (whose records are `ranks`), and so is the final state."""
     for steps, more in ((3, []), (6, ["--ckpt_path", "last"])):
-        result = fitutil.run_fit(run_args(run, small, steps, every=3, record=run / "rec.jsonl", extra=extra + more))
+        result = fitutil.run_ranks(run_args(run, small, steps, every=3, record=run / "rec.jsonl", extra=extra + more))
         assert result.returncode == 0, result.stderr[-3000:]
     for r in (0, 1):
         resumed = fitutil.read_records(Path(f"{run / 'rec.jsonl'}.rank{r}"))
@@ -214,8 +214,8 @@ def test_fsdp_on_two_processes_shards_by_layer_trains_as_ddp_resumes_exactly_and
     groups = "--trainer.callbacks+=" + json.dumps({"class_path": "fitutil.GroupNames",
                                                    "init_args": {"path": str(tmp_path / "groups.json")}})
     straight = tmp_path / "straight"
-    result = fitutil.run_fit(run_args(straight, small, 6, every=3, record=straight / "rec.jsonl",
-                                      extra=fsdp + [units, groups]))
+    result = fitutil.run_ranks(run_args(straight, small, 6, every=3, record=straight / "rec.jsonl",
+                                        extra=fsdp + [units, groups]))
     assert result.returncode == 0, result.stderr[-3000:]
     # one unit per decoder layer; embedding, final norm and the tied head in the root unit
     assert json.loads((tmp_path / "units.json").read_text()) == ["", "model.layers.0", "model.layers.1"]

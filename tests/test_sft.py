@@ -151,7 +151,7 @@ def test_two_processes_train_a_chat_run_as_one(tmp_path, sft_data):
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(sft_args(one, sft_data, ["--trainer.max_steps", "3"])) == 0
     ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
-    result = fitutil.run_fit(sft_args(two, sft_data, ["--trainer.max_steps", "3", *ddp]))
+    result = fitutil.run_ranks(sft_args(two, sft_data, ["--trainer.max_steps", "3", *ddp]))
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = final(one), final(two)
     assert a["global_step"] == b["global_step"] == 3

@@ -381,8 +381,9 @@ def test_fsdp_on_the_cpu_and_a_model_too_big_for_memory_are_refused_before_start
 
 
 def test_bad_input_from_the_command_line_reads_as_one_line(tmp_path, small):
-    """The same as above through a real `python -m smollm.fit` process."""
-    result = fitutil.run_fit(run_args(tmp_path / "run", small, 1, extra=["--ckpt_path", "last"]))
+    """The same as above through a fresh `python -m smollm.fit` process: all a user sees, what its
+    imports print included (the other tests' processes are mostly forked from one that imported already)."""
+    result = fitutil.run_fit(run_args(tmp_path / "run", small, 1, extra=["--ckpt_path", "last"]), fresh=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: --ckpt_path last: no checkpoint to resume in {tmp_path / 'run' / 'checkpoints' / 'tiny'}; "
