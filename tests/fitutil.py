@@ -93,7 +93,7 @@ def run_fit(args: list[str], timeout: float = 300, env: dict | None = None,
 
 def run_python(argv: list[str], timeout: float = 300, env: dict | None = None,
                fresh: bool = False) -> subprocess.CompletedProcess:
-    """`python ARGV` (`-m MODULE ARGS` or `SCRIPT ARGS`) in a new process, as run_fit."""
+    """`python ARGV` (`-m MODULE ARGS`, `-c CODE ARGS` or `SCRIPT ARGS`) in a new process, as run_fit."""
     environment = subprocess_env(env)
     if not fresh and forked.can_fork(SESSION_ENVIRONMENT, env):
         return forked.run(argv, environment, ROOT, timeout)
@@ -214,11 +214,18 @@ def srun(args: list[str], nodes: int) -> list[subprocess.CompletedProcess]:
 def start_fit(args: list[str], env: dict | None = None) -> subprocess.Popen | forked.Forked:
     """`python -m smollm.fit ARGS` started in the background (forked where it can be, as run_fit), to
     be signalled by a test."""
+    return start_python(["-m", "smollm.fit", *args], env)
+
+
+def start_python(argv: list[str], env: dict | None = None) -> subprocess.Popen | forked.Forked:
+    """`python ARGV` started in the background, as start_fit: what comes back has the parts of
+    subprocess.Popen that the tests use (pid, poll, wait, communicate, signals); its output is read
+    with communicate."""
     environment = subprocess_env(env)
     if forked.can_fork(SESSION_ENVIRONMENT, env):
-        return forked.Forked(["-m", "smollm.fit", *args], environment, ROOT)
-    return subprocess.Popen([sys.executable, "-m", "smollm.fit", *args], cwd=ROOT, env=environment,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return forked.Forked(argv, environment, ROOT)
+    return subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=environment, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def wait_for(proc: subprocess.Popen, ready, timeout: float = 240) -> None:

@@ -17,6 +17,7 @@ instead (`fitutil.run_fit` and `start_fit` decide), and so do the tests of what 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import multiprocessing
 import multiprocessing.forkserver
 import os
@@ -41,6 +42,17 @@ IMPORT_TIME = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH", "PYTORCH_", "OMP
 
 _lock = threading.Lock()
 _environment: dict[str, str] | None = None
+_running: set[Forked] = set()
+
+
+@atexit.register
+def _kill_left_running() -> None:
+    """A run a failed test left running is killed when the test process exits (multiprocessing
+    would otherwise wait for it there: a forked run is its child, not a fresh process's)."""
+    for proc in list(_running):
+        proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(30)
 
 
 def _start(environment: dict[str, str]) -> None:
@@ -71,8 +83,9 @@ def can_fork(session: dict[str, str], changes: dict[str, str] | None) -> bool:
 
 
 def _run(argv: list[str], environment: dict[str, str], cwd: str, out: str, err: str) -> None:
-    """In the forked process: take the run's stdio, environment and directory, run `-m MODULE ARGS`
-    or `SCRIPT ARGS` as `python` does (`__main__`, sys.argv), and exit as the interpreter does."""
+    """In the forked process: take the run's stdio, environment and directory, run `-m MODULE ARGS`,
+    `-c CODE ARGS` or `SCRIPT ARGS` as `python` does (`__main__`, sys.argv), and exit as the
+    interpreter does."""
     for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, out, os.O_WRONLY), (2, err, os.O_WRONLY)):
         opened = os.open(path, flags)
         os.dup2(opened, fd)
@@ -85,6 +98,10 @@ def _run(argv: list[str], environment: dict[str, str], cwd: str, out: str, err: 
         if argv[0] == "-m":
             sys.argv = argv[1:]
             runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        elif argv[0] == "-c":
+            sys.argv = ["-c", *argv[2:]]
+            sys.path.insert(0, "")
+            exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
         else:
             sys.argv = list(argv)
             sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))
@@ -116,7 +133,7 @@ class Forked:
     read once it has ended)."""
 
     def __init__(self, argv: list[str], environment: dict[str, str], cwd: Path) -> None:
-        """argv: what follows `python`, `-m MODULE ARGS` or `SCRIPT ARGS`."""
+        """argv: what follows `python`: `-m MODULE ARGS`, `-c CODE ARGS` or `SCRIPT ARGS`."""
         self.folder = tempfile.TemporaryDirectory(prefix="smollm-forked-")
         self.out, self.err = (os.path.join(self.folder.name, name) for name in ("out", "err"))
         for path in (self.out, self.err):
@@ -133,17 +150,21 @@ class Forked:
         finally:
             sys.modules["__main__"] = main
         self.pid = self.process.pid
+        _running.add(self)
 
     @property
     def returncode(self) -> int | None:
-        return self.process.exitcode
+        return self.poll()
 
     def poll(self) -> int | None:
-        return self.process.exitcode
+        code = self.process.exitcode
+        if code is not None:
+            _running.discard(self)
+        return code
 
     def wait(self, timeout: float | None = None) -> int:
         self.process.join(timeout)
-        if self.process.exitcode is None:
+        if self.poll() is None:
             raise subprocess.TimeoutExpired(self.args, timeout)
         return self.process.exitcode
 
@@ -151,6 +172,10 @@ class Forked:
         self.wait(timeout)
         return (Path(self.out).read_text(encoding="utf-8", errors="replace"),
                 Path(self.err).read_text(encoding="utf-8", errors="replace"))
+
+    def stderr_so_far(self) -> str:
+        """What the run has written to stderr so far."""
+        return Path(self.err).read_text(encoding="utf-8", errors="replace")
 
     def send_signal(self, sig: int) -> None:
         if self.process.exitcode is None:

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,6 +18,8 @@ import numpy as np
 import pytest
 import torch
 
+import fitutil
+import forked
 import smollm.data as data
 from helpers_data import SOURCE_KINDS, documents, make_source, make_tokenizer, write_records
 from smollm.data import TextDataModule, TokenCache
@@ -227,11 +228,9 @@ def test_file_hashes_are_remembered_until_a_file_changes(tmp_path, tok_dir, corp
 # -- interrupted builds ---------------------------------------------------------------------------
 
 
-def build_process(spec: dict) -> subprocess.Popen:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(TESTS.parent), str(TESTS), env.get("PYTHONPATH", "")])
-    return subprocess.Popen([sys.executable, str(TESTS / "cachebuild.py"), json.dumps(spec)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def build_process(spec: dict) -> forked.Forked:
+    """`python tests/cachebuild.py SPEC` in a process of its own (forked, tests/forked.py)."""
+    return forked.Forked([str(TESTS / "cachebuild.py"), json.dumps(spec)], fitutil.subprocess_env(), fitutil.ROOT)
 
 
 def wait_for_shards(folder_parent: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> Path:
@@ -366,11 +365,9 @@ def test_one_process_builds_while_another_waits_for_it(tmp_path, tok_dir):
     try:
         wait_for_shards(tmp_path / "cache" / "tokens", 1, builder)
         waiter = build_process(args)
-        seen = []
-        for line in waiter.stderr:  # until it says it waits (it blocks there: the lock is taken)
-            seen.append(line)
-            if "waiting for another process to finish tokenizing" in line:
-                break
+        # until it says it waits (it blocks there: the lock is taken)
+        fitutil.wait_for(waiter, lambda: "waiting for another process" in waiter.stderr_so_far())
+        seen = waiter.stderr_so_far().splitlines()
         hold.unlink()  # let the builder finish
         out_w, err_w = waiter.communicate(timeout=240)
         out_b, err_b = builder.communicate(timeout=240)

@@ -9,12 +9,9 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -394,9 +391,7 @@ def test_a_build_killed_with_sigkill_is_resumed_by_another_node_after_its_last_u
     monkeypatch.setenv("SMOLLM_CACHE", str(tmp_path / "node1"))
     spec = dict(files=str(corpus), tokenizer=tok_dir, seq_len=SEQ, val_fraction=0.05, cache_dir=s3.url,
                 shard_tokens=SHARD, batch_bytes=200, delay=0.1)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)])}
-    proc = subprocess.Popen([sys.executable, str(TESTS / "cachebuild.py"), json.dumps(spec)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = fitutil.start_python([str(TESTS / "cachebuild.py"), json.dumps(spec)])  # $SMOLLM_CACHE: node1
     name = node(tmp_path, monkeypatch, "node2", tok_dir, corpus, s3.url).store.find().folder.name
     remote = Remote(s3.url)
     try:

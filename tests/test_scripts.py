@@ -1,4 +1,6 @@
-"""The operator scripts still run against the package (they are not imported by it)."""
+"""The operator scripts still run against the package (they are not imported by it). Each runs in a
+process of its own, forked from one that has imported torch already (fitutil.run_python); the
+processes a script starts itself are fresh."""
 
 from __future__ import annotations
 
@@ -10,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
+import fitutil
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_benchmark_runs_both_models_on_the_same_function(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "scripts/benchmark.py", "--device", "cpu", "--preset", "tiny",
-                           "--seq-len", "32", "--pairs", "1", "--warmup", "0", "--skip-gen", "--json", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    proc = fitutil.run_python(["scripts/benchmark.py", "--device", "cpu", "--preset", "tiny", "--seq-len", "32",
+                               "--pairs", "1", "--warmup", "0", "--skip-gen", "--json", str(out)])
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())["train"]
     assert report["logits_max_abs_diff"] == 0.0
@@ -30,11 +32,9 @@ def test_the_sft_benchmark_writes_its_figures_and_command(tmp_path):
     plain window's loss is the pre-packing model's, bit for bit (the script asserts both), and the note
     it writes holds the command and a row per variant."""
     note = tmp_path / "sft-speed.md"
-    proc = subprocess.run([sys.executable, "scripts/bench_sft.py", "--layers", "1", "--seq_len", "64", "--median", "20",
-                           "--conversations", "8", "--repeats", "1", "--plain_repeats", "1", "--threads", "1",
-                           "--device", "cpu", "--note", str(note)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = fitutil.run_python(["scripts/bench_sft.py", "--layers", "1", "--seq_len", "64", "--median", "20",
+                               "--conversations", "8", "--repeats", "1", "--plain_repeats", "1", "--threads", "1",
+                               "--device", "cpu", "--note", str(note)])
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = note.read_text()
     assert "Command: `python scripts/bench_sft.py --layers 1 --seq_len 64" in text
@@ -63,8 +63,7 @@ for script in sys.argv[1:]:
 
 def test_every_script_imports_and_answers_help():
     scripts = sorted(str(p) for p in (ROOT / "scripts").glob("*.py"))
-    proc = subprocess.run([sys.executable, "-c", HELP_EACH, *scripts], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = fitutil.run_python(["-c", HELP_EACH, *scripts])
     codes = dict(line.rsplit(" ", 1) for line in proc.stdout.splitlines() if line.startswith(str(ROOT)))
     assert proc.returncode == 0 and codes == {s: "0" for s in scripts}, proc.stderr[-3000:]
 
@@ -104,10 +103,8 @@ def test_the_lora_memory_benchmark_measures_each_side_in_its_own_process(tmp_pat
     from smollm.lora import trainable_count
 
     note = tmp_path / "lora-memory.md"
-    proc = subprocess.run([sys.executable, "scripts/bench_lora_memory.py", "--preset", "tiny", "--seq_len", "16",
-                           "--steps", "1", "--rank", "4", "--sides", "lora-fp32,full-fp32", "--threads", "1",
-                           "--note", str(note)], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = fitutil.run_python(["scripts/bench_lora_memory.py", "--preset", "tiny", "--seq_len", "16", "--steps", "1",
+                               "--rank", "4", "--sides", "lora-fp32,full-fp32", "--threads", "1", "--note", str(note)])
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = note.read_text()
     assert "Command: `python scripts/bench_lora_memory.py --preset tiny --seq_len 16" in text
@@ -151,11 +148,10 @@ def test_the_recipe_benchmark_resumes_from_its_json_and_takes_only_what_wins_on_
                 ("masks", {"adamw": 0.1, "adamw+mask": 0.12, "muon": 0.11, "muon+mask": 0.13}))}
     (tmp_path / "bench.json").write_text(json.dumps({"runs": runs, "timings": timings, "corpora": {
         "stdlib": stats, "prose": stats}}))
-    proc = subprocess.run([sys.executable, "scripts/bench_recipe.py", "--corpora", "stdlib", "prose", "--steps", "2",
-                           "--points", "2", "--seq-len", "4", "--batch-size", "1", "--adamw-lrs", "0.01", "0.02",
-                           "--muon-lrs", "0.03", "0.06", "--json", str(tmp_path / "bench.json"),
-                           "--notes", str(tmp_path / "recipe.md"), "--work", str(tmp_path / "work")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = fitutil.run_python(["scripts/bench_recipe.py", "--corpora", "stdlib", "prose", "--steps", "2",
+                               "--points", "2", "--seq-len", "4", "--batch-size", "1", "--adamw-lrs", "0.01", "0.02",
+                               "--muon-lrs", "0.03", "0.06", "--json", str(tmp_path / "bench.json"),
+                               "--notes", str(tmp_path / "recipe.md"), "--work", str(tmp_path / "work")], timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not (tmp_path / "work").exists()  # nothing was prepared, let alone trained
     assert json.loads((tmp_path / "bench.json").read_text())["runs"] == runs
