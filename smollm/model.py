@@ -141,7 +141,6 @@ def torch_varlen_attn() -> Any:
     return varlen_attn if {"window_size", "enable_gqa"} <= inspect.signature(varlen_attn).parameters.keys() else None
 
 
-
 @functools.cache
 def flash_capable(device: torch.device) -> bool:
     """Whether torch's flash kernels run on this CUDA device: Ampere (sm80) or newer."""
@@ -174,10 +173,11 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document
     document's slice alone, the outputs concatenated back; on CPU the mask's numbers within rounding."""
     B, H, T, D = q.shape
     q, k, v = (x.transpose(1, 2).reshape(B * T, x.shape[1], D) for x in (q, k, v))  # (B*T, heads, hd)
-    if (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and flash_capable(q.device)
-            and torch_varlen_attn() is not None):
+    flash = q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and flash_capable(q.device)
+    kernel = torch_varlen_attn() if flash else None
+    if kernel is not None:
         cu, n = documents.cu_seqlens, documents.max_len
-        y = torch_varlen_attn()(q, k, v, cu, cu, n, n, window_size=(-1, 0), enable_gqa=gqa)  # (B*T, n_heads, hd)
+        y = kernel(q, k, v, cu, cu, n, n, window_size=(-1, 0), enable_gqa=gqa)  # (B*T, n_heads, hd)
     else:
         q, k, v = (x.transpose(0, 1)[None] for x in (q, k, v))  # (1, heads, B*T, hd)
         y = torch.cat([F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True,

@@ -93,12 +93,16 @@ def run_fit(args: list[str], timeout: float = 300, env: dict | None = None,
 
 def run_python(argv: list[str], timeout: float = 300, env: dict | None = None,
                fresh: bool = False) -> subprocess.CompletedProcess:
-    """`python ARGV` (`-m MODULE ARGS`, `-c CODE ARGS` or `SCRIPT ARGS`) in a new process, as run_fit."""
-    environment = subprocess_env(env)
-    if not fresh and forked.can_fork(SESSION_ENVIRONMENT, env):
-        return forked.run(argv, environment, ROOT, timeout)
-    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env=environment)
+    """`python ARGV` (`-m MODULE ARGS`, `-c CODE ARGS` or `SCRIPT ARGS`) in a new process, to its end, as
+    run_fit: what subprocess.run(capture_output=True, text=True) gives."""
+    proc = start_python(argv, env, fresh)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+    return subprocess.CompletedProcess([sys.executable, *argv], proc.returncode, out, err)
 
 
 def run_ranks(args: list[str], processes: int = 2, timeout: float = 300,
@@ -113,13 +117,19 @@ def run_ranks(args: list[str], processes: int = 2, timeout: float = 300,
     port = free_port()
     common = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": "0", "WORLD_SIZE": str(processes)}
     ranks = [start_fit(args, {**(env or {}), **common, "LOCAL_RANK": str(rank)}) for rank in range(processes)]
-    outputs = []
-    try:
-        for proc in ranks:
-            outputs.append(proc.communicate(timeout=timeout))
+    deadline, failed = time.time() + timeout, None
+    try:  # until all have ended; once one has failed, the others get a minute (they may wait for it forever)
+        while any(proc.poll() is None for proc in ranks) and time.time() < deadline:
+            if failed is None and any(proc.poll() for proc in ranks):
+                failed = next(proc.poll() for proc in ranks if proc.poll())
+                deadline = min(deadline, time.time() + 60)
+            time.sleep(0.1)
     finally:
         for proc in ranks:
             proc.kill()
+    outputs = [proc.communicate(timeout=30) for proc in ranks]
+    if failed is None and any(proc.returncode for proc in ranks) and time.time() >= deadline:
+        raise subprocess.TimeoutExpired(ranks[0].args, timeout)
     code = next((proc.returncode for proc in ranks if proc.returncode), 0)
     return subprocess.CompletedProcess(ranks[0].args, code, "".join(out for out, _ in outputs),
                                        "".join(err for _, err in outputs))
@@ -160,12 +170,10 @@ def launch(commands: list[tuple[list[str], dict]], timeout: float = 400) -> list
     `python -m smollm.*` command is forked (tests/forked.py) where its environment allows."""
     procs = []
     for argv, env in commands:
-        environment = subprocess_env(env)
-        ours = argv[0] == sys.executable and argv[1] == "-m" and argv[2].startswith("smollm.")
-        if ours and forked.can_fork(SESSION_ENVIRONMENT, env):
-            procs.append(forked.Forked(argv[1:], environment, ROOT))
+        if argv[0] == sys.executable and argv[1] == "-m" and argv[2].startswith("smollm."):
+            procs.append(start_python(argv[1:], env))
         else:
-            procs.append(subprocess.Popen(argv, cwd=ROOT, env=environment, stdout=subprocess.PIPE,
+            procs.append(subprocess.Popen(argv, cwd=ROOT, env=subprocess_env(env), stdout=subprocess.PIPE,
                                           stderr=subprocess.PIPE, text=True))
     results = []
     for (argv, _), proc in zip(commands, procs):
@@ -217,12 +225,13 @@ def start_fit(args: list[str], env: dict | None = None) -> subprocess.Popen | fo
     return start_python(["-m", "smollm.fit", *args], env)
 
 
-def start_python(argv: list[str], env: dict | None = None) -> subprocess.Popen | forked.Forked:
-    """`python ARGV` started in the background, as start_fit: what comes back has the parts of
-    subprocess.Popen that the tests use (pid, poll, wait, communicate, signals); its output is read
-    with communicate."""
+def start_python(argv: list[str], env: dict | None = None, fresh: bool = False) -> subprocess.Popen | forked.Forked:
+    """`python ARGV` started in the background: forked (tests/forked.py), or, with `fresh` or an
+    environment that changes what an import reads, a fresh interpreter. What comes back has the
+    parts of subprocess.Popen that the tests use (pid, poll, wait, communicate, signals); its output
+    is read with communicate."""
     environment = subprocess_env(env)
-    if forked.can_fork(SESSION_ENVIRONMENT, env):
+    if not fresh and forked.can_fork(SESSION_ENVIRONMENT, env):
         return forked.Forked(argv, environment, ROOT)
     return subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=environment, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

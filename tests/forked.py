@@ -93,6 +93,11 @@ def _run(argv: list[str], environment: dict[str, str], cwd: str, out: str, err: 
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(environment)
+    # What an import took from the environment, taken again from the run's: Lightning's rank for its
+    # rank-zero-only calls (read from RANK, LOCAL_RANK, SLURM_PROCID at import), 0 in the forkserver.
+    rank_zero = sys.modules.get("lightning.fabric.utilities.rank_zero")
+    if rank_zero is not None:
+        rank_zero.rank_zero_only.rank = rank_zero._get_rank() or 0
     code = 0
     try:
         if argv[0] == "-m":
@@ -187,14 +192,3 @@ class Forked:
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
 
-
-def run(argv: list[str], environment: dict[str, str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
-    """`python ARGV` forked, to its end: what subprocess.run(capture_output=True, text=True) gives."""
-    proc = Forked(argv, environment, cwd)
-    try:
-        out, err = proc.communicate(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        raise
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

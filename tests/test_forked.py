@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 
 import fitutil
@@ -40,6 +41,16 @@ def test_a_forked_run_is_a_process_of_its_own(tmp_path):
     assert (probe, cwd, argv.strip()) == ("yes", str(tmp_path), "['wait']")
     assert proc.returncode == -signal.SIGTERM and "PROBE" not in os.environ
 
-    result = forked.run([str(script), "raise"], environment, tmp_path, timeout=30)
+    result = fitutil.run_python([str(script), "raise"], timeout=30)
     assert result.returncode == 1
     assert result.stderr.startswith("Traceback") and result.stderr.rstrip().endswith("ValueError: a bug")
+
+
+def test_a_forked_rank_is_its_rank_for_lightning_before_ddp_sets_it_up():
+    """Lightning reads the process's rank from the environment at import (rank_zero_only.rank, which
+    decides who logs before the strategy sets it); a forked run with LOCAL_RANK=1 is rank 1 there too."""
+    code = "from lightning.fabric.utilities.rank_zero import rank_zero_only; print(rank_zero_only.rank)"
+    for rank in ("0", "1"):
+        result = fitutil.run_python(["-c", code], env={"LOCAL_RANK": rank, "WORLD_SIZE": "2"})
+        assert isinstance(result, subprocess.CompletedProcess) and result.returncode == 0, result.stderr
+        assert result.stdout == f"{rank}\n"
